@@ -1,0 +1,116 @@
+"""The ``mloptimizer`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+DESCRIPTION = """\
+Distributed AutoML with TPE. Write one ArchitectureSearch file; check it with
+`mloptimizer validate`, preview what it samples with `mloptimizer space`, and
+run it on a cluster with `kubectl apply -f FILE`.
+"""
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from mloptimizer.loading import SpecError, load_search
+
+    failed = 0
+    for path in args.files:
+        try:
+            search = load_search(path)
+        except SpecError as error:
+            failed += 1
+            print(error, file=sys.stderr)
+            continue
+        print(f"{path}: ok ({search.name}, {search.spec.budget.max_trials} trials)")
+    return 1 if failed else 0
+
+
+def _cmd_space(args: argparse.Namespace) -> int:
+    import optuna
+
+    from mloptimizer.loading import SpecError, load_search
+    from mloptimizer.space import sample_architecture, space_size
+
+    try:
+        search = load_search(args.file)
+    except SpecError as error:
+        print(error, file=sys.stderr)
+        return 1
+    space = search.spec.search_space
+    seed = args.seed if args.seed is not None else search.spec.sampler.seed
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # What TPE proposes before it has results is a random draw: show exactly that.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    print(f"{'#':>3}  architecture")
+    for number in range(args.samples):
+        trial = study.ask()
+        print(f"{number:>3}  {sample_architecture(trial, space).summary()}")
+    print(f"\nspace: {space_size(space)}")
+    return 0
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from mloptimizer.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with one sub-command per job."""
+    parser = argparse.ArgumentParser(
+        prog="mloptimizer",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser(
+        "validate",
+        help="check search files against the ArchitectureSearch schema",
+        description="Check each search file (a whole ArchitectureSearch or only its spec) "
+        "with the same rules the Kubernetes API server applies. Prints every error with "
+        "its field path and the fix; exits 1 if any file is invalid.",
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE", help="search file(s) to check")
+    validate.set_defaults(func=_cmd_validate)
+
+    space = commands.add_parser(
+        "space",
+        help="show architectures the search would sample, and the size of its space",
+        description="Sample architectures from a search file's space the way the search's "
+        "first (random start-up) trials do, and print them with the size of the space.",
+    )
+    space.add_argument("file", metavar="FILE", help="search file")
+    space.add_argument(
+        "--samples", type=int, default=10, metavar="N", help="how many to sample (default 10)"
+    )
+    space.add_argument(
+        "--seed", type=int, default=None, help="sampling seed (default: spec.sampler.seed)"
+    )
+    space.set_defaults(func=_cmd_space)
+
+    crd = commands.add_parser(
+        "crd",
+        help="print the ArchitectureSearch CRD (kubectl apply -f -)",
+        description="Print the CustomResourceDefinition generated from the spec model, the "
+        "same text as crds/architecturesearch.yaml.",
+    )
+    crd.set_defaults(func=_cmd_crd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

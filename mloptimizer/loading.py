@@ -1,0 +1,165 @@
+"""Read a search file (a whole ArchitectureSearch resource or just its spec) into the model.
+
+Every problem is reported at once where possible, each as a :class:`SpecIssue`
+with the field path (``spec.budget.parallelism``), what is wrong, and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from mloptimizer.spec import API_VERSION, KIND, ArchitectureSearchSpec
+
+__all__ = ["SearchFile", "SpecError", "SpecIssue", "load_search", "parse_search"]
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem in a search file."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class SpecError(Exception):
+    """A search file that cannot be used; ``issues`` lists every problem found."""
+
+    def __init__(self, source: str, issues: list[SpecIssue]) -> None:
+        self.source = source
+        self.issues = issues
+        lines = "\n".join(f"  {issue}" for issue in issues)
+        super().__init__(f"{source}: {len(issues)} error(s)\n{lines}")
+
+
+@dataclass(frozen=True)
+class SearchFile:
+    """A validated search: its name and namespace (when given) and the spec with defaults."""
+
+    name: str
+    namespace: str
+    spec: ArchitectureSearchSpec
+    source: str
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The spec model class found by walking ``loc`` from the spec root."""
+    model: type[BaseModel] = ArchitectureSearchSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        by_alias = {f.alias or n: f for n, f in model.model_fields.items()}
+        field = by_alias.get(part)
+        if field is None:
+            return None
+        nested = _nested_model(field.annotation)
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _issue(error: Any, prefix: str) -> SpecIssue:
+    loc: tuple[str | int, ...] = tuple(error["loc"])
+    ctx = error.get("ctx") or {}
+    if error["type"] == "rule" and ctx.get("field"):
+        loc = (*loc, ctx["field"])
+    path = ".".join([prefix, *(f"[{p}]" if isinstance(p, int) else p for p in loc)])
+    path = path.replace(".[", "[")
+    message = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = _field_names(parent) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}"
+        message = f"unknown field; {hint}"
+    elif error["type"] == "missing":
+        message = "required field is missing; add it"
+    elif error["type"] == "literal_error" and isinstance(error.get("input"), bool):
+        word = "on" if error["input"] else "off"
+        message += f' (YAML read an unquoted {word} as a boolean; write "{word}" in quotes)'
+    elif error["type"] in ("int_type", "float_type", "bool_type", "string_type") and isinstance(
+        error.get("input"), str
+    ):
+        message += f" (got the string {error['input']!r}; remove the quotes)"
+    return SpecIssue(path, message)
+
+
+def parse_search(document: Any, source: str = "<spec>") -> SearchFile:
+    """Validate a parsed YAML document: a whole resource or only its ``spec`` mapping.
+
+    Raises:
+        SpecError: listing every problem with its field path.
+    """
+    if not isinstance(document, dict):
+        raise SpecError(source, [SpecIssue("(file)", "expected a mapping at the top level")])
+    issues: list[SpecIssue] = []
+    name, namespace = "search", "default"
+    if "spec" in document or "apiVersion" in document or "kind" in document:
+        if document.get("apiVersion") != API_VERSION:
+            issues.append(
+                SpecIssue("apiVersion", f"must be {API_VERSION!r}, got {document.get('apiVersion')!r}")
+            )
+        if document.get("kind") != KIND:
+            issues.append(SpecIssue("kind", f"must be {KIND!r}, got {document.get('kind')!r}"))
+        metadata = document.get("metadata") or {}
+        name = str(metadata.get("name", name))
+        namespace = str(metadata.get("namespace", namespace))
+        spec_doc, prefix = document.get("spec"), "spec"
+        if not isinstance(spec_doc, dict):
+            issues.append(SpecIssue("spec", "required mapping is missing; add spec:"))
+            raise SpecError(source, issues)
+    else:
+        spec_doc, prefix = document, "spec"
+    try:
+        spec = ArchitectureSearchSpec.model_validate(spec_doc)
+    except ValidationError as error:
+        issues.extend(_issue(e, prefix) for e in error.errors())
+    if issues:
+        raise SpecError(source, issues)
+    return SearchFile(name=name, namespace=namespace, spec=spec, source=source)
+
+
+def load_search(path: str | Path) -> SearchFile:
+    """Read and validate a search file.
+
+    Raises:
+        SpecError: the file is unreadable, not YAML, or has invalid fields.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise SpecError(source, [SpecIssue("(file)", f"cannot read: {error.strerror}")]) from error
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as error:
+        raise SpecError(source, [SpecIssue("(file)", f"not valid YAML: {error}")]) from error
+    if len(documents) != 1:
+        raise SpecError(
+            source,
+            [SpecIssue("(file)", f"expected one YAML document, found {len(documents)}")],
+        )
+    return parse_search(documents[0], source)

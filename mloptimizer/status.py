@@ -1,0 +1,106 @@
+"""The ArchitectureSearch status, as the operator writes it and `kubectl get archsearch` shows it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from mloptimizer.rules import SpecModel
+
+__all__ = [
+    "PHASES",
+    "ArchitectureSearchStatus",
+    "BestTrial",
+    "Condition",
+    "Cost",
+    "TrialCounts",
+    "WorkerCounts",
+]
+
+Phase = Literal["Pending", "Running", "Refining", "Succeeded", "Failed"]
+PHASES: tuple[str, ...] = Phase.__args__
+
+
+class TrialCounts(SpecModel):
+    """Trials of the study by state."""
+
+    complete: int = Field(default=0, ge=0, description="Trials that finished and were told.")
+    running: int = Field(default=0, ge=0, description="Trials in flight.")
+    pruned: int = Field(default=0, ge=0, description="Trials stopped early by the pruner.")
+    failed: int = Field(default=0, ge=0, description="Trials that failed.")
+
+
+class BestTrial(SpecModel):
+    """The best trial so far."""
+
+    number: int = Field(ge=0, description="Trial number in the Optuna study.")
+    value: float = Field(description="Its objective value.")
+    architecture: dict[str, Any] = Field(
+        default_factory=dict, description="Its architecture, as the trainer built it."
+    )
+
+
+class WorkerCounts(SpecModel):
+    """Trainer replicas."""
+
+    desired: int = Field(default=0, ge=0, description="Replicas the operator asked for.")
+    ready: int = Field(default=0, ge=0, description="Replicas ready to train.")
+
+
+class Cost(SpecModel):
+    """What the search has cost."""
+
+    usd: float = Field(default=0.0, ge=0.0, description="US dollars spent so far.")
+    gpu_hours: float = Field(default=0.0, ge=0.0, description="GPU-hours used so far.")
+    burn_rate_per_hour: float = Field(
+        default=0.0, ge=0.0, description="Current spend in USD per hour."
+    )
+
+
+class Condition(SpecModel):
+    """A Kubernetes-style condition (Ready, Progressing, Degraded, Complete)."""
+
+    type: str = Field(max_length=64, description="Ready, Progressing, Degraded or Complete.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", max_length=128, description="CamelCase reason.")
+    message: str = Field(default="", max_length=4096, description="Human-readable detail.")
+    last_transition_time: str | None = Field(
+        default=None, description="When the status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="Generation the condition was set for."
+    )
+
+
+class ArchitectureSearchStatus(SpecModel):
+    """Progress, best result, workers and cost of a search."""
+
+    phase: Phase = Field(
+        default="Pending", description="Pending, Running, Refining, Succeeded or Failed."
+    )
+    progress: str = Field(
+        default="0/0", max_length=32, description="Finished trials / maxTrials, as 7/20."
+    )
+    trials: TrialCounts = Field(default_factory=TrialCounts, description="Trials by state.")
+    best: BestTrial | None = Field(default=None, description="The best trial so far.")
+    workers: WorkerCounts = Field(
+        default_factory=WorkerCounts, description="Trainer replicas."
+    )
+    cost: Cost = Field(default_factory=Cost, description="What the search has cost.")
+    study_name: str | None = Field(
+        default=None, description="The Optuna study, <namespace>.<name>."
+    )
+    start_time: str | None = Field(default=None, description="When trials began (RFC 3339).")
+    completion_time: str | None = Field(
+        default=None, description="When the search ended (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation this status reflects."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Progressing, Degraded and Complete, with reasons.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    message: str = Field(default="", max_length=4096, description="What is happening now.")

@@ -1,0 +1,1 @@
+"""The trainer: model builder, datasets, training loop and broker worker."""
