@@ -30,16 +30,36 @@ SHORT_NAME = "archsearch"
 _SCALARS: dict[type, str] = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
-     "description": "Pending, Running, Refining, Succeeded or Failed."},
-    {"name": "Trials", "type": "string", "jsonPath": ".status.progress",
-     "description": "Finished trials / maxTrials."},
-    {"name": "Best", "type": "number", "jsonPath": ".status.best.value",
-     "description": "Best objective value so far."},
-    {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.ready",
-     "description": "Trainer replicas ready."},
-    {"name": "Cost", "type": "number", "jsonPath": ".status.cost.usd",
-     "description": "US dollars spent so far."},
+    {
+        "name": "Phase",
+        "type": "string",
+        "jsonPath": ".status.phase",
+        "description": "Pending, Running, Refining, Succeeded or Failed.",
+    },
+    {
+        "name": "Trials",
+        "type": "string",
+        "jsonPath": ".status.progress",
+        "description": "Finished trials / maxTrials.",
+    },
+    {
+        "name": "Best",
+        "type": "number",
+        "jsonPath": ".status.best.value",
+        "description": "Best objective value so far.",
+    },
+    {
+        "name": "Workers",
+        "type": "integer",
+        "jsonPath": ".status.workers.ready",
+        "description": "Trainer replicas ready.",
+    },
+    {
+        "name": "Cost",
+        "type": "number",
+        "jsonPath": ".status.cost.usd",
+        "description": "US dollars spent so far.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -82,8 +102,10 @@ def _type_schema(annotation: Any, metadata: list[Any]) -> dict[str, Any]:
         if len(options) == 1:
             return _type_schema(options[0], metadata)
         if {get_origin(a) or a for a in options} == {str, int}:
-            schema: dict[str, Any] = {"x-kubernetes-int-or-string": True,
-                                      "anyOf": [{"type": "integer"}, {"type": "string"}]}
+            schema: dict[str, Any] = {
+                "x-kubernetes-int-or-string": True,
+                "anyOf": [{"type": "integer"}, {"type": "string"}],
+            }
             _constraints(schema, metadata)
             return schema
         raise TypeError(f"no structural schema for {annotation!r}")
@@ -151,7 +173,8 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     rules = getattr(model, "rules", ()) if issubclass(model, SpecModel) else ()
     if rules:
         result["x-kubernetes-validations"] = [
-            {"rule": r.cel, "message": r.message, **({"fieldPath": f".{r.field}"} if r.field else {})}
+            {"rule": r.cel, "message": r.message}
+            | ({"fieldPath": f".{r.field}"} if r.field else {})
             for r in rules
         ]
     return result
@@ -190,8 +213,7 @@ def build_crd() -> dict[str, Any]:
                             "whose trials train Keras CNNs on trainer pods.",
                             "required": ["spec"],
                             "properties": {
-                                "apiVersion": {"type": "string", "description":
-                                               f"{API_VERSION}"},
+                                "apiVersion": {"type": "string", "description": f"{API_VERSION}"},
                                 "kind": {"type": "string", "description": KIND},
                                 "metadata": {"type": "object"},
                                 "spec": spec_schema,

@@ -119,9 +119,8 @@ def parse_search(document: Any, source: str = "<spec>") -> SearchFile:
     name, namespace = "search", "default"
     if "spec" in document or "apiVersion" in document or "kind" in document:
         if document.get("apiVersion") != API_VERSION:
-            issues.append(
-                SpecIssue("apiVersion", f"must be {API_VERSION!r}, got {document.get('apiVersion')!r}")
-            )
+            got = document.get("apiVersion")
+            issues.append(SpecIssue("apiVersion", f"must be {API_VERSION!r}, got {got!r}"))
         if document.get("kind") != KIND:
             issues.append(SpecIssue("kind", f"must be {KIND!r}, got {document.get('kind')!r}"))
         metadata = document.get("metadata") or {}

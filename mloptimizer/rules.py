@@ -55,7 +55,5 @@ class SpecModel(BaseModel):
     def _check_rules(self) -> SpecModel:
         for rule in type(self).rules:
             if not rule.check(self):
-                raise PydanticCustomError(
-                    "rule", rule.message, {"field": rule.field or ""}
-                )
+                raise PydanticCustomError("rule", rule.message, {"field": rule.field or ""})
         return self

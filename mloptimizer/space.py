@@ -81,15 +81,15 @@ class Architecture(BaseModel):
         return f"{self.family}[{blocks}] {head} drop{self.dropout:.2f} lr{self.learning_rate:.1e}"
 
 
-def _int(trial: optuna.Trial, name: str, r: IntRange) -> int:
+def _int(trial: optuna.trial.BaseTrial, name: str, r: IntRange) -> int:
     return trial.suggest_int(name, r.min, r.max, step=r.step)
 
 
-def _float(trial: optuna.Trial, name: str, r: FloatRange) -> float:
+def _float(trial: optuna.trial.BaseTrial, name: str, r: FloatRange) -> float:
     return trial.suggest_float(name, r.min, r.max, log=r.log)
 
 
-def sample_architecture(trial: optuna.Trial, space: SearchSpace) -> Architecture:
+def sample_architecture(trial: optuna.trial.BaseTrial, space: SearchSpace) -> Architecture:
     """Sample one architecture from ``space`` through ``trial`` (define-by-run).
 
     Args:

@@ -9,7 +9,7 @@ by the same rules.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar, get_args
 
 from pydantic import AfterValidator, Field
 
@@ -52,7 +52,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "ArchitectureSearch"
 
 BuiltinDataset = Literal["mnist", "fashion_mnist", "cifar10", "digits", "mnist_5k"]
-BUILTIN_DATASETS: tuple[str, ...] = BuiltinDataset.__args__
+BUILTIN_DATASETS: tuple[str, ...] = get_args(BuiltinDataset)
 
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(s|m|h|d))+$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
@@ -120,9 +120,9 @@ class ImageFolder(SpecModel):
         "is set, otherwise a path on the trainer (or, for `mloptimizer run`, relative to "
         "the search file)."
     )
-    image_size: Annotated[list[Annotated[int, Field(ge=8, le=1024)]], Field(
-        min_length=2, max_length=2
-    )] = Field(
+    image_size: Annotated[
+        list[Annotated[int, Field(ge=8, le=1024)]], Field(min_length=2, max_length=2)
+    ] = Field(
         default_factory=lambda: [96, 96],
         description="Height and width every image is resized to, in pixels.",
     )
@@ -183,8 +183,9 @@ class Objective(SpecModel):
         Rule(
             cel="!has(self.direction) || self.metric.endsWith('loss') == "
             "(self.direction == 'minimize')",
-            check=lambda s: s.direction is None
-            or s.metric.endswith("loss") == (s.direction == "minimize"),
+            check=lambda s: (
+                s.direction is None or s.metric.endswith("loss") == (s.direction == "minimize")
+            ),
             message="direction contradicts metric: losses are minimized and accuracies "
             "maximized; omit direction to take the metric's own",
             field="direction",
@@ -192,9 +193,9 @@ class Objective(SpecModel):
         Rule(
             cel="!has(self.target) || !self.metric.endsWith('accuracy') || "
             "(self.target > 0.0 && self.target <= 1.0)",
-            check=lambda s: s.target is None
-            or not s.metric.endswith("accuracy")
-            or 0.0 < s.target <= 1.0,
+            check=lambda s: (
+                s.target is None or not s.metric.endswith("accuracy") or 0.0 < s.target <= 1.0
+            ),
             message="an accuracy target must lie in (0, 1], for example 0.95",
             field="target",
         ),
@@ -202,8 +203,7 @@ class Objective(SpecModel):
 
     metric: Literal["val_accuracy", "val_loss"] = Field(
         default="val_accuracy",
-        description="Metric of the last epoch reported to the study: val_accuracy or "
-        "val_loss.",
+        description="Metric of the last epoch reported to the study: val_accuracy or val_loss.",
     )
     direction: Literal["maximize", "minimize"] | None = Field(
         default=None,
@@ -231,8 +231,7 @@ class Budget(SpecModel):
         Rule(
             cel="self.parallelism <= self.maxTrials",
             check=lambda s: s.parallelism <= s.max_trials,
-            message="parallelism must not exceed maxTrials: lower parallelism or raise "
-            "maxTrials",
+            message="parallelism must not exceed maxTrials: lower parallelism or raise maxTrials",
             field="parallelism",
         ),
     )
@@ -261,8 +260,7 @@ class Budget(SpecModel):
         default=None,
         gt=0.0,
         alias="maxCostUSD",
-        description="Stop dispatching new trials once the search has cost this many US "
-        "dollars.",
+        description="Stop dispatching new trials once the search has cost this many US dollars.",
     )
 
 
@@ -365,9 +363,7 @@ class Refine(SpecModel):
     top_k: int = Field(
         default=3, ge=1, le=1000, description="How many of the best trials to retrain."
     )
-    epochs: int = Field(
-        default=30, ge=1, le=10_000, description="Epochs of each retraining."
-    )
+    epochs: int = Field(default=30, ge=1, le=10_000, description="Epochs of each retraining.")
 
 
 class Training(SpecModel):
@@ -384,19 +380,16 @@ class Training(SpecModel):
     )
 
     epochs: int = Field(default=10, ge=1, le=10_000, description="Epochs per trial.")
-    batch_size: int = Field(
-        default=64, ge=1, le=65_536, description="Images per training step."
-    )
+    batch_size: int = Field(default=64, ge=1, le=65_536, description="Images per training step.")
     mixed_precision: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="auto uses mixed_float16 only on a GPU of compute capability 7.0 or "
-        "newer; on forces it; off keeps float32. Quote on and off in YAML (\"off\"): "
+        'newer; on forces it; off keeps float32. Quote on and off in YAML ("off"): '
         "unquoted, YAML reads them as booleans.",
     )
     refine: Refine | None = Field(
         default=None,
-        description="Retrain the top trials with more epochs after exploration; omit to "
-        "skip.",
+        description="Retrain the top trials with more epochs after exploration; omit to skip.",
     )
 
 
@@ -453,6 +446,11 @@ def _int_range(lo: int, hi: int, step: int = 1) -> IntRange:
     return IntRange(min=lo, max=hi, step=step)
 
 
+KernelSize = Literal[1, 3, 5, 7, 9, 11]
+Head = Literal["gap", "mlp"]
+Family = Literal["cnn", "inception"]
+
+
 class CnnSpace(SpecModel):
     """Plain CNN: blocks of convolution, batch normalisation, ReLU and 2x2 max-pooling."""
 
@@ -465,11 +463,11 @@ class CnnSpace(SpecModel):
         description="Filters of each block, sampled per block.",
     )
     kernel_sizes: Annotated[
-        list[Literal[1, 3, 5, 7, 9, 11]],
+        list[KernelSize],
         Field(min_length=1, max_length=6, json_schema_extra=SET_EXTRA),
         AfterValidator(_unique),
     ] = Field(
-        default_factory=lambda: [3, 5, 7],
+        default_factory=lambda: list[KernelSize]([3, 5, 7]),
         description="Square kernel sizes to choose from, per block.",
     )
 
@@ -501,11 +499,11 @@ class ClassifierSpace(SpecModel):
     """The head after the last block."""
 
     types: Annotated[
-        list[Literal["gap", "mlp"]],
+        list[Head],
         Field(min_length=1, max_length=2, json_schema_extra=SET_EXTRA),
         AfterValidator(_unique),
     ] = Field(
-        default_factory=lambda: ["gap", "mlp"],
+        default_factory=lambda: list[Head](["gap", "mlp"]),
         description="gap (global average pooling, then softmax) and/or mlp (flatten, one "
         "dense layer, then softmax).",
     )
@@ -522,11 +520,11 @@ class SearchSpace(SpecModel):
     """
 
     architectures: Annotated[
-        list[Literal["cnn", "inception"]],
+        list[Family],
         Field(min_length=1, max_length=2, json_schema_extra=SET_EXTRA),
         AfterValidator(_unique),
     ] = Field(
-        default_factory=lambda: ["cnn", "inception"],
+        default_factory=lambda: list[Family](["cnn", "inception"]),
         description="Model families to search: cnn and/or inception.",
     )
     cnn: CnnSpace = Field(default_factory=CnnSpace, description="The cnn family's space.")
@@ -555,9 +553,7 @@ class Toleration(SpecModel):
     key: Annotated[str, Field(max_length=316)] | None = Field(
         default=None, description="Taint key; omit with operator Exists to tolerate all."
     )
-    operator: Literal["Exists", "Equal"] = Field(
-        default="Equal", description="Exists or Equal."
-    )
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
     value: Annotated[str, Field(max_length=63)] | None = Field(
         default=None, description="Taint value, with operator Equal."
     )
@@ -597,8 +593,9 @@ class GpuPool(SpecModel):
         ),
         Rule(
             cel="!has(self.bidPricePerHour) || self.bidPricePerHour <= self.maxPricePerHour",
-            check=lambda s: s.bid_price_per_hour is None
-            or s.bid_price_per_hour <= s.max_price_per_hour,
+            check=lambda s: (
+                s.bid_price_per_hour is None or s.bid_price_per_hour <= s.max_price_per_hour
+            ),
             message="bidPricePerHour must not exceed maxPricePerHour",
             field="bidPricePerHour",
         ),
@@ -621,30 +618,28 @@ class GpuPool(SpecModel):
         default=0.5, gt=0.0, le=100.0, description="Highest price in USD/hour per machine."
     )
     max_spend_usd: float | None = Field(
-        default=None, gt=0.0, alias="maxSpendUSD", description="No scale-up that would pass this total spend."
+        default=None,
+        gt=0.0,
+        alias="maxSpendUSD",
+        description="No scale-up that would pass this total spend in USD.",
     )
     min_reliability: float = Field(
         default=0.98, ge=0.0, le=1.0, description="Lowest host reliability score (0-1)."
     )
-    min_cuda_version: Annotated[str, Field(pattern=r"^[0-9]+\.[0-9]+$", max_length=8)] = (
-        Field(default="12.0", description="Lowest CUDA driver version, such as 12.2.")
+    min_cuda_version: Annotated[str, Field(pattern=r"^[0-9]+\.[0-9]+$", max_length=8)] = Field(
+        default="12.0", description="Lowest CUDA driver version, such as 12.2."
     )
     disk_gb: int = Field(default=40, ge=10, le=2000, description="Disk per machine in GB.")
     verified_only: bool = Field(default=True, description="Rent verified hosts only.")
-    interruptible: bool = Field(
-        default=False, description="Bid for interruptible (spot) machines."
-    )
+    interruptible: bool = Field(default=False, description="Bid for interruptible (spot) machines.")
     bid_price_per_hour: float | None = Field(
         default=None, gt=0.0, description="Bid in USD/hour when interruptible."
     )
     provision_timeout: Duration = Field(
         default="10m",
-        description="A machine not ready within this time is destroyed and its host "
-        "avoided.",
+        description="A machine not ready within this time is destroyed and its host avoided.",
     )
-    api_key_secret_ref: SecretKeyRef = Field(
-        description="Secret key holding the Vast.ai API key."
-    )
+    api_key_secret_ref: SecretKeyRef = Field(description="Secret key holding the Vast.ai API key.")
     join_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description="Node mode: Secret with the k3s server URL and join token.",
@@ -692,8 +687,7 @@ class Workers(SpecModel):
     price_per_hour: float | None = Field(
         default=None,
         ge=0.0,
-        description="USD per trainer-hour, used for cost when GPUs are not rented through "
-        "gpuPool.",
+        description="USD per trainer-hour, used for cost when GPUs are not rented through gpuPool.",
     )
     gpu_pool: GpuPool | None = Field(
         default=None, description="Rent GPU machines from Vast.ai for this search."
@@ -720,8 +714,7 @@ class Broker(SpecModel):
 
     secret_ref: SecretKeyRef | None = Field(
         default=None,
-        description="Secret key with an AMQP URL (amqp://...); defaults to the operator's "
-        "broker.",
+        description="Secret key with an AMQP URL (amqp://...); defaults to the operator's broker.",
     )
 
 
@@ -733,17 +726,16 @@ class ArchitectureSearchSpec(SpecModel):
 
     rules = (
         Rule(
-            cel="!has(self.training.refine) || "
-            "self.training.refine.topK <= self.budget.maxTrials",
-            check=lambda s: s.training.refine is None
-            or s.training.refine.top_k <= s.budget.max_trials,
+            cel="!has(self.training.refine) || self.training.refine.topK <= self.budget.maxTrials",
+            check=lambda s: (
+                s.training.refine is None or s.training.refine.top_k <= s.budget.max_trials
+            ),
             message="training.refine.topK must not exceed budget.maxTrials",
             field="training",
         ),
         Rule(
             cel="self.pruner.type != 'hyperband' || self.pruner.minEpochs < self.training.epochs",
-            check=lambda s: s.pruner.type != "hyperband"
-            or s.pruner.min_epochs < s.training.epochs,
+            check=lambda s: s.pruner.type != "hyperband" or s.pruner.min_epochs < s.training.epochs,
             message="pruner.minEpochs must be below training.epochs for hyperband to have "
             "rungs; raise training.epochs or use pruner.type median",
             field="pruner",

@@ -1,8 +1,8 @@
-"""The ArchitectureSearch status, as the operator writes it and `kubectl get archsearch` shows it."""
+"""The ArchitectureSearch status: what the operator writes and `kubectl get archsearch` shows."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field
 
@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 Phase = Literal["Pending", "Running", "Refining", "Succeeded", "Failed"]
-PHASES: tuple[str, ...] = Phase.__args__
+PHASES: tuple[str, ...] = get_args(Phase)
 
 
 class TrialCounts(SpecModel):
@@ -84,9 +84,7 @@ class ArchitectureSearchStatus(SpecModel):
     )
     trials: TrialCounts = Field(default_factory=TrialCounts, description="Trials by state.")
     best: BestTrial | None = Field(default=None, description="The best trial so far.")
-    workers: WorkerCounts = Field(
-        default_factory=WorkerCounts, description="Trainer replicas."
-    )
+    workers: WorkerCounts = Field(default_factory=WorkerCounts, description="Trainer replicas.")
     cost: Cost = Field(default_factory=Cost, description="What the search has cost.")
     study_name: str | None = Field(
         default=None, description="The Optuna study, <namespace>.<name>."

@@ -1,0 +1,103 @@
+"""Access to the machine's real PostgreSQL and RabbitMQ for tests.
+
+Both fail with a message that says what is missing and how to start it: a test that
+needs a service must not pass, nor skip quietly, when the service is down.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pika
+import psycopg2
+from psycopg2 import sql
+
+POSTGRES_ADMIN_DSN = os.environ.get(
+    "MLOPT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+RABBITMQ_URL = os.environ.get("MLOPT_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+POSTGRES_HINT = (
+    "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start "
+    "(or set MLOPT_TEST_POSTGRES to an admin DSN)"
+)
+RABBITMQ_HINT = "start it with: rabbitmq-server -detached (or set MLOPT_TEST_RABBITMQ)"
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service the tests need is not reachable."""
+
+
+def _with_database(dsn: str, database: str) -> str:
+    base, _, _ = dsn.rpartition("/")
+    return f"{base}/{database}"
+
+
+@contextmanager
+def fresh_postgres_database(admin_dsn: str = POSTGRES_ADMIN_DSN) -> Iterator[str]:
+    """Create an empty database, yield its DSN, drop it afterwards."""
+    try:
+        admin = psycopg2.connect(admin_dsn, connect_timeout=3)
+    except psycopg2.OperationalError as error:
+        detail = " ".join(str(error).split())
+        raise ServiceUnavailable(
+            f"PostgreSQL is not reachable at {admin_dsn}: {detail}; {POSTGRES_HINT}"
+        ) from error
+    admin.autocommit = True
+    name = f"mlopt_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        yield _with_database(admin_dsn, name)
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+        admin.close()
+
+
+@dataclass
+class Broker:
+    """The test run's RabbitMQ: a URL and unique names, cleaned up at the end."""
+
+    url: str
+    prefix: str = field(default_factory=lambda: f"mlopt-test-{uuid.uuid4().hex[:8]}")
+    _queues: list[str] = field(default_factory=list)
+
+    def name(self, what: str) -> str:
+        """A queue or exchange name unique to this test, deleted at teardown."""
+        unique = f"{self.prefix}.{what}.{uuid.uuid4().hex[:6]}"
+        self._queues.append(unique)
+        return unique
+
+    def connect(self) -> pika.BlockingConnection:
+        return connect_rabbitmq(self.url)
+
+    def cleanup(self) -> None:
+        if not self._queues:
+            return
+        connection = self.connect()
+        try:
+            channel = connection.channel()
+            for queue in self._queues:
+                channel.queue_delete(queue=queue)
+        finally:
+            connection.close()
+
+
+def connect_rabbitmq(url: str = RABBITMQ_URL) -> pika.BlockingConnection:
+    """A blocking connection, or ServiceUnavailable naming the URL and the fix."""
+    parameters = pika.URLParameters(url)
+    parameters.connection_attempts = 1
+    parameters.socket_timeout = 3
+    try:
+        return pika.BlockingConnection(parameters)
+    except pika.exceptions.AMQPError as error:
+        raise ServiceUnavailable(
+            f"RabbitMQ is not reachable at {url}: {error!r}; {RABBITMQ_HINT}"
+        ) from error

@@ -1,0 +1,96 @@
+"""The command line: validate, space, crd and --help, as a user runs them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mloptimizer.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def mloptimizer(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script, as README tells users to."""
+    exe = shutil.which("mloptimizer", path=str(Path(sys.executable).parent))
+    assert exe, "the mloptimizer console script is not installed in this environment"
+    return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, check=False)
+
+
+def test_validate_every_example_exits_0() -> None:
+    result = mloptimizer("validate", *map(str, EXAMPLES))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": ok") == len(EXAMPLES)
+
+
+def test_three_mistakes_print_three_errors_with_paths(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: mloptimizer.io/v1alpha1\n"
+        "kind: ArchitectureSearch\n"
+        "metadata: {name: bad}\n"
+        "spec:\n"
+        "  dataset: {builtin: imagenet}\n"
+        "  budget: {maxTrials: 4, parallelism: 8}\n"
+        "  training: {epoch: 5}\n"
+    )
+    result = mloptimizer("validate", str(bad))
+    assert result.returncode == 1
+    errors = [line.strip() for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert len(errors) == 3, result.stderr
+    assert errors[0].startswith("spec.dataset.builtin: Input should be 'mnist'")
+    assert errors[1].startswith("spec.budget.parallelism: parallelism must not exceed maxTrials")
+    assert errors[2] == "spec.training.epoch: unknown field; did you mean 'epochs'?"
+
+
+def test_validate_reports_file_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "two.yaml").write_text("dataset: {builtin: digits}\n---\nfoo: 1\n")
+    (tmp_path / "broken.yaml").write_text("dataset: [\n")
+    (tmp_path / "wrongkind.yaml").write_text(
+        "apiVersion: v1\nkind: Pod\nspec: {dataset: {builtin: digits}}\n"
+    )
+    files = [str(tmp_path / n) for n in ("two.yaml", "broken.yaml", "wrongkind.yaml", "nope.yaml")]
+    assert main(["validate", *files]) == 1
+    err = capsys.readouterr().err
+    assert "expected one YAML document, found 2" in err
+    assert "not valid YAML" in err
+    assert "apiVersion: must be 'mloptimizer.io/v1alpha1', got 'v1'" in err
+    assert "kind: must be 'ArchitectureSearch', got 'Pod'" in err
+    assert "cannot read: No such file or directory" in err
+
+
+def test_space_prints_samples_and_size(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["space", str(ROOT / "examples" / "digits-quick.yaml"), "--samples", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line[:3].strip().isdigit()]
+    assert len(rows) == 4
+    assert all(("cnn[" in r) or ("inception[" in r) for r in rows)
+    assert out[-1] == "space: 5,640 discrete architectures x 2 continuous (dropout, learning_rate)"
+
+
+def test_space_is_repeatable_by_seed(capsys: pytest.CaptureFixture[str]) -> None:
+    example = str(ROOT / "examples" / "cifar10.yaml")
+    outputs = []
+    for seed in ("1", "1", "2"):
+        main(["space", example, "--samples", "5", "--seed", seed])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+
+
+def test_crd_command_prints_the_committed_crd() -> None:
+    result = mloptimizer("crd")
+    assert result.returncode == 0
+    assert result.stdout == (ROOT / "crds" / "architecturesearch.yaml").read_text()
+
+
+@pytest.mark.parametrize("command", [[], ["validate"], ["space"], ["crd"]])
+def test_help_on_every_command(command: list[str]) -> None:
+    result = mloptimizer(*command, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: mloptimizer")
+    assert len(result.stdout.splitlines()) > 4
