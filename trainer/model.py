@@ -1,1 +1,169 @@
-"""Placeholder."""
+"""Build the compiled Keras model of one sampled :class:`~mloptimizer.space.Architecture`.
+
+The builder checks first (:func:`check_architecture`) so that an architecture the input
+cannot carry fails as a trial with a reason the user can act on, not as a Keras shape
+error deep in the graph. Inputs arrive as float32 already scaled to [0, 1] by the data
+pipeline, so the model has no rescaling layer. The softmax layer is always float32: under
+a ``mixed_float16`` policy a float16 softmax loses the small probabilities the loss needs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+
+from mloptimizer.space import Architecture, ConvBlock, InceptionBlock
+
+__all__ = ["ArchitectureError", "build_model", "check_architecture", "parameter_count"]
+
+_SPACE_FIELD = {
+    "cnn": "searchSpace.cnn.blocks.max",
+    "inception": "searchSpace.inception.blocks.max",
+}
+
+
+class ArchitectureError(ValueError):
+    """The architecture cannot be built for this input; the message says why and what to do."""
+
+
+def _pool_count(arch: Architecture) -> int:
+    return len(arch.conv_blocks) if arch.family == "cnn" else len(arch.inception_blocks)
+
+
+def check_architecture(arch: Architecture, input_shape: tuple[int, int, int]) -> str | None:
+    """Say why ``arch`` cannot be built for images of ``input_shape``, or None if it can.
+
+    Every block ends with a 2x2 max-pooling, which needs a feature map of at least 2x2,
+    so ``n`` blocks need images of at least ``2**n`` pixels a side.
+
+    Args:
+        arch: The sampled architecture.
+        input_shape: ``(height, width, channels)`` of one image.
+
+    Returns:
+        A reason naming the fix, or None.
+    """
+    height, width, _ = input_shape
+    if min(input_shape) < 1:
+        return f"input shape {input_shape} must be positive in every dimension"
+    own, other, other_name = (
+        (arch.conv_blocks, arch.inception_blocks, "inception_blocks")
+        if arch.family == "cnn"
+        else (arch.inception_blocks, arch.conv_blocks, "conv_blocks")
+    )
+    if not own:
+        return f"a {arch.family} architecture needs at least one block"
+    if other:
+        return f"a {arch.family} architecture must not carry {other_name}"
+    if arch.classifier == "mlp" and arch.dense_units is None:
+        return "an mlp classifier needs dense_units"
+    if arch.dropout >= 1.0:
+        return "dropout 1.0 drops every unit: lower searchSpace.dropout.max below 1"
+    blocks = len(own)
+    side = min(height, width)
+    if side < 2**blocks:
+        fits = side.bit_length() - 1  # floor(log2(side)): the most poolings this side allows
+        fix = (
+            f"lower {_SPACE_FIELD[arch.family]} to {fits}"
+            if fits >= 1
+            else "use images of at least 2x2"
+        )
+        plural = "block needs" if blocks == 1 else "blocks need"
+        return (
+            f"{blocks} pooling {plural} inputs of at least {2**blocks}x{2**blocks}, "
+            f"this dataset is {height}x{width}: {fix}"
+        )
+    return None
+
+
+def _conv_bn_relu(x: Any, filters: int, kernel_size: int, name: str) -> Any:
+    # No bias: the batch normalisation that follows has its own offset (beta).
+    x = keras.layers.Conv2D(
+        filters, kernel_size, padding="same", use_bias=False, name=f"{name}_conv"
+    )(x)
+    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _cnn_block(x: Any, block: ConvBlock, name: str) -> Any:
+    x = _conv_bn_relu(x, block.filters, block.kernel_size, name)
+    return keras.layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+
+
+def _inception_module(x: Any, block: InceptionBlock, name: str) -> Any:
+    f1, f3 = block.filters_1x1, block.filters_3x3
+    f5 = max(1, f3 // 2)  # two stacked 3x3 convolutions see as far as one 5x5, more cheaply
+    b1 = _conv_bn_relu(x, f1, 1, f"{name}_1x1")
+    b3 = _conv_bn_relu(x, f1, 1, f"{name}_3x3_reduce")
+    b3 = _conv_bn_relu(b3, f3, 3, f"{name}_3x3")
+    b5 = _conv_bn_relu(x, f1, 1, f"{name}_5x5_reduce")
+    b5 = _conv_bn_relu(b5, f5, 3, f"{name}_5x5a")
+    b5 = _conv_bn_relu(b5, f5, 3, f"{name}_5x5b")
+    bp = keras.layers.MaxPooling2D(3, strides=1, padding="same", name=f"{name}_pool")(x)
+    bp = _conv_bn_relu(bp, f1, 1, f"{name}_pool_proj")
+    return keras.layers.Concatenate(name=f"{name}_concat")([b1, b3, b5, bp])
+
+
+def build_model(
+    arch: Architecture, input_shape: tuple[int, int, int], num_classes: int
+) -> keras.Model:
+    """Build and compile the model of ``arch`` under the current global dtype policy.
+
+    Every convolution, in both families, is followed by batch normalisation and ReLU:
+    inception stacks up to three convolutions per branch and module, and without
+    normalisation the larger learning rates of the space make such stacks diverge.
+
+    Args:
+        arch: The sampled architecture.
+        input_shape: ``(height, width, channels)`` of one float32 image scaled to [0, 1].
+        num_classes: Number of classes of the softmax output.
+
+    Returns:
+        A model compiled with Adam, sparse categorical cross-entropy and accuracy.
+
+    Raises:
+        ArchitectureError: :func:`check_architecture` refused ``arch`` for this input.
+        ValueError: ``num_classes`` is below 2.
+    """
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, the dataset has {num_classes}")
+    reason = check_architecture(arch, input_shape)
+    if reason is not None:
+        raise ArchitectureError(reason)
+    inputs = keras.Input(shape=input_shape, dtype="float32", name="image")
+    x = inputs
+    if arch.family == "cnn":
+        for i, conv in enumerate(arch.conv_blocks, start=1):
+            x = _cnn_block(x, conv, f"cnn{i}")
+    else:
+        for i, block in enumerate(arch.inception_blocks, start=1):
+            for m in range(1, block.modules + 1):
+                x = _inception_module(x, block, f"inception{i}_{m}")
+            x = keras.layers.MaxPooling2D(2, name=f"inception{i}_pool")(x)
+    if arch.classifier == "gap":
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    else:
+        assert arch.dense_units is not None  # checked above
+        x = keras.layers.Flatten(name="flatten")(x)
+        x = keras.layers.Dense(arch.dense_units, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(arch.dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="softmax"
+    )(x)
+    model = keras.Model(inputs, outputs, name=arch.family)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=arch.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def parameter_count(model: keras.Model) -> int:
+    """Scalars in all of the model's weights, batch-norm statistics included.
+
+    That is Keras' "Total params"; the optimizer's slots are not counted.
+    """
+    return sum(math.prod(int(d) for d in w.shape) for w in model.weights)
