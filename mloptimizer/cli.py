@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -54,6 +56,40 @@ def _cmd_space(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trainer(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not args.broker or not args.search:
+        print(
+            "mloptimizer trainer: --broker and --search are required (or set "
+            "MLOPT_BROKER_URL and MLOPT_SEARCH)",
+            file=sys.stderr,
+        )
+        return 2
+    from mloptimizer.trainer.device import configure_threads
+
+    configure_threads(args.intra_op_threads, args.inter_op_threads)  # before the first op
+    from mloptimizer.trainer.worker import Worker, WorkerConfig
+
+    config = WorkerConfig(
+        broker_url=args.broker,
+        search=args.search,
+        cache_dir=Path(args.cache_dir),
+        base_dir=Path(args.data_dir) if args.data_dir else None,
+        heartbeat=args.heartbeat,
+        grace_seconds=args.grace_period,
+        queue_prefix=args.queue_prefix,
+        max_trials=args.max_trials,
+        **({"worker_id": args.worker_id} if args.worker_id else {}),
+    )
+    worker = Worker(config)
+    signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
+    return worker.run()
+
+
 def _cmd_crd(args: argparse.Namespace) -> int:
     from mloptimizer.crd import crd_yaml
 
@@ -94,6 +130,71 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=None, help="sampling seed (default: spec.sampler.seed)"
     )
     space.set_defaults(func=_cmd_space)
+
+    trainer = commands.add_parser(
+        "trainer",
+        help="run a trainer: consume a search's trials from RabbitMQ and train them",
+        description="A long-lived trainer. Takes one trial at a time from the search's "
+        "queue, trains it (the dataset stays cached in memory across trials), sends "
+        "per-epoch progress (honouring prune replies) and the result, and only then acks "
+        "the trial. SIGTERM requeues the trial in hand and exits 0.",
+    )
+    trainer.add_argument(
+        "--broker",
+        default=os.environ.get("MLOPT_BROKER_URL"),
+        help="AMQP URL, such as amqp://user:pass@host:5672/%%2F (env MLOPT_BROKER_URL)",
+    )
+    trainer.add_argument(
+        "--search",
+        default=os.environ.get("MLOPT_SEARCH"),
+        help="the search's study name, <namespace>.<name> (env MLOPT_SEARCH)",
+    )
+    trainer.add_argument(
+        "--cache-dir",
+        default=os.environ.get("MLOPT_CACHE_DIR", "/var/cache/mloptimizer"),
+        help="where downloaded datasets are cached; mount a volume here "
+        "(env MLOPT_CACHE_DIR, default /var/cache/mloptimizer)",
+    )
+    trainer.add_argument(
+        "--data-dir",
+        default=os.environ.get("MLOPT_DATA_DIR"),
+        help="base folder for relative imageFolder paths (env MLOPT_DATA_DIR)",
+    )
+    trainer.add_argument(
+        "--worker-id",
+        default=os.environ.get("MLOPT_WORKER_ID"),
+        help="name in results (default host-pid)",
+    )
+    trainer.add_argument(
+        "--heartbeat", type=int, default=30, help="AMQP heartbeat in seconds (default 30)"
+    )
+    trainer.add_argument(
+        "--grace-period",
+        type=float,
+        default=20.0,
+        help="seconds to stop a trial on SIGTERM; keep it below the pod's "
+        "terminationGracePeriodSeconds (default 20)",
+    )
+    trainer.add_argument("--queue-prefix", default="mlopt", help="queue name prefix")
+    trainer.add_argument(
+        "--max-trials",
+        type=int,
+        default=None,
+        help="exit 0 after this many trials (default: run until stopped)",
+    )
+    trainer.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        help="TensorFlow intra-op threads (default: all cores)",
+    )
+    trainer.add_argument(
+        "--inter-op-threads",
+        type=int,
+        default=None,
+        help="TensorFlow inter-op threads (default: TensorFlow's)",
+    )
+    trainer.set_defaults(func=_cmd_trainer)
 
     crd = commands.add_parser(
         "crd",

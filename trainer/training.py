@@ -1,1 +1,150 @@
-"""Placeholder."""
+"""Train one trial: build the model, fit on the cached data, report each epoch, classify failures.
+
+Nothing here knows about the broker: the worker passes ``on_epoch`` (send progress,
+return the prune decision) and ``stop`` (set on SIGTERM). A trial that fails — a bad
+architecture, a NaN loss, out of memory, any exception — comes back as a ``failed``
+outcome with the error; it never raises into the worker, except
+:class:`TrialInterrupted` when the worker asked it to stop.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import keras
+import tensorflow as tf
+
+from mloptimizer.messages import TrialMessage
+from mloptimizer.trainer.data import Splits, make_dataset
+from mloptimizer.trainer.device import GpuInfo, choose_precision, fresh_session, use_xla
+from mloptimizer.trainer.model import ArchitectureError, build_model, parameter_count
+
+__all__ = ["Decision", "Outcome", "TrialInterrupted", "train_trial"]
+
+Decision = Literal["continue", "prune"]
+
+
+class TrialInterrupted(Exception):
+    """Training stopped because the worker is shutting down; the trial goes back to the queue."""
+
+
+@dataclass
+class Outcome:
+    """How a trial ended, before the worker adds its identity."""
+
+    state: Literal["complete", "pruned", "failed"]
+    value: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    epochs_run: int = 0
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+    parameter_count: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+
+class _EpochHook(keras.callbacks.Callback):  # type: ignore[misc]
+    """Reports each epoch, honours a prune decision, catches NaN, stops on request."""
+
+    def __init__(
+        self, on_epoch: Callable[[int, dict[str, float]], Decision], stop: threading.Event
+    ) -> None:
+        super().__init__()
+        self.on_epoch = on_epoch
+        self.stop = stop
+        self.history: list[dict[str, float]] = []
+        self.pruned = False
+        self.interrupted = False
+        self.nan_epoch: int | None = None
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.stop.is_set():
+            self.interrupted = True
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        if self.interrupted:
+            return
+        if not all(math.isfinite(v) for v in metrics.values()):
+            self.nan_epoch = epoch + 1
+            self.model.stop_training = True
+            return
+        self.history.append(metrics)
+        if self.on_epoch(epoch + 1, metrics) == "prune":
+            self.pruned = True
+            self.model.stop_training = True
+
+
+def train_trial(
+    trial: TrialMessage,
+    splits: Splits,
+    *,
+    on_epoch: Callable[[int, dict[str, float]], Decision],
+    stop: threading.Event,
+    gpus: Sequence[GpuInfo] = (),
+) -> Outcome:
+    """Train ``trial`` on ``splits``; returns its outcome, failures included.
+
+    Raises:
+        TrialInterrupted: ``stop`` was set before training ended.
+    """
+    try:
+        fresh_session(choose_precision(trial.mixed_precision, gpus))
+        keras.utils.set_random_seed(trial.seed)
+        model = build_model(trial.architecture, splits.input_shape, splits.num_classes)
+        if use_xla(gpus):
+            model.jit_compile = True
+        train = make_dataset(
+            splits.x_train,
+            splits.y_train,
+            batch_size=trial.batch_size,
+            shuffle=True,
+            seed=trial.seed,
+        )
+        val = make_dataset(
+            splits.x_val, splits.y_val, batch_size=trial.batch_size, shuffle=False, seed=trial.seed
+        )
+        hook = _EpochHook(on_epoch, stop)
+        started = time.perf_counter()
+        model.fit(
+            train,
+            validation_data=val,
+            epochs=trial.epochs,
+            shuffle=False,  # the dataset shuffles itself, seeded per trial
+            verbose=0,
+            callbacks=[hook],
+        )
+        seconds = time.perf_counter() - started
+    except ArchitectureError as error:
+        return Outcome(state="failed", error=f"bad architecture: {error}")
+    except tf.errors.ResourceExhaustedError as error:
+        return Outcome(state="failed", error=f"out of memory: {error.message[:500]}")
+    except Exception as error:  # a trial's failure must never take the worker down
+        return Outcome(state="failed", error=f"{type(error).__name__}: {error}"[:2000])
+    if hook.interrupted:
+        raise TrialInterrupted(f"trial {trial.number} interrupted")
+    epochs_run = len(hook.history)
+    outcome = Outcome(
+        state="pruned" if hook.pruned else "complete",
+        epochs_run=epochs_run,
+        train_seconds=seconds,
+        images_per_second=len(splits.y_train) * epochs_run / seconds if seconds > 0 else 0.0,
+        parameter_count=parameter_count(model),
+        history=hook.history,
+    )
+    if hook.nan_epoch is not None:
+        outcome.state = "failed"
+        outcome.error = f"loss became NaN at epoch {hook.nan_epoch}; lower the learning rate"
+        return outcome
+    last = hook.history[-1] if hook.history else {}
+    outcome.val_loss = last.get("val_loss")
+    outcome.val_accuracy = last.get("val_accuracy")
+    outcome.value = last.get(trial.metric)
+    return outcome

@@ -1,0 +1,209 @@
+"""The trainer worker against the machine's RabbitMQ, training real models on digits."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dispatch import Dispatcher, TrainerProcess, digits_trial
+from services import RABBITMQ_URL, Broker
+
+
+@pytest.fixture
+def search(broker: Broker) -> str:
+    return f"test.{broker.prefix}"
+
+
+@pytest.fixture
+def dispatcher(search: str) -> Iterator[Dispatcher]:
+    found = Dispatcher(RABBITMQ_URL, search)
+    yield found
+    found.close()
+
+
+@pytest.fixture
+def trainers(search: str, tmp_path: Path) -> Iterator[list[TrainerProcess]]:
+    started: list[TrainerProcess] = []
+    yield started
+    for trainer in started:
+        trainer.stop()
+
+
+def start(
+    trainers: list[TrainerProcess], search: str, tmp_path: Path, name: str, *extra: str
+) -> TrainerProcess:
+    trainer = TrainerProcess(RABBITMQ_URL, search, tmp_path, name, *extra)
+    trainers.append(trainer)
+    return trainer
+
+
+def test_one_trial_in_one_result_out(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    start(trainers, search, tmp_path, "w1")
+    dispatcher.send(digits_trial(search, 1, epochs=2))
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 1)
+    result = dispatcher.results[0]
+    assert result.state == "complete", result.error
+    assert result.trial_id == 1
+    assert result.attempt == 1
+    assert result.worker_id == "w1"
+    assert result.val_accuracy is not None
+    assert result.val_accuracy > 0.8
+    assert result.value == result.val_accuracy
+    assert result.epochs_run == 2
+    assert result.parameter_count > 0
+    assert result.images_per_second > 0
+    assert result.device == "CPU"
+    assert result.dataset_load_seconds > 0
+    assert [p.epoch for p in dispatcher.progress] == [1, 2]
+    assert dispatcher.queued_trials() == 0
+
+
+def test_second_trial_reuses_the_cached_dataset(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    start(trainers, search, tmp_path, "w1")
+    dispatcher.send(digits_trial(search, 1, epochs=1))
+    dispatcher.send(digits_trial(search, 2, epochs=1))
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 2)
+    first, second = sorted(dispatcher.results, key=lambda r: r.trial_id)
+    assert first.dataset_load_seconds > 0
+    assert second.dataset_load_seconds == 0.0
+
+
+def test_prune_reply_stops_after_that_epoch(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    dispatcher.decide = lambda p: "prune" if p.epoch == 2 else "continue"
+    start(trainers, search, tmp_path, "w1")
+    dispatcher.send(digits_trial(search, 7, epochs=6))
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 1)
+    result = dispatcher.results[0]
+    assert result.state == "pruned"
+    assert result.epochs_run == 2
+    assert len(result.history) == 2
+    assert [p.epoch for p in dispatcher.progress] == [1, 2]
+
+
+def test_heartbeats_flow_while_a_long_trial_trains(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    # Nobody answers progress: each epoch waits its 2.5 s timeout, so the trial lasts more
+    # than three 2 s heartbeats however fast the machine trains.
+    dispatcher.decide = lambda p: None
+    trainer = start(trainers, search, tmp_path, "w1", "--heartbeat", "2")
+    dispatcher.send(digits_trial(search, 3, epochs=3, progress_timeout_seconds=2.5))
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 1)
+    result = dispatcher.results[0]
+    assert result.state == "complete"
+    assert result.epochs_run == 3
+    log = trainer.log()
+    assert log.count("serving") == 1, log  # one connection throughout
+    assert "reconnecting" not in log
+
+
+def test_kill_9_mid_trial_redelivers_to_another_worker(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    first = start(trainers, search, tmp_path, "w1")
+    dispatcher.send(digits_trial(search, 4, epochs=5))
+    dispatcher.wait_for(lambda: len(dispatcher.progress) >= 1)
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    start(trainers, search, tmp_path, "w2")
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 1)
+    result = dispatcher.results[0]
+    assert result.worker_id == "w2"
+    assert result.attempt == 2
+    assert result.state == "complete"
+    assert dispatcher.queued_trials() == 0  # acked: nothing left to deliver again
+
+
+def test_malformed_and_wrong_version_go_to_dead_letters(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    start(trainers, search, tmp_path, "w1")
+    dispatcher.send_raw(b"{not json")
+    future = json.loads(digits_trial(search, 5).model_dump_json()) | {"version": 99}
+    dispatcher.send_raw(json.dumps(future).encode())
+    dispatcher.send(digits_trial(search, 6, epochs=1))
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 1)  # the worker stayed up
+    assert dispatcher.results[0].trial_id == 6
+    dead = dispatcher.dead_letters()
+    assert next(body for body, _ in dead) == b"{not json"
+    reasons = [reason for _, reason in dead]
+    assert reasons[0].startswith("not JSON")
+    assert reasons[1].startswith("unsupported schema version 99")
+
+
+def test_sigterm_mid_trial_requeues_and_exits_0(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    trainer = start(trainers, search, tmp_path, "w1", "--grace-period", "10")
+    dispatcher.send(digits_trial(search, 8, epochs=20))
+    dispatcher.wait_for(lambda: len(dispatcher.progress) >= 1)
+    trainer.process.send_signal(signal.SIGTERM)
+    assert trainer.process.wait(timeout=30) == 0
+    assert dispatcher.results == []
+    assert dispatcher.queued_trials() == 1
+
+
+def test_failed_trial_is_reported_not_retried(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    start(trainers, search, tmp_path, "w1")
+    trial = digits_trial(search, 9, epochs=1)
+    too_deep = trial.architecture.model_copy(
+        update={"conv_blocks": trial.architecture.conv_blocks * 4}
+    )  # 4 poolings on 8x8 images
+    dispatcher.send(trial.model_copy(update={"architecture": too_deep}))
+    dispatcher.send(digits_trial(search, 10, epochs=1))
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 2)
+    failed, ok = sorted(dispatcher.results, key=lambda r: r.trial_id)
+    assert failed.state == "failed"
+    assert failed.error is not None
+    assert failed.error.startswith("bad architecture")
+    assert ok.state == "complete"
+    assert dispatcher.queued_trials() == 0
+
+
+@pytest.fixture
+def short_consumer_timeout() -> Iterator[None]:
+    """RabbitMQ closes channels holding a delivery unacked for 3 s (checked every 0.5 s).
+
+    Applies to channels opened afterwards; the broker's settings are restored after.
+    """
+
+    def set_env(key: str, value: str) -> None:
+        subprocess.run(
+            ["rabbitmqctl", "eval", f"application:set_env(rabbit, {key}, {value})."],
+            check=True,
+            capture_output=True,
+        )
+
+    set_env("consumer_timeout", "3000")
+    set_env("channel_tick_interval", "500")
+    yield
+    set_env("consumer_timeout", "1800000")
+    set_env("channel_tick_interval", "60000")
+
+
+@pytest.mark.usefixtures("short_consumer_timeout")
+def test_consumer_timeout_mid_trial_reports_once_and_reconnects(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    dispatcher.decide = lambda p: None  # each epoch waits 2 s: the trial outlives 3 s
+    trainer = start(trainers, search, tmp_path, "w1")
+    dispatcher.send(digits_trial(search, 11, epochs=3, progress_timeout_seconds=2.0))
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 1)
+    dispatcher.wait_for(lambda: "redelivered after its result was sent" in trainer.log())
+    log = trainer.log()
+    assert "reconnecting" in log
+    assert dispatcher.results[0].state == "complete"
+    assert dispatcher.queued_trials() == 0
+    assert len(dispatcher.results) == 1
