@@ -175,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to stop a trial on SIGTERM; keep it below the pod's "
         "terminationGracePeriodSeconds (default 20)",
     )
-    trainer.add_argument("--queue-prefix", default="mlopt", help="queue name prefix: queues are <prefix>.<search>.trials etc. (default mlopt)")
+    trainer.add_argument(
+        "--queue-prefix",
+        default="mlopt",
+        help="queue name prefix: queues are <prefix>.<search>.trials etc. (default mlopt)",
+    )
     trainer.add_argument(
         "--max-trials",
         type=int,
