@@ -12,8 +12,9 @@ __all__ = ["main"]
 
 DESCRIPTION = """\
 Distributed AutoML with TPE. Write one ArchitectureSearch file; check it with
-`mloptimizer validate`, preview what it samples with `mloptimizer space`, and
-run it on a cluster with `kubectl apply -f FILE`.
+`mloptimizer validate`, preview what it samples with `mloptimizer space`, run
+it on this machine with `mloptimizer run FILE`, or on a cluster with
+`kubectl apply -f FILE`.
 """
 
 
@@ -88,6 +89,68 @@ def _cmd_trainer(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
     return worker.run()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    import optuna
+
+    from mloptimizer.loading import SpecError, load_search
+    from mloptimizer.runner import RunOptions, run_search
+    from mloptimizer.study import StudyMismatch
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        search = load_search(args.file)
+    except (OSError, SpecError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    workers = args.workers
+    if workers is None:
+        workers = 0 if args.broker else search.spec.budget.parallelism
+    out = Path(args.out) if args.out else Path("runs") / search.name
+    options = RunOptions(
+        out=out,
+        workers=workers,
+        storage=args.storage,
+        broker=args.broker,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+    )
+    try:
+        outcome = run_search(search, options)
+    except StudyMismatch as error:
+        print(f"mloptimizer run: {error}", file=sys.stderr)
+        return 2
+    print(f"search ended ({outcome.reason}): {outcome.message}")
+    if outcome.reason == "interrupted":
+        print(
+            f"run the same command again to resume: mloptimizer run {args.file}"
+            + (f" --out {args.out}" if args.out else "")
+        )
+        return 130
+    if not args.no_report:
+        code = _report(out, args.storage)
+        if code:
+            return code
+    return 1 if outcome.failed else 0
+
+
+def _report(out: Path, storage: str | None) -> int:
+    from mloptimizer.report import ReportError, build_report
+
+    try:
+        page = build_report(out, storage=storage)
+    except ReportError as error:
+        print(f"mloptimizer report: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {page}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    return _report(Path(args.dir), args.storage)
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -199,6 +262,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="TensorFlow inter-op threads (default: TensorFlow's)",
     )
     trainer.set_defaults(func=_cmd_trainer)
+
+    run = commands.add_parser(
+        "run",
+        help="run a whole search on this machine: live progress, a report, resume",
+        description="Run the search in FILE here: an Optuna study (SQLite in the output "
+        "folder, or --storage), trials trained by local trainer processes (or, with "
+        "--broker, by `mloptimizer trainer` processes anywhere), a live progress bar, and a "
+        "report with plots and the best model's test scores at the end. Run the same "
+        "command again to resume: finished trials are never repeated. Ctrl-C stops cleanly.",
+    )
+    run.add_argument("file", help="the ArchitectureSearch file")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local trainer processes (default: budget.parallelism; with --broker: 0, "
+        "trainers run elsewhere)",
+    )
+    run.add_argument(
+        "--storage",
+        help="Optuna storage URL, such as postgresql://user@host/db (default: SQLite in "
+        "the output folder)",
+    )
+    run.add_argument(
+        "--broker",
+        help="AMQP URL: send trials through RabbitMQ to `mloptimizer trainer` workers",
+    )
+    run.add_argument("--out", help="output folder (default: runs/<metadata.name>)")
+    run.add_argument("--cache-dir", help="dataset download cache (default: <out>/cache)")
+    run.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    run.set_defaults(func=_cmd_run)
+
+    report = commands.add_parser(
+        "report",
+        help="rebuild the report of a run folder",
+        description="Rebuild DIR/report.md: summary.json, the plots, the best model "
+        "(best.keras, retrained only when missing or stale) and its scores on the "
+        "held-out test split.",
+    )
+    report.add_argument("dir", help="the output folder of `mloptimizer run`")
+    report.add_argument("--storage", help="the study's storage URL, when the run used --storage")
+    report.set_defaults(func=_cmd_report)
 
     crd = commands.add_parser(
         "crd",

@@ -7,10 +7,14 @@ needs a service must not pass, nor skip quietly, when the service is down.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pika
 import psycopg2
@@ -101,3 +105,44 @@ def connect_rabbitmq(url: str = RABBITMQ_URL) -> pika.BlockingConnection:
         raise ServiceUnavailable(
             f"RabbitMQ is not reachable at {url}: {error!r}; {RABBITMQ_HINT}"
         ) from error
+
+
+class TrainerProcess:
+    """A real `mloptimizer trainer` process with its log in a file."""
+
+    def __init__(self, url: str, search: str, workdir: Path, name: str, *extra: str) -> None:
+        exe = shutil.which("mloptimizer", path=str(Path(sys.executable).parent))
+        assert exe
+        self.log_path = workdir / f"{name}.log"
+        env = {**os.environ, "KERAS_HOME": str(workdir / "keras")}
+        self.process = subprocess.Popen(
+            [
+                exe,
+                "trainer",
+                "--broker",
+                url,
+                "--search",
+                search,
+                "--worker-id",
+                name,
+                "--cache-dir",
+                str(workdir / "cache"),
+                "--intra-op-threads",
+                "2",
+                "--inter-op-threads",
+                "1",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log_path.open("w"),
+            env=env,
+        )
+        self.name = name
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

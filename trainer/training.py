@@ -19,12 +19,12 @@ from typing import Any, Literal
 import keras
 import tensorflow as tf
 
-from mloptimizer.messages import TrialMessage
+from mloptimizer.messages import ResultMessage, TrialMessage
 from mloptimizer.trainer.data import Splits, make_dataset
 from mloptimizer.trainer.device import GpuInfo, choose_precision, fresh_session, use_xla
 from mloptimizer.trainer.model import ArchitectureError, build_model, parameter_count
 
-__all__ = ["Decision", "Outcome", "TrialInterrupted", "train_trial"]
+__all__ = ["Decision", "Outcome", "TrialInterrupted", "result_message", "train_trial"]
 
 Decision = Literal["continue", "prune"]
 
@@ -89,8 +89,12 @@ def train_trial(
     on_epoch: Callable[[int, dict[str, float]], Decision],
     stop: threading.Event,
     gpus: Sequence[GpuInfo] = (),
+    keep_model: dict[str, Any] | None = None,
 ) -> Outcome:
     """Train ``trial`` on ``splits``; returns its outcome, failures included.
+
+    ``keep_model``, when given, receives the trained model under ``"model"`` (the report
+    keeps the best one; trainers discard theirs).
 
     Raises:
         TrialInterrupted: ``stop`` was set before training ended.
@@ -122,6 +126,8 @@ def train_trial(
             callbacks=[hook],
         )
         seconds = time.perf_counter() - started
+        if keep_model is not None:
+            keep_model["model"] = model
     except ArchitectureError as error:
         return Outcome(state="failed", error=f"bad architecture: {error}")
     except tf.errors.ResourceExhaustedError as error:
@@ -148,3 +154,35 @@ def train_trial(
     outcome.val_accuracy = last.get("val_accuracy")
     outcome.value = last.get(trial.metric)
     return outcome
+
+
+def result_message(
+    trial: TrialMessage,
+    outcome: Outcome,
+    *,
+    attempt: int,
+    worker_id: str,
+    device: str,
+    load_seconds: float,
+) -> ResultMessage:
+    """The result message of ``trial``: its identity, the attempt, and how it ended."""
+    return ResultMessage(
+        search=trial.search,
+        trial_id=trial.trial_id,
+        number=trial.number,
+        phase=trial.phase,
+        attempt=attempt,
+        worker_id=worker_id,
+        state=outcome.state,
+        value=outcome.value,
+        val_loss=outcome.val_loss,
+        val_accuracy=outcome.val_accuracy,
+        epochs_run=outcome.epochs_run,
+        train_seconds=outcome.train_seconds,
+        images_per_second=outcome.images_per_second,
+        parameter_count=outcome.parameter_count,
+        device=device,
+        dataset_load_seconds=load_seconds,
+        history=outcome.history,
+        error=outcome.error,
+    )

@@ -49,7 +49,13 @@ from mloptimizer.messages import (
 )
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import GpuInfo, detect_gpus, device_name
-from mloptimizer.trainer.training import Decision, Outcome, TrialInterrupted, train_trial
+from mloptimizer.trainer.training import (
+    Decision,
+    Outcome,
+    TrialInterrupted,
+    result_message,
+    train_trial,
+)
 
 __all__ = ["Worker", "WorkerConfig"]
 
@@ -297,26 +303,13 @@ class Worker:
         )
 
     def _result(self, job: _Job, outcome: Outcome) -> ResultMessage:
-        trial = job.trial
-        return ResultMessage(
-            search=trial.search,
-            trial_id=trial.trial_id,
-            number=trial.number,
-            phase=trial.phase,
+        return result_message(
+            job.trial,
+            outcome,
             attempt=job.attempt,
             worker_id=self.config.worker_id,
-            state=outcome.state,
-            value=outcome.value,
-            val_loss=outcome.val_loss,
-            val_accuracy=outcome.val_accuracy,
-            epochs_run=outcome.epochs_run,
-            train_seconds=outcome.train_seconds,
-            images_per_second=outcome.images_per_second,
-            parameter_count=outcome.parameter_count,
             device=self.device,
-            dataset_load_seconds=job.load_seconds,
-            history=outcome.history,
-            error=outcome.error,
+            load_seconds=job.load_seconds,
         )
 
     def _remember(self, result: ResultMessage) -> None:

@@ -3,13 +3,8 @@ progress and collects results, plus a helper to run real `mloptimizer trainer` p
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import pika
@@ -129,44 +124,3 @@ class Dispatcher:
         ):
             self.channel.queue_delete(queue)
         self.connection.close()
-
-
-class TrainerProcess:
-    """A real `mloptimizer trainer` process with its log in a file."""
-
-    def __init__(self, url: str, search: str, workdir: Path, name: str, *extra: str) -> None:
-        exe = shutil.which("mloptimizer", path=str(Path(sys.executable).parent))
-        assert exe
-        self.log_path = workdir / f"{name}.log"
-        env = {**os.environ, "KERAS_HOME": str(workdir / "keras")}
-        self.process = subprocess.Popen(
-            [
-                exe,
-                "trainer",
-                "--broker",
-                url,
-                "--search",
-                search,
-                "--worker-id",
-                name,
-                "--cache-dir",
-                str(workdir / "cache"),
-                "--intra-op-threads",
-                "2",
-                "--inter-op-threads",
-                "1",
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=self.log_path.open("w"),
-            env=env,
-        )
-        self.name = name
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()

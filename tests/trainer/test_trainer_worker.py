@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dispatch import Dispatcher, TrainerProcess, digits_trial
-from services import RABBITMQ_URL, Broker
+from dispatch import Dispatcher, digits_trial
+from services import RABBITMQ_URL, Broker, TrainerProcess
 
 
 @pytest.fixture

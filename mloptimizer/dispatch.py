@@ -1,0 +1,450 @@
+"""The dispatch loop: keep trials in flight, answer progress, tell each result once.
+
+One loop serves both the local runner (``mloptimizer run``) and the operator. It knows an
+Optuna study and a :class:`Transport` (RabbitMQ, or local trainer processes), nothing of
+Kubernetes or TensorFlow. The study is the source of truth: a dispatcher that restarts
+reads it back, adopts the trials still running (when the transport is durable) or
+re-enqueues them (when it is not), and never tells a finished trial twice.
+
+Two phases, the seed's: *explore* samples ``budget.maxTrials`` architectures with
+``training.epochs``; *refine* then retrains the ``training.refine.topK`` best for
+``refine.epochs``. Both are trials of the same study, told apart by the ``phase`` user
+attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import optuna
+from optuna.trial import TrialState
+
+from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.space import sample_architecture
+from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
+from mloptimizer.study import Attr, TrialRecord, record, records, trial_seed
+
+__all__ = [
+    "Counts",
+    "Decision",
+    "Dispatcher",
+    "Inbound",
+    "Observer",
+    "Outcome",
+    "StopReason",
+    "Transport",
+]
+
+log = logging.getLogger(__name__)
+
+Decision = Literal["continue", "prune"]
+StopReason = Literal[
+    "maxTrials", "target", "timeout", "maxCostUSD", "maxFailedTrials", "interrupted"
+]
+
+
+@dataclass
+class Inbound:
+    """A progress or result message as received, with how to answer and settle it."""
+
+    message: ProgressMessage | ResultMessage
+    reply: Callable[[Decision], None] = lambda _: None
+    settle: Callable[[], None] = lambda: None  # ack: called once the message is handled
+
+
+class Transport(Protocol):
+    """How trials reach trainers and their messages come back."""
+
+    #: Whether trials in flight survive the dispatcher (broker queues do; local
+    #: trainer processes do not). Decides what a restart does with running trials.
+    durable: bool
+
+    def send(self, trial: TrialMessage) -> None:
+        """Hand a trial to the trainers (returns once it is safely queued)."""
+
+    def receive(self, timeout: float) -> list[Inbound]:
+        """Messages that arrived, waiting up to ``timeout`` seconds for the first."""
+
+    def close(self) -> None:
+        """Release connections and processes."""
+
+
+class Observer(Protocol):
+    """What a progress display or the operator's status wants to hear."""
+
+    def started(self, trial: TrialRecord) -> None: ...
+
+    def finished(self, trial: TrialRecord, dispatcher: Dispatcher) -> None: ...
+
+    def tick(self, dispatcher: Dispatcher) -> None:
+        """Called every loop turn (a few times a second)."""
+
+
+@dataclass
+class _InFlight:
+    trial: optuna.trial.Trial
+    message: TrialMessage
+    sent_at: float
+    last_heard: float
+
+
+@dataclass
+class Outcome:
+    """How a dispatch run ended."""
+
+    reason: StopReason
+    message: str
+    failed: bool  # the search failed (maxFailedTrials), rather than ending normally
+
+
+@dataclass
+class Counts:
+    """Trials by state, as the status and the progress bar show them."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    explore_used: int = 0  # explore trials counted against maxTrials (incl. running)
+    cost_usd: float = 0.0
+    best: TrialRecord | None = None
+    history: list[TrialRecord] = field(default_factory=list)
+
+
+class Dispatcher:
+    """Runs a search's study to its end over a transport."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        spec: ArchitectureSearchSpec,
+        transport: Transport,
+        *,
+        search: str,
+        observer: Observer | None = None,
+        clock: Callable[[], float] = time.time,
+        progress_timeout: float = 5.0,
+    ) -> None:
+        self.study = study
+        self.spec = spec
+        self.transport = transport
+        self.search = search
+        self.observer = observer
+        self.clock = clock
+        self.progress_timeout = progress_timeout
+        self.in_flight: dict[int, _InFlight] = {}
+        self.counts = Counts()
+        self.stopping: Outcome | None = None
+        self.waiting = 0  # enqueued trials (retries, refine) that ask() hands out first
+        self.refine_started = False
+        self._recover()
+
+    # --- start-up ----------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Rebuild the counts from the study; adopt or re-enqueue trials left running."""
+        for rec in records(self.study):
+            self.refine_started |= rec.phase == "refine"
+            if rec.state == "waiting":
+                self.waiting += 1
+            elif rec.state == "running":
+                if self.transport.durable and rec.architecture is not None:
+                    message = self._message(rec.number, rec.trial_id, rec)
+                    now = self.clock()
+                    trial = optuna.trial.Trial(self.study, rec.trial_id)
+                    self.in_flight[rec.trial_id] = _InFlight(trial, message, now, now)
+                    log.info("adopted trial %d, still in flight", rec.number)
+                else:
+                    self._interrupt(rec.trial_id, "the dispatcher stopped while it ran")
+                    rec = record(self.study._storage.get_trial(rec.trial_id))
+            self._count(rec)
+
+    def _count(self, rec: TrialRecord) -> None:
+        c = self.counts
+        if rec.state == "running":
+            c.running += 1
+        elif rec.state == "complete":
+            c.complete += 1
+        elif rec.state == "pruned":
+            c.pruned += 1
+        elif rec.state == "failed" and not rec.interrupted:
+            c.failed += 1
+        if rec.phase == "explore" and rec.counted:
+            c.explore_used += 1
+        c.cost_usd += rec.cost_usd
+        if rec.finished and rec.counted:
+            c.history.append(rec)
+        if rec.state == "complete" and rec.value is not None and self._better(rec, c.best):
+            c.best = rec
+
+    def _better(self, rec: TrialRecord, best: TrialRecord | None) -> bool:
+        if best is None or best.value is None:
+            return True
+        assert rec.value is not None
+        if self.spec.objective.study_direction == "maximize":
+            return rec.value > best.value
+        return rec.value < best.value
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> Outcome:
+        """Dispatch until the search ends; returns why it ended.
+
+        ``should_stop`` is polled between messages (Ctrl-C, an operator shutting down):
+        then trials in flight stay running (durable transport) or are re-enqueued.
+        """
+        try:
+            while True:
+                if self.observer is not None:
+                    self.observer.tick(self)
+                if should_stop():
+                    return self._interrupted()
+                self._check_budget()
+                if self.stopping is None:
+                    self._fill()
+                if not self.in_flight:
+                    if self.stopping is not None:
+                        return self.stopping
+                    if not self._next_phase():
+                        return self._end()
+                    continue
+                for inbound in self.transport.receive(timeout=0.2):
+                    self._handle(inbound)
+        finally:
+            self.transport.close()
+
+    def _explore_left(self) -> int:
+        return self.spec.budget.max_trials - self.counts.explore_used
+
+    def _fill(self) -> None:
+        while len(self.in_flight) < self.spec.budget.parallelism:
+            if self.waiting > 0:
+                self.waiting -= 1
+            elif self._explore_left() <= 0 or self.refine_started:
+                return
+            self._dispatch(self.study.ask())
+
+    def _dispatch(self, trial: optuna.trial.Trial) -> None:
+        architecture = sample_architecture(trial, self.spec.search_space)
+        phase = trial.user_attrs.get(Attr.PHASE, "explore")
+        trial.set_user_attr(Attr.PHASE, phase)
+        trial.set_user_attr(Attr.ARCHITECTURE, architecture.model_dump(mode="json"))
+        rec = record(self.study._storage.get_trial(trial._trial_id))
+        message = self._message(trial.number, trial._trial_id, rec)
+        self.transport.send(message)
+        now = self.clock()
+        self.in_flight[trial._trial_id] = _InFlight(trial, message, now, now)
+        self.counts.running += 1
+        if phase == "explore":
+            self.counts.explore_used += 1
+        log.info("trial %d sent (%s): %s", trial.number, phase, architecture.summary())
+        if self.observer is not None:
+            self.observer.started(rec)
+
+    def _message(self, number: int, trial_id: int, rec: TrialRecord) -> TrialMessage:
+        training = self.spec.training
+        refine = rec.phase == "refine" and training.refine is not None
+        assert rec.architecture is not None
+        return TrialMessage(
+            search=self.search,
+            trial_id=trial_id,
+            number=number,
+            phase=rec.phase,
+            architecture=rec.architecture,
+            dataset=self.spec.dataset,
+            epochs=training.refine.epochs if refine and training.refine else training.epochs,
+            batch_size=training.batch_size,
+            mixed_precision=training.mixed_precision,
+            metric=self.spec.objective.metric,
+            seed=trial_seed(self.spec.sampler.seed, number),
+            progress_timeout_seconds=self.progress_timeout,
+        )
+
+    # --- messages ----------------------------------------------------------------------
+
+    def _handle(self, inbound: Inbound) -> None:
+        message = inbound.message
+        if isinstance(message, ProgressMessage):
+            inbound.reply(self._progress(message))
+        else:
+            self._result(message)
+        inbound.settle()
+
+    def _progress(self, message: ProgressMessage) -> Decision:
+        flight = self.in_flight.get(message.trial_id)
+        if flight is None:
+            # Already told (a redelivered copy still training): stop wasting the GPU.
+            return "prune"
+        flight.last_heard = self.clock()
+        value = message.metrics.get(self.spec.objective.metric)
+        if value is None or not math.isfinite(value) or flight.message.phase == "refine":
+            return "continue"
+        trial = flight.trial
+        if message.epoch not in self.study._storage.get_trial(message.trial_id).intermediate_values:
+            trial.report(value, step=message.epoch)
+        return "prune" if trial.should_prune() else "continue"
+
+    def _result(self, message: ResultMessage) -> None:
+        flight = self.in_flight.pop(message.trial_id, None)
+        if flight is None:
+            log.info(
+                "dropped a duplicate result of trial %d (attempt %d from %s): already told",
+                message.number,
+                message.attempt,
+                message.worker_id,
+            )
+            return
+        trial = flight.trial
+        price = self.spec.workers.price_per_hour or 0.0
+        seconds = message.train_seconds + message.dataset_load_seconds
+        attrs: dict[str, object] = {
+            Attr.WORKER: message.worker_id,
+            Attr.DEVICE: message.device,
+            Attr.ATTEMPT: message.attempt,
+            Attr.SECONDS: seconds,
+            Attr.EPOCHS: message.epochs_run,
+            Attr.VAL_ACCURACY: message.val_accuracy,
+            Attr.VAL_LOSS: message.val_loss,
+            Attr.PARAMETERS: message.parameter_count,
+            Attr.COST: price * seconds / 3600.0,
+        }
+        if message.error:
+            attrs[Attr.ERROR] = message.error
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if message.state == "complete" and message.value is not None:
+            self.study.tell(trial, message.value)
+        elif message.state == "pruned":
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            if message.state == "complete":
+                trial.set_user_attr(Attr.ERROR, f"the trainer sent no {self.spec.objective.metric}")
+            self.study.tell(trial, state=TrialState.FAIL)
+        self.counts.running -= 1
+        rec = record(self.study._storage.get_trial(message.trial_id))
+        self._count_finished(rec)
+        if self.observer is not None:
+            self.observer.finished(rec, self)
+
+    def _count_finished(self, rec: TrialRecord) -> None:
+        c = self.counts
+        # _count adds running/explore_used for running trials only; the trial was
+        # already counted in explore_used when dispatched.
+        explore_used = c.explore_used
+        self._count(rec)
+        c.explore_used = explore_used
+
+    # --- ends --------------------------------------------------------------------------
+
+    def _check_budget(self) -> None:
+        if self.stopping is not None:
+            return
+        budget, objective, c = self.spec.budget, self.spec.objective, self.counts
+        if c.failed >= max(1, budget.max_failed_trials):
+            self._stop(
+                "maxFailedTrials",
+                f"{c.failed} trials failed (budget.maxFailedTrials {budget.max_failed_trials})",
+                failed=True,
+            )
+        elif objective.target is not None and c.best is not None and self._reached(c.best):
+            self._stop(
+                "target",
+                f"trial {c.best.number} reached {objective.metric} {c.best.value:.4f} "
+                f"(objective.target {objective.target})",
+            )
+        elif budget.timeout is not None and self._elapsed() >= parse_duration(budget.timeout):
+            self._stop("timeout", f"budget.timeout {budget.timeout} has passed")
+        elif budget.max_cost_usd is not None and c.cost_usd >= budget.max_cost_usd:
+            self._stop(
+                "maxCostUSD",
+                f"spent ${c.cost_usd:.2f} of budget.maxCostUSD ${budget.max_cost_usd:.2f}",
+            )
+
+    def _reached(self, best: TrialRecord) -> bool:
+        target = self.spec.objective.target
+        assert target is not None
+        assert best.value is not None
+        if self.spec.objective.study_direction == "maximize":
+            return best.value >= target
+        return best.value <= target
+
+    def _elapsed(self) -> float:
+        started = float(self.study.user_attrs.get(Attr.STARTED_AT, self.clock()))
+        return self.clock() - started
+
+    def _stop(self, reason: StopReason, message: str, failed: bool = False) -> None:
+        """Stop sending; cancel what is in flight (it can no longer change the outcome)."""
+        log.info("search ends: %s", message)
+        self.stopping = Outcome(reason, message, failed)
+        for trial_id in list(self.in_flight):
+            flight = self.in_flight.pop(trial_id)
+            flight.trial.set_user_attr(Attr.ERROR, f"cancelled: {message}")
+            flight.trial.set_user_attr(Attr.INTERRUPTED, True)
+            self.study.tell(flight.trial, state=TrialState.FAIL)
+            self.counts.running -= 1
+
+    def _interrupt(self, trial_id: int, why: str) -> None:
+        """Fail a trial that did not finish and enqueue the same parameters again."""
+        frozen = self.study._storage.get_trial(trial_id)
+        trial = optuna.trial.Trial(self.study, trial_id)
+        trial.set_user_attr(Attr.ERROR, f"interrupted: {why}")
+        trial.set_user_attr(Attr.INTERRUPTED, True)
+        self.study.tell(trial, state=TrialState.FAIL)
+        attrs = {
+            Attr.PHASE: frozen.user_attrs.get(Attr.PHASE, "explore"),
+            Attr.RETRY_OF: frozen.number,
+        }
+        if Attr.REFINES in frozen.user_attrs:
+            attrs[Attr.REFINES] = frozen.user_attrs[Attr.REFINES]
+        self.study.enqueue_trial(frozen.params, user_attrs=attrs)
+        self.waiting += 1
+        log.info("trial %d re-enqueued: %s", frozen.number, why)
+
+    def _interrupted(self) -> Outcome:
+        if not self.transport.durable:
+            for trial_id in list(self.in_flight):
+                self.in_flight.pop(trial_id)
+                self._interrupt(trial_id, "the run was interrupted")
+                self.counts.running -= 1
+        return Outcome("interrupted", "interrupted; run again to resume", failed=False)
+
+    def _next_phase(self) -> bool:
+        """After exploration, enqueue the refine trials once; False when nothing is left."""
+        refine = self.spec.training.refine
+        if self.waiting > 0:
+            return True
+        if refine is None or self.refine_started:
+            return False
+        ranked = sorted(
+            (r for r in records(self.study) if r.phase == "explore" and r.state == "complete"),
+            key=lambda r: r.value if r.value is not None else math.nan,
+            reverse=self.spec.objective.study_direction == "maximize",
+        )
+        if not ranked:
+            return False
+        for rec in ranked[: refine.top_k]:
+            self.study.enqueue_trial(
+                rec.params, user_attrs={Attr.PHASE: "refine", Attr.REFINES: rec.number}
+            )
+            self.waiting += 1
+        self.refine_started = True
+        log.info(
+            "refine: retraining the top %d for %d epochs",
+            min(refine.top_k, len(ranked)),
+            refine.epochs,
+        )
+        return True
+
+    def _end(self) -> Outcome:
+        c = self.counts
+        best = (
+            f"best trial {c.best.number}: {self.spec.objective.metric} {c.best.value:.4f}"
+            if c.best is not None and c.best.value is not None
+            else "no trial completed"
+        )
+        return Outcome("maxTrials", f"{c.explore_used} trials explored; {best}", failed=False)

@@ -1,0 +1,165 @@
+"""Local trainer processes as a :class:`~mloptimizer.dispatch.Transport`.
+
+``mloptimizer run`` without ``--broker`` trains on this machine: N processes (spawned,
+so TensorFlow is only ever imported in them), each holding its dataset cache across
+trials. The transport hands a trial to an idle process, relays its progress and result
+messages (the same JSON as over RabbitMQ), and gives the trial of a process that died to
+another one with the next attempt number. It is not durable: trials in flight end with
+the runner, which re-enqueues them on the next run.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import queue
+from dataclasses import dataclass
+from multiprocessing.context import SpawnProcess
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import Any
+
+from mloptimizer.dispatch import Decision, Inbound
+from mloptimizer.messages import (
+    MessageError,
+    ProgressMessage,
+    ProgressReply,
+    ResultMessage,
+    TrialMessage,
+    decode,
+    encode,
+)
+
+__all__ = ["LocalTransport", "default_threads"]
+
+log = logging.getLogger(__name__)
+
+
+def default_threads(workers: int) -> int:
+    """TensorFlow intra-op threads per local trainer: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def _child(*args: Any) -> None:
+    from mloptimizer.trainer.local import serve  # TensorFlow: in the child only
+
+    serve(*args)
+
+
+@dataclass
+class _Trainer:
+    worker_id: str
+    process: SpawnProcess
+    tasks: Queue[Any]
+    replies: Queue[bytes]
+    trial: TrialMessage | None = None
+    attempt: int = 0
+
+
+class LocalTransport:
+    """N local trainer processes fed one trial at a time."""
+
+    durable = False
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        cache_dir: Path,
+        base_dir: Path | None = None,
+        threads: int | None = None,
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._context = context
+        self._events: Queue[tuple[str, bytes]] = context.Queue()
+        self._pending: collections.deque[tuple[int, TrialMessage]] = collections.deque()
+        self._args = (str(cache_dir), str(base_dir) if base_dir else None, threads)
+        self._trainers = [self._start(f"local-{i + 1}") for i in range(workers)]
+
+    def _start(self, worker_id: str) -> _Trainer:
+        tasks: Queue[Any] = self._context.Queue()
+        replies: Queue[bytes] = self._context.Queue()
+        process = self._context.Process(
+            target=_child,
+            args=(worker_id, tasks, self._events, replies, *self._args),
+            name=worker_id,
+            daemon=True,
+        )
+        process.start()
+        return _Trainer(worker_id, process, tasks, replies)
+
+    def send(self, trial: TrialMessage) -> None:
+        self._pending.append((1, trial))
+        self._assign()
+
+    def _assign(self) -> None:
+        for trainer in self._trainers:
+            if not self._pending:
+                return
+            if trainer.trial is None and trainer.process.is_alive():
+                trainer.attempt, trainer.trial = self._pending.popleft()
+                trainer.tasks.put((trainer.attempt, encode(trainer.trial)))
+
+    def _revive(self) -> None:
+        """Replace dead processes; their trial goes to the front with the next attempt."""
+        for i, trainer in enumerate(self._trainers):
+            if trainer.process.is_alive():
+                continue
+            log.warning(
+                "local trainer %s exited (code %s)", trainer.worker_id, trainer.process.exitcode
+            )
+            if trainer.trial is not None:
+                self._pending.appendleft((trainer.attempt + 1, trainer.trial))
+            self._trainers[i] = self._start(trainer.worker_id)
+
+    def receive(self, timeout: float) -> list[Inbound]:
+        self._revive()
+        self._assign()
+        received: list[Inbound] = []
+        try:
+            item = self._events.get(timeout=timeout)
+            while True:
+                inbound = self._inbound(*item)
+                if inbound is not None:
+                    received.append(inbound)
+                item = self._events.get_nowait()
+        except queue.Empty:
+            pass
+        self._assign()
+        return received
+
+    def _inbound(self, worker_id: str, body: bytes) -> Inbound | None:
+        trainer = next(t for t in self._trainers if t.worker_id == worker_id)
+        try:
+            message = decode(body)
+        except MessageError as error:  # our own child wrote it: a bug, not user input
+            log.error("local trainer %s sent a bad message: %s", worker_id, error.reason)
+            return None
+        if isinstance(message, ResultMessage):
+            trainer.trial = None
+            return Inbound(message)
+        if isinstance(message, ProgressMessage):
+
+            def reply(decision: Decision, trainer: _Trainer = trainer) -> None:
+                answer = ProgressReply(trial_id=message.trial_id, decision=decision)
+                trainer.replies.put(encode(answer))
+
+            return Inbound(message, reply=reply)
+        return None
+
+    @property
+    def busy(self) -> int:
+        """Processes training a trial now."""
+        return sum(t.trial is not None for t in self._trainers)
+
+    def close(self) -> None:
+        for trainer in self._trainers:
+            if trainer.process.is_alive():
+                trainer.tasks.put(None) if trainer.trial is None else trainer.process.terminate()
+        for trainer in self._trainers:
+            trainer.process.join(timeout=10)
+            if trainer.process.is_alive():
+                trainer.process.kill()
+                trainer.process.join()

@@ -1,0 +1,339 @@
+"""The report of a run folder: ``summary.json``, plots and ``report.md``.
+
+Everything comes from the study (the source of truth) and ``run.json``; the best model's
+test scores come from :mod:`mloptimizer.trainer.evaluate`, imported only when the report
+is built, since it needs TensorFlow. ``mloptimizer report DIR`` rebuilds all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from mloptimizer.messages import TrialMessage
+from mloptimizer.spec import ArchitectureSearchSpec
+from mloptimizer.study import TrialRecord, records, storage_url, trial_seed
+
+__all__ = ["ReportError", "build_report", "summarize"]
+
+RUN_FILE = "run.json"
+
+
+class ReportError(RuntimeError):
+    """The folder holds no run, or its study cannot be reached."""
+
+
+def _load_run(out: Path, storage: str | None) -> tuple[dict[str, Any], str]:
+    run_file = out / RUN_FILE
+    if not run_file.exists():
+        raise ReportError(f"{run_file} not found: is {out} the --out folder of mloptimizer run?")
+    run = json.loads(run_file.read_text())
+    url = storage or run["storage"]
+    if "***" in url:
+        raise ReportError(
+            f"the run used --storage {url}; pass the same URL again: "
+            f"mloptimizer report {out} --storage URL"
+        )
+    return run, url
+
+
+def summarize(
+    study: optuna.Study, spec: ArchitectureSearchSpec, ended: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The content of ``summary.json``: the best trial and every trial."""
+    trials = [r for r in records(study) if r.counted]
+    complete = [r for r in trials if r.state == "complete" and r.value is not None]
+    maximize = spec.objective.study_direction == "maximize"
+    best = (max if maximize else min)(complete, key=lambda r: r.value or 0.0) if complete else None
+    return {
+        "search": study.study_name,
+        "metric": spec.objective.metric,
+        "direction": spec.objective.study_direction,
+        "ended": ended,
+        "counts": {
+            state: sum(r.state == state for r in trials)
+            for state in ("complete", "pruned", "failed", "running", "waiting")
+        },
+        "cost_usd": sum(r.cost_usd for r in trials),
+        "best": _trial_json(best) if best else None,
+        "trials": [_trial_json(r) for r in trials],
+    }
+
+
+def _trial_json(r: TrialRecord) -> dict[str, Any]:
+    return {
+        "number": r.number,
+        "phase": r.phase,
+        "state": r.state,
+        "value": r.value,
+        "architecture": r.architecture.model_dump(mode="json") if r.architecture else None,
+        "summary": r.architecture.summary() if r.architecture else None,
+        "params": r.params,
+        "refines": r.refines,
+        "seconds": r.seconds,
+        "epochs": r.attrs.get("epochs_run"),
+        "parameter_count": r.attrs.get("parameter_count"),
+        "worker": r.attrs.get("worker_id"),
+        "device": r.attrs.get("device"),
+        "cost_usd": r.cost_usd,
+        "error": r.error,
+    }
+
+
+# --- plots -----------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def plot_history(summary: dict[str, Any], path: Path) -> None:
+    """Each trial's value by number, by phase and state, with the running best."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    styles = {
+        ("explore", "complete"): ("o", "tab:blue", "explore"),
+        ("refine", "complete"): ("D", "tab:orange", "refine"),
+        ("explore", "pruned"): ("x", "tab:gray", "pruned"),
+        ("refine", "pruned"): ("x", "tab:gray", "pruned"),
+    }
+    for (phase, state), (marker, color, label) in styles.items():
+        points = [
+            (t["number"], t["value"])
+            for t in summary["trials"]
+            if t["phase"] == phase and t["state"] == state and t["value"] is not None
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.scatter(xs, ys, marker=marker, color=color, label=label, zorder=3)
+    best_x, best_y, best = [], [], math.nan
+    maximize = summary["direction"] == "maximize"
+    for t in sorted(summary["trials"], key=lambda t: t["number"]):
+        if t["state"] == "complete" and t["value"] is not None:
+            v = t["value"]
+            best = v if math.isnan(best) else (max(best, v) if maximize else min(best, v))
+        if not math.isnan(best):
+            best_x.append(t["number"])
+            best_y.append(best)
+    if best_x:
+        ax.step(best_x, best_y, where="post", color="tab:green", label="best so far")
+    failed = [t["number"] for t in summary["trials"] if t["state"] == "failed"]
+    for number in failed:
+        ax.axvline(number, color="tab:red", alpha=0.25, lw=1)
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.set_xlabel("trial")
+    ax.set_ylabel(summary["metric"])
+    ax.set_title("Optimisation history" + (" (red: failed trials)" if failed else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_importances(study: optuna.Study, path: Path) -> bool:
+    """fANOVA importance of the parameters every completed trial shares; False if too few."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            importances = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+            )
+        except (RuntimeError, ValueError):
+            return False
+    if not importances:
+        return False
+    plt = _pyplot()
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(names) + 1.2))
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set_xlabel("importance (fANOVA)")
+    ax.set_title("Parameter importances")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_space(summary: dict[str, Any], path: Path) -> None:
+    """The sampled space: each trial's value against its model size, by family."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for family, color in (("cnn", "tab:blue"), ("inception", "tab:purple")):
+        points = [
+            (t["parameter_count"], t["value"])
+            for t in summary["trials"]
+            if t["architecture"]
+            and t["architecture"]["family"] == family
+            and t["value"] is not None
+            and t["parameter_count"]
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.scatter(xs, ys, color=color, label=family, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(summary["metric"])
+    ax.set_title("The space sampled: model size and family")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(evaluation: dict[str, Any], path: Path) -> None:
+    """The best model's confusion matrix on the held-out split."""
+    plt = _pyplot()
+    matrix = evaluation["confusion"]
+    names = evaluation["class_names"]
+    size = max(4.0, 0.5 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    top = max(max(row) for row in matrix) if matrix else 0
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            color = "white" if count > top / 2 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix ({evaluation['split']} split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the page --------------------------------------------------------------------------
+
+
+def _page(summary: dict[str, Any], evaluation: dict[str, Any] | None, importances: bool) -> str:
+    best = summary["best"]
+    c = summary["counts"]
+    lines = [f"# Search {summary['search']}", ""]
+    if summary["ended"]:
+        lines += [f"Ended: **{summary['ended']['reason']}** — {summary['ended']['message']}", ""]
+    lines += [
+        f"Trials: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed"
+        + (f", {c['running']} running" if c["running"] else "")
+        + f". Cost: ${summary['cost_usd']:.4f}.",
+        "",
+    ]
+    if best:
+        lines += [
+            "## Best trial",
+            "",
+            "| trial | phase | architecture | " + summary["metric"] + " | parameters |",
+            "| --- | --- | --- | --- | --- |",
+            f"| {best['number']} | {best['phase']} | `{best['summary']}` | {best['value']:.4f} | "
+            f"{best['parameter_count'] or '?'} |",
+            "",
+        ]
+    if evaluation:
+        lines += [
+            f"## Best model on the held-out {evaluation['split']} split "
+            f"({evaluation['images']} images)",
+            "",
+            "| accuracy | precision (macro) | recall (macro) | F1 (macro) |",
+            "| --- | --- | --- | --- |",
+            f"| {evaluation['accuracy']:.4f} | {evaluation['precision_macro']:.4f} | "
+            f"{evaluation['recall_macro']:.4f} | {evaluation['f1_macro']:.4f} |",
+            "",
+            "| class | precision | recall | F1 | images |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | "
+            f"{row['f1']:.4f} | {row['support']} |"
+            for row in evaluation["per_class"]
+        ]
+        lines += ["", "![confusion matrix](confusion.png)", "", "The model: `best.keras`.", ""]
+    lines += ["## Optimisation history", "", "![history](history.png)", ""]
+    if importances:
+        lines += ["## Parameter importances", "", "![importances](importances.png)", ""]
+    lines += ["## The space sampled", "", "![space](space.png)", ""]
+    lines += [
+        "## Every trial",
+        "",
+        f"| trial | phase | state | architecture | {summary['metric']} | seconds | note |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for t in summary["trials"]:
+        value = f"{t['value']:.4f}" if t["value"] is not None else ""
+        note = (t["error"] or "").replace("|", "/").splitlines()[0][:120] if t["error"] else ""
+        if t["refines"] is not None:
+            note = f"retrains trial {t['refines']}"
+        lines.append(
+            f"| {t['number']} | {t['phase']} | {t['state']} | `{t['summary']}` | {value} | "
+            f"{t['seconds']:.1f} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def build_report(out: Path, *, storage: str | None = None, evaluate: bool = True) -> Path:
+    """Write the report of the run in ``out``; returns the path of ``report.md``."""
+    run, url = _load_run(out, storage)
+    spec = ArchitectureSearchSpec.model_validate(run["spec"])
+    try:
+        study = optuna.load_study(study_name=run["search"], storage=storage_url(url))
+    except KeyError as error:
+        raise ReportError(f"no study {run['search']!r} in {url}") from error
+    summary = summarize(study, spec, run.get("ended"))
+    evaluation = None
+    if evaluate and summary["best"]:
+        evaluation = _evaluate(summary["best"], spec, run, out)
+        summary["test"] = {k: v for k, v in evaluation.items() if k != "confusion"}
+        plot_confusion(evaluation, out / "confusion.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_history(summary, out / "history.png")
+    importances = plot_importances(study, out / "importances.png")
+    plot_space(summary, out / "space.png")
+    page = out / "report.md"
+    page.write_text(_page(summary, evaluation, importances))
+    return page
+
+
+def _evaluate(
+    best: dict[str, Any], spec: ArchitectureSearchSpec, run: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    from mloptimizer.trainer.evaluate import evaluate_best  # TensorFlow: only here
+
+    refine = spec.training.refine
+    epochs = refine.epochs if best["phase"] == "refine" and refine else spec.training.epochs
+    trial = TrialMessage(
+        search=run["search"],
+        trial_id=0,
+        number=best["number"],
+        phase=best["phase"],
+        architecture=best["architecture"],
+        dataset=spec.dataset,
+        epochs=epochs,
+        batch_size=spec.training.batch_size,
+        mixed_precision=spec.training.mixed_precision,
+        metric=spec.objective.metric,
+        seed=trial_seed(spec.sampler.seed, best["number"]),
+    )
+    cache_dir = Path(run.get("cache_dir") or out / "cache")
+    base_dir = Path(run["source"]).parent if run.get("source") else None
+    return evaluate_best(trial, out, cache_dir=cache_dir, base_dir=base_dir)

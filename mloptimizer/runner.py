@@ -1,0 +1,225 @@
+"""``mloptimizer run``: a whole search on one machine, with the operator's dispatch loop.
+
+The study lives in ``<out>/study.db`` (SQLite) unless ``--storage`` names another
+(PostgreSQL); trials go to local trainer processes unless ``--broker`` names a RabbitMQ,
+where ``mloptimizer trainer`` processes started anywhere take them. Running the same
+command again resumes the same study. ``run.json`` in the output folder records what
+``mloptimizer report`` needs to rebuild the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from mloptimizer.dispatch import Dispatcher, Outcome, Transport
+from mloptimizer.loading import SearchFile
+from mloptimizer.study import TrialRecord, open_study, study_name
+
+__all__ = ["ProgressDisplay", "RunOptions", "run_search", "storage_for"]
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``mloptimizer run`` was asked."""
+
+    out: Path
+    workers: int
+    storage: str | None = None
+    broker: str | None = None
+    cache_dir: Path | None = None
+
+
+def storage_for(out: Path, storage: str | None) -> str:
+    """The study storage URL: the one given, or SQLite in the output folder."""
+    return storage or f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for files and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ProgressDisplay:
+    """A live bar on a terminal, one line per finished trial, plain lines otherwise."""
+
+    def __init__(self, search: SearchFile, stream: TextIO, tty: bool | None = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.metric = search.spec.objective.metric
+        refine = search.spec.training.refine
+        self.total = search.spec.budget.max_trials + (refine.top_k if refine else 0)
+        self.started_at = time.monotonic()
+        self._bar_shown = False
+        self._last_draw = 0.0
+        self._done_at_start: int | None = None
+
+    def _print(self, line: str) -> None:
+        if self.tty and self._bar_shown:
+            self.stream.write("\r\x1b[K")
+            self._bar_shown = False
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def started(self, trial: TrialRecord) -> None:
+        if not self.tty:
+            arch = trial.architecture.summary() if trial.architecture else "?"
+            self._print(f"trial {trial.number:>3} started ({trial.phase}): {arch}")
+
+    def finished(self, trial: TrialRecord, dispatcher: Dispatcher) -> None:
+        arch = trial.architecture.summary() if trial.architecture else "?"
+        value = f"{self.metric} {trial.value:.4f}" if trial.value is not None else ""
+        state: str = trial.state if trial.state != "complete" else ""
+        if trial.state == "failed" and trial.error:
+            state = f"failed: {trial.error.splitlines()[0][:160]}"
+        self._print(
+            f"trial {trial.number:>3} {trial.phase:<7} {arch:<48} {value:<22} "
+            f"{trial.seconds:6.1f}s {state}".rstrip()
+        )
+        self.tick(dispatcher, force=True)
+
+    def tick(self, dispatcher: Dispatcher, force: bool = False) -> None:
+        if not self.tty:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.5:
+            return
+        self._last_draw = now
+        c = dispatcher.counts
+        done = len(c.history)
+        if self._done_at_start is None:
+            self._done_at_start = done
+        elapsed = now - self.started_at
+        new = done - self._done_at_start
+        eta = _fmt_seconds(elapsed / new * max(0, self.total - done)) if new > 0 else "--:--"
+        width = 24
+        filled = min(width, width * done // max(1, self.total))
+        best = (
+            f"best {c.best.value:.4f} (#{c.best.number})"
+            if c.best is not None and c.best.value is not None
+            else "best -"
+        )
+        bar = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+            f"| {c.running} running | {best} | {_fmt_seconds(elapsed)} | ETA {eta}"
+        )
+        self.stream.write("\r\x1b[K" + bar)
+        self.stream.flush()
+        self._bar_shown = True
+
+    def close(self) -> None:
+        if self.tty and self._bar_shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class _Interrupt:
+    """First Ctrl-C: stop cleanly. Second: stop now."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested.is_set():
+            raise KeyboardInterrupt
+        self.requested.set()
+        print(
+            "\nstopping: trials in flight go back to the queue (Ctrl-C again to quit now)",
+            file=sys.stderr,
+        )
+
+
+def _transport(search: SearchFile, options: RunOptions, name: str) -> Transport:
+    if options.broker:
+        from mloptimizer.amqp import AmqpTransport
+
+        return AmqpTransport(options.broker, name)
+    from mloptimizer.local import LocalTransport, default_threads
+
+    cache_dir = options.cache_dir or options.out / "cache"
+    return LocalTransport(
+        options.workers,
+        cache_dir=cache_dir,
+        base_dir=Path(search.source).resolve().parent,
+        threads=default_threads(options.workers),
+    )
+
+
+def _broker_trainers(options: RunOptions, name: str) -> list[subprocess.Popen[bytes]]:
+    """With ``--broker``, ``--workers N`` also starts N ``mloptimizer trainer`` here."""
+    if not options.broker or options.workers <= 0:
+        return []
+    executable = Path(sys.executable).with_name("mloptimizer")
+    program = str(executable) if executable.exists() else "mloptimizer"
+    command = [program, "trainer", "--broker", options.broker]
+    command += ["--search", name, "--cache-dir", str(options.cache_dir or options.out / "cache")]
+    return [
+        subprocess.Popen([*command, "--worker-id", f"local-{i + 1}"])
+        for i in range(options.workers)
+    ]
+
+
+def run_search(search: SearchFile, options: RunOptions, stream: TextIO = sys.stdout) -> Outcome:
+    """Run (or resume) ``search`` to its end; returns why it ended."""
+    options.out.mkdir(parents=True, exist_ok=True)
+    name = study_name(search.namespace, search.name)
+    storage = storage_for(options.out, options.storage)
+    study = open_study(search.spec, name, storage)
+    run = {
+        "search": name,
+        "source": str(Path(search.source).resolve()),
+        "storage": redact(storage),
+        "broker": redact(options.broker) if options.broker else None,
+        "cache_dir": str((options.cache_dir or options.out / "cache").resolve()),
+        "spec": search.spec.model_dump(mode="json", by_alias=True),
+        "ended": None,
+    }
+    run_file = options.out / RUN_FILE
+    run_file.write_text(json.dumps(run, indent=2))
+    display = ProgressDisplay(search, stream)
+    interrupt = _Interrupt()
+    previous = signal.signal(signal.SIGINT, interrupt)
+    trainers = _broker_trainers(options, name)
+    try:
+        transport = _transport(search, options, name)
+        dispatcher = Dispatcher(study, search.spec, transport, search=name, observer=display)
+        if options.broker and not trainers:
+            display._print(
+                f"waiting for trainers: mloptimizer trainer --broker {redact(options.broker)} "
+                f"--search {name}"
+            )
+        outcome = dispatcher.run(should_stop=interrupt.requested.is_set)
+        run["ended"] = {"reason": outcome.reason, "message": outcome.message}
+        run_file.write_text(json.dumps(run, indent=2))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        display.close()
+        for process in trainers:
+            process.terminate()
+        for process in trainers:
+            process.wait(timeout=30)
+    return outcome

@@ -1,0 +1,409 @@
+"""The dispatch loop against a real Optuna study (SQLite) and a scripted transport.
+
+The transport plays trainers deterministically: each trial reports one progress message
+per epoch (honouring prune replies) and then its result, with an accuracy computed from
+its architecture. That makes every ending, resume and duplicate testable in seconds; the
+same loop over RabbitMQ and real trainers is tested in test_run.py.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mloptimizer.dispatch import Decision, Dispatcher, Inbound
+from mloptimizer.loading import parse_search
+from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.runner import ProgressDisplay
+from mloptimizer.spec import ArchitectureSearchSpec
+from mloptimizer.study import Attr, StudyMismatch, open_study, records
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def make_spec(**overrides: Any) -> ArchitectureSearchSpec:
+    spec: dict[str, Any] = {
+        "dataset": {"builtin": "digits"},
+        "budget": {"maxTrials": 6, "parallelism": 2},
+        "sampler": {"seed": 3, "nStartupTrials": 2},
+        "pruner": {"type": "none"},
+        "training": {"epochs": 3},
+        "searchSpace": {"architectures": ["cnn"]},
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return ArchitectureSearchSpec.model_validate(spec)
+
+
+def accuracy(trial: TrialMessage, epoch: int) -> float:
+    """Deterministic: a higher learning rate learns more, and each epoch adds a little."""
+    lr = trial.architecture.learning_rate
+    return min(0.99, 0.3 + 40 * lr) * (0.8 + 0.2 * epoch / trial.epochs)
+
+
+@dataclass
+class _Run:
+    trial: TrialMessage
+    attempt: int = 1
+    epoch: int = 0
+    pruned: bool = False
+
+
+@dataclass
+class ScriptedTransport:
+    """Trainers as a script: one event per trial per receive() call."""
+
+    durable: bool = False
+    fail: Callable[[TrialMessage], str | None] = lambda trial: None
+    seconds: float = 1.0
+    duplicate_results: bool = False
+    sent: list[TrialMessage] = field(default_factory=list)
+    decisions: list[tuple[int, int, Decision]] = field(default_factory=list)
+    active: dict[int, _Run] = field(default_factory=dict)
+    extra: list[Inbound] = field(default_factory=list)
+    closed: bool = False
+
+    def send(self, trial: TrialMessage) -> None:
+        self.sent.append(trial)
+        self.active[trial.trial_id] = _Run(trial)
+
+    def adopt(self, trial: TrialMessage, attempt: int = 2) -> None:
+        """A trial already in the broker when this dispatcher started."""
+        self.active[trial.trial_id] = _Run(trial, attempt=attempt)
+
+    def result(self, run: _Run, state: str, error: str | None = None) -> ResultMessage:
+        t = run.trial
+        value = accuracy(t, run.epoch) if state != "failed" else None
+        return ResultMessage(
+            search=t.search,
+            trial_id=t.trial_id,
+            number=t.number,
+            phase=t.phase,
+            attempt=run.attempt,
+            worker_id="scripted",
+            state=state,
+            value=value,
+            val_accuracy=value,
+            val_loss=1 - value if value is not None else None,
+            epochs_run=run.epoch,
+            train_seconds=self.seconds,
+            error=error,
+        )
+
+    def receive(self, timeout: float) -> list[Inbound]:
+        out, self.extra = self.extra, []
+        for trial_id, run in list(self.active.items()):
+            t = run.trial
+            error = self.fail(t)
+            if error or run.pruned or run.epoch == t.epochs:
+                state = "failed" if error else "pruned" if run.pruned else "complete"
+                message = self.result(run, state, error)
+                out.append(Inbound(message))
+                if self.duplicate_results:
+                    out.append(Inbound(message.model_copy(update={"attempt": run.attempt + 1})))
+                del self.active[trial_id]
+                continue
+            run.epoch += 1
+            progress = ProgressMessage(
+                search=t.search,
+                trial_id=t.trial_id,
+                number=t.number,
+                attempt=run.attempt,
+                worker_id="scripted",
+                epoch=run.epoch,
+                metrics={"val_accuracy": accuracy(t, run.epoch)},
+            )
+
+            def reply(decision: Decision, run: _Run = run) -> None:
+                self.decisions.append((run.trial.trial_id, run.epoch, decision))
+                run.pruned = decision == "prune"
+
+            out.append(Inbound(progress, reply=reply))
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+def dispatcher(
+    spec: ArchitectureSearchSpec, storage: str, transport: ScriptedTransport, **kw: Any
+) -> Dispatcher:
+    study = open_study(spec, "ns.search", storage)
+    return Dispatcher(study, spec, transport, search="ns.search", **kw)
+
+
+def test_explores_max_trials_with_parallelism_then_refines_the_top_k(storage: str) -> None:
+    spec = make_spec(training={"epochs": 3, "refine": {"topK": 2, "epochs": 5}})
+    transport = ScriptedTransport()
+    d = dispatcher(spec, storage, transport)
+    in_flight: list[int] = []
+    d.observer = _Watch(lambda: in_flight.append(len(d.in_flight)))
+    outcome = d.run()
+
+    assert outcome.reason == "maxTrials"
+    assert transport.closed
+    assert max(in_flight) == 2  # parallelism
+    explore = [t for t in transport.sent if t.phase == "explore"]
+    refine = [t for t in transport.sent if t.phase == "refine"]
+    assert len(explore) == 6
+    assert {t.epochs for t in explore} == {3}
+    assert {t.epochs for t in refine} == {5}
+    study_trials = records(d.study)
+    ranked = sorted(
+        (r for r in study_trials if r.phase == "explore"), key=lambda r: -(r.value or 0)
+    )
+    assert sorted(r.refines or -1 for r in study_trials if r.phase == "refine") == sorted(
+        r.number for r in ranked[:2]
+    )
+    assert [r.architecture for r in study_trials if r.phase == "refine"] == [
+        t.architecture for t in refine
+    ]
+    assert all(r.state == "complete" for r in study_trials)
+    assert d.counts.best is not None
+    assert d.counts.best.value == d.study.best_value
+
+
+@dataclass
+class _Watch:
+    on_tick: Callable[[], None]
+
+    def started(self, trial: Any) -> None:
+        pass
+
+    def finished(self, trial: Any, dispatcher: Any) -> None:
+        pass
+
+    def tick(self, dispatcher: Any) -> None:
+        self.on_tick()
+
+
+def test_a_duplicate_result_is_dropped_and_the_trial_told_once(storage: str) -> None:
+    transport = ScriptedTransport(duplicate_results=True)
+    d = dispatcher(make_spec(), storage, transport)
+    d.run()  # Optuna raises if a finished trial is told again
+    trials = records(d.study)
+    assert len(trials) == 6
+    assert all(r.state == "complete" for r in trials)
+    assert {r.attrs[Attr.ATTEMPT] for r in trials} == {1}  # the first result won
+
+
+def test_progress_of_a_trial_already_told_is_answered_prune(storage: str) -> None:
+    transport = ScriptedTransport()
+    d = dispatcher(make_spec(budget={"maxTrials": 1, "parallelism": 1}), storage, transport)
+    d.run()
+    told = transport.sent[0]
+    decisions: list[Decision] = []
+    late = ProgressMessage(
+        search="ns.search",
+        trial_id=told.trial_id,
+        number=told.number,
+        attempt=2,
+        worker_id="slow",
+        epoch=1,
+        metrics={"val_accuracy": 0.5},
+    )
+    d._handle(Inbound(late, reply=decisions.append))
+    assert decisions == ["prune"]
+
+
+def test_the_median_pruner_prunes_a_poor_trial(storage: str) -> None:
+    spec = make_spec(
+        pruner={"type": "median", "startupTrials": 2, "warmupEpochs": 0},
+        budget={"maxTrials": 10, "parallelism": 1},
+    )
+    transport = ScriptedTransport()
+    d = dispatcher(spec, storage, transport)
+    d.run()
+    pruned = [r for r in records(d.study) if r.state == "pruned"]
+    assert pruned, "some trial below the median should have been pruned"
+    prune_decisions = {(tid, epoch) for tid, epoch, dec in transport.decisions if dec == "prune"}
+    for r in pruned:
+        epochs = r.attrs[Attr.EPOCHS]
+        assert (r.trial_id, epochs) in prune_decisions  # stopped right after that epoch
+        assert epochs < 3
+
+
+def test_max_failed_trials_ends_the_search_as_failed(storage: str) -> None:
+    spec = make_spec(budget={"maxTrials": 6, "parallelism": 1, "maxFailedTrials": 2})
+    transport = ScriptedTransport(fail=lambda t: "loss became NaN at epoch 1")
+    d = dispatcher(spec, storage, transport)
+    outcome = d.run()
+    assert outcome.reason == "maxFailedTrials"
+    assert outcome.failed
+    assert "2 trials failed" in outcome.message
+    assert len(transport.sent) == 2
+    errors = [r.error for r in records(d.study)]
+    assert errors == ["loss became NaN at epoch 1"] * 2
+
+
+def test_target_ends_the_search_early(storage: str) -> None:
+    spec = make_spec(objective={"target": 0.4}, budget={"maxTrials": 20, "parallelism": 1})
+    transport = ScriptedTransport()
+    d = dispatcher(spec, storage, transport)
+    outcome = d.run()
+    assert outcome.reason == "target"
+    assert not outcome.failed
+    best = d.counts.best
+    assert best is not None
+    assert best.value is not None
+    assert best.value >= 0.4
+    assert len(transport.sent) < 20
+    assert f"trial {best.number} reached" in outcome.message
+
+
+def test_timeout_cancels_the_trials_in_flight(storage: str) -> None:
+    now = [1_000_000.0]
+    spec = make_spec(budget={"maxTrials": 6, "parallelism": 2, "timeout": "1m"})
+    study = open_study(spec, "ns.search", storage)
+    study.set_user_attr(Attr.STARTED_AT, now[0])
+    transport = ScriptedTransport()
+
+    def clock() -> float:
+        now[0] += 5  # every look at the clock is 5 s later
+        return now[0]
+
+    d = Dispatcher(study, spec, transport, search="ns.search", clock=clock)
+    outcome = d.run()
+    assert outcome.reason == "timeout"
+    trials = records(study)
+    assert len(trials) < 6
+    cancelled = [r for r in trials if r.interrupted]
+    assert cancelled
+    assert all(r.state == "failed" and "cancelled" in (r.error or "") for r in cancelled)
+    assert d.counts.failed == 0  # cancelled trials are not failures
+
+
+def test_max_cost_stops_dispatching(storage: str) -> None:
+    spec = make_spec(
+        budget={"maxTrials": 10, "parallelism": 1, "maxCostUSD": 1.0},
+        workers={"pricePerHour": 0.4},
+    )
+    transport = ScriptedTransport(seconds=3600)  # each trial: one hour at $0.40
+    d = dispatcher(spec, storage, transport)
+    outcome = d.run()
+    assert outcome.reason == "maxCostUSD"
+    assert len(transport.sent) == 3  # $0.80 after two, $1.20 after three
+    assert d.counts.cost_usd == pytest.approx(1.2)
+    assert sum(r.cost_usd for r in records(d.study)) == pytest.approx(1.2)
+
+
+def test_interrupted_local_run_reenqueues_and_resumes_without_repeats(storage: str) -> None:
+    spec = make_spec(budget={"maxTrials": 6, "parallelism": 2})
+    first = ScriptedTransport()
+    d1 = dispatcher(spec, storage, first)
+    outcome = d1.run(should_stop=lambda: d1.counts.complete >= 2 and len(d1.in_flight) == 2)
+    assert outcome.reason == "interrupted"
+    interrupted = [r for r in records(d1.study) if r.interrupted]
+    assert len(interrupted) == 2  # the two in flight
+    waiting = [r for r in records(d1.study) if r.state == "waiting"]
+    assert sorted(r.attrs[Attr.RETRY_OF] for r in waiting) == sorted(r.number for r in interrupted)
+
+    second = ScriptedTransport()
+    d2 = dispatcher(spec, storage, second)
+    assert d2.run().reason == "maxTrials"
+    trials = records(d2.study)
+    counted = [r for r in trials if r.counted and r.phase == "explore"]
+    assert len(counted) == 6
+    finished_before = {r.number for r in trials if r.state == "complete" and r.number < 4}
+    retried = [t for t in second.sent if t.number in finished_before]
+    assert not retried  # nothing that finished ran again
+    for r in trials:
+        if Attr.RETRY_OF in r.attrs:
+            original = next(o for o in trials if o.number == r.attrs[Attr.RETRY_OF])
+            assert original.interrupted
+            assert original.params == r.params
+
+
+def test_durable_restart_adopts_trials_in_flight_and_tells_them_once(storage: str) -> None:
+    spec = make_spec(budget={"maxTrials": 4, "parallelism": 2})
+    first = ScriptedTransport(durable=True)
+    d1 = dispatcher(spec, storage, first)
+    d1.run(should_stop=lambda: d1.counts.complete >= 1 and len(d1.in_flight) == 2)
+    running = [r for r in records(d1.study) if r.state == "running"]
+    assert len(running) == 2  # left in the broker, not failed
+
+    second = ScriptedTransport(durable=True, duplicate_results=True)
+    d2 = dispatcher(spec, storage, second)
+    assert set(d2.in_flight) == {r.trial_id for r in running}
+    for flight in d2.in_flight.values():  # the broker still holds them
+        second.adopt(flight.message)
+    assert d2.run().reason == "maxTrials"
+    trials = records(d2.study)
+    assert len(trials) == 4
+    assert all(r.state == "complete" for r in trials)
+    assert {t.trial_id for t in second.sent}.isdisjoint(r.trial_id for r in running)
+
+
+def test_a_study_from_another_search_is_refused(storage: str) -> None:
+    open_study(make_spec(), "ns.search", storage)
+    changed = make_spec(searchSpace={"architectures": ["inception"]})
+    with pytest.raises(StudyMismatch, match=r"spec\.searchSpace"):
+        open_study(changed, "ns.search", storage)
+    # budget and parallelism may change on resume
+    open_study(make_spec(budget={"maxTrials": 9, "parallelism": 3}), "ns.search", storage)
+
+
+def test_progress_display_prints_one_line_per_trial_and_a_bar_on_a_terminal(
+    storage: str,
+) -> None:
+    search = parse_search(
+        {
+            "apiVersion": "mloptimizer.io/v1alpha1",
+            "kind": "ArchitectureSearch",
+            "metadata": {"name": "s"},
+            "spec": {"dataset": {"builtin": "digits"}},
+        }
+    )
+    plain, tty = io.StringIO(), io.StringIO()
+    spec = make_spec(budget={"maxTrials": 3, "parallelism": 1})
+    transport = ScriptedTransport(fail=lambda t: "boom" if t.number == 1 else None)
+    d = dispatcher(spec, storage, transport)
+    displays = [ProgressDisplay(search, plain, tty=False), ProgressDisplay(search, tty, tty=True)]
+    d.observer = _Both(displays)
+    d.run()
+    lines = [line for line in plain.getvalue().splitlines() if " started " not in line]
+    assert len(lines) == 3
+    assert "failed: boom" in lines[1]
+    assert "val_accuracy 0." in lines[0]
+    assert "\x1b[K" not in plain.getvalue()
+    assert "running | best" in tty.getvalue()
+    assert "3/20" in tty.getvalue()  # the search file's own maxTrials (20) is the total
+
+
+@dataclass
+class _Both:
+    displays: list[ProgressDisplay]
+
+    def started(self, trial: Any) -> None:
+        for d in self.displays:
+            d.started(trial)
+
+    def finished(self, trial: Any, dispatcher: Any) -> None:
+        for d in self.displays:
+            d.finished(trial, dispatcher)
+
+    def tick(self, dispatcher: Any) -> None:
+        for d in self.displays:
+            d.tick(dispatcher)
+
+
+def test_told_trials_state_in_the_study_matches_the_results(storage: str) -> None:
+    transport = ScriptedTransport(fail=lambda t: "bad architecture: x" if t.number == 0 else None)
+    d = dispatcher(make_spec(budget={"maxTrials": 3, "parallelism": 1}), storage, transport)
+    d.run()
+    states = [t.state for t in d.study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert d.counts.failed == 1
+    assert d.counts.complete == 2

@@ -1,0 +1,113 @@
+"""The best model of a search, scored on the held-out test split, for the report.
+
+Trainers keep no models (they may run anywhere, and most trials are discarded), so the
+report retrains the best trial here — same architecture, epochs and seed — saves it as
+``best.keras`` and scores it on the test images no trial ever saw: accuracy, precision,
+recall and F1, macro and per class, and the confusion matrix (the seed's four metrics).
+A ``best.json`` next to the model says which trial it is, so a rebuild reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from mloptimizer.messages import TrialMessage
+from mloptimizer.trainer.data import DatasetCache, Splits, make_dataset
+from mloptimizer.trainer.device import detect_gpus
+from mloptimizer.trainer.training import Decision, train_trial
+
+__all__ = ["evaluate_best", "scores"]
+
+
+def scores(
+    y_true: np.ndarray[Any, Any], y_pred: np.ndarray[Any, Any], class_names: tuple[str, ...]
+) -> dict[str, Any]:
+    """Accuracy, macro and per-class precision/recall/F1 and the confusion matrix."""
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    macro = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average="macro", zero_division=0
+    )
+    return {
+        "images": len(y_true),
+        "accuracy": float(np.mean(y_true == y_pred)),
+        "precision_macro": float(macro[0]),
+        "recall_macro": float(macro[1]),
+        "f1_macro": float(macro[2]),
+        "per_class": [
+            {
+                "class": name,
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        ],
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "class_names": list(class_names),
+    }
+
+
+def _test_split(splits: Splits) -> tuple[str, Any, Any]:
+    if len(splits.y_test):
+        return "test", splits.x_test, splits.y_test
+    return "validation", splits.x_val, splits.y_val  # testSplit: 0 keeps no test images
+
+
+def evaluate_best(
+    trial: TrialMessage, out: Path, *, cache_dir: Path, base_dir: Path | None
+) -> dict[str, Any]:
+    """Retrain ``trial`` (unless ``out/best.keras`` is it) and score it on the test split."""
+    splits, _ = DatasetCache(cache_dir, base_dir).get(trial.dataset)
+    model_path, meta_path = out / "best.keras", out / "best.json"
+    identity = {
+        "trial": trial.number,
+        "architecture": trial.architecture.model_dump(mode="json"),
+        "epochs": trial.epochs,
+    }
+    model = None
+    if (
+        model_path.exists()
+        and meta_path.exists()
+        and json.loads(meta_path.read_text()).get("identity") == identity
+    ):
+        model = keras.models.load_model(model_path)
+    if model is None:
+        holder: dict[str, Any] = {}
+
+        def keep(epoch: int, metrics: dict[str, float]) -> Decision:
+            return "continue"
+
+        outcome = train_trial(
+            trial,
+            splits,
+            on_epoch=keep,
+            stop=threading.Event(),
+            gpus=detect_gpus(),
+            keep_model=holder,
+        )
+        if outcome.state != "complete":
+            raise RuntimeError(f"retraining trial {trial.number} failed: {outcome.error}")
+        model = holder["model"]
+        model.save(model_path)
+        meta_path.write_text(
+            json.dumps({"identity": identity, "val_accuracy": outcome.val_accuracy})
+        )
+    split, x, y = _test_split(splits)
+    probabilities = model.predict(
+        make_dataset(x, y, batch_size=256, shuffle=False, seed=0), verbose=0
+    )
+    result = scores(np.asarray(y), np.argmax(probabilities, axis=1), splits.class_names)
+    result["split"] = split
+    result["trial"] = trial.number
+    return result
