@@ -1,4 +1,4 @@
-"""Fixtures for the real services: a fresh PostgreSQL database per session, RabbitMQ names
+"""Fixtures for the real services: a fresh PostgreSQL database per test, RabbitMQ names
 per test. A missing service fails the test that needs it, with the command to start it."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 from services import RABBITMQ_URL, Broker, ServiceUnavailable, fresh_postgres_database
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def postgres_dsn() -> Iterator[str]:
-    """DSN of an empty PostgreSQL database created for this test session."""
+    """DSN of an empty PostgreSQL database created for this test, dropped after it."""
     try:
         with fresh_postgres_database() as dsn:
             yield dsn
