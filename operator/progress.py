@@ -1,0 +1,93 @@
+"""What the status says: phase, counts, best trial, workers, cost, conditions. Pure
+functions of the dispatcher's counts, so the daemon only decides *when* to patch."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Literal
+
+from mloptimizer.dispatch import Counts
+from mloptimizer.spec import ArchitectureSearchSpec, Workers
+
+__all__ = [
+    "desired_replicas",
+    "now_rfc3339",
+    "set_condition",
+    "status_from_counts",
+]
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+def now_rfc3339() -> str:
+    """The current time as Kubernetes writes it."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def desired_replicas(work: int, workers: Workers, ended: bool) -> int:
+    """Trainers wanted: one per trial in flight, within the bounds; none once ended."""
+    if ended:
+        return 0
+    return max(workers.min_replicas, min(workers.max_replicas, work))
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str = "",
+    *,
+    generation: int | None = None,
+    now: str | None = None,
+) -> list[dict[str, Any]]:
+    """``conditions`` with ``type_`` set; its transition time moves only when status does."""
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    changed = previous is None or previous.get("status") != status
+    condition = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message[:4096],
+        "lastTransitionTime": (now or now_rfc3339())
+        if changed
+        else previous.get("lastTransitionTime"),  # type: ignore[union-attr]
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return [c for c in conditions if c.get("type") != type_] + [condition]
+
+
+def status_from_counts(
+    counts: Counts, spec: ArchitectureSearchSpec, *, price_per_hour: float | None = None
+) -> dict[str, Any]:
+    """The status fields that follow the study: progress, trials, best and cost."""
+    best = counts.best
+    finished = counts.complete + counts.pruned + counts.failed
+    gpu_seconds = sum(r.seconds for r in counts.history) * max(1, spec.workers.resources.gpu)
+    price = spec.workers.price_per_hour if price_per_hour is None else price_per_hour
+    return {
+        "progress": f"{min(finished, 10**6)}/{spec.budget.max_trials}",
+        "trials": {
+            "complete": counts.complete,
+            "running": counts.running,
+            "pruned": counts.pruned,
+            "failed": counts.failed,
+        },
+        "best": (
+            {
+                "number": best.number,
+                "value": round(best.value, 6),
+                "architecture": best.architecture.model_dump(mode="json")
+                if best.architecture
+                else {},
+            }
+            if best is not None and best.value is not None
+            else None
+        ),
+        "cost": {
+            "usd": round(counts.cost_usd, 4),
+            "gpuHours": round(gpu_seconds / 3600 if spec.workers.resources.gpu else 0.0, 4),
+            "burnRatePerHour": round((price or 0.0) * counts.running, 4),
+        },
+    }

@@ -1,0 +1,143 @@
+"""The pure builders and status functions of the operator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from mloptimizer.dispatch import Counts
+from mloptimizer.operator.builders import (
+    GRACE_SECONDS,
+    build_broker_secret,
+    build_trainer_deployment,
+    deployment_name,
+    trainer_labels,
+)
+from mloptimizer.operator.progress import desired_replicas, set_condition, status_from_counts
+from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef, Workers
+
+BROKER = SecretKeyRef(name="mq", key="url")
+
+
+def make_spec(**spec: Any) -> ArchitectureSearchSpec:
+    return ArchitectureSearchSpec.model_validate({"dataset": {"builtin": "digits"}, **spec})
+
+
+def test_the_deployment_carries_the_search_the_broker_secret_and_a_safe_pod() -> None:
+    spec = make_spec(
+        workers={
+            "image": "registry.example/trainer:1",
+            "resources": {"gpu": 1, "cpu": "4", "memory": "16Gi"},
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+        }
+    )
+    d = build_trainer_deployment("cifar", "team-a", spec, replicas=3, broker=BROKER)
+    assert d["metadata"]["name"] == "cifar-trainer"
+    assert d["spec"]["replicas"] == 3
+    assert d["spec"]["selector"]["matchLabels"] == trainer_labels("cifar")
+    pod = d["spec"]["template"]["spec"]
+    assert d["spec"]["template"]["metadata"]["labels"] == trainer_labels("cifar")
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/trainer:1"
+    assert container["args"][0] == "trainer"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLOPT_BROKER_URL"]["valueFrom"]["secretKeyRef"] == {"name": "mq", "key": "url"}
+    assert env["MLOPT_SEARCH"]["value"] == "team-a.cifar"
+    assert "value" not in env["MLOPT_BROKER_URL"]  # never the URL itself
+    limits = container["resources"]["limits"]
+    assert limits == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["requests"] == limits
+    assert pod["nodeSelector"] == {"gpu": "a100"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    # the pod outlives the trainer's own SIGTERM grace period: the trial is requeued
+    grace = container["args"][container["args"].index("--grace-period") + 1]
+    assert int(grace) == GRACE_SECONDS < pod["terminationGracePeriodSeconds"]
+
+
+def test_a_cpu_search_asks_for_no_gpu_and_an_image_folder_mounts_its_claim() -> None:
+    spec = make_spec(dataset={"imageFolder": {"claimName": "road-images", "path": "cracks"}})
+    d = build_trainer_deployment("roads", "ns", spec, replicas=0, broker=BROKER)
+    pod = d["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [
+        {"name": "data", "persistentVolumeClaim": {"claimName": "road-images", "readOnly": True}}
+    ]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLOPT_DATA_DIR"] == "/data"
+
+
+def test_names_are_valid_dns_labels_even_for_long_search_names() -> None:
+    name = deployment_name("a" * 253)
+    assert len(name) <= 63
+    assert name.endswith("-trainer")
+    secret = build_broker_secret("s", "amqp://u:p@mq/%2F")
+    assert secret["stringData"] == {"url": "amqp://u:p@mq/%2F"}
+    assert secret["metadata"]["name"] == "s-broker"
+
+
+@pytest.mark.parametrize(
+    ("work", "ended", "expected"),
+    [(0, False, 1), (2, False, 2), (9, False, 4), (3, True, 0)],
+)
+def test_replicas_follow_the_work_within_the_bounds(work: int, ended: bool, expected: int) -> None:
+    workers = Workers.model_validate({"minReplicas": 1, "maxReplicas": 4})
+    assert desired_replicas(work, workers, ended) == expected
+
+
+def test_a_condition_keeps_its_transition_time_until_its_status_changes() -> None:
+    first = set_condition([], "Degraded", "True", "ConnectionLost", "x", now="T1")
+    same = set_condition(first, "Degraded", "True", "ConnectionLost", "y", now="T2")
+    assert same[0]["lastTransitionTime"] == "T1"
+    assert same[0]["message"] == "y"
+    flipped = set_condition(same, "Degraded", "False", "Connected", now="T3")
+    assert flipped[0]["lastTransitionTime"] == "T3"
+    both = set_condition(flipped, "Ready", "True", "Dispatching", now="T4", generation=2)
+    assert [c["type"] for c in both] == ["Degraded", "Ready"]
+    assert both[1]["observedGeneration"] == 2
+
+
+def test_status_from_counts_reports_progress_cost_and_burn_rate() -> None:
+    spec = make_spec(budget={"maxTrials": 10}, workers={"pricePerHour": 0.5})
+    counts = Counts(complete=3, pruned=1, failed=1, running=2, cost_usd=0.123456)
+    status = status_from_counts(counts, spec)
+    assert status["progress"] == "5/10"
+    assert status["trials"] == {"complete": 3, "running": 2, "pruned": 1, "failed": 1}
+    assert status["best"] is None
+    assert status["cost"]["usd"] == 0.1235
+    assert status["cost"]["burnRatePerHour"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        make_spec(),
+        make_spec(
+            dataset={"imageFolder": {"claimName": "imgs", "path": "x"}},
+            workers={
+                "resources": {"gpu": 2},
+                "tolerations": [{"operator": "Exists"}],
+                "nodeSelector": {"a": "b"},
+            },
+        ),
+    ],
+)
+def test_the_deployment_validates_against_the_kubernetes_schema(
+    spec: ArchitectureSearchSpec,
+) -> None:
+    deployment = build_trainer_deployment("s", "ns", spec, replicas=1, broker=BROKER)
+    deployment["metadata"]["namespace"] = "ns"
+    kubernetes_validate.validate(deployment, "1.34.0", strict=True)
+    secret = build_broker_secret("s", "amqp://x")
+    kubernetes_validate.validate(secret, "1.34.0", strict=True)

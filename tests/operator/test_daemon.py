@@ -1,0 +1,175 @@
+"""run_search over the machine's PostgreSQL and RabbitMQ with real trainer processes; the
+Kubernetes side is a recorder (the kopf glue around it is tested with the emulator)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pika
+import pytest
+from services import RABBITMQ_URL, TrainerProcess
+
+from mloptimizer.dispatch import Outcome
+from mloptimizer.operator.daemon import SearchConfig, run_search
+from mloptimizer.spec import ArchitectureSearchSpec
+from mloptimizer.study import records, storage_url
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class RecordingKube:
+    patches: list[dict[str, Any]] = field(default_factory=list)
+    replicas: list[int] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def patch_status(self, patch: dict[str, Any]) -> None:
+        with self.changed:
+            self.patches.append(patch)
+            self.status.update(patch)
+            self.changed.notify_all()
+
+    def scale(self, replicas: int) -> None:
+        self.replicas.append(replicas)
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+    def wait_for(self, condition: Any, timeout: float = 180) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: condition(self.status), timeout=timeout)
+
+
+def spec(**budget: Any) -> ArchitectureSearchSpec:
+    return ArchitectureSearchSpec.model_validate(
+        {
+            "dataset": {"builtin": "digits"},
+            "budget": {"maxTrials": 5, "parallelism": 2, **budget},
+            "sampler": {"seed": 5, "nStartupTrials": 2},
+            "pruner": {"type": "none"},
+            "training": {"epochs": 2, "batchSize": 32, "mixedPrecision": "off"},
+            "searchSpace": {
+                "architectures": ["cnn"],
+                "cnn": {"blocks": {"min": 1, "max": 1}, "filters": {"min": 16, "max": 32}},
+                "classifier": {"types": ["mlp"], "units": {"min": 32, "max": 64, "step": 32}},
+            },
+            "workers": {"minReplicas": 0, "maxReplicas": 3, "pricePerHour": 0.36},
+        }
+    )
+
+
+@pytest.fixture
+def config(postgres_dsn: str) -> Iterator[SearchConfig]:
+    found = SearchConfig(
+        namespace="team-a",
+        name=f"search-{uuid.uuid4().hex[:6]}",
+        storage_url=postgres_dsn,
+        broker_url=RABBITMQ_URL,
+        status_interval=1.0,
+    )
+    yield found
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    for queue in ("trials", "progress", "results", "dead"):
+        channel.queue_delete(f"mlopt.{found.study}.{queue}")
+    connection.close()
+
+
+@pytest.fixture
+def trainers(config: SearchConfig, tmp_path: Path) -> Iterator[list[TrainerProcess]]:
+    started = [TrainerProcess(RABBITMQ_URL, config.study, tmp_path, f"t{i}") for i in (1, 2)]
+    yield started
+    for trainer in started:
+        trainer.stop()
+
+
+def test_a_search_runs_to_succeeded_with_status_replicas_and_events(
+    config: SearchConfig, trainers: list[TrainerProcess]
+) -> None:
+    kube = RecordingKube()
+    outcome = run_search(config, spec(), kube, stop=threading.Event(), generation=1)
+    assert isinstance(outcome, Outcome)
+    assert outcome.reason == "maxTrials"
+
+    study = optuna.load_study(study_name=config.study, storage=storage_url(config.storage_url))
+    trials = records(study)
+    assert len(trials) == 5
+    final = kube.status
+    assert final["phase"] == "Succeeded"
+    assert final["trials"]["complete"] == sum(t.state == "complete" for t in trials) == 5
+    assert final["best"]["number"] == study.best_trial.number
+    assert final["best"]["value"] == pytest.approx(study.best_value, abs=1e-6)
+    assert final["progress"] == "5/5"
+    assert final["observedGeneration"] == 1
+    assert final["studyName"] == config.study
+    assert final["completionTime"]
+    assert final["cost"]["usd"] == pytest.approx(sum(t.cost_usd for t in trials), abs=1e-4)
+    assert final["cost"]["usd"] > 0
+    complete = {c["type"]: c for c in final["conditions"]}
+    assert complete["Complete"]["status"] == "True"
+    assert complete["Complete"]["reason"] == "MaxTrialsReached"
+
+    assert max(kube.replicas) == 2  # one per trial in flight, parallelism 2
+    assert kube.replicas[-1] == 0
+    reasons = [reason for _, reason, _ in kube.events]
+    assert reasons[0] == "Started"
+    assert "NewBest" in reasons
+    assert reasons[-1] == "Finished"
+    # coalesced: far fewer patches than the ~30 progress and result messages
+    assert len(kube.patches) < 20
+
+
+def test_a_restarted_operator_resumes_without_telling_a_trial_twice(
+    config: SearchConfig, trainers: list[TrainerProcess]
+) -> None:
+    kube = RecordingKube()
+    stop = threading.Event()
+    results: list[Outcome | None] = []
+    first = threading.Thread(
+        target=lambda: results.append(run_search(config, spec(), kube, stop=stop))
+    )
+    first.start()
+    kube.wait_for(lambda s: s.get("trials", {}).get("complete", 0) >= 2)
+    stop.set()  # the operator pod goes away mid-search
+    first.join(timeout=60)
+    assert results == [None]
+
+    second = RecordingKube()
+    outcome = run_search(config, spec(), second, stop=threading.Event())
+    assert outcome is not None
+    assert outcome.reason == "maxTrials"
+    assert ("Normal", "Resumed") in [(t, r) for t, r, _ in second.events]
+    study = optuna.load_study(study_name=config.study, storage=storage_url(config.storage_url))
+    trials = records(study)
+    assert len([t for t in trials if t.counted]) == 5
+    assert all(t.state == "complete" for t in trials)
+    assert second.status["trials"]["complete"] == 5
+
+
+def test_an_unreachable_broker_shows_degraded_and_recovers_when_stopped(
+    config: SearchConfig,
+) -> None:
+    config.broker_url = "amqp://guest:guest@127.0.0.1:1/%2F"  # nothing listens there
+    config.max_backoff = 0.2
+    kube = RecordingKube()
+    stop = threading.Event()
+    thread = threading.Thread(target=run_search, args=(config, spec(), kube), kwargs={"stop": stop})
+    thread.start()
+    kube.wait_for(
+        lambda s: any(
+            c["type"] == "Degraded" and c["status"] == "True" for c in s.get("conditions", [])
+        ),
+        timeout=60,
+    )
+    stop.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert "retrying" in kube.status["message"]
