@@ -153,6 +153,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return _report(Path(args.dir), args.storage)
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from mloptimizer.operator.config import config_from_args
+    from mloptimizer.operator.main import run_operator
+
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"mloptimizer operator: {error}", file=sys.stderr)
+        return 2
+    return run_operator(config)
+
+
 def _cmd_crd(args: argparse.Namespace) -> int:
     from mloptimizer.crd import crd_yaml
 
@@ -304,6 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", help="the output folder of `mloptimizer run`")
     report.add_argument("--storage", help="the study's storage URL, when the run used --storage")
     report.set_defaults(func=_cmd_report)
+
+    operator = commands.add_parser(
+        "operator",
+        help="run the Kubernetes operator (in the cluster, or against ~/.kube/config)",
+        description="Watch ArchitectureSearch resources: run each one's TPE study in "
+        "PostgreSQL, send its trials through RabbitMQ to a trainer Deployment scaled with "
+        "the work, and keep its status, Events and Prometheus metrics current.",
+    )
+    from mloptimizer.operator.config import add_arguments
+
+    add_arguments(operator)
+    operator.set_defaults(func=_cmd_operator)
 
     crd = commands.add_parser(
         "crd",

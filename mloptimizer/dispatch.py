@@ -77,7 +77,7 @@ class Transport(Protocol):
 class Observer(Protocol):
     """What a progress display or the operator's status wants to hear."""
 
-    def started(self, trial: TrialRecord) -> None: ...
+    def started(self, trial: TrialRecord, dispatcher: Dispatcher) -> None: ...
 
     def finished(self, trial: TrialRecord, dispatcher: Dispatcher) -> None: ...
 
@@ -142,6 +142,7 @@ class Dispatcher:
         self.stopping: Outcome | None = None
         self.waiting = 0  # enqueued trials (retries, refine) that ask() hands out first
         self.refine_started = False
+        self.last_dispatch_seconds = 0.0  # ask, sample and publish of the latest trial
         self._recover()
 
     # --- start-up ----------------------------------------------------------------------
@@ -230,6 +231,7 @@ class Dispatcher:
             self._dispatch(self.study.ask())
 
     def _dispatch(self, trial: optuna.trial.Trial) -> None:
+        began = time.perf_counter()
         architecture = sample_architecture(trial, self.spec.search_space)
         phase = trial.user_attrs.get(Attr.PHASE, "explore")
         trial.set_user_attr(Attr.PHASE, phase)
@@ -237,6 +239,7 @@ class Dispatcher:
         rec = record(self.study._storage.get_trial(trial._trial_id))
         message = self._message(trial.number, trial._trial_id, rec)
         self.transport.send(message)
+        self.last_dispatch_seconds = time.perf_counter() - began
         now = self.clock()
         self.in_flight[trial._trial_id] = _InFlight(trial, message, now, now)
         self.counts.running += 1
@@ -244,7 +247,7 @@ class Dispatcher:
             self.counts.explore_used += 1
         log.info("trial %d sent (%s): %s", trial.number, phase, architecture.summary())
         if self.observer is not None:
-            self.observer.started(rec)
+            self.observer.started(rec, self)
 
     def _message(self, number: int, trial_id: int, rec: TrialRecord) -> TrialMessage:
         training = self.spec.training

@@ -85,7 +85,7 @@ class ProgressDisplay:
         self.stream.write(line + "\n")
         self.stream.flush()
 
-    def started(self, trial: TrialRecord) -> None:
+    def started(self, trial: TrialRecord, dispatcher: Dispatcher) -> None:
         if not self.tty:
             arch = trial.architecture.summary() if trial.architecture else "?"
             self._print(f"trial {trial.number:>3} started ({trial.phase}): {arch}")

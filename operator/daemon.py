@@ -10,7 +10,6 @@ reads it back and adopts the trials still in RabbitMQ, so no trial is told twice
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 
 from mloptimizer.amqp import AmqpTransport
 from mloptimizer.dispatch import Dispatcher, Outcome
+from mloptimizer.operator.metrics import Metrics
 from mloptimizer.operator.progress import (
     desired_replicas,
     now_rfc3339,
@@ -27,9 +27,17 @@ from mloptimizer.operator.progress import (
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import TrialRecord, open_study, study_name
 
-__all__ = ["Kube", "SearchConfig", "StatusReporter", "run_search"]
+__all__ = ["Kube", "SearchConfig", "StatusReporter", "StopFlag", "run_search"]
 
 log = logging.getLogger(__name__)
+
+
+class StopFlag(Protocol):
+    """A threading.Event, or kopf's ``stopped`` flag of a sync daemon."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> Any: ...
 
 
 class Kube(Protocol):
@@ -72,16 +80,37 @@ class StatusReporter:
     generation: int | None = None
     clock: Callable[[], float] = time.monotonic
     conditions: list[dict[str, Any]] = field(default_factory=list)
+    metrics: Metrics | None = None
     _dirty: bool = True
     _last_patch: float = -1e9
     _replicas: int | None = None
     _best_number: int | None = None
+    _refusal: str | None = None
 
-    def started(self, trial: TrialRecord) -> None:
+    def note_refusal(self, refusal: str | None) -> None:
+        """Show (or clear) a refused spec change as a Degraded condition."""
+        if refusal == self._refusal:
+            return
+        self._refusal = refusal
+        if refusal:
+            self.conditions = set_condition(
+                self.conditions, "Degraded", "True", "SpecChangeRefused", refusal
+            )
+        else:
+            self.conditions = set_condition(
+                self.conditions, "Degraded", "False", "SpecAccepted", "the spec in force"
+            )
         self._dirty = True
+
+    def started(self, trial: TrialRecord, dispatcher: Dispatcher) -> None:
+        self._dirty = True
+        if self.metrics is not None:
+            self.metrics.dispatched(dispatcher.search, dispatcher.last_dispatch_seconds)
 
     def finished(self, trial: TrialRecord, dispatcher: Dispatcher) -> None:
         self._dirty = True
+        if self.metrics is not None:
+            self.metrics.finished(dispatcher.search, trial)
         best = dispatcher.counts.best
         if best is not None and best.number != self._best_number and best.value is not None:
             if self._best_number is not None or trial.number == best.number:
@@ -117,6 +146,10 @@ class StatusReporter:
         if "conditions" not in patch:
             patch["conditions"] = self.conditions
         self.kube.patch_status(patch)
+        if self.metrics is not None:
+            transport = dispatcher.transport
+            queued = transport.queued() if isinstance(transport, AmqpTransport) else None
+            self.metrics.update(dispatcher.search, dispatcher, queued)
         self._dirty = False
         self._last_patch = self.clock()
 
@@ -126,17 +159,19 @@ def run_search(
     spec: ArchitectureSearchSpec,
     kube: Kube,
     *,
-    stop: threading.Event,
+    stop: StopFlag,
     generation: int | None = None,
-    latest_spec: Callable[[], ArchitectureSearchSpec] | None = None,
+    latest_spec: Callable[[], tuple[ArchitectureSearchSpec, str | None]] | None = None,
+    metrics: Metrics | None = None,
 ) -> Outcome | None:
     """Run a search until it ends or ``stop`` is set; returns how it ended (None: stopped).
 
     A lost broker or database is retried with backoff and shown as ``Degraded``; the loop
     then resumes from the study. ``latest_spec`` returns the spec as edited while the search
-    runs (budget, parallelism and worker bounds take effect at once).
+    runs (budget, parallelism and worker bounds take effect at once) and why the last edit
+    was refused, if it was (shown as ``Degraded``, reason ``SpecChangeRefused``).
     """
-    reporter = StatusReporter(kube, spec, config.status_interval, generation)
+    reporter = StatusReporter(kube, spec, config.status_interval, generation, metrics=metrics)
     reporter.conditions = set_condition(
         [], "Ready", "True", "Dispatching", "the search is dispatching trials"
     )
@@ -181,7 +216,8 @@ def run_search(
 
         def should_stop(dispatcher: Dispatcher = dispatcher) -> bool:
             if latest_spec is not None:
-                dispatcher.spec = latest_spec()
+                dispatcher.spec, refusal = latest_spec()
+                reporter.note_refusal(refusal)
             return stop.is_set()
 
         try:
@@ -202,7 +238,7 @@ def _degraded(
     error: Exception,
     backoff: float,
     max_backoff: float,
-    stop: threading.Event,
+    stop: StopFlag,
 ) -> float:
     message = f"{type(error).__name__}: {error}"[:500]
     log.warning("search degraded (%s); retrying in %.1fs", message, backoff)

@@ -179,7 +179,7 @@ def test_explores_max_trials_with_parallelism_then_refines_the_top_k(storage: st
 class _Watch:
     on_tick: Callable[[], None]
 
-    def started(self, trial: Any) -> None:
+    def started(self, trial: Any, dispatcher: Any) -> None:
         pass
 
     def finished(self, trial: Any, dispatcher: Any) -> None:
@@ -386,9 +386,9 @@ def test_progress_display_prints_one_line_per_trial_and_a_bar_on_a_terminal(
 class _Both:
     displays: list[ProgressDisplay]
 
-    def started(self, trial: Any) -> None:
+    def started(self, trial: Any, dispatcher: Any) -> None:
         for d in self.displays:
-            d.started(trial)
+            d.started(trial, dispatcher)
 
     def finished(self, trial: Any, dispatcher: Any) -> None:
         for d in self.displays:

@@ -1,0 +1,107 @@
+"""The operator's settings: flags, with environment variables for a pod's Secrets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["OperatorConfig", "add_arguments", "config_from_args"]
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """What every search handled by this operator shares."""
+
+    database_url: str
+    broker_url: str
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    queue_prefix: str = "mlopt"
+    status_interval: float = 1.0
+    liveness_port: int = 8080
+    metrics_port: int | None = 9090
+    peering: str | None = None  # kopf peering name; None: standalone
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``mloptimizer operator``."""
+    env = os.environ.get
+    parser.add_argument(
+        "--database-url",
+        default=env("MLOPT_DATABASE_URL"),
+        help="PostgreSQL URL of the studies, postgresql://user:pass@host/db (env "
+        "MLOPT_DATABASE_URL; a search may name its own with spec.storage.secretRef)",
+    )
+    parser.add_argument(
+        "--broker-url",
+        default=env("MLOPT_BROKER_URL"),
+        help="AMQP URL of RabbitMQ (env MLOPT_BROKER_URL; a search may name its own with "
+        "spec.broker.secretRef)",
+    )
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=None,
+        help="watch this namespace (repeatable; env MLOPT_NAMESPACES, comma-separated; "
+        "default: all namespaces)",
+    )
+    parser.add_argument(
+        "--queue-prefix",
+        default=env("MLOPT_QUEUE_PREFIX", "mlopt"),
+        help="RabbitMQ queue name prefix (env MLOPT_QUEUE_PREFIX, default mlopt)",
+    )
+    parser.add_argument(
+        "--status-interval",
+        type=float,
+        default=float(env("MLOPT_STATUS_INTERVAL", "1.0")),
+        help="least seconds between two status patches of one search (default 1)",
+    )
+    parser.add_argument(
+        "--liveness-port",
+        type=int,
+        default=int(env("MLOPT_LIVENESS_PORT", "8080")),
+        help="port of kopf's liveness endpoint /healthz (default 8080)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env("MLOPT_METRICS_PORT", "9090")),
+        help="port of the Prometheus metrics; 0 turns them off (default 9090)",
+    )
+    parser.add_argument(
+        "--peering",
+        default=env("MLOPT_PEERING"),
+        help="kopf peering name: with several replicas only the highest-priority one "
+        "handles searches (default: standalone)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    """The config, or ValueError naming the missing setting."""
+    missing = [
+        flag
+        for flag, value in (
+            ("--database-url", args.database_url),
+            ("--broker-url", args.broker_url),
+        )
+        if not value
+    ]
+    if missing:
+        raise ValueError(
+            f"{' and '.join(missing)} required (or MLOPT_DATABASE_URL / MLOPT_BROKER_URL)"
+        )
+    namespaces: Sequence[str] = args.namespace or [
+        n.strip() for n in os.environ.get("MLOPT_NAMESPACES", "").split(",") if n.strip()
+    ]
+    return OperatorConfig(
+        database_url=args.database_url,
+        broker_url=args.broker_url,
+        namespaces=tuple(namespaces),
+        queue_prefix=args.queue_prefix,
+        status_interval=args.status_interval,
+        liveness_port=args.liveness_port,
+        metrics_port=args.metrics_port or None,
+        peering=args.peering,
+    )

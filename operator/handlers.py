@@ -1,0 +1,383 @@
+"""kopf glue: each handler parses what kopf hands it and calls one plain function.
+
+* create/resume: check the spec (a bad one ends the search as Failed, with the message),
+  create the broker Secret and the trainer Deployment (adopted, so they go with it);
+* daemon: one per search, :func:`~mloptimizer.operator.daemon.run_search` in kopf's
+  thread, stopped on deletion or operator shutdown;
+* update: budget, parallelism, workers and training take effect at once; dataset,
+  objective, sampler and search space cannot change under a running study and are refused
+  with a Degraded condition while the search goes on with the old spec;
+* delete (finalizer): queues, Deployment and Secret go; the study stays unless
+  ``storage.deleteStudyOnDelete``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+import kubernetes
+import optuna
+import pika
+import pika.exceptions
+
+from mloptimizer.loading import SpecError, parse_search
+from mloptimizer.messages import QueueNames
+from mloptimizer.operator.builders import (
+    BROKER_SECRET_KEY,
+    broker_secret_name,
+    build_broker_secret,
+    build_trainer_deployment,
+    deployment_name,
+)
+from mloptimizer.operator.config import OperatorConfig
+from mloptimizer.operator.daemon import SearchConfig, run_search
+from mloptimizer.operator.metrics import Metrics
+from mloptimizer.operator.progress import now_rfc3339, set_condition
+from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef
+from mloptimizer.study import fingerprint, storage_url, study_name
+
+GROUP, VERSION, PLURAL = "mloptimizer.io", "v1alpha1", "architecturesearches"
+FINISHED = ("Succeeded", "Failed")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Shared:
+    """What the handlers of all searches share (kopf's ``memo``)."""
+
+    config: OperatorConfig
+    metrics: Metrics | None = None
+    specs: dict[tuple[str, str], ArchitectureSearchSpec] = field(default_factory=dict)
+    refusals: dict[tuple[str, str], str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    """kopf settings: state in annotations (the status schema is ours), quiet events."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="mloptimizer.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="mloptimizer.io", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "mloptimizer.io/finalizer"
+    settings.posting.level = logging.WARNING
+    settings.peering.standalone = config.peering is None
+    if config.peering:
+        settings.peering.name = config.peering
+    settings.watching.server_timeout = 300
+
+
+def _shared(memo: Any) -> Shared:
+    shared: Shared = memo.shared
+    return shared
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    configure(settings, _shared(memo).config)
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+# --- plain functions the handlers call --------------------------------------------------
+
+
+def parse(body: Any) -> ArchitectureSearchSpec:
+    """The typed spec of a resource body, or SpecError with every problem."""
+    document = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ArchitectureSearch",
+        "metadata": {"name": body["metadata"]["name"]},
+        "spec": dict(body.get("spec") or {}),
+    }
+    return parse_search(
+        document, source=f"{body['metadata'].get('namespace')}/{body['metadata']['name']}"
+    ).spec
+
+
+def read_secret(namespace: str, ref: SecretKeyRef) -> str:
+    """The value of a Secret key, or kopf.PermanentError naming what is missing."""
+    api = kubernetes.client.CoreV1Api()
+    try:
+        secret = api.read_namespaced_secret(ref.name, namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            raise kopf.TemporaryError(
+                f"Secret {namespace}/{ref.name} not found; create it with key {ref.key}",
+                delay=30,
+            ) from error
+        raise
+    data = secret.data or {}
+    if ref.key not in data:
+        raise kopf.TemporaryError(
+            f"Secret {namespace}/{ref.name} has no key {ref.key!r} (keys: {sorted(data)})",
+            delay=30,
+        )
+    return base64.b64decode(data[ref.key]).decode()
+
+
+def broker_ref(name: str, spec: ArchitectureSearchSpec) -> SecretKeyRef:
+    """The Secret key the trainers read the broker URL from."""
+    if spec.broker.secret_ref is not None:
+        return spec.broker.secret_ref
+    return SecretKeyRef(name=broker_secret_name(name), key=BROKER_SECRET_KEY)
+
+
+def _create(body: dict[str, Any], owner: Any, create: Any) -> None:
+    kopf.adopt(body, owner=owner)
+    try:
+        create(body)
+    except kubernetes.client.ApiException as error:
+        if error.status != 409:  # already there: creating is idempotent
+            raise
+
+
+def ensure_children(
+    owner: Any, namespace: str, name: str, spec: ArchitectureSearchSpec, config: OperatorConfig
+) -> None:
+    """Create the broker Secret (when the search names none) and the trainer Deployment."""
+    core, apps = kubernetes.client.CoreV1Api(), kubernetes.client.AppsV1Api()
+    if spec.broker.secret_ref is None:
+        secret = build_broker_secret(name, config.broker_url)
+        _create(secret, owner, lambda b: core.create_namespaced_secret(namespace, b))
+    deployment = build_trainer_deployment(
+        name,
+        namespace,
+        spec,
+        replicas=spec.workers.min_replicas,
+        broker=broker_ref(name, spec),
+        queue_prefix=config.queue_prefix,
+    )
+    _create(deployment, owner, lambda b: apps.create_namespaced_deployment(namespace, b))
+
+
+class ApiKube:
+    """:class:`~mloptimizer.operator.daemon.Kube` over the Kubernetes API."""
+
+    def __init__(self, body: Any, namespace: str, name: str) -> None:
+        self.body = body
+        self.namespace = namespace
+        self.name = name
+
+    def patch_status(self, patch: dict[str, Any]) -> None:
+        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
+            GROUP, VERSION, self.namespace, PLURAL, self.name, {"status": patch}
+        )
+
+    def scale(self, replicas: int) -> None:
+        kubernetes.client.AppsV1Api().patch_namespaced_deployment_scale(
+            deployment_name(self.name), self.namespace, {"spec": {"replicas": replicas}}
+        )
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        kopf.event(self.body, type=type_, reason=reason, message=message[:1024])
+
+
+def fail_search(patch: kopf.Patch, status: Any, message: str) -> None:
+    """End a search whose spec cannot run, saying why."""
+    conditions = list(status.get("conditions") or [])
+    conditions = set_condition(conditions, "Ready", "False", "InvalidSpec", message)
+    conditions = set_condition(conditions, "Complete", "True", "InvalidSpec", message)
+    patch.status["phase"] = "Failed"
+    patch.status["message"] = message[:4096]
+    patch.status["conditions"] = conditions
+    patch.status["completionTime"] = now_rfc3339()
+
+
+# --- handlers -------------------------------------------------------------------------
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+def on_create(
+    *,
+    body: Any,
+    status: Any,
+    namespace: str | None,
+    name: str,
+    memo: Any,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    assert namespace is not None  # a namespaced resource
+    if status.get("phase") in FINISHED:
+        return
+    shared = _shared(memo)
+    try:
+        spec = parse(body)
+    except SpecError as error:
+        fail_search(patch, status, str(error))
+        kopf.warn(body, reason="InvalidSpec", message=str(error)[:1024])
+        return
+    with shared.lock:
+        shared.specs[(namespace, name)] = spec
+    ensure_children(body, namespace, name, spec, shared.config)
+    if not status.get("phase"):
+        patch.status["phase"] = "Pending"
+        patch.status["studyName"] = study_name(namespace, name)
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def on_update(
+    *, old: Any, new: Any, namespace: str | None, name: str, memo: Any, status: Any, **_: Any
+) -> None:
+    assert namespace is not None
+    if status.get("phase") in FINISHED:
+        return
+    shared = _shared(memo)
+    key = (namespace, name)
+    try:
+        spec = parse({"metadata": {"name": name, "namespace": namespace}, "spec": new})
+        running = shared.specs.get(key) or parse(
+            {"metadata": {"name": name, "namespace": namespace}, "spec": old}
+        )
+    except SpecError as error:
+        with shared.lock:
+            shared.refusals[key] = (
+                f"the new spec is invalid, the search goes on with the old: {error}"
+            )
+        return
+    before, after = fingerprint(running), fingerprint(spec)
+    changed = sorted(k for k in after if before[k] != after[k])
+    with shared.lock:
+        if changed:
+            shared.refusals[key] = (
+                f"{', '.join('spec.' + c for c in changed)} cannot change while the study runs "
+                "(its trials would not compare); the search goes on with the old values: "
+                "restore them, or create a new ArchitectureSearch"
+            )
+            return
+        shared.specs[key] = spec
+        shared.refusals.pop(key, None)
+    apps = kubernetes.client.AppsV1Api()
+    deployment = build_trainer_deployment(
+        name,
+        namespace,
+        spec,
+        replicas=spec.workers.min_replicas,
+        broker=broker_ref(name, spec),
+        queue_prefix=shared.config.queue_prefix,
+    )
+    # the template follows the spec; replicas stay the daemon's
+    apps.patch_namespaced_deployment(
+        deployment_name(name), namespace, {"spec": {"template": deployment["spec"]["template"]}}
+    )
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=60.0)
+def search_daemon(
+    *,
+    stopped: kopf.DaemonStopped,
+    body: Any,
+    status: Any,
+    meta: Any,
+    namespace: str | None,
+    name: str,
+    memo: Any,
+    **_: Any,
+) -> None:
+    assert namespace is not None
+    if status.get("phase") in FINISHED:
+        return
+    shared = _shared(memo)
+    try:
+        spec = parse(body)
+    except SpecError:
+        return  # the create handler marks it Failed
+    with shared.lock:
+        shared.specs.setdefault((namespace, name), spec)
+    storage = (
+        read_secret(namespace, spec.storage.secret_ref)
+        if spec.storage.secret_ref
+        else shared.config.database_url
+    )
+    broker = (
+        read_secret(namespace, spec.broker.secret_ref)
+        if spec.broker.secret_ref
+        else shared.config.broker_url
+    )
+    config = SearchConfig(
+        namespace=namespace,
+        name=name,
+        storage_url=storage,
+        broker_url=broker,
+        queue_prefix=shared.config.queue_prefix,
+        status_interval=shared.config.status_interval,
+    )
+    key = (namespace, name)
+
+    def latest() -> tuple[ArchitectureSearchSpec, str | None]:
+        with shared.lock:
+            return shared.specs.get(key, spec), shared.refusals.get(key)
+
+    run_search(
+        config,
+        spec,
+        ApiKube(body, namespace, name),
+        stop=stopped,
+        generation=meta.get("generation"),
+        latest_spec=latest,
+        metrics=shared.metrics,
+    )
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def on_delete(*, body: Any, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    assert namespace is not None
+    shared = _shared(memo)
+    with shared.lock:
+        shared.specs.pop((namespace, name), None)
+        shared.refusals.pop((namespace, name), None)
+    cleanup(body, namespace, name, shared.config)
+
+
+def cleanup(body: Any, namespace: str, name: str, config: OperatorConfig) -> None:
+    """Delete the queues, the Deployment and the Secret; the study only when asked."""
+    try:
+        spec: ArchitectureSearchSpec | None = parse(body)
+    except SpecError:
+        spec = None
+    names = QueueNames(study_name(namespace, name), config.queue_prefix)
+    broker = config.broker_url
+    if spec is not None and spec.broker.secret_ref is not None:
+        with contextlib.suppress(kopf.TemporaryError):
+            broker = read_secret(namespace, spec.broker.secret_ref)
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(broker))
+        channel = connection.channel()
+        for queue in (names.trials, names.progress, names.results, names.dead_letters):
+            channel.queue_delete(queue)
+        connection.close()
+    except pika.exceptions.AMQPError as error:
+        raise kopf.TemporaryError(
+            f"broker unreachable, queues not deleted: {error!r}", delay=10
+        ) from error
+    apps, core = kubernetes.client.AppsV1Api(), kubernetes.client.CoreV1Api()
+    try:
+        apps.delete_namespaced_deployment(deployment_name(name), namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+    try:
+        core.delete_namespaced_secret(broker_secret_name(name), namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+    if spec is not None and spec.storage.delete_study_on_delete:
+        storage = (
+            read_secret(namespace, spec.storage.secret_ref)
+            if spec.storage.secret_ref
+            else config.database_url
+        )
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(
+                study_name=study_name(namespace, name), storage=storage_url(storage)
+            )

@@ -1,0 +1,81 @@
+"""Prometheus metrics of the operator: trials by state, trial duration, best value, queue
+depth and dispatch latency, labelled by search (``<namespace>.<name>``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+
+from mloptimizer.dispatch import Dispatcher
+from mloptimizer.study import TrialRecord
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """The operator's metrics; one instance per process, fed by every search's reporter."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.trials = Gauge(
+            "mloptimizer_trials",
+            "Trials of a search by state.",
+            ["search", "state"],
+            registry=self.registry,
+        )
+        self.best = Gauge(
+            "mloptimizer_best_value",
+            "Best objective value of a search.",
+            ["search"],
+            registry=self.registry,
+        )
+        self.cost = Gauge(
+            "mloptimizer_cost_usd",
+            "US dollars a search has cost.",
+            ["search"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "mloptimizer_queue_depth",
+            "Trials waiting in the broker for a trainer.",
+            ["search"],
+            registry=self.registry,
+        )
+        self.trial_seconds = Histogram(
+            "mloptimizer_trial_duration_seconds",
+            "Training time of finished trials.",
+            ["search", "state"],
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, float("inf")),
+            registry=self.registry,
+        )
+        self.dispatch_seconds = Histogram(
+            "mloptimizer_dispatch_latency_seconds",
+            "Time to ask the sampler and publish one trial.",
+            ["search"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf")),
+            registry=self.registry,
+        )
+
+    def serve(self, port: int) -> None:
+        """Expose /metrics on ``port``."""
+        start_http_server(port, registry=self.registry)
+
+    def finished(self, search: str, trial: TrialRecord) -> None:
+        self.trial_seconds.labels(search, trial.state).observe(trial.seconds)
+
+    def dispatched(self, search: str, seconds: float) -> None:
+        self.dispatch_seconds.labels(search).observe(seconds)
+
+    def update(self, search: str, dispatcher: Dispatcher, queued: int | None) -> None:
+        c = dispatcher.counts
+        for state, count in (
+            ("complete", c.complete),
+            ("pruned", c.pruned),
+            ("failed", c.failed),
+            ("running", c.running),
+        ):
+            self.trials.labels(search, state).set(count)
+        if c.best is not None and c.best.value is not None:
+            self.best.labels(search).set(c.best.value)
+        self.cost.labels(search).set(c.cost_usd)
+        if queued is not None:
+            self.queue_depth.labels(search).set(queued)
