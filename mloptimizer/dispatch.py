@@ -14,6 +14,7 @@ attribute.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -89,8 +90,10 @@ class Observer(Protocol):
 class _InFlight:
     trial: optuna.trial.Trial
     message: TrialMessage
+    record: TrialRecord
     sent_at: float
     last_heard: float
+    reported: set[int] = field(default_factory=set)  # epochs already reported to Optuna
 
 
 @dataclass
@@ -158,7 +161,10 @@ class Dispatcher:
                     message = self._message(rec.number, rec.trial_id, rec)
                     now = self.clock()
                     trial = optuna.trial.Trial(self.study, rec.trial_id)
-                    self.in_flight[rec.trial_id] = _InFlight(trial, message, now, now)
+                    frozen = self.study._storage.get_trial(rec.trial_id)
+                    self.in_flight[rec.trial_id] = _InFlight(
+                        trial, message, rec, now, now, set(frozen.intermediate_values)
+                    )
                     log.info("adopted trial %d, still in flight", rec.number)
                 else:
                     self._interrupt(rec.trial_id, "the dispatcher stopped while it ran")
@@ -233,15 +239,18 @@ class Dispatcher:
     def _dispatch(self, trial: optuna.trial.Trial) -> None:
         began = time.perf_counter()
         architecture = sample_architecture(trial, self.spec.search_space)
-        phase = trial.user_attrs.get(Attr.PHASE, "explore")
-        trial.set_user_attr(Attr.PHASE, phase)
+        # One write; a trial without a phase attribute is an explore trial.
         trial.set_user_attr(Attr.ARCHITECTURE, architecture.model_dump(mode="json"))
-        rec = record(self.study._storage.get_trial(trial._trial_id))
+        # The trial's own cache holds its params and enqueued attributes: no extra query.
+        rec = dataclasses.replace(
+            record(trial._cached_frozen_trial), state="running", architecture=architecture
+        )
+        phase = rec.phase
         message = self._message(trial.number, trial._trial_id, rec)
         self.transport.send(message)
         self.last_dispatch_seconds = time.perf_counter() - began
         now = self.clock()
-        self.in_flight[trial._trial_id] = _InFlight(trial, message, now, now)
+        self.in_flight[trial._trial_id] = _InFlight(trial, message, rec, now, now)
         self.counts.running += 1
         if phase == "explore":
             self.counts.explore_used += 1
@@ -288,8 +297,9 @@ class Dispatcher:
         if value is None or not math.isfinite(value) or flight.message.phase == "refine":
             return "continue"
         trial = flight.trial
-        if message.epoch not in self.study._storage.get_trial(message.trial_id).intermediate_values:
+        if message.epoch not in flight.reported:  # a retrained copy reports again
             trial.report(value, step=message.epoch)
+            flight.reported.add(message.epoch)
         return "prune" if trial.should_prune() else "continue"
 
     def _result(self, message: ResultMessage) -> None:
@@ -305,7 +315,7 @@ class Dispatcher:
         trial = flight.trial
         price = self.spec.workers.price_per_hour or 0.0
         seconds = message.train_seconds + message.dataset_load_seconds
-        attrs: dict[str, object] = {
+        result: dict[str, object] = {
             Attr.WORKER: message.worker_id,
             Attr.DEVICE: message.device,
             Attr.ATTEMPT: message.attempt,
@@ -317,19 +327,28 @@ class Dispatcher:
             Attr.COST: price * seconds / 3600.0,
         }
         if message.error:
-            attrs[Attr.ERROR] = message.error
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
+            result[Attr.ERROR] = message.error
+        elif message.state == "complete" and message.value is None:
+            result[Attr.ERROR] = f"the trainer sent no {self.spec.objective.metric}"
+        trial.set_user_attr(Attr.RESULT, result)  # one write: each is a database round trip
         if message.state == "complete" and message.value is not None:
             self.study.tell(trial, message.value)
         elif message.state == "pruned":
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
-            if message.state == "complete":
-                trial.set_user_attr(Attr.ERROR, f"the trainer sent no {self.spec.objective.metric}")
             self.study.tell(trial, state=TrialState.FAIL)
         self.counts.running -= 1
-        rec = record(self.study._storage.get_trial(message.trial_id))
+        rec = dataclasses.replace(
+            flight.record,
+            state=message.state
+            if message.state != "complete" or message.value is not None
+            else "failed",
+            value=message.value if message.state != "failed" else None,
+            error=str(result.get(Attr.ERROR)) if Attr.ERROR in result else None,
+            seconds=seconds,
+            cost_usd=float(result[Attr.COST]),  # type: ignore[arg-type]
+            attrs={**flight.record.attrs, **result},
+        )
         self._count_finished(rec)
         if self.observer is not None:
             self.observer.finished(rec, self)

@@ -42,6 +42,7 @@ class Attr:
     RETRY_OF = "retry_of"  # number of the interrupted trial this one replaces
     INTERRUPTED = "interrupted"  # failed only because the run stopped: not counted
     ERROR = "error"
+    RESULT = "result"  # the fields below, written at once when the result is told
     WORKER = "worker_id"
     DEVICE = "device"
     ATTEMPT = "attempt"
@@ -174,6 +175,7 @@ _STATES: dict[TrialState, Literal["waiting", "running", "complete", "pruned", "f
 def record(trial: FrozenTrial) -> TrialRecord:
     """A :class:`TrialRecord` from Optuna's frozen trial."""
     attrs = dict(trial.user_attrs)
+    attrs.update(attrs.pop(Attr.RESULT, None) or {})
     architecture = attrs.get(Attr.ARCHITECTURE)
     return TrialRecord(
         number=trial.number,
