@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,8 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     if config.peering:
         settings.peering.name = config.peering
     settings.watching.server_timeout = 300
+    # The dispatch loop checks its stop flag every 0.2 s: wait for that, not for polling.
+    settings.background.instant_exit_timeout = 0.5
 
 
 def _shared(memo: Any) -> Shared:
@@ -84,7 +87,10 @@ def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+        # KUBECONFIG as set now, not as it was when the kubernetes package was imported
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=os.environ.get("KUBECONFIG")
+        )
 
 
 # --- plain functions the handlers call --------------------------------------------------
@@ -272,7 +278,15 @@ def on_update(
     )
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=60.0)
+# Graceful first: the loop sees `stopped` within a fraction of a second and returns.
+@kopf.daemon(
+    GROUP,
+    VERSION,
+    PLURAL,
+    cancellation_backoff=30.0,
+    cancellation_timeout=30.0,
+    cancellation_polling=1.0,
+)
 def search_daemon(
     *,
     stopped: kopf.DaemonStopped,

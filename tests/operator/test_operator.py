@@ -1,0 +1,199 @@
+"""The operator end to end: kopf with our handlers against the Kubernetes emulator, the
+machine's PostgreSQL and RabbitMQ, and real `mloptimizer trainer` processes.
+
+There is no Deployment controller here: the trainers are started by the test, as the
+Deployment's pods would be, and the test asserts the Deployment the operator asked for.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pika
+import pytest
+from k8s import Emulator, run_kopf_operator, run_kubectl, start_emulator, write_kubeconfig
+from services import RABBITMQ_URL, TrainerProcess
+
+from mloptimizer.operator.config import OperatorConfig
+from mloptimizer.operator.handlers import FINISHED
+from mloptimizer.operator.main import shared_memo
+from mloptimizer.study import records, storage_url
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+async def emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Emulator]:
+    async with start_emulator() as found:
+        # the handlers' own kubernetes client reads KUBECONFIG at start-up
+        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(found, tmp_path / "kubeconfig")))
+        yield found
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    found = f"search-{uuid.uuid4().hex[:6]}"
+    yield found
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    for namespace in ("default", "team-b"):
+        for queue in ("trials", "progress", "results", "dead"):
+            channel.queue_delete(f"mlopt.{namespace}.{found}.{queue}")
+    connection.close()
+
+
+def search(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "dataset": {"builtin": "digits"},
+        "budget": {"maxTrials": 4, "parallelism": 2},
+        "sampler": {"seed": 1, "nStartupTrials": 2},
+        "pruner": {"type": "none"},
+        "training": {"epochs": 2, "batchSize": 32, "mixedPrecision": "off"},
+        "searchSpace": {
+            "architectures": ["cnn"],
+            "cnn": {"blocks": {"min": 1, "max": 1}, "filters": {"min": 16, "max": 32}},
+            "classifier": {"types": ["mlp"], "units": {"min": 32, "max": 64, "step": 32}},
+        },
+        "workers": {"minReplicas": 0, "maxReplicas": 3, "pricePerHour": 0.3},
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "mloptimizer.io/v1alpha1",
+        "kind": "ArchitectureSearch",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": body,
+    }
+
+
+def operator_config(dsn: str) -> OperatorConfig:
+    return OperatorConfig(
+        database_url=dsn, broker_url=RABBITMQ_URL, liveness_port=0, metrics_port=None
+    )
+
+
+def finished(obj: Any) -> bool:
+    return obj is not None and obj.get("status", {}).get("phase") in FINISHED
+
+
+async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
+    emulator: Emulator, postgres_dsn: str, name: str, tmp_path: Path
+) -> None:
+    trainers = [TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, f"t{i}") for i in (1, 2)]
+    try:
+        async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
+            created = emulator.create_object("archsearch", search(name))
+            deployment = await emulator.wait_for(
+                "deployments", "default", f"{name}-trainer", timeout=30
+            )
+            assert deployment is not None
+            (owner,) = deployment["metadata"]["ownerReferences"]
+            assert owner["uid"] == created["metadata"]["uid"]
+            assert owner["kind"] == "ArchitectureSearch"
+            env = {
+                e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            }
+            assert env["MLOPT_BROKER_URL"]["valueFrom"]["secretKeyRef"]["name"] == f"{name}-broker"
+            secret = emulator.fetch_object("secrets", "default", f"{name}-broker")
+            assert secret is not None
+
+            running = await emulator.wait_for(
+                "archsearch",
+                "default",
+                name,
+                lambda o: o is not None and o.get("status", {}).get("phase") == "Running",
+                timeout=60,
+            )
+            assert running is not None
+            done = await emulator.wait_for("archsearch", "default", name, finished, timeout=300)
+            assert done is not None
+            scaled = emulator.fetch_object("deployments", "default", f"{name}-trainer")
+            assert scaled is not None
+            listed = await run_kubectl(
+                Path(str(tmp_path / "kubeconfig")), "get", "archsearch", name, "-n", "default"
+            )
+    finally:
+        for trainer in trainers:
+            trainer.stop()
+
+    status = done["status"]
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert scaled["spec"]["replicas"] == 0  # no trainers once the search ended
+    study = optuna.load_study(study_name=f"default.{name}", storage=storage_url(postgres_dsn))
+    trials = records(study)
+    assert len(trials) == 4
+    assert status["trials"]["complete"] == sum(t.state == "complete" for t in trials)
+    assert status["best"]["number"] == study.best_trial.number
+    assert status["best"]["value"] == pytest.approx(study.best_value, abs=1e-6)
+    assert status["progress"] == "4/4"
+    assert status["cost"]["usd"] > 0
+    assert status["observedGeneration"] == created["metadata"]["generation"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Complete"]["reason"] == "MaxTrialsReached"
+    reasons = {e["reason"] for e in emulator.list_objects("events", "default")}
+    assert {"Started", "NewBest", "Finished"} <= reasons
+    header = listed.stdout.splitlines()[0].split()
+    assert header[:3] == ["NAME", "PHASE", "TRIALS"]
+    assert "Succeeded" in listed.stdout
+    assert "4/4" in listed.stdout
+
+
+async def test_restarting_the_operator_mid_search_completes_it_telling_each_trial_once(
+    emulator: Emulator, postgres_dsn: str, name: str, tmp_path: Path
+) -> None:
+    trainers = [TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, f"t{i}") for i in (1, 2)]
+    memo_config = operator_config(postgres_dsn)
+    try:
+        async with run_kopf_operator(emulator, memo=shared_memo(memo_config)):
+            emulator.create_object(
+                "archsearch", search(name, budget={"maxTrials": 6, "parallelism": 2})
+            )
+            await emulator.wait_for(
+                "archsearch",
+                "default",
+                name,
+                lambda o: (
+                    o is not None and o.get("status", {}).get("trials", {}).get("complete", 0) >= 1
+                ),
+                timeout=120,
+            )
+        # the operator is gone; trials in flight stay in RabbitMQ
+        async with run_kopf_operator(emulator, memo=shared_memo(memo_config)):
+            done = await emulator.wait_for("archsearch", "default", name, finished, timeout=300)
+    finally:
+        for trainer in trainers:
+            trainer.stop()
+    assert done is not None
+    assert done["status"]["phase"] == "Succeeded"
+    study = optuna.load_study(study_name=f"default.{name}", storage=storage_url(postgres_dsn))
+    trials = records(study)
+    assert len([t for t in trials if t.counted]) == 6
+    assert all(t.state == "complete" for t in trials)
+    assert "Resumed" in {e["reason"] for e in emulator.list_objects("events", "default")}
+
+
+async def test_deleting_a_running_search_removes_its_queues_deployment_and_finalizer(
+    emulator: Emulator, postgres_dsn: str, name: str
+) -> None:
+    async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
+        emulator.create_object("archsearch", search(name))
+        await emulator.wait_for(
+            "archsearch",
+            "default",
+            name,
+            lambda o: o is not None and o.get("status", {}).get("phase") == "Running",
+            timeout=60,
+        )
+        assert emulator.fetch_object("deployments", "default", f"{name}-trainer") is not None
+        emulator.delete_object("archsearch", "default", name)
+        await emulator.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
+    assert emulator.fetch_object("deployments", "default", f"{name}-trainer") is None
+    assert emulator.fetch_object("secrets", "default", f"{name}-broker") is None
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        channel.queue_declare(f"mlopt.default.{name}.trials", passive=True)
+    connection.close()
