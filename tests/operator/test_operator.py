@@ -197,3 +197,91 @@ async def test_deleting_a_running_search_removes_its_queues_deployment_and_final
     with pytest.raises(pika.exceptions.ChannelClosedByBroker):
         channel.queue_declare(f"mlopt.default.{name}.trials", passive=True)
     connection.close()
+
+
+def condition(obj: Any, type_: str) -> dict[str, Any]:
+    found = [c for c in (obj or {}).get("status", {}).get("conditions", []) if c["type"] == type_]
+    return found[0] if found else {}
+
+
+async def test_budget_edits_apply_at_once_and_a_fixed_field_edit_is_refused(
+    emulator: Emulator, postgres_dsn: str, name: str, tmp_path: Path
+) -> None:
+    trainer = TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, "t1")
+    try:
+        async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
+            body = search(name, budget={"maxTrials": 2, "parallelism": 1})
+            emulator.create_object("archsearch", body)
+            await emulator.wait_for(
+                "archsearch",
+                "default",
+                name,
+                lambda o: o is not None and o.get("status", {}).get("phase") == "Running",
+                timeout=60,
+            )
+            # the search space cannot change under a running study
+            emulator.patch_object(
+                "archsearch",
+                "default",
+                name,
+                {"spec": {"searchSpace": {"architectures": ["inception"]}}},
+            )
+            refused = await emulator.wait_for(
+                "archsearch",
+                "default",
+                name,
+                lambda o: condition(o, "Degraded").get("reason") == "SpecChangeRefused",
+                timeout=60,
+            )
+            assert "spec.searchSpace cannot change" in condition(refused, "Degraded")["message"]
+            # restore it and raise maxTrials: accepted while the search runs
+            emulator.patch_object(
+                "archsearch",
+                "default",
+                name,
+                {"spec": {"searchSpace": {"architectures": ["cnn"]}, "budget": {"maxTrials": 4}}},
+            )
+            done = await emulator.wait_for("archsearch", "default", name, finished, timeout=300)
+    finally:
+        trainer.stop()
+    assert done is not None
+    assert done["status"]["phase"] == "Succeeded"
+    assert done["status"]["progress"] == "4/4"
+    assert condition(done, "Degraded")["status"] == "False"
+    study = optuna.load_study(study_name=f"default.{name}", storage=storage_url(postgres_dsn))
+    trials = records(study)
+    assert len(trials) == 4
+    assert {t.architecture.family for t in trials if t.architecture} == {"cnn"}
+
+
+async def test_two_searches_in_two_namespaces_stay_apart(
+    emulator: Emulator, postgres_dsn: str, name: str, tmp_path: Path
+) -> None:
+    trainers = [
+        TrainerProcess(RABBITMQ_URL, f"{ns}.{name}", tmp_path, f"t-{ns}")
+        for ns in ("default", "team-b")
+    ]
+    try:
+        async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
+            emulator.create_object("archsearch", search(name, "default"))
+            emulator.create_object(
+                "archsearch", search(name, "team-b", budget={"maxTrials": 3, "parallelism": 1})
+            )
+            a = await emulator.wait_for("archsearch", "default", name, finished, timeout=300)
+            b = await emulator.wait_for("archsearch", "team-b", name, finished, timeout=300)
+    finally:
+        for trainer in trainers:
+            trainer.stop()
+    assert a is not None
+    assert b is not None
+    assert (a["status"]["phase"], b["status"]["phase"]) == ("Succeeded", "Succeeded")
+    assert (a["status"]["progress"], b["status"]["progress"]) == ("4/4", "3/3")
+    for namespace, count, worker in (("default", 4, "t-default"), ("team-b", 3, "t-team-b")):
+        study = optuna.load_study(
+            study_name=f"{namespace}.{name}", storage=storage_url(postgres_dsn)
+        )
+        trials = records(study)
+        assert len(trials) == count
+        assert {t.attrs["worker_id"] for t in trials} == {worker}  # its own trainer only
+        deployment = emulator.fetch_object("deployments", namespace, f"{name}-trainer")
+        assert deployment is not None
