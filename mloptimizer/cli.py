@@ -19,16 +19,22 @@ it on this machine with `mloptimizer run FILE`, or on a cluster with
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from mloptimizer.checks import space_issues
     from mloptimizer.loading import SpecError, load_search
 
     failed = 0
     for path in args.files:
         try:
             search = load_search(path)
+            errors, warnings = space_issues(search.spec)
+            if errors:
+                raise SpecError(path, errors)
         except SpecError as error:
             failed += 1
             print(error, file=sys.stderr)
             continue
+        for warning in warnings:
+            print(f"{path}: warning: {warning}", file=sys.stderr)
         print(f"{path}: ok ({search.name}, {search.spec.budget.max_trials} trials)")
     return 1 if failed else 0
 
@@ -96,6 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import optuna
 
+    from mloptimizer.checks import space_issues
     from mloptimizer.loading import SpecError, load_search
     from mloptimizer.runner import RunOptions, run_search
     from mloptimizer.study import StudyMismatch
@@ -104,9 +111,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         search = load_search(args.file)
+        errors, warnings = space_issues(search.spec)
+        if errors:
+            raise SpecError(args.file, errors)
     except (OSError, SpecError) as error:
         print(error, file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     workers = args.workers
     if workers is None:
         workers = 0 if args.broker else search.spec.budget.parallelism

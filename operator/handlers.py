@@ -27,6 +27,7 @@ import optuna
 import pika
 import pika.exceptions
 
+from mloptimizer.checks import space_issues
 from mloptimizer.loading import SpecError, parse_search
 from mloptimizer.messages import QueueNames
 from mloptimizer.operator.builders import (
@@ -219,6 +220,9 @@ def on_create(
     shared = _shared(memo)
     try:
         spec = parse(body)
+        errors = space_issues(spec)[0]
+        if errors:
+            raise SpecError(f"{namespace}/{name}", errors)
     except SpecError as error:
         fail_search(patch, status, str(error))
         kopf.warn(body, reason="InvalidSpec", message=str(error)[:1024])
@@ -306,6 +310,8 @@ def search_daemon(
         spec = parse(body)
     except SpecError:
         return  # the create handler marks it Failed
+    if space_issues(spec)[0]:
+        return  # likewise
     with shared.lock:
         shared.specs.setdefault((namespace, name), spec)
     storage = (

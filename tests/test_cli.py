@@ -94,3 +94,24 @@ def test_help_on_every_command(command: list[str]) -> None:
     assert result.returncode == 0
     assert result.stdout.startswith("usage: mloptimizer")
     assert len(result.stdout.splitlines()) > 4
+
+
+def test_validate_refuses_a_space_the_images_cannot_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text(
+        "apiVersion: mloptimizer.io/v1alpha1\nkind: ArchitectureSearch\nmetadata: {name: d}\n"
+        "spec:\n  dataset: {builtin: digits}\n"
+        "  searchSpace: {architectures: [cnn], cnn: {blocks: {min: 4, max: 4}}}\n"
+    )
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.searchSpace.cnn.blocks.min: 4 blocks need images of at least 16x16" in err
+    # only some samples too deep: valid, with a warning naming the fix
+    path.write_text(path.read_text().replace("min: 4, max: 4", "min: 1, max: 4"))
+    assert main(["validate", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: spec.searchSpace.cnn.blocks.max" in captured.err
+    assert "lower cnn.blocks.max to 3" in captured.err
+    assert "ok (d, 20 trials)" in captured.out

@@ -37,7 +37,8 @@ def search_file(tmp_path: Path, name: str = "digits-quick", **spec: Any) -> Path
     document["spec"]["training"]["epochs"] = 3
     document["spec"]["training"].pop("refine", None)  # tests that want it say so
     for key, value in spec.items():
-        document["spec"][key] = {**document["spec"].get(key, {}), **value}
+        merged = key != "dataset"  # a dataset is replaced whole: builtin or imageFolder
+        document["spec"][key] = {**document["spec"].get(key, {}), **value} if merged else value
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
@@ -158,22 +159,36 @@ def test_sigint_mid_run_then_rerun_resumes_without_repeating_a_trial(tmp_path: P
 
 
 def test_failing_trials_end_the_run_at_max_failed_trials(tmp_path: Path) -> None:
-    # four 2x2 poolings do not fit 8x8 images: every trial is refused before training
+    # the image folder is not there (a volume not mounted): every trial fails to load it
     path = search_file(
         tmp_path,
+        dataset={"imageFolder": {"path": "not-mounted", "imageSize": [8, 8]}},
         budget={"maxTrials": 6, "parallelism": 1, "maxFailedTrials": 2},
-        searchSpace={"architectures": ["cnn"], "cnn": {"blocks": {"min": 4, "max": 4}}},
     )
     out = tmp_path / "out"
     done = run(str(path), "--out", str(out), "--workers", "1", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert "search ended (maxFailedTrials): 2 trials failed" in done.stdout
-    assert done.stdout.count("failed: bad architecture") == 2
+    assert done.stdout.count("failed: dataset: ") == 2
+    assert "not-mounted" in done.stdout
     trials = records(study_of(out))
     assert [t.state for t in trials] == ["failed", "failed"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["failed"] == 2
     assert summary["best"] is None
+
+
+def test_a_space_that_cannot_fit_the_images_is_refused_before_any_trial(tmp_path: Path) -> None:
+    path = search_file(
+        tmp_path,
+        searchSpace={"architectures": ["cnn"], "cnn": {"blocks": {"min": 4, "max": 4}}},
+    )
+    out = tmp_path / "out"
+    done = run(str(path), "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "spec.searchSpace.cnn.blocks.min: 4 blocks need images of at least 16x16" in done.stderr
+    assert "lower cnn.blocks.min (and max) to 3" in done.stderr
+    assert not out.exists()
 
 
 def test_target_ends_the_run_early(tmp_path: Path) -> None:

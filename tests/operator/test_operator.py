@@ -285,3 +285,35 @@ async def test_two_searches_in_two_namespaces_stay_apart(
         assert {t.attrs["worker_id"] for t in trials} == {worker}  # its own trainer only
         deployment = emulator.fetch_object("deployments", namespace, f"{name}-trainer")
         assert deployment is not None
+
+
+async def test_a_space_too_deep_for_the_data_fails_that_search_and_others_go_on(
+    emulator: Emulator, postgres_dsn: str, name: str
+) -> None:
+    deep = {
+        "architectures": ["cnn"],
+        "cnn": {"blocks": {"min": 4, "max": 4}},
+    }
+    async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
+        emulator.create_object("archsearch", search(f"{name}-bad", searchSpace=deep))
+        emulator.create_object("archsearch", search(name))
+        bad = await emulator.wait_for("archsearch", "default", f"{name}-bad", finished, timeout=60)
+        good = await emulator.wait_for(
+            "archsearch",
+            "default",
+            name,
+            lambda o: o is not None and o.get("status", {}).get("phase") == "Running",
+            timeout=60,
+        )
+        emulator.delete_object("archsearch", "default", name)
+        await emulator.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
+    assert bad is not None
+    assert good is not None
+    assert bad["status"]["phase"] == "Failed"
+    assert "spec.searchSpace.cnn.blocks.min" in bad["status"]["message"]
+    assert condition(bad, "Complete")["reason"] == "InvalidSpec"
+    assert emulator.fetch_object("deployments", "default", f"{name}-bad-trainer") is None
+    warnings = [
+        e for e in emulator.list_objects("events", "default") if e["reason"] == "InvalidSpec"
+    ]
+    assert warnings
