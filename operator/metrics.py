@@ -3,6 +3,8 @@ depth and dispatch latency, labelled by search (``<namespace>.<name>``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
 from mloptimizer.dispatch import Dispatcher
@@ -55,9 +57,9 @@ class Metrics:
             registry=self.registry,
         )
 
-    def serve(self, port: int) -> None:
-        """Expose /metrics on ``port``."""
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int) -> tuple[Any, Any]:
+        """Expose /metrics on ``port`` (0: any free port); returns (server, thread)."""
+        return start_http_server(port, registry=self.registry)
 
     def finished(self, search: str, trial: TrialRecord) -> None:
         self.trial_seconds.labels(search, trial.state).observe(trial.seconds)
