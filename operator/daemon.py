@@ -52,6 +52,9 @@ class Kube(Protocol):
     def event(self, type_: str, reason: str, message: str) -> None:
         """Emit a Kubernetes Event on the search (type_ Normal or Warning)."""
 
+    def ready_replicas(self) -> int:
+        """Trainer pods ready now (the Deployment's ``status.readyReplicas``)."""
+
 
 @dataclass
 class SearchConfig:
@@ -140,7 +143,7 @@ class StatusReporter:
         """Patch the status now."""
         patch = status_from_counts(dispatcher.counts, self.spec)
         patch["phase"] = "Refining" if dispatcher.refine_started else "Running"
-        patch["workers"] = {"desired": self._replicas or 0}
+        patch["workers"] = {"desired": self._replicas or 0, "ready": self.kube.ready_replicas()}
         patch["observedGeneration"] = self.generation
         patch.update(extra)
         if "conditions" not in patch:

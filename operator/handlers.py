@@ -187,6 +187,17 @@ class ApiKube:
     def event(self, type_: str, reason: str, message: str) -> None:
         kopf.event(self.body, type=type_, reason=reason, message=message[:1024])
 
+    def ready_replicas(self) -> int:
+        try:
+            deployment = kubernetes.client.AppsV1Api().read_namespaced_deployment_status(
+                deployment_name(self.name), self.namespace
+            )
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return 0
+            raise
+        return int((deployment.status and deployment.status.ready_replicas) or 0)
+
 
 def fail_search(patch: kopf.Patch, status: Any, message: str) -> None:
     """End a search whose spec cannot run, saying why."""

@@ -43,6 +43,9 @@ class RecordingKube:
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append((type_, reason, message))
 
+    def ready_replicas(self) -> int:
+        return self.replicas[-1] if self.replicas else 0  # pods start at once here
+
     def wait_for(self, condition: Any, timeout: float = 180) -> None:
         with self.changed:
             assert self.changed.wait_for(lambda: condition(self.status), timeout=timeout)
@@ -118,6 +121,7 @@ def test_a_search_runs_to_succeeded_with_status_replicas_and_events(
     assert complete["Complete"]["reason"] == "MaxTrialsReached"
 
     assert max(kube.replicas) == 2  # one per trial in flight, parallelism 2
+    assert max(p.get("workers", {}).get("ready", 0) for p in kube.patches) >= 1
     assert kube.replicas[-1] == 0
     reasons = [reason for _, reason, _ in kube.events]
     assert reasons[0] == "Started"

@@ -135,6 +135,7 @@ async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
     assert conditions["Complete"]["reason"] == "MaxTrialsReached"
     reasons = {e["reason"] for e in emulator.list_objects("events", "default")}
     assert {"Started", "NewBest", "Finished"} <= reasons
+    print(listed.stdout)
     header = listed.stdout.splitlines()[0].split()
     assert header[:3] == ["NAME", "PHASE", "TRIALS"]
     assert "Succeeded" in listed.stdout
