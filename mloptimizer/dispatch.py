@@ -94,6 +94,7 @@ class _InFlight:
     sent_at: float
     last_heard: float
     reported: set[int] = field(default_factory=set)  # epochs already reported to Optuna
+    heard: bool = False  # a trainer has sent progress: the trial is being trained
 
 
 @dataclass
@@ -132,6 +133,8 @@ class Dispatcher:
         observer: Observer | None = None,
         clock: Callable[[], float] = time.time,
         progress_timeout: float = 5.0,
+        stale_after: float | None = None,
+        max_retries: int = 2,
     ) -> None:
         self.study = study
         self.spec = spec
@@ -140,6 +143,11 @@ class Dispatcher:
         self.observer = observer
         self.clock = clock
         self.progress_timeout = progress_timeout
+        # A trial whose trainer sent progress and then nothing for ``stale_after`` seconds
+        # (a hung trainer; a dead one loses its connection and the broker redelivers) is
+        # failed and enqueued again, at most ``max_retries`` times.
+        self.stale_after = stale_after
+        self.max_retries = max_retries
         self.in_flight: dict[int, _InFlight] = {}
         self.counts = Counts()
         self.stopping: Outcome | None = None
@@ -222,6 +230,7 @@ class Dispatcher:
                     continue
                 for inbound in self.transport.receive(timeout=0.2):
                     self._handle(inbound)
+                self._check_stale()
         finally:
             self.transport.close()
 
@@ -293,6 +302,7 @@ class Dispatcher:
             # Already told (a redelivered copy still training): stop wasting the GPU.
             return "prune"
         flight.last_heard = self.clock()
+        flight.heard = True
         value = message.metrics.get(self.spec.objective.metric)
         if value is None or not math.isfinite(value) or flight.message.phase == "refine":
             return "continue"
@@ -410,7 +420,31 @@ class Dispatcher:
             self.study.tell(flight.trial, state=TrialState.FAIL)
             self.counts.running -= 1
 
-    def _interrupt(self, trial_id: int, why: str) -> None:
+    def _check_stale(self) -> None:
+        if self.stale_after is None:
+            return
+        now = self.clock()
+        for trial_id, flight in list(self.in_flight.items()):
+            if not flight.heard or now - flight.last_heard < self.stale_after:
+                continue
+            del self.in_flight[trial_id]
+            self.counts.running -= 1
+            retries = int(flight.record.attrs.get(Attr.RETRIES, 0))
+            why = f"no progress for {self.stale_after:.0f} s (its trainer hung or was lost)"
+            if retries < self.max_retries:
+                if flight.record.phase == "explore":
+                    self.counts.explore_used -= 1  # its retry takes the slot again
+                self._interrupt(trial_id, why, retries=retries + 1)
+                continue
+            error = f"{why}; given up after {retries} retries"
+            flight.trial.set_user_attr(Attr.ERROR, error)
+            self.study.tell(flight.trial, state=TrialState.FAIL)
+            rec = dataclasses.replace(flight.record, state="failed", error=error)
+            self._count_finished(rec)
+            if self.observer is not None:
+                self.observer.finished(rec, self)
+
+    def _interrupt(self, trial_id: int, why: str, retries: int | None = None) -> None:
         """Fail a trial that did not finish and enqueue the same parameters again."""
         frozen = self.study._storage.get_trial(trial_id)
         trial = optuna.trial.Trial(self.study, trial_id)
@@ -423,6 +457,8 @@ class Dispatcher:
         }
         if Attr.REFINES in frozen.user_attrs:
             attrs[Attr.REFINES] = frozen.user_attrs[Attr.REFINES]
+        if retries is not None:
+            attrs[Attr.RETRIES] = retries
         self.study.enqueue_trial(frozen.params, user_attrs=attrs)
         self.waiting += 1
         log.info("trial %d re-enqueued: %s", frozen.number, why)

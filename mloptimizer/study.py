@@ -40,6 +40,7 @@ class Attr:
     ARCHITECTURE = "architecture"
     REFINES = "refines"  # number of the explore trial a refine trial retrains
     RETRY_OF = "retry_of"  # number of the interrupted trial this one replaces
+    RETRIES = "retries"  # how many times a trial gone silent was retried
     INTERRUPTED = "interrupted"  # failed only because the run stopped: not counted
     ERROR = "error"
     RESULT = "result"  # the fields below, written at once when the result is told

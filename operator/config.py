@@ -22,6 +22,7 @@ class OperatorConfig:
     liveness_port: int = 8080
     metrics_port: int | None = 9090
     peering: str | None = None  # kopf peering name; None: standalone
+    trial_silence_timeout: float = 3600.0
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -71,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="port of the Prometheus metrics; 0 turns them off (default 9090)",
     )
     parser.add_argument(
+        "--trial-silence-timeout",
+        type=float,
+        default=float(env("MLOPT_TRIAL_SILENCE_TIMEOUT", "3600")),
+        help="seconds without progress after which a trial being trained is failed and "
+        "retried (twice at most); keep it above your longest epoch (default 3600)",
+    )
+    parser.add_argument(
         "--peering",
         default=env("MLOPT_PEERING"),
         help="kopf peering name: with several replicas only the highest-priority one "
@@ -104,4 +112,5 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         liveness_port=args.liveness_port,
         metrics_port=args.metrics_port or None,
         peering=args.peering,
+        trial_silence_timeout=args.trial_silence_timeout,
     )

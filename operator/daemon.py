@@ -67,6 +67,7 @@ class SearchConfig:
     queue_prefix: str = "mlopt"
     status_interval: float = 1.0  # at most one status patch a second per search
     max_backoff: float = 30.0
+    stale_after: float | None = 3600.0  # a trial silent this long is retried
 
     @property
     def study(self) -> str:
@@ -185,7 +186,14 @@ def run_search(
             transport = AmqpTransport(
                 config.broker_url, config.study, prefix=config.queue_prefix, max_backoff=2.0
             )
-            dispatcher = Dispatcher(study, spec, transport, search=config.study, observer=reporter)
+            dispatcher = Dispatcher(
+                study,
+                spec,
+                transport,
+                search=config.study,
+                observer=reporter,
+                stale_after=config.stale_after,
+            )
         except Exception as error:  # broker or database unreachable: degrade, retry
             backoff = _degraded(reporter, kube, error, backoff, config.max_backoff, stop)
             continue

@@ -342,6 +342,7 @@ def search_daemon(
         broker_url=broker,
         queue_prefix=shared.config.queue_prefix,
         status_interval=shared.config.status_interval,
+        stale_after=shared.config.trial_silence_timeout,
     )
     key = (namespace, name)
 

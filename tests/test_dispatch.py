@@ -64,6 +64,7 @@ class ScriptedTransport:
     fail: Callable[[TrialMessage], str | None] = lambda trial: None
     seconds: float = 1.0
     duplicate_results: bool = False
+    hang: Callable[[TrialMessage], bool] = lambda trial: False  # silent after epoch 1
     sent: list[TrialMessage] = field(default_factory=list)
     decisions: list[tuple[int, int, Decision]] = field(default_factory=list)
     active: dict[int, _Run] = field(default_factory=dict)
@@ -101,6 +102,8 @@ class ScriptedTransport:
         out, self.extra = self.extra, []
         for trial_id, run in list(self.active.items()):
             t = run.trial
+            if run.epoch >= 1 and self.hang(t):
+                continue
             error = self.fail(t)
             if error or run.pruned or run.epoch == t.epochs:
                 state = "failed" if error else "pruned" if run.pruned else "complete"
@@ -407,3 +410,66 @@ def test_told_trials_state_in_the_study_matches_the_results(storage: str) -> Non
     assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert d.counts.failed == 1
     assert d.counts.complete == 2
+
+
+def fake_clock(step: float = 5.0) -> Callable[[], float]:
+    now = [1_000_000.0]
+
+    def clock() -> float:
+        now[0] += step
+        return now[0]
+
+    return clock
+
+
+def test_a_trial_gone_silent_is_retried_with_the_same_parameters(storage: str) -> None:
+    spec = make_spec(budget={"maxTrials": 3, "parallelism": 1})
+    hung: list[int] = []
+
+    def hang(trial: TrialMessage) -> bool:
+        if not hung:
+            hung.append(trial.number)
+        return trial.number == hung[0]  # only the first attempt hangs
+
+    transport = ScriptedTransport(hang=hang)
+    study = open_study(spec, "ns.search", storage)
+    d = Dispatcher(study, spec, transport, search="ns.search", clock=fake_clock(), stale_after=60)
+    assert d.run().reason == "maxTrials"
+    trials = records(study)
+    silent = next(t for t in trials if t.number == hung[0])
+    assert silent.interrupted
+    assert "no progress for 60 s" in (silent.error or "")
+    retry = next(t for t in trials if t.attrs.get(Attr.RETRY_OF) == silent.number)
+    assert retry.state == "complete"
+    assert retry.params == silent.params
+    assert retry.attrs[Attr.RETRIES] == 1
+    assert len([t for t in trials if t.counted]) == 3  # the silent one is replaced, not counted
+
+
+def test_a_trial_silent_on_every_retry_fails_after_the_limit(storage: str) -> None:
+    spec = make_spec(budget={"maxTrials": 2, "parallelism": 1, "maxFailedTrials": 5})
+    first: list[Any] = []
+
+    def hang(trial: TrialMessage) -> bool:
+        if not first:
+            first.append(trial.architecture)
+        return trial.architecture == first[0]
+
+    transport = ScriptedTransport(hang=hang)
+    study = open_study(spec, "ns.search", storage)
+    d = Dispatcher(
+        study,
+        spec,
+        transport,
+        search="ns.search",
+        clock=fake_clock(),
+        stale_after=60,
+        max_retries=1,
+    )
+    assert d.run().reason == "maxTrials"
+    trials = records(study)
+    failed = [t for t in trials if t.state == "failed" and not t.interrupted]
+    assert len(failed) == 1
+    assert "given up after 1 retries" in (failed[0].error or "")
+    assert d.counts.failed == 1
+    assert len([t for t in trials if t.counted]) == 2
