@@ -453,7 +453,7 @@ def test_a_trial_silent_on_every_retry_fails_after_the_limit(storage: str) -> No
     def hang(trial: TrialMessage) -> bool:
         if not first:
             first.append(trial.architecture)
-        return trial.architecture == first[0]
+        return bool(trial.architecture == first[0])
 
     transport = ScriptedTransport(hang=hang)
     study = open_study(spec, "ns.search", storage)
