@@ -7,6 +7,7 @@ Deployment's pods would be, and the test asserts the Deployment the operator ask
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -200,6 +201,14 @@ async def test_deleting_a_running_search_removes_its_queues_deployment_and_final
     connection.close()
 
 
+async def poll(check: Any, timeout: float) -> None:
+    """Poll what cannot be awaited (a process's log file)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
 def condition(obj: Any, type_: str) -> dict[str, Any]:
     found = [c for c in (obj or {}).get("status", {}).get("conditions", []) if c["type"] == type_]
     return found[0] if found else {}
@@ -318,3 +327,34 @@ async def test_a_space_too_deep_for_the_data_fails_that_search_and_others_go_on(
         e for e in emulator.list_objects("events", "default") if e["reason"] == "InvalidSpec"
     ]
     assert warnings
+
+
+async def test_a_trainer_killed_mid_trial_loses_nothing_and_the_trial_is_told_once(
+    emulator: Emulator, postgres_dsn: str, name: str, tmp_path: Path
+) -> None:
+    victim = TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, "victim")
+    survivor: TrainerProcess | None = None
+    try:
+        async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
+            budget = {"maxTrials": 3, "parallelism": 1}
+            training = {"epochs": 20, "batchSize": 32, "mixedPrecision": "off"}
+            emulator.create_object("archsearch", search(name, budget=budget, training=training))
+            # the victim is the only trainer: it takes trial 0; kill it once it trains
+            await poll(lambda: "(attempt 1)" in victim.log(), timeout=120)
+            victim.process.kill()
+            victim.process.wait()
+            survivor = TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, "survivor")
+            done = await emulator.wait_for("archsearch", "default", name, finished, timeout=300)
+    finally:
+        victim.stop()
+        if survivor is not None:
+            survivor.stop()
+    assert done is not None
+    assert done["status"]["phase"] == "Succeeded"
+    study = optuna.load_study(study_name=f"default.{name}", storage=storage_url(postgres_dsn))
+    trials = records(study)
+    assert len(trials) == 3
+    assert all(t.state == "complete" for t in trials)
+    first = trials[0]
+    assert first.attrs["worker_id"] == "survivor"
+    assert first.attrs["attempt"] == 2  # redelivered by RabbitMQ, told once
