@@ -14,6 +14,7 @@ __all__ = [
     "CACHE_DIR",
     "DATA_DIR",
     "GRACE_SECONDS",
+    "TRAINER_UID",
     "broker_secret_name",
     "build_broker_secret",
     "build_trainer_deployment",
@@ -27,7 +28,7 @@ BROKER_SECRET_KEY = "url"
 # The trainer gets this long to requeue its trial after SIGTERM; the pod gets 10 s more
 # before SIGKILL, so a trial is always requeued, never lost to a kill.
 GRACE_SECONDS = 20
-_RUN_AS = 1000
+TRAINER_UID = 1000
 
 
 def _dns_label(text: str, suffix: str) -> str:
@@ -142,7 +143,7 @@ def build_trainer_deployment(
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
-            "runAsUser": _RUN_AS,
+            "runAsUser": TRAINER_UID,
             "capabilities": {"drop": ["ALL"]},
         },
     }
@@ -153,9 +154,9 @@ def build_trainer_deployment(
         "automountServiceAccountToken": False,  # trainers never talk to the API
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": _RUN_AS,
-            "runAsGroup": _RUN_AS,
-            "fsGroup": _RUN_AS,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
