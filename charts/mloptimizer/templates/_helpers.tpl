@@ -1,0 +1,163 @@
+{{/* The chart name, or nameOverride. */}}
+{{- define "mloptimizer.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* "<release>-<chart>" cut to 63 characters, or fullnameOverride. */}}
+{{- define "mloptimizer.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A component's object name: "<fullname>-<component>", within 63 characters. */}}
+{{- define "mloptimizer.componentName" -}}
+{{- $full := include "mloptimizer.fullname" .root -}}
+{{- printf "%s-%s" ($full | trunc (int (sub 62 (len .component))) | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{- define "mloptimizer.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels of a component; call with (dict "root" $ "component" "operator"). */}}
+{{- define "mloptimizer.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mloptimizer.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* All labels of a component's objects. */}}
+{{- define "mloptimizer.labels" -}}
+{{ include "mloptimizer.selectorLabels" . }}
+helm.sh/chart: {{ include "mloptimizer.chart" .root }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: mloptimizer
+{{- end -}}
+
+{{- define "mloptimizer.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (include "mloptimizer.fullname" .) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mloptimizer.image" -}}
+{{- printf "%s:%s" .image.repository (toString (default .root.Chart.AppVersion .image.tag)) -}}
+{{- end -}}
+
+{{- define "mloptimizer.rabbitmqName" -}}
+{{- include "mloptimizer.componentName" (dict "root" . "component" "rabbitmq") -}}
+{{- end -}}
+
+{{- define "mloptimizer.postgresqlName" -}}
+{{- include "mloptimizer.componentName" (dict "root" . "component" "postgresql") -}}
+{{- end -}}
+
+{{/* The Secret and key holding the AMQP URL. */}}
+{{- define "mloptimizer.brokerSecretName" -}}
+{{- if .Values.rabbitmq.enabled -}}
+{{- include "mloptimizer.rabbitmqName" . -}}
+{{- else -}}
+{{- required "externalBroker.existingSecret is required when rabbitmq.enabled=false" .Values.externalBroker.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mloptimizer.brokerSecretKey" -}}
+{{- if .Values.rabbitmq.enabled -}}url{{- else -}}{{ .Values.externalBroker.key }}{{- end -}}
+{{- end -}}
+
+{{/* The Secret and key holding the PostgreSQL URL. */}}
+{{- define "mloptimizer.databaseSecretName" -}}
+{{- if .Values.postgresql.enabled -}}
+{{- include "mloptimizer.postgresqlName" . -}}
+{{- else -}}
+{{- required "externalDatabase.existingSecret is required when postgresql.enabled=false" .Values.externalDatabase.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mloptimizer.databaseSecretKey" -}}
+{{- if .Values.postgresql.enabled -}}url{{- else -}}{{ .Values.externalDatabase.key }}{{- end -}}
+{{- end -}}
+
+{{/*
+A generated credential kept across upgrades: the value already in the Secret when there is
+one (lookup; empty under `helm template` and --dry-run), else a new random one.
+Call with (dict "namespace" ns "name" secretName "key" key).
+*/}}
+{{- define "mloptimizer.persistentSecret" -}}
+{{- $existing := lookup "v1" "Secret" .namespace .name -}}
+{{- if and $existing $existing.data (hasKey $existing.data .key) -}}
+{{- index $existing.data .key | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 32 -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Hardened container securityContext, shared by every container. */}}
+{{- define "mloptimizer.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: {{ .readOnly }}
+runAsNonRoot: true
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* The RBAC rules the operator needs in a namespace it watches. */}}
+{{- define "mloptimizer.namespacedRules" -}}
+# the searches: kopf lists/watches them, patches finalizers, annotations and status
+- apiGroups: ["mloptimizer.io"]
+  resources: ["architecturesearches"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["mloptimizer.io"]
+  resources: ["architecturesearches/status"]
+  verbs: ["get", "patch", "update"]
+# owner references with blockOwnerDeletion on the children
+- apiGroups: ["mloptimizer.io"]
+  resources: ["architecturesearches/finalizers"]
+  verbs: ["update"]
+# the trainer Deployment of each search, scaled with the trials in flight
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["deployments/scale"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["apps"]
+  resources: ["deployments/status"]
+  verbs: ["get"]
+# the <search>-broker Secret it writes, and the Secrets spec.storage/broker.secretRef name
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "delete"]
+# Events on the searches
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
+
+{{/* rabbitmq.conf additions (conf.d/20-mloptimizer.conf); the management plugin is
+enabled by the -management image. */}}
+{{- define "mloptimizer.rabbitmqConf" -}}
+# A trainer holds one unacked trial until it is trained: allow long trials.
+consumer_timeout = {{ int64 .Values.rabbitmq.consumerTimeoutMs }}
+# the guest user only from localhost; the operator and trainers use their own user
+loopback_users.guest = true
+listeners.tcp.default = 5672
+management.tcp.port = 15672
+{{- end -}}
