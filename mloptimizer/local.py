@@ -13,9 +13,10 @@ from __future__ import annotations
 import collections
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
-import queue
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -54,6 +55,7 @@ class _Trainer:
     process: SpawnProcess
     tasks: Queue[Any]
     replies: Queue[bytes]
+    events: Connection
     trial: TrialMessage | None = None
     attempt: int = 0
 
@@ -73,22 +75,25 @@ class LocalTransport:
     ) -> None:
         context = multiprocessing.get_context("spawn")
         self._context = context
-        self._events: Queue[tuple[str, bytes]] = context.Queue()
         self._pending: collections.deque[tuple[int, TrialMessage]] = collections.deque()
         self._args = (str(cache_dir), str(base_dir) if base_dir else None, threads)
         self._trainers = [self._start(f"local-{i + 1}") for i in range(workers)]
 
     def _start(self, worker_id: str) -> _Trainer:
+        # Everything is per process: a process killed while writing to a shared queue
+        # would leave its lock held (or half a message in it) and silence the others.
         tasks: Queue[Any] = self._context.Queue()
         replies: Queue[bytes] = self._context.Queue()
+        events, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_child,
-            args=(worker_id, tasks, self._events, replies, *self._args),
+            args=(worker_id, tasks, writer, replies, *self._args),
             name=worker_id,
             daemon=True,
         )
         process.start()
-        return _Trainer(worker_id, process, tasks, replies)
+        writer.close()  # the child holds the only writer: its death reads as EOF here
+        return _Trainer(worker_id, process, tasks, replies, events)
 
     def send(self, trial: TrialMessage) -> None:
         self._pending.append((1, trial))
@@ -112,26 +117,30 @@ class LocalTransport:
             )
             if trainer.trial is not None:
                 self._pending.appendleft((trainer.attempt + 1, trainer.trial))
+            trainer.events.close()
             self._trainers[i] = self._start(trainer.worker_id)
 
     def receive(self, timeout: float) -> list[Inbound]:
         self._revive()
         self._assign()
         received: list[Inbound] = []
-        try:
-            item = self._events.get(timeout=timeout)
-            while True:
-                inbound = self._inbound(*item)
+        readers = {t.events: t for t in self._trainers if not t.events.closed}
+        for reader in multiprocessing.connection.wait(list(readers), timeout=timeout):
+            trainer = readers[reader]  # type: ignore[index]
+            while not trainer.events.closed and trainer.events.poll():
+                try:
+                    _, body = trainer.events.recv()
+                except (EOFError, OSError):  # it died; _revive replaces it
+                    trainer.events.close()
+                    break
+                inbound = self._inbound(trainer, body)
                 if inbound is not None:
                     received.append(inbound)
-                item = self._events.get_nowait()
-        except queue.Empty:
-            pass
         self._assign()
         return received
 
-    def _inbound(self, worker_id: str, body: bytes) -> Inbound | None:
-        trainer = next(t for t in self._trainers if t.worker_id == worker_id)
+    def _inbound(self, trainer: _Trainer, body: bytes) -> Inbound | None:
+        worker_id = trainer.worker_id
         try:
             message = decode(body)
         except MessageError as error:  # our own child wrote it: a bug, not user input

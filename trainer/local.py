@@ -1,9 +1,9 @@
 """A trainer process for ``mloptimizer run`` without a broker.
 
 The local runner starts a few of these with ``multiprocessing`` (spawn) and talks to
-each over three queues carrying the same JSON messages as RabbitMQ: ``tasks`` brings
-``(attempt, trial body)``, ``events`` takes progress and result bodies, ``replies``
-brings the prune decisions. Ctrl-C belongs to the runner, so the process ignores SIGINT;
+each over its own queues and pipe, carrying the same JSON messages as RabbitMQ: ``tasks``
+brings ``(attempt, trial body)``, the ``events`` pipe takes progress and result bodies,
+``replies`` brings the prune decisions. Ctrl-C belongs to the runner, so the process ignores SIGINT;
 the runner ends it with a ``None`` task, or terminates it.
 """
 
@@ -14,6 +14,7 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 from pathlib import Path
 
@@ -30,7 +31,7 @@ Task = tuple[int, bytes] | None
 def serve(
     worker_id: str,
     tasks: Queue[Task],
-    events: Queue[tuple[str, bytes]],
+    events: Connection,
     replies: Queue[bytes],
     cache_dir: str,
     base_dir: str | None,
@@ -66,14 +67,14 @@ def serve(
             device=device,
             load_seconds=load_seconds,
         )
-        events.put((worker_id, encode(result)))
+        events.send((worker_id, encode(result)))
 
 
 def _progress_callback(
     trial: TrialMessage,
     attempt: int,
     worker_id: str,
-    events: Queue[tuple[str, bytes]],
+    events: Connection,
     replies: Queue[bytes],
 ) -> Callable[[int, dict[str, float]], Decision]:
     """Send each epoch's progress and wait briefly for the decision (none: continue)."""
@@ -89,7 +90,7 @@ def _progress_callback(
             epoch=epoch,
             metrics=metrics,
         )
-        events.put((worker_id, encode(progress)))
+        events.send((worker_id, encode(progress)))
         try:
             reply = decode(replies.get(timeout=trial.progress_timeout_seconds))
         except queue.Empty:
