@@ -7,7 +7,7 @@ Measures, in one run:
     trials, and random search); every trial trains, for real, an architecture sampled by
     :func:`~mloptimizer.space.sample_architecture` and scores its last-epoch val_accuracy;
 (b) the trials each sampler needs to reach random search's median best-of-``--trials``
-    (the threshold), median over seeds, and the ratio TPE/random (target <= 0.35);
+    (the threshold), lower median over seeds, and the ratio TPE/random (target <= 0.35);
 (c) TPE's median best-of-``--trials`` against random search's best over all its trials,
     pooled over its seeds (at least ``--pool`` trials: extra random trials are run when
     seeds x trials falls short);
@@ -18,10 +18,12 @@ Measures, in one run:
 The comparison is paired: trial ``k`` of the runs with sampler seed ``s`` trains with the
 same training seed under both samplers, and TPE's start-up trials come from a random sampler
 of the same seed, so both samplers' first trials coincide. A failed trial (NaN loss) scores
-0 for the running best. Studies live in memory; no pruner.
+0 for the running best. Studies live in memory; no pruner. Each search and each
+retraining runs in a fresh process (see :class:`Jobs`).
 
-Run: ``python bench/search_efficiency.py`` (digits, about 15 minutes on 2 CPU cores) or
-``python bench/search_efficiency.py --dataset mnist_5k`` (the full comparison, hours);
+Run: ``python bench/search_efficiency.py`` (digits, about 20 minutes on 2 CPU cores) or
+``python bench/search_efficiency.py --dataset mnist_5k`` (the full comparison: 1-7 minutes
+a trial in the default space, so about 10 hours);
 ``--help`` for the options. Progress goes to stderr; the tables and the two target lines
 (``ratio ...``) to stdout; the curves to ``--plot`` (PNG).
 """
