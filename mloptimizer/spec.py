@@ -31,6 +31,7 @@ __all__ = [
     "ImageFolder",
     "InceptionSpace",
     "IntRange",
+    "JoinSecret",
     "Objective",
     "Pruner",
     "Refine",
@@ -575,8 +576,22 @@ class Resources(SpecModel):
     memory: Quantity = Field(default="4Gi", description="Memory, such as 4Gi.")
 
 
+class JoinSecret(SpecModel):
+    """A Secret with what a rented VM needs to join the cluster as a k3s agent."""
+
+    name: Name = Field(description="Name of the Secret, in the search's namespace.")
+    server_key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="server",
+        description="Key holding the API server URL the agents join, such as "
+        "https://k3s.example.com:6443 (reachable from the internet or over a mesh VPN).",
+    )
+    token_key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="token", description="Key holding the k3s agent join token."
+    )
+
+
 class GpuPool(SpecModel):
-    """GPU machines rented from Vast.ai for this search (behaviour arrives with the pool issue)."""
+    """GPU machines rented from Vast.ai for this search, under a price cap and a spend cap."""
 
     rules = (
         Rule(
@@ -590,6 +605,20 @@ class GpuPool(SpecModel):
             check=lambda s: s.interruptible == (s.bid_price_per_hour is not None),
             message="bidPricePerHour is required with interruptible: true, and only then",
             field="bidPricePerHour",
+        ),
+        Rule(
+            cel="self.mode != 'Node' || has(self.joinSecretRef)",
+            check=lambda s: s.mode != "Node" or s.join_secret_ref is not None,
+            message="mode Node needs joinSecretRef: a Secret with the k3s server URL and join "
+            "token the rented VMs join with",
+            field="joinSecretRef",
+        ),
+        Rule(
+            cel="self.mode != 'Direct' || has(self.brokerEndpoint)",
+            check=lambda s: s.mode != "Direct" or s.broker_endpoint is not None,
+            message="mode Direct needs brokerEndpoint: the amqps:// address at which rented "
+            "machines reach the broker from the internet",
+            field="brokerEndpoint",
         ),
         Rule(
             cel="!has(self.bidPricePerHour) || self.bidPricePerHour <= self.maxPricePerHour",
@@ -640,9 +669,22 @@ class GpuPool(SpecModel):
         description="A machine not ready within this time is destroyed and its host avoided.",
     )
     api_key_secret_ref: SecretKeyRef = Field(description="Secret key holding the Vast.ai API key.")
-    join_secret_ref: SecretKeyRef | None = Field(
+    join_secret_ref: JoinSecret | None = Field(
         default=None,
-        description="Node mode: Secret with the k3s server URL and join token.",
+        description="Node mode: the Secret with the k3s server URL and join token.",
+    )
+    broker_endpoint: (
+        Annotated[str, Field(pattern=r"^amqps://[^/@\s]+(/[^\s]*)?$", max_length=512)] | None
+    ) = Field(
+        default=None,
+        description="Direct mode: the broker as rented machines reach it over TLS, "
+        "amqps://HOST:PORT[/VHOST], without credentials; the operator adds a user scoped to "
+        "this search's queues.",
+    )
+    drain_timeout: Duration = Field(
+        default="60s",
+        description="How long a surplus machine's trainers get to hand back their trials "
+        "before the machine is destroyed.",
     )
 
 

@@ -14,6 +14,8 @@ __all__ = [
     "BestTrial",
     "Condition",
     "Cost",
+    "PoolMachine",
+    "PoolStatus",
     "TrialCounts",
     "WorkerCounts",
 ]
@@ -58,6 +60,54 @@ class Cost(SpecModel):
     )
 
 
+class PoolMachine(SpecModel):
+    """One machine a GPU pool rented (kept after it is destroyed, for the cost)."""
+
+    name: str = Field(
+        max_length=63, description="Node name (Node mode) or worker id (Direct mode), vast-*."
+    )
+    instance_id: int = Field(ge=0, description="The Vast.ai instance id.")
+    host: int = Field(default=0, ge=0, description="The Vast.ai machine_id it runs on.")
+    price_per_hour: float = Field(ge=0.0, description="What it bills in USD/hour.")
+    state: Literal["Provisioning", "Ready", "Draining", "Destroyed"] = Field(
+        description="Provisioning, Ready, Draining or Destroyed."
+    )
+    rented_at: str = Field(description="When it was rented (RFC 3339).")
+    ready_at: str | None = Field(default=None, description="When it became ready (RFC 3339).")
+    drain_started_at: str | None = Field(
+        default=None, description="When it began draining (RFC 3339)."
+    )
+    ended_at: str | None = Field(default=None, description="When it was destroyed (RFC 3339).")
+    reason: str = Field(default="", max_length=256, description="Why it was destroyed.")
+
+
+class PoolStatus(SpecModel):
+    """The GPU pool of a search: machines, hosts avoided and what they cost."""
+
+    desired: int = Field(default=0, ge=0, description="Machines the pool wants now.")
+    ready: int = Field(default=0, ge=0, description="Machines ready to train.")
+    machines: list[PoolMachine] = Field(
+        default_factory=list, description="Machines rented, the destroyed ones last."
+    )
+    avoided_hosts: list[int] = Field(
+        default_factory=list,
+        description="Vast.ai machine_ids not rented again (a machine there never became ready).",
+    )
+    retired_usd: float = Field(
+        default=0.0,
+        ge=0.0,
+        alias="retiredUSD",
+        description="Cost of destroyed machines no longer listed in machines.",
+    )
+    spent_usd: float = Field(
+        default=0.0, ge=0.0, alias="spentUSD", description="Total rental cost so far in USD."
+    )
+    burn_rate_per_hour: float = Field(
+        default=0.0, ge=0.0, description="What the machines rented now bill, in USD/hour."
+    )
+    message: str = Field(default="", max_length=1024, description="What the pool is doing.")
+
+
 class Condition(SpecModel):
     """A Kubernetes-style condition (Ready, Progressing, Degraded, Complete)."""
 
@@ -86,6 +136,9 @@ class ArchitectureSearchStatus(SpecModel):
     best: BestTrial | None = Field(default=None, description="The best trial so far.")
     workers: WorkerCounts = Field(default_factory=WorkerCounts, description="Trainer replicas.")
     cost: Cost = Field(default_factory=Cost, description="What the search has cost.")
+    pool: PoolStatus | None = Field(
+        default=None, description="Machines rented through workers.gpuPool."
+    )
     study_name: str | None = Field(
         default=None, description="The Optuna study, <namespace>.<name>."
     )

@@ -167,6 +167,7 @@ BUILTIN_KINDS = (
     Kind("", "v1", "secrets", "Secret", True, generation=False),
     Kind("", "v1", "configmaps", "ConfigMap", True, ("cm",), generation=False),
     Kind("", "v1", "pods", "Pod", True, ("po",), ("all",), STATUS),
+    Kind("", "v1", "nodes", "Node", False, ("no",), (), STATUS, generation=False),
     Kind("", "v1", "services", "Service", True, ("svc",), ("all",), STATUS, generation=False),
     Kind("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",), generation=False),
     Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, ("pvc",), (), STATUS,

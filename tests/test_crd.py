@@ -87,14 +87,25 @@ VALID: list[dict[str, Any]] = [
         "workers.gpuPool",
         {
             "apiKeySecretRef": {"name": "v", "key": "k"},
+            "joinSecretRef": {"name": "k3s"},
             "interruptible": True,
             "bidPricePerHour": 0.2,
+        },
+    ),
+    with_(
+        "workers.gpuPool",
+        {
+            "mode": "Direct",
+            "apiKeySecretRef": {"name": "v", "key": "k"},
+            "brokerEndpoint": "amqps://broker.example.com:5671/",
         },
     ),
     *(yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES),
 ]
 
 # (why it is wrong, spec, path both sides must name)
+NODE_POOL = {"apiKeySecretRef": {"name": "v", "key": "k"}, "joinSecretRef": {"name": "k3s"}}
+
 INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("no dataset", {}, "spec"),
     ("both datasets", with_("dataset.imageFolder", {"path": "p"}), "spec.dataset"),
@@ -223,7 +234,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "pool and price",
         with_(
             "workers",
-            {"pricePerHour": 1.0, "gpuPool": {"apiKeySecretRef": {"name": "v", "key": "k"}}},
+            {"pricePerHour": 1.0, "gpuPool": NODE_POOL},
         ),
         "spec.workers.pricePerHour",
     ),
@@ -232,7 +243,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "bid without interruptible",
         with_(
             "workers.gpuPool",
-            {"apiKeySecretRef": {"name": "v", "key": "k"}, "bidPricePerHour": 0.1},
+            {**NODE_POOL, "bidPricePerHour": 0.1},
         ),
         "spec.workers.gpuPool.bidPricePerHour",
     ),
@@ -241,7 +252,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         with_(
             "workers.gpuPool",
             {
-                "apiKeySecretRef": {"name": "v", "key": "k"},
+                **NODE_POOL,
                 "interruptible": True,
                 "bidPricePerHour": 0.9,
                 "maxPricePerHour": 0.5,
@@ -253,6 +264,28 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "unknown pool mode",
         with_("workers.gpuPool", {"apiKeySecretRef": {"name": "v", "key": "k"}, "mode": "Ssh"}),
         "spec.workers.gpuPool.mode",
+    ),
+    (
+        "node pool without join secret",
+        with_("workers.gpuPool", {"apiKeySecretRef": {"name": "v", "key": "k"}}),
+        "spec.workers.gpuPool.joinSecretRef",
+    ),
+    (
+        "direct pool without broker endpoint",
+        with_("workers.gpuPool", {"apiKeySecretRef": {"name": "v", "key": "k"}, "mode": "Direct"}),
+        "spec.workers.gpuPool.brokerEndpoint",
+    ),
+    (
+        "direct pool with credentials in the endpoint",
+        with_(
+            "workers.gpuPool",
+            {
+                "apiKeySecretRef": {"name": "v", "key": "k"},
+                "mode": "Direct",
+                "brokerEndpoint": "amqps://guest:guest@broker:5671/",
+            },
+        ),
+        "spec.workers.gpuPool.brokerEndpoint",
     ),
     ("secret without key", with_("storage.secretRef", {"name": "db"}), "spec.storage.secretRef"),
 ]

@@ -1,0 +1,588 @@
+"""A search's GPU pool on Vast.ai: rent machines under a price cap, follow the work, and
+account for every dollar.
+
+The state is Vast.ai's, not the operator's memory: every instance carries the label
+``mlopt:<search uid>:<suffix>``, and each pass starts from ``GET /instances/``; the
+status keeps what the API cannot tell (when a machine was rented, its price, hosts to
+avoid, the cost of machines destroyed). So an operator restarted mid-provisioning adopts
+what it rented, rents nothing twice and leaks nothing; :func:`sweep_orphans` destroys what
+a search that no longer exists left behind.
+
+Pure functions choose offers, size the pool and count money; :class:`PoolController` does
+one reconcile pass at a time against a :class:`VastClient` and a :class:`PoolKube`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import re
+import secrets
+import shlex
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mloptimizer.operator.vastai import Instance, Offer, OfferUnavailable, VastClient, VastError
+from mloptimizer.spec import GpuPool, parse_duration
+from mloptimizer.status import PoolMachine, PoolStatus
+
+__all__ = [
+    "FAILED_STATUSES",
+    "LABEL_PREFIX",
+    "POOL_LABEL",
+    "VM_IMAGE",
+    "PoolController",
+    "PoolKube",
+    "Work",
+    "acceptable",
+    "burn_rate",
+    "choose_offers",
+    "direct_rent_request",
+    "instance_label",
+    "machine_cost",
+    "machine_id_of_worker",
+    "machine_name",
+    "machines_wanted",
+    "node_onstart",
+    "node_rent_request",
+    "offer_query",
+    "parse_label",
+    "rent_price",
+    "spent_usd",
+    "sweep_orphans",
+]
+
+LABEL_PREFIX = "mlopt:"
+POOL_LABEL = "mloptimizer.io/pool"  # node label and taint key, value: the search uid
+FAILED_STATUSES = frozenset({"exited", "offline", "stopped", "unknown"})
+LIST_GRACE = 120.0  # seconds a new rental may take to show in the instance list
+KEPT_ENDED = 20  # destroyed machines listed in status; older ones are summed in retiredUSD
+_WORKER = re.compile(r"vast-([0-9a-f]{10})")
+
+log = logging.getLogger(__name__)
+
+
+# --- naming ----------------------------------------------------------------------------
+
+
+def instance_label(uid: str, suffix: str) -> str:
+    """The label of a machine rented for the search with ``uid``."""
+    return f"{LABEL_PREFIX}{uid}:{suffix}"
+
+
+def parse_label(label: str) -> tuple[str, str] | None:
+    """(search uid, machine suffix) of one of our labels; None for anything else."""
+    if not label.startswith(LABEL_PREFIX):
+        return None
+    parts = label[len(LABEL_PREFIX) :].split(":")
+    return (parts[0], parts[1]) if len(parts) == 2 and all(parts) else None
+
+
+def machine_name(suffix: str) -> str:
+    """Node name (Node mode) and worker id (Direct mode) of a machine."""
+    return f"vast-{suffix}"
+
+
+def machine_id_of_worker(worker_id: str) -> str | None:
+    """The machine name inside a trainer's worker id (``pod@vast-…`` or ``vast-…``)."""
+    match = _WORKER.search(worker_id)
+    return machine_name(match.group(1)) if match else None
+
+
+# --- choosing offers ---------------------------------------------------------------------
+
+
+def offer_query(pool: GpuPool) -> dict[str, Any]:
+    """The ``/bundles/`` filter for the pool's offers (re-checked by :func:`acceptable`)."""
+    query: dict[str, Any] = {
+        "gpu_name": {"eq": pool.gpu_name},
+        "num_gpus": {"eq": pool.num_gpus},
+        "dph_total": {"lte": pool.max_price_per_hour},
+        "reliability2": {"gte": pool.min_reliability},
+        "cuda_max_good": {"gte": float(pool.min_cuda_version)},
+        "disk_space": {"gte": pool.disk_gb},
+        "rentable": {"eq": True},
+        "rented": {"eq": False},
+    }
+    if pool.verified_only:
+        query["verified"] = {"eq": True}
+    if pool.mode == "Node":
+        query["vms_enabled"] = {"eq": True}
+    return query
+
+
+def rent_price(offer: Offer, pool: GpuPool) -> float:
+    """What the machine bills an hour: the bid when interruptible, else the offer's price."""
+    if pool.interruptible and pool.bid_price_per_hour is not None:
+        return max(pool.bid_price_per_hour, offer.min_bid)
+    return offer.dph_total
+
+
+def acceptable(offer: Offer, pool: GpuPool, avoid: Iterable[int] = ()) -> bool:
+    """Whether ``offer`` meets every filter: the server's answer is never trusted alone."""
+    return (
+        offer.gpu_name == pool.gpu_name
+        and offer.num_gpus == pool.num_gpus
+        and offer.dph_total <= pool.max_price_per_hour
+        and rent_price(offer, pool) <= pool.max_price_per_hour
+        and offer.reliability >= pool.min_reliability
+        and offer.cuda_max_good >= float(pool.min_cuda_version)
+        and (offer.verified or not pool.verified_only)
+        and (offer.vms_enabled or pool.mode != "Node")
+        and offer.machine_id not in set(avoid)
+    )
+
+
+def choose_offers(
+    offers: Iterable[Offer], pool: GpuPool, count: int, avoid: Iterable[int] = ()
+) -> list[Offer]:
+    """Up to ``count`` acceptable offers, cheapest first, one per host."""
+    avoided = set(avoid)
+    chosen: list[Offer] = []
+    hosts: set[int] = set()
+    for offer in sorted(offers, key=lambda o: (rent_price(o, pool), o.id)):
+        if len(chosen) == count:
+            break
+        if acceptable(offer, pool, avoided) and offer.machine_id not in hosts:
+            chosen.append(offer)
+            hosts.add(offer.machine_id)
+    return chosen
+
+
+# --- state ------------------------------------------------------------------------------
+
+
+@dataclass
+class Machine:
+    """A rented machine as the controller tracks it (``status.pool.machines[]``)."""
+
+    name: str
+    instance_id: int
+    host: int
+    price_per_hour: float
+    state: str  # Provisioning, Ready, Draining, Destroyed
+    rented_at: str
+    ready_at: str | None = None
+    drain_started_at: str | None = None
+    ended_at: str | None = None
+    reason: str = ""
+
+
+@dataclass
+class PoolState:
+    """``status.pool``, mutable while a pass runs; read back from the status on restart."""
+
+    machines: list[Machine] = field(default_factory=list)
+    avoided_hosts: list[int] = field(default_factory=list)
+    retired_usd: float = 0.0
+    desired: int = 0
+    ready: int = 0
+    spent_usd: float = 0.0
+    burn_rate_per_hour: float = 0.0
+    message: str = ""
+
+    @classmethod
+    def from_status(cls, data: dict[str, Any] | None) -> PoolState:
+        status = PoolStatus.model_validate(data or {})
+        return cls(
+            machines=[
+                Machine(
+                    **m.model_dump(exclude={"name", "instance_id"}),
+                    name=m.name,
+                    instance_id=m.instance_id,
+                )
+                for m in status.machines
+            ],
+            avoided_hosts=list(status.avoided_hosts),
+            retired_usd=status.retired_usd,
+            desired=status.desired,
+            ready=status.ready,
+            spent_usd=status.spent_usd,
+            burn_rate_per_hour=status.burn_rate_per_hour,
+            message=status.message,
+        )
+
+    def to_status(self) -> dict[str, Any]:
+        status = PoolStatus.model_validate(
+            {
+                "desired": self.desired,
+                "ready": self.ready,
+                "machines": [PoolMachine.model_validate(vars(m)) for m in self.machines],
+                "avoided_hosts": self.avoided_hosts,
+                "retired_usd": self.retired_usd,
+                "spent_usd": self.spent_usd,
+                "burn_rate_per_hour": self.burn_rate_per_hour,
+                "message": self.message[:1024],
+            }
+        )
+        return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --- sizing and money --------------------------------------------------------------------
+
+
+def machines_wanted(work: int, pool: GpuPool, trainers_per_machine: int, ended: bool) -> int:
+    """Machines for ``work`` trials (queued and running), within the pool's bounds."""
+    if ended:
+        return 0
+    need = math.ceil(max(0, work) / max(1, trainers_per_machine))
+    return max(pool.min_replicas, min(pool.max_replicas, need))
+
+
+def _seconds(rfc3339: str | None) -> float | None:
+    if rfc3339 is None:
+        return None
+    return datetime.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def _rfc3339(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def machine_cost(machine: Machine, now: float) -> float:
+    """price x (end - rent), the end being now for a machine still rented."""
+    start = _seconds(machine.rented_at) or now
+    end = _seconds(machine.ended_at) or now
+    return machine.price_per_hour * max(0.0, end - start) / 3600.0
+
+
+def spent_usd(status: PoolState, now: float) -> float:
+    """Everything the pool has cost: machines listed, plus those retired from the list."""
+    return status.retired_usd + sum(machine_cost(m, now) for m in status.machines)
+
+
+def burn_rate(status: PoolState) -> float:
+    """USD/hour the machines still rented bill."""
+    return sum(m.price_per_hour for m in status.machines if m.state != "Destroyed")
+
+
+# --- the controller ----------------------------------------------------------------------
+
+
+class PoolKube(Protocol):
+    """The Kubernetes side of a pool."""
+
+    async def patch_status(self, patch: dict[str, Any]) -> None:
+        """Merge ``patch`` into the search's status."""
+
+    async def node_ready(self, name: str) -> bool:
+        """Node mode: whether node ``name`` has joined and is Ready."""
+
+    async def drain_node(self, name: str) -> bool:
+        """Node mode: cordon ``name`` and stop its trainers (they requeue their trials);
+        True once no trainer runs there."""
+
+    async def delete_node(self, name: str) -> None:
+        """Node mode: remove the Node object of a destroyed machine."""
+
+
+@dataclass
+class Work:
+    """What the search asks of the pool in one pass."""
+
+    trials: int  # queued and running
+    ended: bool = False
+    remaining_hours: float = 1.0  # how long the search is expected to go on
+
+
+@dataclass
+class PoolController:
+    """Reconciles one search's machines on Vast.ai with its work.
+
+    Args:
+        uid: the search's ``metadata.uid`` (labels instances).
+        pool: the spec's ``workers.gpuPool``.
+        vast: an open :class:`VastClient`.
+        kube: the Kubernetes side.
+        rent_request: builds the ``PUT /asks/`` body for a machine name.
+        trainers_per_machine: trainer pods (or processes) one machine runs.
+        status: the pool status found on the search (state kept across restarts).
+        clock: epoch seconds (a controlled clock in tests).
+    """
+
+    uid: str
+    pool: GpuPool
+    vast: VastClient
+    kube: PoolKube
+    rent_request: Callable[[str], dict[str, Any]]
+    trainers_per_machine: int = 1
+    status: PoolState = field(default_factory=PoolState)
+    clock: Callable[[], float] = time.time
+
+    def prices(self) -> dict[str, float]:
+        """Machine name -> USD/hour, for the cost of the trials each machine ran."""
+        return {m.name: m.price_per_hour for m in self.status.machines}
+
+    async def reconcile(self, work: Work) -> PoolState:
+        """One pass: observe Vast.ai, retire failed or late machines, then scale."""
+        now = self.clock()
+        ours = {i.id: i for i in await self.vast.instances() if _search_of(i.label) == self.uid}
+        await self._observe(ours, now)
+        target = machines_wanted(work.trials, self.pool, self.trainers_per_machine, work.ended)
+        live = [m for m in self.status.machines if m.state != "Destroyed"]
+        working = [m for m in live if m.state != "Draining"]
+        if len(working) < target:
+            # Work came back: keep machines still draining rather than rent new ones.
+            for machine in [m for m in live if m.state == "Draining"][: target - len(working)]:
+                machine.state = "Ready"
+                machine.drain_started_at = None
+                working.append(machine)
+        if len(working) < target:
+            await self._grow(target - len(working), work, now)
+        elif len(working) > target:
+            self._start_draining(working, len(working) - target, now)
+        await self._drain(now, force=work.ended)
+        self.status.desired = target
+        await self._publish(now)
+        return self.status
+
+    async def destroy_all(self, reason: str) -> None:
+        """Destroy every instance labelled for this search (the finalizer's job)."""
+        now = self.clock()
+        for instance in await self.vast.instances():
+            if _search_of(instance.label) == self.uid:
+                await self.vast.destroy(instance.id)
+        for machine in self.status.machines:
+            if machine.state != "Destroyed":
+                await self._ended(machine, now, reason, destroy=False)
+        await self._publish(now)
+
+    # --- passes ----------------------------------------------------------------------
+
+    async def _observe(self, ours: dict[int, Instance], now: float) -> None:
+        known = {m.instance_id: m for m in self.status.machines}
+        for instance in ours.values():  # rented, but the status patch was lost
+            if instance.id not in known:
+                suffix = (parse_label(instance.label) or ("", "adopted"))[1]
+                machine = Machine(
+                    name=machine_name(suffix)[:63],
+                    instance_id=instance.id,
+                    host=instance.machine_id,
+                    price_per_hour=instance.dph_total,
+                    state="Provisioning",
+                    rented_at=_rfc3339(instance.start_date or now),
+                )
+                self.status.machines.append(machine)
+                known[instance.id] = machine
+                log.info("adopted instance %d (%s)", instance.id, machine.name)
+        timeout = parse_duration(self.pool.provision_timeout)
+        for machine in list(self.status.machines):
+            if machine.state == "Destroyed":
+                continue
+            current = ours.get(machine.instance_id)
+            age = now - (_seconds(machine.rented_at) or now)
+            if current is None:
+                if age > LIST_GRACE:  # a machine just rented may not be listed yet
+                    await self._ended(machine, now, "gone from Vast.ai", destroy=False)
+            elif current.actual_status in FAILED_STATUSES:
+                await self._ended(machine, now, f"instance {current.actual_status}")
+            elif machine.state == "Provisioning":
+                if await self._ready(machine, current):
+                    machine.state = "Ready"
+                    machine.ready_at = _rfc3339(now)
+                elif age > timeout:
+                    if machine.host and machine.host not in self.status.avoided_hosts:
+                        self.status.avoided_hosts.append(machine.host)
+                    await self._ended(
+                        machine,
+                        now,
+                        f"not ready within provisionTimeout {self.pool.provision_timeout} "
+                        f"({current.actual_status}); host {machine.host} avoided",
+                    )
+
+    async def _ready(self, machine: Machine, instance: Instance) -> bool:
+        if instance.actual_status != "running":
+            return False
+        return self.pool.mode != "Node" or await self.kube.node_ready(machine.name)
+
+    async def _grow(self, count: int, work: Work, now: float) -> None:
+        spent, burn = spent_usd(self.status, now), burn_rate(self.status)
+        try:
+            offers = await self.vast.search_offers(offer_query(self.pool))
+        except VastError as error:
+            self.status.message = f"offer search failed: {error}"
+            return
+        chosen = choose_offers(offers, self.pool, len(offers), self.status.avoided_hosts)
+        rented = 0
+        for offer in chosen:
+            if rented == count:
+                break
+            price = rent_price(offer, self.pool)
+            cap = self.pool.max_spend_usd
+            if cap is not None and spent + (burn + price) * work.remaining_hours > cap:
+                self.status.message = (
+                    f"not renting: ${spent:.2f} spent + ${burn + price:.2f}/h for "
+                    f"{work.remaining_hours:.1f} h would pass maxSpendUSD ${cap:.2f}"
+                )
+                return
+            suffix = secrets.token_hex(5)
+            name = machine_name(suffix)
+            request = {**self.rent_request(name), "label": instance_label(self.uid, suffix)}
+            if self.pool.interruptible:
+                request["price"] = price
+            try:
+                instance_id = await self.vast.rent(offer.id, request)
+            except OfferUnavailable:
+                log.info("offer %d was taken; trying the next", offer.id)
+                continue
+            machine = Machine(
+                name=name,
+                instance_id=instance_id,
+                host=offer.machine_id,
+                price_per_hour=price,
+                state="Provisioning",
+                rented_at=_rfc3339(now),
+            )
+            self.status.machines.append(machine)
+            burn += price
+            rented += 1
+            await self._publish(now)  # the id is in status before anything else happens
+        if rented < count:
+            self.status.message = (
+                f"{count - rented} more machine(s) wanted, no offer meets the filters "
+                f"(gpuName {self.pool.gpu_name}, maxPricePerHour {self.pool.max_price_per_hour})"
+            )
+        else:
+            self.status.message = ""
+
+    def _start_draining(self, working: list[Machine], surplus: int, now: float) -> None:
+        """Mark ``surplus`` machines to go: those not ready yet (nothing runs there) first,
+        then the most recently rented."""
+        order = sorted(
+            working,
+            key=lambda m: (m.state == "Ready", -(_seconds(m.rented_at) or 0.0), m.instance_id),
+        )
+        for machine in order[:surplus]:
+            machine.state = "Draining"
+            machine.drain_started_at = _rfc3339(now)
+
+    async def _drain(self, now: float, *, force: bool) -> None:
+        timeout = parse_duration(self.pool.drain_timeout)
+        for machine in self.status.machines:
+            if machine.state != "Draining":
+                continue
+            if machine.ready_at is None:
+                await self._ended(machine, now, "not needed")
+                continue
+            drained = True
+            if self.pool.mode == "Node":
+                drained = await self.kube.drain_node(machine.name)
+            started = _seconds(machine.drain_started_at) or now
+            if drained or force or now - started >= timeout:
+                await self._ended(machine, now, "drained: not needed")
+
+    async def _ended(
+        self, machine: Machine, now: float, reason: str, *, destroy: bool = True
+    ) -> None:
+        if destroy:
+            await self.vast.destroy(machine.instance_id)
+        machine.state = "Destroyed"
+        machine.ended_at = _rfc3339(now)
+        machine.reason = reason[:256]
+        log.info("machine %s (instance %d): %s", machine.name, machine.instance_id, reason)
+        if self.pool.mode == "Node":
+            await self.kube.delete_node(machine.name)
+
+    async def _publish(self, now: float) -> None:
+        status = self.status
+        live = [m for m in status.machines if m.state != "Destroyed"]
+        ended = [m for m in status.machines if m.state == "Destroyed"]
+        for old in ended[: max(0, len(ended) - KEPT_ENDED)]:
+            status.retired_usd += machine_cost(old, now)
+        status.machines = live + ended[-KEPT_ENDED:]
+        status.ready = sum(m.state == "Ready" for m in live)
+        status.spent_usd = round(spent_usd(status, now), 6)
+        status.burn_rate_per_hour = round(burn_rate(status), 6)
+        pool = status.to_status()
+        await self.kube.patch_status(
+            {
+                "pool": pool,
+                "cost": {
+                    "usd": round(status.spent_usd, 4),
+                    "burnRatePerHour": round(status.burn_rate_per_hour, 4),
+                },
+            }
+        )
+
+
+def _search_of(label: str) -> str | None:
+    parsed = parse_label(label)
+    return parsed[0] if parsed else None
+
+
+async def sweep_orphans(vast: VastClient, live_uids: set[str]) -> list[int]:
+    """Destroy our instances whose search no longer exists; returns their ids."""
+    destroyed = []
+    for instance in await vast.instances():
+        uid = _search_of(instance.label)
+        if uid is not None and uid not in live_uids:
+            log.warning("destroying orphan instance %d (%s)", instance.id, instance.label)
+            await vast.destroy(instance.id)
+            destroyed.append(instance.id)
+    return destroyed
+
+
+def node_onstart(name: str, uid: str) -> str:
+    """The start-up script of a Node-mode VM: join the cluster as a tainted k3s agent."""
+    flags = [
+        "agent",
+        f"--node-name={name}",
+        f"--node-label={POOL_LABEL}={uid}",
+        f"--node-taint={POOL_LABEL}={uid}:NoSchedule",
+    ]
+    return (
+        "#!/bin/sh\nset -eu\n"
+        "# K3S_URL and K3S_TOKEN come in the instance's environment.\n"
+        "curl -sfL https://get.k3s.io | "
+        f"INSTALL_K3S_EXEC={shlex.quote(' '.join(flags))} sh -s -\n"
+    )
+
+
+VM_IMAGE = "docker.io/vastai/kvm:ubuntu_cli_22.04"  # Vast.ai's VM template image
+
+
+def node_rent_request(
+    pool: GpuPool, name: str, uid: str, server_url: str, token: str
+) -> dict[str, Any]:
+    """``PUT /asks/`` body of a Node-mode VM: it boots, installs k3s and joins the cluster."""
+    return {
+        "client_id": "me",
+        "image": VM_IMAGE,
+        "disk": pool.disk_gb,
+        "runtype": "ssh",
+        "vm": True,
+        "env": {"K3S_URL": server_url, "K3S_TOKEN": token},
+        "onstart": node_onstart(name, uid),
+    }
+
+
+def direct_rent_request(
+    pool: GpuPool,
+    name: str,
+    *,
+    image: str,
+    broker_url: str,
+    search: str,
+    queue_prefix: str,
+    grace_seconds: int,
+    cache_dir: str,
+) -> dict[str, Any]:
+    """``PUT /asks/`` body of a Direct-mode container: the trainer image itself, with the
+    broker URL of a user scoped to this search and nothing else (no database, no cluster)."""
+    return {
+        "client_id": "me",
+        "image": image,
+        "disk": pool.disk_gb,
+        "runtype": "args",
+        "args": ["trainer", "--grace-period", str(grace_seconds), "--queue-prefix", queue_prefix],
+        "env": {
+            "MLOPT_BROKER_URL": broker_url,
+            "MLOPT_SEARCH": search,
+            "MLOPT_WORKER_ID": name,
+            "MLOPT_CACHE_DIR": cache_dir,
+            "KERAS_HOME": cache_dir,
+        },
+    }

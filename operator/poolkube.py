@@ -1,0 +1,83 @@
+""":class:`~mloptimizer.operator.pool.PoolKube` over the Kubernetes API: the search's
+status, and the Nodes rented VMs join as (cordon, drain, delete).
+
+The ``kubernetes`` client is synchronous: each call runs in a worker thread so the pool's
+event loop (kopf's) keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import kubernetes
+
+__all__ = ["ApiPoolKube"]
+
+GROUP, VERSION, PLURAL = "mloptimizer.io", "v1alpha1", "architecturesearches"
+
+
+class ApiPoolKube:
+    """The Kubernetes side of one search's pool.
+
+    Args:
+        namespace: the search's namespace.
+        name: the search's name.
+        trainer_selector: label selector of its trainer pods.
+        api: a ``kubernetes.client.ApiClient`` (None: the default configuration).
+    """
+
+    def __init__(
+        self, namespace: str, name: str, trainer_selector: str, api: Any | None = None
+    ) -> None:
+        self.namespace = namespace
+        self.name = name
+        self.trainer_selector = trainer_selector
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.core = kubernetes.client.CoreV1Api(api)
+
+    async def patch_status(self, patch: dict[str, Any]) -> None:
+        await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            self.name,
+            {"status": patch},
+        )
+
+    async def node_ready(self, name: str) -> bool:
+        try:
+            node = await asyncio.to_thread(self.core.read_node, name)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        conditions = (node.status and node.status.conditions) or []
+        return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+    async def drain_node(self, name: str) -> bool:
+        try:
+            await asyncio.to_thread(self.core.patch_node, name, {"spec": {"unschedulable": True}})
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return True  # never joined, or already gone: nothing runs there
+            raise
+        pods = await asyncio.to_thread(
+            self.core.list_namespaced_pod, self.namespace, label_selector=self.trainer_selector
+        )
+        there = [p for p in pods.items if p.spec and p.spec.node_name == name]
+        for pod in there:
+            meta = pod.metadata
+            if meta is not None and meta.name and meta.deletion_timestamp is None:
+                # SIGTERM: the trainer requeues its trial and exits within its grace period.
+                await asyncio.to_thread(self.core.delete_namespaced_pod, meta.name, self.namespace)
+        return not there
+
+    async def delete_node(self, name: str) -> None:
+        try:
+            await asyncio.to_thread(self.core.delete_node, name)
+        except kubernetes.client.ApiException as error:
+            if error.status != 404:
+                raise
