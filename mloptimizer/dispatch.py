@@ -135,9 +135,12 @@ class Dispatcher:
         progress_timeout: float = 5.0,
         stale_after: float | None = None,
         max_retries: int = 2,
+        price_of: Callable[[str], float | None] | None = None,
     ) -> None:
         self.study = study
         self.spec = spec
+        # USD/hour of the machine a worker runs on (rented GPUs); None: workers.pricePerHour
+        self.price_of = price_of
         self.transport = transport
         self.search = search
         self.observer = observer
@@ -323,7 +326,9 @@ class Dispatcher:
             )
             return
         trial = flight.trial
-        price = self.spec.workers.price_per_hour or 0.0
+        price = self.price_of(message.worker_id) if self.price_of is not None else None
+        if price is None:
+            price = self.spec.workers.price_per_hour or 0.0
         seconds = message.train_seconds + message.dataset_load_seconds
         result: dict[str, object] = {
             Attr.WORKER: message.worker_id,

@@ -14,12 +14,16 @@ __all__ = [
     "CACHE_DIR",
     "DATA_DIR",
     "GRACE_SECONDS",
+    "POOL_LABEL",
     "TRAINER_UID",
     "broker_secret_name",
     "build_broker_secret",
+    "build_pool_broker_secret",
     "build_trainer_deployment",
     "deployment_name",
+    "pool_broker_secret_name",
     "trainer_labels",
+    "trainers_per_machine",
 ]
 
 CACHE_DIR = "/var/cache/mloptimizer"
@@ -29,6 +33,7 @@ BROKER_SECRET_KEY = "url"
 # before SIGKILL, so a trial is always requeued, never lost to a kill.
 GRACE_SECONDS = 20
 TRAINER_UID = 1000
+POOL_LABEL = "mloptimizer.io/pool"  # node label and taint of machines rented for a search
 
 
 def _dns_label(text: str, suffix: str) -> str:
@@ -57,6 +62,23 @@ def trainer_labels(search: str) -> dict[str, str]:
     }
 
 
+def pool_broker_secret_name(search: str) -> str:
+    """The Secret holding the password of a Direct-mode pool's scoped broker user."""
+    return _dns_label(search, "pool-broker")
+
+
+def build_pool_broker_secret(search: str, password: str) -> dict[str, Any]:
+    """The Secret that keeps a Direct-mode pool's broker password across operator restarts
+    (rented trainers keep using it while they reconnect)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": pool_broker_secret_name(search), "labels": trainer_labels(search)},
+        "type": "Opaque",
+        "stringData": {"password": password},
+    }
+
+
 def build_broker_secret(search: str, broker_url: str) -> dict[str, Any]:
     """A Secret with the operator's broker URL, for a search that names none."""
     return {
@@ -68,11 +90,20 @@ def build_broker_secret(search: str, broker_url: str) -> dict[str, Any]:
     }
 
 
+def trainers_per_machine(spec: ArchitectureSearchSpec) -> int:
+    """Trainer pods one rented machine holds: its GPUs over the GPUs each trainer asks."""
+    pool = spec.workers.gpu_pool
+    if pool is None:
+        return 1
+    return max(1, pool.num_gpus // max(1, spec.workers.resources.gpu))
+
+
 def _resources(spec: ArchitectureSearchSpec) -> dict[str, Any]:
     r = spec.workers.resources
     amounts: dict[str, Any] = {"cpu": r.cpu, "memory": r.memory}
-    if r.gpu:
-        amounts["nvidia.com/gpu"] = str(r.gpu)
+    gpu = r.gpu or (1 if spec.workers.gpu_pool is not None else 0)  # rented for their GPUs
+    if gpu:
+        amounts["nvidia.com/gpu"] = str(gpu)
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
@@ -84,6 +115,7 @@ def build_trainer_deployment(
     replicas: int,
     broker: SecretKeyRef,
     queue_prefix: str = "mlopt",
+    pool_uid: str | None = None,
 ) -> dict[str, Any]:
     """The Deployment of a search's trainers.
 
@@ -94,6 +126,9 @@ def build_trainer_deployment(
         replicas: the trainers wanted now.
         broker: the Secret key holding the AMQP URL (the search's own or the operator's).
         queue_prefix: the broker queue prefix the operator uses.
+        pool_uid: the search's uid when its GPU pool runs in Node mode: the pods then go
+            to the nodes rented for it (label and taint ``mloptimizer.io/pool=<uid>``), and
+            each worker id names its node, so a trial's cost uses that machine's price.
     """
     labels = trainer_labels(search)
     workers = spec.workers
@@ -105,7 +140,9 @@ def build_trainer_deployment(
         {"name": "MLOPT_SEARCH", "value": f"{namespace}.{search}"},
         {"name": "MLOPT_CACHE_DIR", "value": CACHE_DIR},
         {"name": "KERAS_HOME", "value": CACHE_DIR},
-        {"name": "MLOPT_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "MLOPT_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "MLOPT_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "MLOPT_WORKER_ID", "value": "$(MLOPT_POD_NAME)@$(MLOPT_NODE_NAME)"},
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "cache", "emptyDir": {}},
@@ -160,12 +197,20 @@ def build_trainer_deployment(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    if workers.node_selector:
-        pod_spec["nodeSelector"] = dict(workers.node_selector)
-    if workers.tolerations:
-        pod_spec["tolerations"] = [
-            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in workers.tolerations
-        ]
+    selector = dict(workers.node_selector)
+    tolerations = [
+        t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in workers.tolerations
+    ]
+    if pool_uid is not None:
+        selector[POOL_LABEL] = pool_uid
+        tolerations.append(
+            {"key": POOL_LABEL, "operator": "Equal", "value": pool_uid, "effect": "NoSchedule"}
+        )
+        tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    if selector:
+        pod_spec["nodeSelector"] = selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

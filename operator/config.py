@@ -23,6 +23,11 @@ class OperatorConfig:
     metrics_port: int | None = 9090
     peering: str | None = None  # kopf peering name; None: standalone
     trial_silence_timeout: float = 3600.0
+    vastai_url: str = "https://console.vast.ai"
+    vastai_api_key: str | None = field(default=None, repr=False)  # for the orphan sweep
+    pool_interval: float = 15.0
+    orphan_sweep_interval: float = 600.0
+    broker_admin_url: str | None = field(default=None, repr=False)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -79,6 +84,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "retried (twice at most); keep it above your longest epoch (default 3600)",
     )
     parser.add_argument(
+        "--vastai-url",
+        default=env("MLOPT_VASTAI_URL", "https://console.vast.ai"),
+        help="root of the Vast.ai API (env MLOPT_VASTAI_URL)",
+    )
+    parser.add_argument(
+        "--pool-interval",
+        type=float,
+        default=float(env("MLOPT_POOL_INTERVAL", "15")),
+        help="seconds between two passes of a GPU pool over Vast.ai (default 15)",
+    )
+    parser.add_argument(
+        "--orphan-sweep-interval",
+        type=float,
+        default=float(env("MLOPT_ORPHAN_SWEEP_INTERVAL", "600")),
+        help="seconds between two sweeps destroying Vast.ai instances whose search is gone, "
+        "with every API key the operator has seen and MLOPT_VASTAI_API_KEY; 0 turns the "
+        "sweep off (default 600)",
+    )
+    parser.add_argument(
+        "--broker-admin-url",
+        default=env("MLOPT_BROKER_ADMIN_URL"),
+        help="RabbitMQ management API, http://user:pass@host:15672, where Direct-mode pools "
+        "create a broker user per search (env MLOPT_BROKER_ADMIN_URL; default: the broker "
+        "URL's host and credentials on port 15672)",
+    )
+    parser.add_argument(
         "--peering",
         default=env("MLOPT_PEERING"),
         help="kopf peering name: with several replicas only the highest-priority one "
@@ -113,4 +144,9 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         metrics_port=args.metrics_port or None,
         peering=args.peering,
         trial_silence_timeout=args.trial_silence_timeout,
+        vastai_url=args.vastai_url,
+        vastai_api_key=os.environ.get("MLOPT_VASTAI_API_KEY") or None,
+        pool_interval=args.pool_interval,
+        orphan_sweep_interval=args.orphan_sweep_interval,
+        broker_admin_url=args.broker_admin_url,
     )

@@ -167,6 +167,7 @@ def run_search(
     generation: int | None = None,
     latest_spec: Callable[[], tuple[ArchitectureSearchSpec, str | None]] | None = None,
     metrics: Metrics | None = None,
+    price_of: Callable[[str], float | None] | None = None,
 ) -> Outcome | None:
     """Run a search until it ends or ``stop`` is set; returns how it ended (None: stopped).
 
@@ -174,6 +175,7 @@ def run_search(
     then resumes from the study. ``latest_spec`` returns the spec as edited while the search
     runs (budget, parallelism and worker bounds take effect at once) and why the last edit
     was refused, if it was (shown as ``Degraded``, reason ``SpecChangeRefused``).
+    ``price_of`` gives the USD/hour of the machine a worker id runs on (a GPU pool's).
     """
     reporter = StatusReporter(kube, spec, config.status_interval, generation, metrics=metrics)
     reporter.conditions = set_condition(
@@ -193,6 +195,7 @@ def run_search(
                 search=config.study,
                 observer=reporter,
                 stale_after=config.stale_after,
+                price_of=price_of,
             )
         except Exception as error:  # broker or database unreachable: degrade, retry
             backoff = _degraded(reporter, kube, error, backoff, config.max_backoff, stop)

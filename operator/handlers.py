@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
 import os
+import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,17 +32,42 @@ import pika.exceptions
 from mloptimizer.checks import space_issues
 from mloptimizer.loading import SpecError, parse_search
 from mloptimizer.messages import QueueNames
+from mloptimizer.operator.brokeradmin import (
+    BrokerAdmin,
+    admin_url_for,
+    scoped_permissions,
+    scoped_url,
+    search_user,
+    vhost_of,
+)
 from mloptimizer.operator.builders import (
     BROKER_SECRET_KEY,
+    CACHE_DIR,
+    GRACE_SECONDS,
     broker_secret_name,
     build_broker_secret,
+    build_pool_broker_secret,
     build_trainer_deployment,
     deployment_name,
+    pool_broker_secret_name,
+    trainer_labels,
+    trainers_per_machine,
 )
 from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.daemon import SearchConfig, run_search
 from mloptimizer.operator.metrics import Metrics
+from mloptimizer.operator.pool import (
+    PoolController,
+    PoolState,
+    direct_rent_request,
+    machine_id_of_worker,
+    node_rent_request,
+    sweep_orphans,
+    work_from_status,
+)
+from mloptimizer.operator.poolkube import ApiPoolKube
 from mloptimizer.operator.progress import now_rfc3339, set_condition
+from mloptimizer.operator.vastai import VastClient, VastError
 from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef
 from mloptimizer.study import fingerprint, storage_url, study_name
 
@@ -58,7 +85,18 @@ class Shared:
     metrics: Metrics | None = None
     specs: dict[tuple[str, str], ArchitectureSearchSpec] = field(default_factory=dict)
     refusals: dict[tuple[str, str], str] = field(default_factory=dict)
+    # GPU pools: machine name -> USD/hour per search, and the Vast.ai keys seen (by search
+    # uid), so deletion and the orphan sweep work even once a search's Secret is gone
+    prices: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    vast_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    sweeper: asyncio.Task[None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def price_of(self, key: tuple[str, str], worker_id: str) -> float | None:
+        """USD/hour of the rented machine ``worker_id`` runs on, if it is one."""
+        machine = machine_id_of_worker(worker_id)
+        with self.lock:
+            return self.prices.get(key, {}).get(machine) if machine else None
 
 
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
@@ -147,6 +185,12 @@ def _create(body: dict[str, Any], owner: Any, create: Any) -> None:
             raise
 
 
+def pool_uid(spec: ArchitectureSearchSpec, uid: str) -> str | None:
+    """The uid the trainer pods select rented nodes by: set in Node mode only."""
+    pool = spec.workers.gpu_pool
+    return uid if pool is not None and pool.mode == "Node" else None
+
+
 def ensure_children(
     owner: Any, namespace: str, name: str, spec: ArchitectureSearchSpec, config: OperatorConfig
 ) -> None:
@@ -162,6 +206,7 @@ def ensure_children(
         replicas=spec.workers.min_replicas,
         broker=broker_ref(name, spec),
         queue_prefix=config.queue_prefix,
+        pool_uid=pool_uid(spec, owner["metadata"]["uid"]),
     )
     _create(deployment, owner, lambda b: apps.create_namespaced_deployment(namespace, b))
 
@@ -248,7 +293,15 @@ def on_create(
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def on_update(
-    *, old: Any, new: Any, namespace: str | None, name: str, memo: Any, status: Any, **_: Any
+    *,
+    old: Any,
+    new: Any,
+    namespace: str | None,
+    name: str,
+    uid: str,
+    memo: Any,
+    status: Any,
+    **_: Any,
 ) -> None:
     assert namespace is not None
     if status.get("phase") in FINISHED:
@@ -286,6 +339,7 @@ def on_update(
         replicas=spec.workers.min_replicas,
         broker=broker_ref(name, spec),
         queue_prefix=shared.config.queue_prefix,
+        pool_uid=pool_uid(spec, uid),
     )
     # the template follows the spec; replicas stay the daemon's
     apps.patch_namespaced_deployment(
@@ -358,7 +412,205 @@ def search_daemon(
         generation=meta.get("generation"),
         latest_spec=latest,
         metrics=shared.metrics,
+        price_of=lambda worker: shared.price_of(key, worker),
     )
+
+
+# --- GPU pools ----------------------------------------------------------------------------
+
+
+def _has_pool(spec: Any, **_: Any) -> bool:
+    return bool((spec.get("workers") or {}).get("gpuPool"))
+
+
+def ensure_pool_password(owner: Any, namespace: str, name: str) -> str:
+    """The Direct-mode broker password of a search: made once, kept in an owned Secret."""
+    core = kubernetes.client.CoreV1Api()
+    secret_name = pool_broker_secret_name(name)
+    _create(
+        build_pool_broker_secret(name, secrets.token_urlsafe(24)),
+        owner,
+        lambda b: core.create_namespaced_secret(namespace, b),
+    )  # 409 (it exists) keeps the password the trainers already use
+    found = core.read_namespaced_secret(secret_name, namespace)
+    return base64.b64decode((found.data or {})["password"]).decode()
+
+
+async def pool_rent_request(
+    body: Any, namespace: str, name: str, uid: str, spec: ArchitectureSearchSpec, shared: Shared
+) -> Any:
+    """The ``PUT /asks/`` body builder of a search's pool, with its secrets resolved."""
+    pool = spec.workers.gpu_pool
+    assert pool is not None
+    if pool.mode == "Node":
+        join = pool.join_secret_ref
+        assert join is not None
+        server = await asyncio.to_thread(
+            read_secret, namespace, SecretKeyRef(name=join.name, key=join.server_key)
+        )
+        token = await asyncio.to_thread(
+            read_secret, namespace, SecretKeyRef(name=join.name, key=join.token_key)
+        )
+        return lambda machine: node_rent_request(pool, machine, uid, server, token)
+    assert pool.broker_endpoint is not None
+    password = await asyncio.to_thread(ensure_pool_password, body, namespace, name)
+    admin = BrokerAdmin(shared.config.broker_admin_url or admin_url_for(shared.config.broker_url))
+    names = QueueNames(study_name(namespace, name), shared.config.queue_prefix)
+    await admin.ensure_user(
+        search_user(uid), password, vhost_of(pool.broker_endpoint), scoped_permissions(names)
+    )
+    url = scoped_url(pool.broker_endpoint, search_user(uid), password)
+    return lambda machine: direct_rent_request(
+        pool,
+        machine,
+        image=spec.workers.image,
+        broker_url=url,
+        search=study_name(namespace, name),
+        queue_prefix=shared.config.queue_prefix,
+        grace_seconds=GRACE_SECONDS,
+        cache_dir=CACHE_DIR,
+    )
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, id="gpu-pool", when=_has_pool, cancellation_timeout=30.0)
+async def pool_daemon(
+    *,
+    stopped: kopf.DaemonStopped,
+    body: Any,
+    namespace: str | None,
+    name: str,
+    uid: str,
+    memo: Any,
+    **_: Any,
+) -> None:
+    """Keep a search's rented machines in line with its work until it ends."""
+    assert namespace is not None
+    shared = _shared(memo)
+    try:
+        spec = parse(body)
+    except SpecError:
+        return  # the create handler marks it Failed
+    pool = spec.workers.gpu_pool
+    assert pool is not None
+    key = (namespace, name)
+    api_key = await asyncio.to_thread(read_secret, namespace, pool.api_key_secret_ref)
+    with shared.lock:
+        shared.vast_keys[uid] = api_key
+    rent_request = await pool_rent_request(body, namespace, name, uid, spec, shared)
+    selector = ",".join(f"{k}={v}" for k, v in trainer_labels(name).items())
+    async with VastClient(api_key, url=shared.config.vastai_url) as vast:
+        controller = PoolController(
+            uid=uid,
+            pool=pool,
+            vast=vast,
+            kube=ApiPoolKube(namespace, name, selector),
+            rent_request=rent_request,
+            trainers_per_machine=trainers_per_machine(spec),
+            status=PoolState.from_status(body.get("status", {}).get("pool")),
+        )
+        while not stopped:
+            with shared.lock:
+                latest = shared.specs.get(key, spec)
+            controller.pool = latest.workers.gpu_pool or pool  # live edits of the bounds
+            work = work_from_status(dict(body.get("status") or {}), latest, controller.clock())
+            try:
+                await controller.reconcile(work)
+            except (VastError, kubernetes.client.ApiException) as error:
+                log.warning("pool of %s/%s: %s", namespace, name, error)
+            with shared.lock:
+                shared.prices[key] = controller.prices()
+            if work.ended and not any(m.state != "Destroyed" for m in controller.status.machines):
+                return
+            await stopped.wait(shared.config.pool_interval)
+
+
+async def destroy_pool(body: Any, namespace: str, name: str, shared: Shared) -> None:
+    """Destroy every machine a search rented, and its scoped broker user."""
+    uid = body["metadata"]["uid"]
+    spec = parse(body)
+    pool = spec.workers.gpu_pool
+    assert pool is not None
+    try:
+        api_key = await asyncio.to_thread(read_secret, namespace, pool.api_key_secret_ref)
+    except kopf.TemporaryError:
+        with shared.lock:
+            remembered = shared.vast_keys.get(uid)
+        if remembered is None:
+            kopf.warn(
+                body,
+                reason="PoolNotDestroyed",
+                message=f"Secret {pool.api_key_secret_ref.name} is gone and the operator "
+                "never saw the key: destroy the instances labelled mlopt:"
+                f"{uid}:* on Vast.ai (the orphan sweep does, given MLOPT_VASTAI_API_KEY)",
+            )
+            return
+        api_key = remembered
+    selector = ",".join(f"{k}={v}" for k, v in trainer_labels(name).items())
+    async with VastClient(api_key, url=shared.config.vastai_url) as vast:
+        controller = PoolController(
+            uid=uid,
+            pool=pool,
+            vast=vast,
+            kube=ApiPoolKube(namespace, name, selector),
+            rent_request=lambda _: {},
+            status=PoolState.from_status(body.get("status", {}).get("pool")),
+        )
+        await controller.destroy_all("search deleted")
+    if pool.mode == "Direct":
+        admin = BrokerAdmin(
+            shared.config.broker_admin_url or admin_url_for(shared.config.broker_url)
+        )
+        await admin.delete_user(search_user(uid))
+    with shared.lock:
+        shared.prices.pop((namespace, name), None)
+
+
+async def live_search_uids(config: OperatorConfig) -> set[str]:
+    """The uids of every ArchitectureSearch this operator watches."""
+    api = kubernetes.client.CustomObjectsApi()
+    items: list[dict[str, Any]] = []
+    if config.namespaces:
+        for namespace in config.namespaces:
+            found = await asyncio.to_thread(
+                api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL
+            )
+            items.extend(found["items"])  # type: ignore[index]
+    else:
+        found = await asyncio.to_thread(api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+        items.extend(found["items"])  # type: ignore[index]
+    return {item["metadata"]["uid"] for item in items}
+
+
+async def sweep_forever(shared: Shared) -> None:
+    """Destroy, now and then, instances whose search is gone, with every key known."""
+    while True:
+        with shared.lock:
+            keys = set(shared.vast_keys.values())
+        if shared.config.vastai_api_key:
+            keys.add(shared.config.vastai_api_key)
+        for api_key in keys:
+            try:
+                async with VastClient(api_key, url=shared.config.vastai_url) as vast:
+                    await sweep_orphans(vast, lambda: live_search_uids(shared.config))
+            except (VastError, kubernetes.client.ApiException) as error:
+                log.warning("orphan sweep: %s", error)
+        await asyncio.sleep(shared.config.orphan_sweep_interval)
+
+
+@kopf.on.startup()
+async def start_sweeper(memo: Any, **_: Any) -> None:
+    shared = _shared(memo)
+    if shared.config.orphan_sweep_interval > 0:
+        shared.sweeper = asyncio.create_task(sweep_forever(shared))
+
+
+@kopf.on.cleanup()
+async def stop_sweeper(memo: Any, **_: Any) -> None:
+    shared = _shared(memo)
+    if shared.sweeper is not None:
+        shared.sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await shared.sweeper
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
@@ -368,15 +620,19 @@ def on_delete(*, body: Any, namespace: str | None, name: str, memo: Any, **_: An
     with shared.lock:
         shared.specs.pop((namespace, name), None)
         shared.refusals.pop((namespace, name), None)
-    cleanup(body, namespace, name, shared.config)
+    cleanup(body, namespace, name, shared)
 
 
-def cleanup(body: Any, namespace: str, name: str, config: OperatorConfig) -> None:
-    """Delete the queues, the Deployment and the Secret; the study only when asked."""
+def cleanup(body: Any, namespace: str, name: str, shared: Shared) -> None:
+    """Destroy rented machines; delete the queues, the Deployment and the Secrets; the
+    study only when asked."""
+    config = shared.config
     try:
         spec: ArchitectureSearchSpec | None = parse(body)
     except SpecError:
         spec = None
+    if spec is not None and spec.workers.gpu_pool is not None:
+        asyncio.run(destroy_pool(body, namespace, name, shared))  # kopf's worker thread
     names = QueueNames(study_name(namespace, name), config.queue_prefix)
     broker = config.broker_url
     if spec is not None and spec.broker.secret_ref is not None:
@@ -398,11 +654,12 @@ def cleanup(body: Any, namespace: str, name: str, config: OperatorConfig) -> Non
     except kubernetes.client.ApiException as error:
         if error.status != 404:
             raise
-    try:
-        core.delete_namespaced_secret(broker_secret_name(name), namespace)
-    except kubernetes.client.ApiException as error:
-        if error.status != 404:
-            raise
+    for secret in (broker_secret_name(name), pool_broker_secret_name(name)):
+        try:
+            core.delete_namespaced_secret(secret, namespace)
+        except kubernetes.client.ApiException as error:
+            if error.status != 404:
+                raise
     if spec is not None and spec.storage.delete_study_on_delete:
         storage = (
             read_secret(namespace, spec.storage.secret_ref)

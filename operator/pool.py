@@ -21,12 +21,13 @@ import re
 import secrets
 import shlex
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mloptimizer.operator.builders import POOL_LABEL
 from mloptimizer.operator.vastai import Instance, Offer, OfferUnavailable, VastClient, VastError
-from mloptimizer.spec import GpuPool, parse_duration
+from mloptimizer.spec import ArchitectureSearchSpec, GpuPool, parse_duration
 from mloptimizer.status import PoolMachine, PoolStatus
 
 __all__ = [
@@ -53,10 +54,10 @@ __all__ = [
     "rent_price",
     "spent_usd",
     "sweep_orphans",
+    "work_from_status",
 ]
 
 LABEL_PREFIX = "mlopt:"
-POOL_LABEL = "mloptimizer.io/pool"  # node label and taint key, value: the search uid
 FAILED_STATUSES = frozenset({"exited", "offline", "stopped", "unknown"})
 LIST_GRACE = 120.0  # seconds a new rental may take to show in the instance list
 KEPT_ENDED = 20  # destroyed machines listed in status; older ones are summed in retiredUSD
@@ -257,6 +258,29 @@ def spent_usd(status: PoolState, now: float) -> float:
 def burn_rate(status: PoolState) -> float:
     """USD/hour the machines still rented bill."""
     return sum(m.price_per_hour for m in status.machines if m.state != "Destroyed")
+
+
+def work_from_status(status: dict[str, Any], spec: ArchitectureSearchSpec, now: float) -> Work:
+    """What the pool should serve, read from the search's status as the dispatcher wrote it.
+
+    Trials in flight are the queued and running ones. The time left, for the spend cap, is
+    the budget's timeout left, or the finished trials' pace extrapolated to the trials left
+    (an hour before any trial has finished), whichever is shorter.
+    """
+    phase = status.get("phase")
+    trials = status.get("trials") or {}
+    if phase in ("Succeeded", "Failed"):
+        return Work(trials=0, ended=True, remaining_hours=0.0)
+    running = int(trials.get("running") or 0)
+    finished = sum(int(trials.get(k) or 0) for k in ("complete", "pruned", "failed"))
+    started = _seconds(status.get("startTime"))
+    hours = 1.0
+    if started is not None and finished > 0:
+        left = max(0, spec.budget.max_trials - finished)
+        hours = (now - started) / 3600.0 * left / finished
+    if spec.budget.timeout is not None and started is not None:
+        hours = min(hours, max(0.0, parse_duration(spec.budget.timeout) - (now - started)) / 3600)
+    return Work(trials=running, ended=False, remaining_hours=hours)
 
 
 # --- the controller ----------------------------------------------------------------------
@@ -513,12 +537,20 @@ def _search_of(label: str) -> str | None:
     return parsed[0] if parsed else None
 
 
-async def sweep_orphans(vast: VastClient, live_uids: set[str]) -> list[int]:
-    """Destroy our instances whose search no longer exists; returns their ids."""
+async def sweep_orphans(
+    vast: VastClient, live_uids: Callable[[], Awaitable[set[str]]]
+) -> list[int]:
+    """Destroy our instances whose search no longer exists; returns their ids.
+
+    Instances are listed before the searches: one rented by a search created meanwhile is
+    then sure to find its search in the list.
+    """
+    instances = await vast.instances()
+    live = await live_uids()
     destroyed = []
-    for instance in await vast.instances():
+    for instance in instances:
         uid = _search_of(instance.label)
-        if uid is not None and uid not in live_uids:
+        if uid is not None and uid not in live:
             log.warning("destroying orphan instance %d (%s)", instance.id, instance.label)
             await vast.destroy(instance.id)
             destroyed.append(instance.id)

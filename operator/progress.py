@@ -28,6 +28,8 @@ def desired_replicas(work: int, workers: Workers, ended: bool) -> int:
     """Trainers wanted: one per trial in flight, within the bounds; none once ended."""
     if ended:
         return 0
+    if workers.gpu_pool is not None and workers.gpu_pool.mode == "Direct":
+        return workers.min_replicas  # the rented containers are the trainers
     return max(workers.min_replicas, min(workers.max_replicas, work))
 
 
@@ -66,6 +68,15 @@ def status_from_counts(
     finished = counts.complete + counts.pruned + counts.failed
     gpu_seconds = sum(r.seconds for r in counts.history) * max(1, spec.workers.resources.gpu)
     price = spec.workers.price_per_hour if price_per_hour is None else price_per_hour
+    cost: dict[str, Any] = {
+        "usd": round(counts.cost_usd, 4),
+        "gpuHours": round(gpu_seconds / 3600 if spec.workers.resources.gpu else 0.0, 4),
+        "burnRatePerHour": round((price or 0.0) * counts.running, 4),
+    }
+    if spec.workers.gpu_pool is not None:
+        # Rented machines bill while they boot and idle too: the pool writes usd and
+        # burnRatePerHour from what Vast.ai charges, not from the trials' time.
+        cost = {"gpuHours": round(gpu_seconds / 3600, 4)}
     return {
         "progress": f"{min(finished, 10**6)}/{spec.budget.max_trials}",
         "trials": {
@@ -85,9 +96,5 @@ def status_from_counts(
             if best is not None and best.value is not None
             else None
         ),
-        "cost": {
-            "usd": round(counts.cost_usd, 4),
-            "gpuHours": round(gpu_seconds / 3600 if spec.workers.resources.gpu else 0.0, 4),
-            "burnRatePerHour": round((price or 0.0) * counts.running, 4),
-        },
+        "cost": cost,
     }

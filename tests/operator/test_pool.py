@@ -407,5 +407,9 @@ async def test_the_orphan_sweep_destroys_only_instances_of_searches_gone(
         live = await client.rent(offers[0], {"image": "i", "label": instance_label("live", "a")})
         gone = await client.rent(offers[1], {"image": "i", "label": instance_label("gone", "b")})
         mine = await client.rent(offers[2], {"image": "i", "label": "my own notebook"})
-        assert await sweep_orphans(client, {"live"}) == [gone]
+
+        async def searches() -> set[str]:
+            return {"live"}
+
+        assert await sweep_orphans(client, searches) == [gone]
     assert {i["id"] for i in vast.live()} == {live, mine}
