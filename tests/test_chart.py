@@ -289,6 +289,15 @@ def test_operator_deployment_runs_hardened_with_probes_ports_and_env_from_secret
     assert (env["MLOPT_LIVENESS_PORT"], env["MLOPT_METRICS_PORT"]) == ("8080", "9090")
     assert env["MLOPT_QUEUE_PREFIX"] == "mlopt"
     assert (env["MLOPT_STATUS_INTERVAL"], env["MLOPT_TRIAL_SILENCE_TIMEOUT"]) == ("1", "3600")
+    assert env["MLOPT_VASTAI_URL"] == "https://console.vast.ai"
+    assert env["MLOPT_ORPHAN_SWEEP_INTERVAL"] == "600"
+    assert "MLOPT_VASTAI_API_KEY" not in env
+    swept = helm.template(
+        "--set", "vastai.sweepApiKeySecret.name=vastai", "--set", "vastai.sweepApiKeySecret.key=k"
+    )
+    assert env_of(one(swept, "Deployment", f"{RELEASE}-mloptimizer-operator"))[
+        "MLOPT_VASTAI_API_KEY"
+    ] == {"secretKeyRef": {"name": "vastai", "key": "k"}}
 
     service = one(docs, "Service", f"{RELEASE}-mloptimizer-metrics")
     assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels(operator))
@@ -321,7 +330,13 @@ def test_cluster_wide_mode_uses_one_cluster_role_with_what_kopf_and_the_operator
     assert "create" in grants["events.k8s.io", "events"]
     assert grants["apiextensions.k8s.io", "customresourcedefinitions"] == {"get", "list", "watch"}
     assert grants["", "namespaces"] == {"list", "watch"}
+    assert grants["", "nodes"] == {"get", "patch", "delete"}  # GPU pools' rented nodes
+    assert grants["", "pods"] == {"list", "delete"}  # drained before a machine goes
     assert not any("*" in rule["verbs"] or "*" in rule["resources"] for rule in role["rules"])
+    without_pools = one(helm.template("--set", "vastai.enabled=false"), "ClusterRole")
+    resources = {r for rule in without_pools["rules"] for r in rule["resources"]}
+    assert "nodes" not in resources
+    assert "pods" not in resources
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
@@ -340,7 +355,8 @@ def test_single_namespace_mode_grants_secrets_only_in_the_watched_namespace(helm
             "apiGroups": ["apiextensions.k8s.io"],
             "resources": ["customresourcedefinitions"],
             "verbs": ["get", "list", "watch"],
-        }
+        },
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch", "delete"]},
     ]
     role = one(docs, "Role")
     assert role["metadata"]["namespace"] == "team-a"
@@ -449,7 +465,9 @@ def test_generated_credentials_live_in_secrets_never_in_values_or_plain_env(helm
     for doc in docs:
         if doc["kind"] in {"Deployment", "StatefulSet"}:
             for var in container(doc).get("env", []):
-                assert "://" not in str(var.get("value", "")), (doc["metadata"]["name"], var)
+                # no URL with credentials (user:password@) in plain env
+                credentials = re.search(r"://[^/\s]*@", str(var.get("value", "")))
+                assert not credentials, (doc["metadata"]["name"], var)
 
 
 @pytest.mark.parametrize(
@@ -501,8 +519,10 @@ def test_dashboard_is_off_by_default_and_reads_the_study_url_from_the_secret(hel
 # --- NetworkPolicies --------------------------------------------------------------------
 
 
-def ingress_peers(policy: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    (rule,) = policy["spec"]["ingress"]
+def ingress_peers(
+    policy: dict[str, Any], index: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rule = policy["spec"]["ingress"][index]
     return rule["from"], rule["ports"]
 
 
@@ -530,6 +550,11 @@ def test_network_policies_admit_only_the_operator_trainers_and_dashboard(helm: H
     }
     assert selects(any_namespace[0]["podSelector"], trainer)
     assert not selects(any_namespace[0]["podSelector"], dashboard)
+    assert len(broker["spec"]["ingress"]) == 2
+    peers, ports = ingress_peers(broker, 1)  # the management API: the operator only
+    assert ports == [{"protocol": "TCP", "port": 15672}]
+    assert [selects(p["podSelector"], operator) for p in peers] == [True]
+    assert not any(selects(p["podSelector"], trainer) for p in peers)
 
     database = one(docs, "NetworkPolicy", f"{RELEASE}-mloptimizer-postgresql")
     assert selects(database["spec"]["podSelector"], database_pod)

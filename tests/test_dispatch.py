@@ -302,6 +302,31 @@ def test_max_cost_stops_dispatching(storage: str) -> None:
     assert sum(r.cost_usd for r in records(d.study)) == pytest.approx(1.2)
 
 
+def test_a_trial_costs_the_price_of_the_machine_that_ran_it(storage: str) -> None:
+    spec = make_spec(budget={"maxTrials": 2, "parallelism": 1})
+    transport = ScriptedTransport(seconds=1800)
+    asked: list[str] = []
+
+    def price_of(worker: str) -> float | None:
+        asked.append(worker)
+        return 0.3  # the rented machine's USD/hour
+
+    d = dispatcher(spec, storage, transport, price_of=price_of)
+    d.run()
+    assert asked  # every result's worker was looked up
+    assert [r.cost_usd for r in records(d.study)] == pytest.approx([0.15, 0.15])
+    own = make_spec(budget={"maxTrials": 1, "parallelism": 1}, workers={"pricePerHour": 1.0})
+    unknown = Dispatcher(
+        open_study(own, "ns.other", storage),
+        own,
+        ScriptedTransport(seconds=3600),
+        search="ns.other",
+        price_of=lambda worker: None,  # not a rented machine: workers.pricePerHour
+    )
+    unknown.run()
+    assert [r.cost_usd for r in records(unknown.study)] == pytest.approx([1.0])
+
+
 def test_interrupted_local_run_reenqueues_and_resumes_without_repeats(storage: str) -> None:
     spec = make_spec(budget={"maxTrials": 6, "parallelism": 2})
     first = ScriptedTransport()

@@ -10,10 +10,14 @@ import pytest
 from mloptimizer.dispatch import Counts
 from mloptimizer.operator.builders import (
     GRACE_SECONDS,
+    POOL_LABEL,
     build_broker_secret,
+    build_pool_broker_secret,
     build_trainer_deployment,
     deployment_name,
+    pool_broker_secret_name,
     trainer_labels,
+    trainers_per_machine,
 )
 from mloptimizer.operator.progress import desired_replicas, set_condition, status_from_counts
 from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef, Workers
@@ -62,6 +66,58 @@ def test_the_deployment_carries_the_search_the_broker_secret_and_a_safe_pod() ->
     # the pod outlives the trainer's own SIGTERM grace period: the trial is requeued
     grace = container["args"][container["args"].index("--grace-period") + 1]
     assert int(grace) == GRACE_SECONDS < pod["terminationGracePeriodSeconds"]
+
+
+POOL = {
+    "apiKeySecretRef": {"name": "vastai", "key": "api-key"},
+    "joinSecretRef": {"name": "k3s-join"},
+    "numGpus": 4,
+}
+
+
+def test_a_node_pool_places_trainers_on_its_own_rented_nodes_only() -> None:
+    spec = make_spec(workers={"resources": {"gpu": 2}, "gpuPool": POOL})
+    uid = "0b4f3c55-3f0e-4d5e-8d1c-9a4e2b7c1f00"
+    d = build_trainer_deployment("cifar", "ns", spec, replicas=1, broker=BROKER, pool_uid=uid)
+    kubernetes_validate.validate(d, "1.34", strict=True)
+    pod = d["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {POOL_LABEL: uid}
+    assert {"key": POOL_LABEL, "operator": "Equal", "value": uid, "effect": "NoSchedule"} in (
+        pod["tolerations"]
+    )
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    env = {e["name"]: e for e in container["env"]}
+    # the worker id names the node, so a trial's cost uses that machine's price
+    assert env["MLOPT_WORKER_ID"]["value"] == "$(MLOPT_POD_NAME)@$(MLOPT_NODE_NAME)"
+    assert env["MLOPT_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    names = [e["name"] for e in container["env"]]
+    assert names.index("MLOPT_NODE_NAME") < names.index("MLOPT_WORKER_ID")  # $(...) order
+    assert trainers_per_machine(spec) == 2
+    plain = build_trainer_deployment("cifar", "ns", make_spec(), replicas=1, broker=BROKER)
+    assert "nodeSelector" not in plain["spec"]["template"]["spec"]
+    assert trainers_per_machine(make_spec()) == 1
+
+
+def test_a_direct_pool_keeps_its_broker_password_in_an_owned_secret() -> None:
+    secret = build_pool_broker_secret("cifar", "pw")
+    kubernetes_validate.validate(secret, "1.34", strict=True)
+    assert secret["metadata"]["name"] == pool_broker_secret_name("cifar") == "cifar-pool-broker"
+    assert secret["stringData"] == {"password": "pw"}
+
+
+def test_status_cost_of_a_pool_is_the_pools_to_write() -> None:
+    spec = make_spec(workers={"gpuPool": POOL})
+    status = status_from_counts(Counts(cost_usd=3.0, running=2), spec)
+    assert set(status["cost"]) == {"gpuHours"}  # usd and burn rate come from Vast.ai prices
+    direct = make_spec(
+        workers={
+            "minReplicas": 0,
+            "gpuPool": {**POOL, "mode": "Direct", "brokerEndpoint": "amqps://b:5671/"},
+        }
+    )
+    assert desired_replicas(5, direct.workers, ended=False) == 0
+    assert desired_replicas(5, spec.workers, ended=False) == 4
 
 
 def test_a_cpu_search_asks_for_no_gpu_and_an_image_folder_mounts_its_claim() -> None:

@@ -30,10 +30,11 @@ from mloptimizer.operator.pool import (
     node_rent_request,
     offer_query,
     sweep_orphans,
+    work_from_status,
 )
 from mloptimizer.operator.poolkube import ApiPoolKube
 from mloptimizer.operator.vastai import Offer, VastClient
-from mloptimizer.spec import GpuPool
+from mloptimizer.spec import ArchitectureSearchSpec, GpuPool
 
 NAMESPACE, NAME, UID = "default", "pool-search", "7d1c0e52-2f1b-4d7e-9a53-0b1e6a1f3c11"
 HOUR = 3600.0
@@ -212,6 +213,26 @@ def test_machines_follow_the_work_within_bounds() -> None:
     pool = gpu_pool(minReplicas=1, maxReplicas=3)
     assert [machines_wanted(w, pool, 2, False) for w in (0, 1, 2, 3, 5, 9)] == [1, 1, 1, 2, 3, 3]
     assert machines_wanted(9, pool, 2, True) == 0
+
+
+def test_the_work_and_the_time_left_come_from_the_status() -> None:
+    spec = ArchitectureSearchSpec.model_validate(
+        {"dataset": {"builtin": "digits"}, "budget": {"maxTrials": 20, "timeout": "2h"}}
+    )
+    now = 1_800_000_000.0
+    start = "2027-01-15T08:00:00Z"  # 1_800_000_000 is 2027-01-15T08:00:00Z
+    assert work_from_status({}, spec, now) == Work(trials=0, remaining_hours=1.0)
+    half_hour_in = {
+        "phase": "Running",
+        "startTime": start,
+        "trials": {"running": 4, "complete": 4, "pruned": 1, "failed": 0},
+    }
+    work = work_from_status(half_hour_in, spec, now + 1800)
+    assert work.trials == 4
+    assert work.remaining_hours == pytest.approx(0.5 * 15 / 5)  # the pace so far: 1.5 h
+    late = work_from_status(half_hour_in, spec, now + 6000)  # the 2 h timeout is nearer
+    assert late.remaining_hours == pytest.approx((7200 - 6000) / 3600)
+    assert work_from_status({"phase": "Succeeded"}, spec, now).ended
 
 
 def test_worker_ids_name_their_machine() -> None:

@@ -146,6 +146,12 @@ seccompProfile:
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.vastai.enabled }}
+# GPU pools: drain a rented node's trainer pods before its machine is destroyed
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "delete"]
+{{- end }}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -1,0 +1,229 @@
+"""GPU pools through the whole operator: kopf with our handlers against the Kubernetes
+emulator, the Vast.ai mock (a booted VM "joins" by creating its Node), the machine's
+PostgreSQL and RabbitMQ. No trainer runs: the trials the dispatcher publishes wait in the
+queue, which is the work the pool rents machines for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from k8s import Emulator, run_kopf_operator
+from services import RABBITMQ_URL
+from test_operator import emulator, name, operator_config, search  # noqa: F401 (fixtures)
+from vastmock import API_KEY, VastMock
+
+from mloptimizer.operator.builders import POOL_LABEL
+from mloptimizer.operator.config import OperatorConfig
+from mloptimizer.operator.main import shared_memo
+from mloptimizer.operator.pool import instance_label
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture
+async def vast(emulator: Emulator) -> AsyncIterator[VastMock]:  # noqa: F811
+    loop = asyncio.get_running_loop()
+
+    def join(instance: dict[str, Any]) -> None:
+        request = instance["request"]
+        if not request.get("vm"):
+            return
+        node_name = request["onstart"].split("--node-name=")[1].split()[0]
+        uid = request["onstart"].split(f"--node-label={POOL_LABEL}=")[1].split()[0]
+
+        def create() -> None:
+            emulator.create_object(
+                "nodes", {"metadata": {"name": node_name, "labels": {POOL_LABEL: uid}}}
+            )
+            ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+            emulator.patch_object("nodes", None, node_name, ready, subresource="status")
+
+        loop.call_soon_threadsafe(create)
+
+    with VastMock(create_seconds=0.2, boot_seconds=1.0, on_running=join) as mock:
+        for machine, price in enumerate([0.31, 0.22, 0.27, 0.9], start=1):
+            mock.add_offer(machine_id=machine, dph_total=price)
+        yield mock
+
+
+def config(dsn: str, vast: VastMock, **changes: Any) -> OperatorConfig:
+    return dataclasses.replace(
+        operator_config(dsn),
+        vastai_url=vast.url,
+        pool_interval=0.2,
+        orphan_sweep_interval=0.5,
+        **changes,
+    )
+
+
+def secret(secret_name: str, **data: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": secret_name},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def pool_search(search_name: str, **pool: Any) -> dict[str, Any]:
+    return search(
+        search_name,
+        budget={"maxTrials": 4, "parallelism": 2},
+        workers={
+            "maxReplicas": 2,
+            "resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"},
+            "gpuPool": {
+                k: v
+                for k, v in {
+                    "maxReplicas": 2,
+                    "maxPricePerHour": 0.5,
+                    "apiKeySecretRef": {"name": "vastai", "key": "api-key"},
+                    "joinSecretRef": {"name": "k3s-join"},
+                    **pool,
+                }.items()
+                if v is not None
+            },
+        },
+    )
+
+
+def pool_of(obj: dict[str, Any] | None) -> dict[str, Any]:
+    return dict(((obj or {}).get("status") or {}).get("pool") or {})
+
+
+async def test_node_pool_rents_joins_survives_a_restart_and_is_destroyed_with_the_search(
+    emulator: Emulator,  # noqa: F811
+    vast: VastMock,
+    postgres_dsn: str,
+    name: str,  # noqa: F811
+) -> None:
+    emulator.create_object("secrets", secret("vastai", **{"api-key": API_KEY}), "default")
+    emulator.create_object(
+        "secrets",
+        secret("k3s-join", server="https://k3s.example:6443", token="K10::join"),
+        "default",
+    )
+    vast.boot_seconds = 4.0  # long enough to restart the operator mid-provisioning
+    with vast.lock:
+        orphan = {
+            "id": 1,
+            "machine_id": 99,
+            "label": instance_label("a-search-long-gone", "0123456789"),
+            "actual_status": "running",
+            "dph_total": 0.2,
+            "start_date": vast.clock(),
+            "request": {},
+            "joined": True,
+            "forced": True,
+        }
+        vast.instances[1] = orphan
+    memo = shared_memo(config(postgres_dsn, vast, vastai_api_key=API_KEY))
+    async with run_kopf_operator(emulator, memo=memo):
+        created = emulator.create_object("archsearch", pool_search(name))
+        uid = created["metadata"]["uid"]
+        await emulator.wait_for(
+            "archsearch",
+            "default",
+            name,
+            lambda o: len(pool_of(o).get("machines", [])) == 2,
+            timeout=60,
+        )
+        await emulator.wait_until(lambda: 1 in vast.destroyed, timeout=30)  # the orphan
+    rents = [c for c in vast.calls if c[0] == "PUT"]
+    assert len(rents) == 2
+    # the operator is gone; the machines boot and join meanwhile; a new operator adopts them
+    memo = shared_memo(config(postgres_dsn, vast))
+    async with run_kopf_operator(emulator, memo=memo):
+        ready = await emulator.wait_for(
+            "archsearch", "default", name, lambda o: pool_of(o).get("ready") == 2, timeout=60
+        )
+        assert len([c for c in vast.calls if c[0] == "PUT"]) == 2  # nothing rented twice
+        pool = pool_of(ready)
+        assert sorted(m["pricePerHour"] for m in pool["machines"]) == [0.22, 0.27]
+        assert ready is not None
+        assert ready["status"]["cost"]["burnRatePerHour"] == pytest.approx(0.49)
+        deployment = emulator.fetch_object("deployments", "default", f"{name}-trainer")
+        assert deployment is not None
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["nodeSelector"][POOL_LABEL] == uid
+        assert {"key": POOL_LABEL, "operator": "Equal", "value": uid, "effect": "NoSchedule"} in (
+            pod["tolerations"]
+        )
+        request = rents[0][2]
+        assert request["vm"] is True
+        assert request["env"] == {"K3S_URL": "https://k3s.example:6443", "K3S_TOKEN": "K10::join"}
+        assert f"--node-taint={POOL_LABEL}={uid}:NoSchedule" in request["onstart"]
+        assert postgres_dsn not in json.dumps(request)
+
+        emulator.delete_object("archsearch", "default", name)
+        await emulator.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
+    assert vast.live() == []
+    assert emulator.list_objects("nodes") == []
+
+
+async def test_direct_pool_gives_rented_trainers_a_broker_user_of_their_own(
+    emulator: Emulator,  # noqa: F811
+    vast: VastMock,
+    postgres_dsn: str,
+    name: str,  # noqa: F811
+) -> None:
+    emulator.create_object("secrets", secret("vastai", **{"api-key": API_KEY}), "default")
+    memo = shared_memo(config(postgres_dsn, vast))
+    async with run_kopf_operator(emulator, memo=memo):
+        created = emulator.create_object(
+            "archsearch",
+            pool_search(
+                name,
+                mode="Direct",
+                joinSecretRef=None,
+                brokerEndpoint="amqps://broker.example.com:5671/",
+                maxReplicas=1,
+            ),
+        )
+        uid = created["metadata"]["uid"]
+        await emulator.wait_until(lambda: vast.live(), timeout=60)
+        [instance] = vast.live()
+        request = next(c[2] for c in vast.calls if c[0] == "PUT")
+        env = request["env"]
+        assert env["MLOPT_BROKER_URL"].startswith(f"amqps://mlopt-{uid}:")
+        assert env["MLOPT_BROKER_URL"].endswith("@broker.example.com:5671/")
+        assert env["MLOPT_SEARCH"] == f"default.{name}"
+        assert request["image"] == "ghcr.io/mloptimizer/trainer:0.1.0"
+        assert request["args"][0] == "trainer"
+        assert "vm" not in request
+        assert postgres_dsn not in json.dumps(request)
+        assert "guest" not in json.dumps(request)
+        assert rabbitmq_user(f"mlopt-{uid}") is not None
+        deployment = emulator.fetch_object("deployments", "default", f"{name}-trainer")
+        assert deployment is not None
+        assert deployment["spec"]["replicas"] == 0  # the rented containers are the trainers
+
+        emulator.delete_object("archsearch", "default", name)
+        await emulator.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
+    assert instance["id"] in vast.destroyed
+    assert rabbitmq_user(f"mlopt-{uid}") is None
+
+
+def rabbitmq_user(user: str) -> dict[str, Any] | None:
+    """The user as the management API shows it, or None."""
+    from mloptimizer.operator.brokeradmin import admin_url_for
+
+    url = admin_url_for(RABBITMQ_URL)
+    request = urllib.request.Request(
+        url.replace("guest:guest@", "") + f"/api/users/{user}",
+        headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            found: dict[str, Any] = json.load(response)
+            return found
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return None
+        raise
