@@ -519,6 +519,14 @@ async def pool_daemon(
                 log.warning("pool of %s/%s: %s", namespace, name, error)
             with shared.lock:
                 shared.prices[key] = controller.prices()
+            if shared.metrics is not None:
+                state = controller.status
+                shared.metrics.pool(
+                    study_name(namespace, name),
+                    state.spent_usd,
+                    state.burn_rate_per_hour,
+                    [m.state for m in state.machines],
+                )
             if work.ended and not any(m.state != "Destroyed" for m in controller.status.machines):
                 return
             await stopped.wait(shared.config.pool_interval)

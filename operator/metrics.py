@@ -1,5 +1,5 @@
 """Prometheus metrics of the operator: trials by state, trial duration, best value, queue
-depth and dispatch latency, labelled by search (``<namespace>.<name>``)."""
+depth, dispatch latency and GPU pools' spend, labelled by search (``<namespace>.<name>``)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,32 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf")),
             registry=self.registry,
         )
+
+        self.pool_spent = Gauge(
+            "mloptimizer_pool_spent_usd",
+            "US dollars a search's rented GPU machines have cost (price x rented time).",
+            ["search"],
+            registry=self.registry,
+        )
+        self.pool_burn = Gauge(
+            "mloptimizer_pool_burn_rate_usd_per_hour",
+            "US dollars an hour a search's rented machines bill now.",
+            ["search"],
+            registry=self.registry,
+        )
+        self.pool_machines = Gauge(
+            "mloptimizer_pool_machines",
+            "A search's rented machines by state.",
+            ["search", "state"],
+            registry=self.registry,
+        )
+
+    def pool(self, search: str, spent_usd: float, burn_rate: float, states: list[str]) -> None:
+        """A GPU pool's money and machines after a pass."""
+        self.pool_spent.labels(search).set(spent_usd)
+        self.pool_burn.labels(search).set(burn_rate)
+        for state in ("Provisioning", "Ready", "Draining"):
+            self.pool_machines.labels(search, state).set(states.count(state))
 
     def serve(self, port: int) -> tuple[Any, Any]:
         """Expose /metrics on ``port`` (0: any free port); returns (server, thread)."""

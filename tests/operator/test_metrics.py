@@ -48,6 +48,17 @@ def test_metrics_by_search_and_state() -> None:
     assert 'mloptimizer_dispatch_latency_seconds_bucket{le="0.005",search="ns.s"} 1.0' in text
 
 
+def test_pool_metrics() -> None:
+    metrics = Metrics()
+    metrics.pool("ns.s", 2.5, 0.49, ["Ready", "Ready", "Provisioning", "Destroyed"])
+    text = generate_latest(metrics.registry).decode()
+    assert 'mloptimizer_pool_spent_usd{search="ns.s"} 2.5' in text
+    assert 'mloptimizer_pool_burn_rate_usd_per_hour{search="ns.s"} 0.49' in text
+    assert 'mloptimizer_pool_machines{search="ns.s",state="Ready"} 2.0' in text
+    assert 'mloptimizer_pool_machines{search="ns.s",state="Provisioning"} 1.0' in text
+    assert 'mloptimizer_pool_machines{search="ns.s",state="Draining"} 0.0' in text
+
+
 def test_metrics_are_served_over_http() -> None:
     metrics = Metrics()
     metrics.update("a.b", SimpleNamespace(counts=Counts(complete=1)), queued=None)  # type: ignore[arg-type]
