@@ -68,7 +68,7 @@ from mloptimizer.operator.pool import (
 from mloptimizer.operator.poolkube import ApiPoolKube
 from mloptimizer.operator.progress import now_rfc3339, set_condition
 from mloptimizer.operator.vastai import VastClient, VastError
-from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef
+from mloptimizer.spec import ArchitectureSearchSpec, GpuPool, SecretKeyRef
 from mloptimizer.study import fingerprint, storage_url, study_name
 
 GROUP, VERSION, PLURAL = "mloptimizer.io", "v1alpha1", "architecturesearches"
@@ -321,12 +321,21 @@ def on_update(
         return
     before, after = fingerprint(running), fingerprint(spec)
     changed = sorted(k for k in after if before[k] != after[k])
+    pool_change = pool_shape(running) != pool_shape(spec)
     with shared.lock:
         if changed:
             shared.refusals[key] = (
                 f"{', '.join('spec.' + c for c in changed)} cannot change while the study runs "
                 "(its trials would not compare); the search goes on with the old values: "
                 "restore them, or create a new ArchitectureSearch"
+            )
+            return
+        if pool_change:
+            shared.refusals[key] = (
+                "spec.workers.gpuPool cannot be added, removed or change mode or Secrets "
+                "while the search runs (its machines would be orphaned or unusable); the "
+                "search goes on with the old pool: restore it, or create a new "
+                "ArchitectureSearch"
             )
             return
         shared.specs[key] = spec
@@ -419,8 +428,12 @@ def search_daemon(
 # --- GPU pools ----------------------------------------------------------------------------
 
 
-def _has_pool(spec: Any, **_: Any) -> bool:
-    return bool((spec.get("workers") or {}).get("gpuPool"))
+def pool_shape(spec: ArchitectureSearchSpec) -> tuple[Any, ...] | None:
+    """What of a GPU pool cannot change under a running search (bounds and caps can)."""
+    pool = spec.workers.gpu_pool
+    if pool is None:
+        return None
+    return (pool.mode, pool.api_key_secret_ref, pool.join_secret_ref, pool.broker_endpoint)
 
 
 def ensure_pool_password(owner: Any, namespace: str, name: str) -> str:
@@ -472,7 +485,9 @@ async def pool_rent_request(
     )
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="gpu-pool", when=_has_pool, cancellation_timeout=30.0)
+# Not filtered with `when=`: kopf would stop the daemon on an edit removing gpuPool, which
+# on_update refuses, and leave the machines running.
+@kopf.daemon(GROUP, VERSION, PLURAL, id="gpu-pool", cancellation_timeout=30.0)
 async def pool_daemon(
     *,
     stopped: kopf.DaemonStopped,
@@ -486,13 +501,16 @@ async def pool_daemon(
     """Keep a search's rented machines in line with its work until it ends."""
     assert namespace is not None
     shared = _shared(memo)
+    key = (namespace, name)
     try:
         spec = parse(body)
     except SpecError:
         return  # the create handler marks it Failed
+    with shared.lock:
+        spec = shared.specs.get(key, spec)  # the spec in force, should an edit be refused
     pool = spec.workers.gpu_pool
-    assert pool is not None
-    key = (namespace, name)
+    if pool is None:
+        return
     api_key = await asyncio.to_thread(read_secret, namespace, pool.api_key_secret_ref)
     with shared.lock:
         shared.vast_keys[uid] = api_key
@@ -532,12 +550,9 @@ async def pool_daemon(
             await stopped.wait(shared.config.pool_interval)
 
 
-async def destroy_pool(body: Any, namespace: str, name: str, shared: Shared) -> None:
+async def destroy_pool(body: Any, namespace: str, name: str, pool: GpuPool, shared: Shared) -> None:
     """Destroy every machine a search rented, and its scoped broker user."""
     uid = body["metadata"]["uid"]
-    spec = parse(body)
-    pool = spec.workers.gpu_pool
-    assert pool is not None
     try:
         api_key = await asyncio.to_thread(read_secret, namespace, pool.api_key_secret_ref)
     except kopf.TemporaryError:
@@ -626,21 +641,30 @@ def on_delete(*, body: Any, namespace: str | None, name: str, memo: Any, **_: An
     assert namespace is not None
     shared = _shared(memo)
     with shared.lock:
-        shared.specs.pop((namespace, name), None)
+        running = shared.specs.pop((namespace, name), None)
         shared.refusals.pop((namespace, name), None)
-    cleanup(body, namespace, name, shared)
+    cleanup(body, namespace, name, shared, running)
 
 
-def cleanup(body: Any, namespace: str, name: str, shared: Shared) -> None:
+def cleanup(
+    body: Any,
+    namespace: str,
+    name: str,
+    shared: Shared,
+    running: ArchitectureSearchSpec | None = None,
+) -> None:
     """Destroy rented machines; delete the queues, the Deployment and the Secrets; the
-    study only when asked."""
+    study only when asked. ``running`` is the spec in force (an edit may have been
+    refused): its pool is the one whose machines go."""
     config = shared.config
     try:
         spec: ArchitectureSearchSpec | None = parse(body)
     except SpecError:
         spec = None
-    if spec is not None and spec.workers.gpu_pool is not None:
-        asyncio.run(destroy_pool(body, namespace, name, shared))  # kopf's worker thread
+    in_force = running or spec
+    pool = in_force.workers.gpu_pool if in_force is not None else None
+    if pool is not None:
+        asyncio.run(destroy_pool(body, namespace, name, pool, shared))  # kopf's worker thread
     names = QueueNames(study_name(namespace, name), config.queue_prefix)
     broker = config.broker_url
     if spec is not None and spec.broker.secret_ref is not None:

@@ -161,6 +161,22 @@ async def test_node_pool_rents_joins_survives_a_restart_and_is_destroyed_with_th
         assert f"--node-taint={POOL_LABEL}={uid}:NoSchedule" in request["onstart"]
         assert postgres_dsn not in json.dumps(request)
 
+        # dropping the pool under a running search would orphan its machines: refused
+        emulator.patch_object(
+            "archsearch", "default", name, {"spec": {"workers": {"gpuPool": None}}}
+        )
+
+        def refused(obj: dict[str, Any] | None) -> bool:
+            conditions = ((obj or {}).get("status") or {}).get("conditions") or []
+            return any(c.get("reason") == "SpecChangeRefused" for c in conditions)
+
+        degraded = await emulator.wait_for("archsearch", "default", name, refused, timeout=30)
+        assert degraded is not None
+        assert "gpuPool" in next(
+            c["message"] for c in degraded["status"]["conditions"] if c["type"] == "Degraded"
+        )
+        assert len(vast.live()) == 2
+
         emulator.delete_object("archsearch", "default", name)
         await emulator.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
     assert vast.live() == []
