@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,10 @@ class Shared:
     vast_keys: dict[str, str] = field(default_factory=dict, repr=False)
     sweeper: asyncio.Task[None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def broker_admin(self) -> BrokerAdmin:
+        """The RabbitMQ management API, for Direct-mode pools' broker users."""
+        return BrokerAdmin(self.config.broker_admin_url or admin_url_for(self.config.broker_url))
 
     def price_of(self, key: tuple[str, str], worker_id: str) -> float | None:
         """USD/hour of the rented machine ``worker_id`` runs on, if it is one."""
@@ -428,6 +433,27 @@ def search_daemon(
 # --- GPU pools ----------------------------------------------------------------------------
 
 
+def pool_controller(
+    body: Any,
+    pool: GpuPool,
+    vast: VastClient,
+    rent_request: Callable[[str], dict[str, Any]],
+    per_machine: int = 1,
+) -> PoolController:
+    """The pool controller of a search, its state read back from the search's status."""
+    meta = body["metadata"]
+    selector = ",".join(f"{k}={v}" for k, v in trainer_labels(meta["name"]).items())
+    return PoolController(
+        uid=meta["uid"],
+        pool=pool,
+        vast=vast,
+        kube=ApiPoolKube(meta["namespace"], meta["name"], selector),
+        rent_request=rent_request,
+        trainers_per_machine=per_machine,
+        status=PoolState.from_status((body.get("status") or {}).get("pool")),
+    )
+
+
 def pool_shape(spec: ArchitectureSearchSpec) -> tuple[Any, ...] | None:
     """What of a GPU pool cannot change under a running search (bounds and caps can)."""
     pool = spec.workers.gpu_pool
@@ -467,7 +493,7 @@ async def pool_rent_request(
         return lambda machine: node_rent_request(pool, machine, uid, server, token)
     assert pool.broker_endpoint is not None
     password = await asyncio.to_thread(ensure_pool_password, body, namespace, name)
-    admin = BrokerAdmin(shared.config.broker_admin_url or admin_url_for(shared.config.broker_url))
+    admin = shared.broker_admin()
     names = QueueNames(study_name(namespace, name), shared.config.queue_prefix)
     await admin.ensure_user(
         search_user(uid), password, vhost_of(pool.broker_endpoint), scoped_permissions(names)
@@ -515,17 +541,8 @@ async def pool_daemon(
     with shared.lock:
         shared.vast_keys[uid] = api_key
     rent_request = await pool_rent_request(body, namespace, name, uid, spec, shared)
-    selector = ",".join(f"{k}={v}" for k, v in trainer_labels(name).items())
     async with VastClient(api_key, url=shared.config.vastai_url) as vast:
-        controller = PoolController(
-            uid=uid,
-            pool=pool,
-            vast=vast,
-            kube=ApiPoolKube(namespace, name, selector),
-            rent_request=rent_request,
-            trainers_per_machine=trainers_per_machine(spec),
-            status=PoolState.from_status(body.get("status", {}).get("pool")),
-        )
+        controller = pool_controller(body, pool, vast, rent_request, trainers_per_machine(spec))
         while not stopped:
             with shared.lock:
                 latest = shared.specs.get(key, spec)
@@ -568,22 +585,10 @@ async def destroy_pool(body: Any, namespace: str, name: str, pool: GpuPool, shar
             )
             return
         api_key = remembered
-    selector = ",".join(f"{k}={v}" for k, v in trainer_labels(name).items())
     async with VastClient(api_key, url=shared.config.vastai_url) as vast:
-        controller = PoolController(
-            uid=uid,
-            pool=pool,
-            vast=vast,
-            kube=ApiPoolKube(namespace, name, selector),
-            rent_request=lambda _: {},
-            status=PoolState.from_status(body.get("status", {}).get("pool")),
-        )
-        await controller.destroy_all("search deleted")
+        await pool_controller(body, pool, vast, lambda _: {}).destroy_all("search deleted")
     if pool.mode == "Direct":
-        admin = BrokerAdmin(
-            shared.config.broker_admin_url or admin_url_for(shared.config.broker_url)
-        )
-        await admin.delete_user(search_user(uid))
+        await shared.broker_admin().delete_user(search_user(uid))
     with shared.lock:
         shared.prices.pop((namespace, name), None)
 
