@@ -119,6 +119,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if search.spec.workers.gpu_pool is not None:
+        print(
+            "note: spec.workers.gpuPool rents machines only under the operator; "
+            "`mloptimizer run` trains on this machine and rents nothing",
+            file=sys.stderr,
+        )
     workers = args.workers
     if workers is None:
         workers = 0 if args.broker else search.spec.budget.parallelism
