@@ -299,6 +299,9 @@ class PoolKube(Protocol):
         """Node mode: cordon ``name`` and stop its trainers (they requeue their trials);
         True once no trainer runs there."""
 
+    async def uncordon_node(self, name: str) -> None:
+        """Node mode: let trainers schedule on ``name`` again (work came back)."""
+
     async def delete_node(self, name: str) -> None:
         """Node mode: remove the Node object of a destroyed machine."""
 
@@ -351,8 +354,10 @@ class PoolController:
         if len(working) < target:
             # Work came back: keep machines still draining rather than rent new ones.
             for machine in [m for m in live if m.state == "Draining"][: target - len(working)]:
-                machine.state = "Ready"
+                machine.state = "Ready" if machine.ready_at else "Provisioning"
                 machine.drain_started_at = None
+                if self.pool.mode == "Node":
+                    await self.kube.uncordon_node(machine.name)
                 working.append(machine)
         if len(working) < target:
             await self._grow(target - len(working), work, now)

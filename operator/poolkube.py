@@ -75,6 +75,13 @@ class ApiPoolKube:
                 await asyncio.to_thread(self.core.delete_namespaced_pod, meta.name, self.namespace)
         return not there
 
+    async def uncordon_node(self, name: str) -> None:
+        try:
+            await asyncio.to_thread(self.core.patch_node, name, {"spec": {"unschedulable": False}})
+        except kubernetes.client.ApiException as error:
+            if error.status != 404:
+                raise
+
     async def delete_node(self, name: str) -> None:
         try:
             await asyncio.to_thread(self.core.delete_node, name)

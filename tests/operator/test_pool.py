@@ -434,3 +434,39 @@ async def test_the_orphan_sweep_destroys_only_instances_of_searches_gone(
 
         assert await sweep_orphans(client, searches) == [gone]
     assert {i["id"] for i in vast.live()} == {live, mine}
+
+
+async def test_work_coming_back_revives_a_draining_machine_instead_of_renting(
+    vast: VastMock, kube: ApiPoolKube, emulator: Emulator, clock: Clock
+) -> None:
+    for machine in (1, 2, 3):
+        vast.add_offer(machine_id=machine, dph_total=0.2 + machine / 100)
+    pool = gpu_pool(maxReplicas=2)
+    async with VastClient(API_KEY, url=vast.url) as client:
+        ctl = controller(vast, client, kube, clock, pool)
+        await ctl.reconcile(Work(trials=2))
+        clock.advance(vast.boot_seconds)
+        await settle(emulator, ctl, Work(trials=2))
+        names = {m["name"] for m in pool_status(emulator)["pool"]["machines"]}
+        for node in names:  # a busy trainer on each node keeps its machine draining
+            emulator.create_object(
+                "pods",
+                {
+                    "metadata": {"name": f"t-{node}", "labels": trainer_labels(NAME)},
+                    "spec": {"nodeName": node, "containers": [{"name": "t", "image": "i"}]},
+                },
+                NAMESPACE,
+            )
+        await ctl.reconcile(Work(trials=1))
+        [draining] = [m for m in ctl.status.machines if m.state == "Draining"]
+        cordoned = emulator.fetch_object("nodes", None, draining.name)
+        assert cordoned is not None
+        assert cordoned["spec"]["unschedulable"] is True
+
+        await ctl.reconcile(Work(trials=2))
+        assert [m.state for m in ctl.status.machines] == ["Ready", "Ready"]
+        revived = emulator.fetch_object("nodes", None, draining.name)
+        assert revived is not None
+        assert revived["spec"]["unschedulable"] is False
+        assert len([c for c in vast.calls if c[0] == "PUT"]) == 2  # nothing rented anew
+        assert len(vast.live()) == 2
