@@ -550,8 +550,8 @@ async def pool_daemon(
             work = work_from_status(dict(body.get("status") or {}), latest, controller.clock())
             try:
                 await controller.reconcile(work)
-            except (VastError, kubernetes.client.ApiException) as error:
-                log.warning("pool of %s/%s: %s", namespace, name, error)
+            except Exception as error:  # Vast.ai or the API down: the next pass retries
+                log.warning("pool of %s/%s: %s: %s", namespace, name, type(error).__name__, error)
             with shared.lock:
                 shared.prices[key] = controller.prices()
             if shared.metrics is not None:
