@@ -447,7 +447,7 @@ def pool_controller(
         uid=meta["uid"],
         pool=pool,
         vast=vast,
-        kube=ApiPoolKube(meta["namespace"], meta["name"], selector),
+        kube=ApiPoolKube(meta["namespace"], meta["name"], selector, uid=meta["uid"]),
         rent_request=rent_request,
         trainers_per_machine=per_machine,
         status=PoolState.from_status((body.get("status") or {}).get("pool")),

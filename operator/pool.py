@@ -299,6 +299,9 @@ class PoolKube(Protocol):
         """Node mode: cordon ``name`` and stop its trainers (they requeue their trials);
         True once no trainer runs there."""
 
+    async def event(self, type_: str, reason: str, message: str) -> None:
+        """Emit a Kubernetes Event on the search (type_ Normal or Warning)."""
+
     async def uncordon_node(self, name: str) -> None:
         """Node mode: let trainers schedule on ``name`` again (work came back)."""
 
@@ -346,6 +349,7 @@ class PoolController:
     async def reconcile(self, work: Work) -> PoolState:
         """One pass: observe Vast.ai, retire failed or late machines, then scale."""
         now = self.clock()
+        said = self.status.message
         ours = {i.id: i for i in await self.vast.instances() if _search_of(i.label) == self.uid}
         await self._observe(ours, now)
         target = machines_wanted(work.trials, self.pool, self.trainers_per_machine, work.ended)
@@ -365,6 +369,8 @@ class PoolController:
             self._start_draining(working, len(working) - target, now)
         await self._drain(now, force=work.ended)
         self.status.desired = target
+        if self.status.message and self.status.message != said:  # once, not every pass
+            await self.kube.event("Warning", "PoolBlocked", self.status.message)
         await self._publish(now)
         return self.status
 
@@ -412,6 +418,9 @@ class PoolController:
                 if await self._ready(machine, current):
                     machine.state = "Ready"
                     machine.ready_at = _rfc3339(now)
+                    await self.kube.event(
+                        "Normal", "MachineReady", f"{machine.name} ready after {age:.0f}s"
+                    )
                 elif age > timeout:
                     if machine.host and machine.host not in self.status.avoided_hosts:
                         self.status.avoided_hosts.append(machine.host)
@@ -469,6 +478,12 @@ class PoolController:
             burn += price
             rented += 1
             await self._publish(now)  # the id is in status before anything else happens
+            await self.kube.event(
+                "Normal",
+                "MachineRented",
+                f"{name}: instance {instance_id} on host {offer.machine_id}, "
+                f"{offer.num_gpus}x {offer.gpu_name} at ${price:.3f}/h",
+            )
         if rented < count:
             self.status.message = (
                 f"{count - rented} more machine(s) wanted, no offer meets the filters "
@@ -514,6 +529,13 @@ class PoolController:
         log.info("machine %s (instance %d): %s", machine.name, machine.instance_id, reason)
         if self.pool.mode == "Node":
             await self.kube.delete_node(machine.name)
+        expected = reason.startswith(("drained", "not needed", "search deleted"))
+        await self.kube.event(
+            "Normal" if expected else "Warning",
+            "MachineDestroyed",
+            f"{machine.name} (instance {machine.instance_id}, "
+            f"${machine_cost(machine, now):.2f}): {reason}",
+        )
 
     async def _publish(self, now: float) -> None:
         status = self.status

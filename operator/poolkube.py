@@ -8,6 +8,8 @@ event loop (kopf's) keeps serving.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import logging
 from typing import Any
 
 import kubernetes
@@ -15,6 +17,8 @@ import kubernetes
 __all__ = ["ApiPoolKube"]
 
 GROUP, VERSION, PLURAL = "mloptimizer.io", "v1alpha1", "architecturesearches"
+
+log = logging.getLogger(__name__)
 
 
 class ApiPoolKube:
@@ -25,13 +29,20 @@ class ApiPoolKube:
         name: the search's name.
         trainer_selector: label selector of its trainer pods.
         api: a ``kubernetes.client.ApiClient`` (None: the default configuration).
+        uid: the search's uid, which its Events refer to.
     """
 
     def __init__(
-        self, namespace: str, name: str, trainer_selector: str, api: Any | None = None
+        self,
+        namespace: str,
+        name: str,
+        trainer_selector: str,
+        api: Any | None = None,
+        uid: str | None = None,
     ) -> None:
         self.namespace = namespace
         self.name = name
+        self.uid = uid
         self.trainer_selector = trainer_selector
         self.custom = kubernetes.client.CustomObjectsApi(api)
         self.core = kubernetes.client.CoreV1Api(api)
@@ -46,6 +57,30 @@ class ApiPoolKube:
             self.name,
             {"status": patch},
         )
+
+    async def event(self, type_: str, reason: str, message: str) -> None:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body: Any = {
+            "metadata": {"generateName": f"{self.name}."},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "ArchitectureSearch",
+                "name": self.name,
+                "namespace": self.namespace,
+                **({"uid": self.uid} if self.uid else {}),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "mloptimizer-pool"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await asyncio.to_thread(self.core.create_namespaced_event, self.namespace, body)
+        except kubernetes.client.ApiException as error:  # an Event is worth no failed pass
+            log.warning("event %s not posted: %s", reason, error.reason)
 
     async def node_ready(self, name: str) -> bool:
         try:

@@ -142,6 +142,15 @@ def pool_status(emulator: Emulator) -> dict[str, Any]:
     return dict(obj.get("status", {}))
 
 
+def events(emulator: Emulator, reason: str) -> list[dict[str, Any]]:
+    """The search's Events with ``reason``."""
+    return [
+        e
+        for e in emulator.list_objects("events", NAMESPACE)
+        if e["reason"] == reason and e["involvedObject"]["name"] == NAME
+    ]
+
+
 async def settle(emulator: Emulator, ctl: PoolController, work: Work, passes: int = 3) -> None:
     """Reconcile a few times, letting joined Nodes land in the emulator in between."""
     for _ in range(passes):
@@ -264,6 +273,10 @@ async def test_scale_up_to_the_work_then_down_to_nothing(
         clock.advance(vast.boot_seconds)
         await settle(emulator, ctl, Work(trials=5))
         status = pool_status(emulator)["pool"]
+        assert len(events(emulator, "MachineRented")) == 2
+        rented = sorted(e["message"].split(", ", 1)[1] for e in events(emulator, "MachineRented"))
+        assert rented == ["1x RTX 4090 at $0.200/h", "1x RTX 4090 at $0.250/h"]
+        assert len(events(emulator, "MachineReady")) == 2
         assert status["ready"] == 2
         assert status["desired"] == 2
         names = {m["name"] for m in status["machines"]}
@@ -315,6 +328,9 @@ async def test_spend_cap_stops_scale_up_and_cost_is_price_times_time(
         assert len(vast.live()) == 2  # a third would project 0 + 1.2 $/h x 1 h > $1
         status = pool_status(emulator)
         assert "maxSpendUSD" in status["pool"]["message"]
+        [blocked] = events(emulator, "PoolBlocked")
+        assert blocked["type"] == "Warning"
+        assert "maxSpendUSD" in blocked["message"]
 
         clock.advance(vast.boot_seconds)
         await settle(emulator, ctl, Work(trials=5, remaining_hours=1.0))
@@ -392,6 +408,9 @@ async def test_a_machine_never_ready_is_destroyed_and_its_host_avoided(
         assert "provisionTimeout" in gone["reason"]
         assert gone["instanceId"] == first["id"]
         assert slow not in vast.offers
+        [destroyed] = events(emulator, "MachineDestroyed")
+        assert destroyed["type"] == "Warning"
+        assert "provisionTimeout" in destroyed["message"]
 
 
 async def test_taken_offers_exited_instances_and_rate_limits(
