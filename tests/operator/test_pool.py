@@ -274,8 +274,8 @@ async def test_scale_up_to_the_work_then_down_to_nothing(
         await settle(emulator, ctl, Work(trials=5))
         status = pool_status(emulator)["pool"]
         assert len(events(emulator, "MachineRented")) == 2
-        rented = sorted(e["message"].split(", ", 1)[1] for e in events(emulator, "MachineRented"))
-        assert rented == ["1x RTX 4090 at $0.200/h", "1x RTX 4090 at $0.250/h"]
+        said = sorted(e["message"].split(", ", 1)[1] for e in events(emulator, "MachineRented"))
+        assert said == ["1x RTX 4090 at $0.200/h", "1x RTX 4090 at $0.250/h"]
         assert len(events(emulator, "MachineReady")) == 2
         assert status["ready"] == 2
         assert status["desired"] == 2
