@@ -10,6 +10,9 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+# Set by a trainer restarting itself in place: the trials it served before (--max-trials).
+TRIALS_DONE_ENV = "MLOPT_TRIALS_DONE"
+
 DESCRIPTION = """\
 Distributed AutoML with TPE. Write one ArchitectureSearch file; check it with
 `mloptimizer validate`, preview what it samples with `mloptimizer space`, run
@@ -89,12 +92,22 @@ def _cmd_trainer(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_period,
         queue_prefix=args.queue_prefix,
         max_trials=args.max_trials,
+        recycle_memory_mb=args.recycle_memory_mb or None,
+        trials_done=int(os.environ.get(TRIALS_DONE_ENV, "0")),
         **({"worker_id": args.worker_id} if args.worker_id else {}),
     )
     worker = Worker(config)
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
-    return worker.run()
+    code = worker.run()
+    if worker.recycle_due and not worker.stopping:
+        # A fresh process image in the same process: the pod's container does not restart
+        # (no kubelet back-off), the dataset cache on disk stays, the count goes on.
+        os.environ[TRIALS_DONE_ENV] = str(worker.trials_done)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, sys.orig_argv)
+    return code
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -278,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="exit 0 after this many trials (default: run until stopped)",
+    )
+    trainer.add_argument(
+        "--recycle-memory-mb",
+        type=float,
+        default=float(os.environ.get("MLOPT_RECYCLE_MEMORY_MB", "1024")),
+        help="restart in place, between trials, once resident memory grew this much after "
+        "the first trial: Keras keeps ~8 MB per model built and trials slow down with it; "
+        "0 turns it off (env MLOPT_RECYCLE_MEMORY_MB, default 1024)",
     )
     trainer.add_argument(
         "--intra-op-threads",

@@ -57,7 +57,7 @@ from mloptimizer.trainer.training import (
     train_trial,
 )
 
-__all__ = ["Worker", "WorkerConfig"]
+__all__ = ["Worker", "WorkerConfig", "resident_mb"]
 
 log = logging.getLogger("mloptimizer.trainer")
 
@@ -79,7 +79,11 @@ class WorkerConfig:
     grace_seconds: float = 20.0
     max_backoff: float = 30.0
     queue_prefix: str = "mlopt"
-    max_trials: int | None = None
+    max_trials: int | None = None  # counted over restarts in place (trials_done)
+    # Keras/TensorFlow keep ~8 MB per model built in a process (keras-team/keras#17458),
+    # and trials slow down with it: past this growth the worker restarts itself in place.
+    recycle_memory_mb: float | None = 1024.0
+    trials_done: int = 0  # trials served by this worker before it restarted in place
 
 
 @dataclass
@@ -102,6 +106,18 @@ class _Job:
     interrupted: bool = False
 
 
+def resident_mb() -> float | None:
+    """This process's resident memory in MB (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 class Worker:
     """One trainer: consume trials of one search, train them, report."""
 
@@ -115,7 +131,10 @@ class Worker:
         self._job: _Job | None = None
         self._pending: dict[str, _ProgressRequest] = {}
         self._reported: OrderedDict[tuple[int, str], ResultMessage] = OrderedDict()
-        self._done = 0
+        self._done = config.trials_done
+        self._baseline_mb: float | None = None
+        self.recycle_due = False
+        self._consumer: str | None = None
         self._reply_queue = ""
 
     def request_stop(self) -> None:
@@ -151,7 +170,36 @@ class Worker:
         return 0
 
     def _finished(self) -> bool:
+        if self.recycle_due:
+            return True
         return self.config.max_trials is not None and self._done >= self.config.max_trials
+
+    @property
+    def trials_done(self) -> int:
+        """Trials this worker has reported, restarts in place included."""
+        return self._done
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was requested (SIGTERM)."""
+        return self._stop.is_set()
+
+    def _check_memory(self) -> None:
+        """After a trial: ask for a restart in place once memory grew past the limit."""
+        limit = self.config.recycle_memory_mb
+        now = resident_mb()
+        if not limit or now is None or self._finished():  # leaving anyway
+            return
+        if self._baseline_mb is None:  # after the first trial: the model code is loaded
+            self._baseline_mb = now
+        elif now - self._baseline_mb > limit:
+            log.info(
+                "memory grew %.0f MB over %d trials (Keras keeps some per model); "
+                "restarting in place",
+                now - self._baseline_mb,
+                self._done,
+            )
+            self.recycle_due = True
 
     def _serve(self, connection: pika.BlockingConnection) -> None:
         channel = connection.channel()
@@ -162,13 +210,13 @@ class Worker:
             queue="", exclusive=True, auto_delete=True
         ).method.queue
         channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
-        consumer: str | None = None
+        self._consumer = None
         log.info(
             "worker %s serving %s on %s", self.config.worker_id, self.names.trials, self.device
         )
         while not self._stop.is_set():
-            if consumer is None and self._job is None and not self._finished():
-                consumer = channel.basic_consume(self.names.trials, self._on_trial)
+            if self._consumer is None and self._job is None and not self._finished():
+                self._consumer = channel.basic_consume(self.names.trials, self._on_trial)
             connection.process_data_events(time_limit=0.2)
             if self._job is not None:
                 self._pump(channel)
@@ -290,10 +338,16 @@ class Worker:
         result = self._result(job, job.outcome)
         channel.basic_publish("", self.names.results, encode(result), PERSISTENT)
         self._remember(result)
+        self._done += 1
+        self._check_memory()
+        if self._finished() and self._consumer is not None:
+            # Cancel before the ack: prefetch 1 holds the next trial back until then, so
+            # none is delivered to a worker about to leave (and counted as an attempt).
+            channel.basic_cancel(self._consumer)
+            self._consumer = None
         if job.delivery_tag is not None:
             channel.basic_ack(job.delivery_tag)
         self._job = None
-        self._done += 1
         log.info(
             "trial %d %s: value=%s in %.1fs",
             result.number,

@@ -207,3 +207,41 @@ def test_consumer_timeout_mid_trial_reports_once_and_reconnects(
     assert dispatcher.results[0].state == "complete"
     assert dispatcher.queued_trials() == 0
     assert len(dispatcher.results) == 1
+
+
+def test_a_worker_whose_memory_grows_restarts_in_place_and_loses_nothing(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    # 1 MB of growth: every model Keras builds keeps more than that, so the worker restarts
+    # in place after each trial past the first; --max-trials counts across restarts.
+    trainer = start(
+        trainers, search, tmp_path, "w1", "--recycle-memory-mb", "1", "--max-trials", "4"
+    )
+    for trial_id in range(1, 5):
+        dispatcher.send(digits_trial(search, trial_id, epochs=1))
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 4, timeout=180)
+    assert trainer.process.wait(timeout=60) == 0  # the fourth trial ends it, not a fifth
+    results = sorted(dispatcher.results, key=lambda r: r.trial_id)
+    assert [r.state for r in results] == ["complete"] * 4
+    assert [r.attempt for r in results] == [1, 1, 1, 1]  # no trial was redelivered
+    assert {r.worker_id for r in results} == {"w1"}
+    # a fresh process image loads the dataset again (from the disk cache), where a
+    # long-lived worker loads it once
+    restarts = trainer.log().count("restarting in place")
+    assert restarts == 1  # after trial 2; after trial 4 it leaves (--max-trials) instead
+    assert [r.dataset_load_seconds > 0 for r in results] == [True, False, True, False]
+    assert dispatcher.queued_trials() == 0
+
+
+def test_recycling_is_off_with_zero(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    trainer = start(
+        trainers, search, tmp_path, "w1", "--recycle-memory-mb", "0", "--max-trials", "2"
+    )
+    for trial_id in (1, 2):
+        dispatcher.send(digits_trial(search, trial_id, epochs=1))
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 2, timeout=120)
+    assert trainer.process.wait(timeout=60) == 0
+    assert "restarting in place" not in trainer.log()
+    assert sum(r.dataset_load_seconds > 0 for r in dispatcher.results) == 1
