@@ -31,8 +31,8 @@ from mloptimizer.space import Architecture
 from mloptimizer.spec import Dataset
 from mloptimizer.trainer.data import load_dataset
 from mloptimizer.trainer.device import configure_threads
+from mloptimizer.trainer.memory import resident_mb
 from mloptimizer.trainer.training import train_trial
-from mloptimizer.trainer.worker import resident_mb
 
 ARCHITECTURE = {
     "family": "cnn",

@@ -58,6 +58,7 @@ class _Trainer:
     events: Connection
     trial: TrialMessage | None = None
     attempt: int = 0
+    leaving: bool = False  # restarting to shed memory: no new trial for it
 
 
 class LocalTransport:
@@ -72,11 +73,19 @@ class LocalTransport:
         cache_dir: Path,
         base_dir: Path | None = None,
         threads: int | None = None,
+        recycle_memory_mb: float | None = None,
     ) -> None:
         context = multiprocessing.get_context("spawn")
         self._context = context
         self._pending: collections.deque[tuple[int, TrialMessage]] = collections.deque()
-        self._args = (str(cache_dir), str(base_dir) if base_dir else None, threads)
+        if recycle_memory_mb is None:
+            recycle_memory_mb = float(os.environ.get("MLOPT_RECYCLE_MEMORY_MB", "1024"))
+        self._args = (
+            str(cache_dir),
+            str(base_dir) if base_dir else None,
+            threads,
+            recycle_memory_mb,
+        )
         self._trainers = [self._start(f"local-{i + 1}") for i in range(workers)]
 
     def _start(self, worker_id: str) -> _Trainer:
@@ -103,7 +112,7 @@ class LocalTransport:
         for trainer in self._trainers:
             if not self._pending:
                 return
-            if trainer.trial is None and trainer.process.is_alive():
+            if trainer.trial is None and not trainer.leaving and trainer.process.is_alive():
                 trainer.attempt, trainer.trial = self._pending.popleft()
                 trainer.tasks.put((trainer.attempt, encode(trainer.trial)))
 
@@ -112,9 +121,14 @@ class LocalTransport:
         for i, trainer in enumerate(self._trainers):
             if trainer.process.is_alive():
                 continue
-            log.warning(
-                "local trainer %s exited (code %s)", trainer.worker_id, trainer.process.exitcode
-            )
+            if trainer.leaving and trainer.trial is None:
+                log.info("local trainer %s restarted to shed memory", trainer.worker_id)
+            else:
+                log.warning(
+                    "local trainer %s exited (code %s)",
+                    trainer.worker_id,
+                    trainer.process.exitcode,
+                )
             if trainer.trial is not None:
                 self._pending.appendleft((trainer.attempt + 1, trainer.trial))
             trainer.events.close()
@@ -133,6 +147,9 @@ class LocalTransport:
                 except (EOFError, OSError):  # it died; _revive replaces it
                     trainer.events.close()
                     break
+                if body is None:  # about to restart: its result follows, then it ends
+                    trainer.leaving = True
+                    continue
                 inbound = self._inbound(trainer, body)
                 if inbound is not None:
                     received.append(inbound)

@@ -67,3 +67,35 @@ def test_a_killed_local_trainer_is_replaced_and_its_trial_retried(tmp_path: Path
     finally:
         transport.close()
     assert all(not t.process.is_alive() for t in transport._trainers)
+
+
+def test_a_local_trainer_restarts_to_shed_memory_without_losing_or_retrying(
+    tmp_path: Path,
+) -> None:
+    # 1 MB: every model Keras builds keeps more, so the process restarts after trial 2
+    transport = LocalTransport(
+        1, cache_dir=tmp_path, threads=default_threads(1), recycle_memory_mb=1
+    )
+    try:
+        first_pid = transport._trainers[0].process.pid
+        for number in (1, 2, 3):
+            transport.send(
+                digits_trial(epochs=1).model_copy(update={"trial_id": number, "number": number})
+            )
+        results: list[ResultMessage] = []
+        deadline = time.monotonic() + 240
+        while len(results) < 3:
+            assert time.monotonic() < deadline, f"{len(results)} results"
+            for inbound in transport.receive(timeout=0.5):
+                if isinstance(inbound.message, ProgressMessage):
+                    inbound.reply("continue")
+                elif isinstance(inbound.message, ResultMessage):
+                    results.append(inbound.message)
+        assert [r.trial_id for r in results] == [1, 2, 3]
+        assert [r.attempt for r in results] == [1, 1, 1]  # no trial given to a leaving one
+        assert [r.state for r in results] == ["complete"] * 3
+        # trial 1 loads the dataset, trial 2 reuses it, trial 3 runs in a fresh process
+        assert [r.dataset_load_seconds > 0 for r in results] == [True, False, True]
+        assert transport._trainers[0].process.pid != first_pid
+    finally:
+        transport.close()

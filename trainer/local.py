@@ -2,7 +2,8 @@
 
 The local runner starts a few of these with ``multiprocessing`` (spawn) and talks to
 each over its own queues and pipe, carrying the same JSON messages as RabbitMQ: ``tasks``
-brings ``(attempt, trial body)``, the ``events`` pipe takes progress and result bodies,
+brings ``(attempt, trial body)``, the ``events`` pipe takes progress and result bodies
+(and ``None`` when the process is about to restart to shed memory),
 ``replies`` brings the prune decisions. Ctrl-C belongs to the runner, so the process ignores SIGINT;
 the runner ends it with a ``None`` task, or terminates it.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from mloptimizer.messages import ProgressMessage, ProgressReply, TrialMessage, decode, encode
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import configure_threads, detect_gpus, device_name
+from mloptimizer.trainer.memory import MemoryWatch
 from mloptimizer.trainer.training import Decision, Outcome, result_message, train_trial
 
 __all__ = ["serve"]
@@ -36,14 +38,21 @@ def serve(
     cache_dir: str,
     base_dir: str | None,
     threads: int | None,
+    recycle_memory_mb: float | None = None,
 ) -> None:
-    """Train trials from ``tasks`` until a ``None`` task arrives."""
+    """Train trials from ``tasks`` until a ``None`` task arrives.
+
+    Once memory has grown ``recycle_memory_mb`` past its level after the first trial, the
+    process says so on ``events`` (a ``None`` body, before the result, so the runner gives
+    it no further trial) and ends; the runner starts a fresh one in its place.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:
         configure_threads(threads, None)
     cache = DatasetCache(Path(cache_dir), Path(base_dir) if base_dir else None)
     gpus = detect_gpus()
     device = device_name(gpus)
+    memory = MemoryWatch(recycle_memory_mb)
     while (task := tasks.get()) is not None:
         attempt, body = task
         trial = decode(body)
@@ -67,7 +76,12 @@ def serve(
             device=device,
             load_seconds=load_seconds,
         )
+        leaving = memory.after_trial() is not None
+        if leaving:
+            events.send((worker_id, None))
         events.send((worker_id, encode(result)))
+        if leaving:
+            return
 
 
 def _progress_callback(

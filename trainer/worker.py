@@ -49,6 +49,7 @@ from mloptimizer.messages import (
 )
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import GpuInfo, detect_gpus, device_name
+from mloptimizer.trainer.memory import DEFAULT_RECYCLE_MB, MemoryWatch
 from mloptimizer.trainer.training import (
     Decision,
     Outcome,
@@ -57,7 +58,7 @@ from mloptimizer.trainer.training import (
     train_trial,
 )
 
-__all__ = ["Worker", "WorkerConfig", "resident_mb"]
+__all__ = ["Worker", "WorkerConfig"]
 
 log = logging.getLogger("mloptimizer.trainer")
 
@@ -82,7 +83,7 @@ class WorkerConfig:
     max_trials: int | None = None  # counted over restarts in place (trials_done)
     # Keras/TensorFlow keep ~8 MB per model built in a process (keras-team/keras#17458),
     # and trials slow down with it: past this growth the worker restarts itself in place.
-    recycle_memory_mb: float | None = 1024.0
+    recycle_memory_mb: float | None = DEFAULT_RECYCLE_MB
     trials_done: int = 0  # trials served by this worker before it restarted in place
 
 
@@ -106,18 +107,6 @@ class _Job:
     interrupted: bool = False
 
 
-def resident_mb() -> float | None:
-    """This process's resident memory in MB (Linux); None where it cannot be read."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 class Worker:
     """One trainer: consume trials of one search, train them, report."""
 
@@ -132,7 +121,7 @@ class Worker:
         self._pending: dict[str, _ProgressRequest] = {}
         self._reported: OrderedDict[tuple[int, str], ResultMessage] = OrderedDict()
         self._done = config.trials_done
-        self._baseline_mb: float | None = None
+        self._memory = MemoryWatch(config.recycle_memory_mb)
         self.recycle_due = False
         self._consumer: str | None = None
         self._reply_queue = ""
@@ -186,17 +175,14 @@ class Worker:
 
     def _check_memory(self) -> None:
         """After a trial: ask for a restart in place once memory grew past the limit."""
-        limit = self.config.recycle_memory_mb
-        now = resident_mb()
-        if not limit or now is None or self._finished():  # leaving anyway
+        if self._finished():  # leaving anyway
             return
-        if self._baseline_mb is None:  # after the first trial: the model code is loaded
-            self._baseline_mb = now
-        elif now - self._baseline_mb > limit:
+        growth = self._memory.after_trial()
+        if growth is not None:
             log.info(
                 "memory grew %.0f MB over %d trials (Keras keeps some per model); "
                 "restarting in place",
-                now - self._baseline_mb,
+                growth,
                 self._done,
             )
             self.recycle_due = True
