@@ -4,11 +4,15 @@
   create the broker Secret and the trainer Deployment (adopted, so they go with it);
 * daemon: one per search, :func:`~mloptimizer.operator.daemon.run_search` in kopf's
   thread, stopped on deletion or operator shutdown;
+* gpu-pool daemon: for a search with ``workers.gpuPool``, a
+  :class:`~mloptimizer.operator.pool.PoolController` pass every ``--pool-interval``;
 * update: budget, parallelism, workers and training take effect at once; dataset,
-  objective, sampler and search space cannot change under a running study and are refused
-  with a Degraded condition while the search goes on with the old spec;
-* delete (finalizer): queues, Deployment and Secret go; the study stays unless
-  ``storage.deleteStudyOnDelete``.
+  objective, sampler and search space (and a pool's mode and Secrets) cannot change under
+  a running study and are refused with a Degraded condition while the search goes on with
+  the old spec;
+* delete (finalizer): rented machines are destroyed; queues, Deployment and Secrets go;
+  the study stays unless ``storage.deleteStudyOnDelete``;
+* startup: an orphan sweep of Vast.ai instances whose search is gone.
 """
 
 from __future__ import annotations
