@@ -78,8 +78,6 @@ class LocalTransport:
         context = multiprocessing.get_context("spawn")
         self._context = context
         self._pending: collections.deque[tuple[int, TrialMessage]] = collections.deque()
-        if recycle_memory_mb is None:
-            recycle_memory_mb = float(os.environ.get("MLOPT_RECYCLE_MEMORY_MB", "1024"))
         self._args = (
             str(cache_dir),
             str(base_dir) if base_dir else None,

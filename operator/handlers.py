@@ -64,9 +64,11 @@ from mloptimizer.operator.metrics import Metrics
 from mloptimizer.operator.pool import (
     PoolController,
     PoolState,
+    burn_rate,
     direct_rent_request,
     machine_id_of_worker,
     node_rent_request,
+    spent_usd,
     sweep_orphans,
     work_from_status,
 )
@@ -562,8 +564,8 @@ async def pool_daemon(
                 state = controller.status
                 shared.metrics.pool(
                     study_name(namespace, name),
-                    state.spent_usd,
-                    state.burn_rate_per_hour,
+                    spent_usd(state, controller.clock()),
+                    burn_rate(state),
                     [m.state for m in state.machines],
                 )
             if work.ended and not any(m.state != "Destroyed" for m in controller.status.machines):

@@ -180,42 +180,30 @@ class PoolState:
     avoided_hosts: list[int] = field(default_factory=list)
     retired_usd: float = 0.0
     desired: int = 0
-    ready: int = 0
-    spent_usd: float = 0.0
-    burn_rate_per_hour: float = 0.0
     message: str = ""
 
     @classmethod
     def from_status(cls, data: dict[str, Any] | None) -> PoolState:
         status = PoolStatus.model_validate(data or {})
         return cls(
-            machines=[
-                Machine(
-                    **m.model_dump(exclude={"name", "instance_id"}),
-                    name=m.name,
-                    instance_id=m.instance_id,
-                )
-                for m in status.machines
-            ],
+            machines=[Machine(**m.model_dump()) for m in status.machines],
             avoided_hosts=list(status.avoided_hosts),
             retired_usd=status.retired_usd,
             desired=status.desired,
-            ready=status.ready,
-            spent_usd=status.spent_usd,
-            burn_rate_per_hour=status.burn_rate_per_hour,
             message=status.message,
         )
 
-    def to_status(self) -> dict[str, Any]:
+    def to_status(self, now: float) -> dict[str, Any]:
+        """``status.pool`` at ``now``: readiness and money are derived from the machines."""
         status = PoolStatus.model_validate(
             {
                 "desired": self.desired,
-                "ready": self.ready,
+                "ready": sum(m.state == "Ready" for m in self.machines),
                 "machines": [PoolMachine.model_validate(vars(m)) for m in self.machines],
                 "avoided_hosts": self.avoided_hosts,
                 "retired_usd": self.retired_usd,
-                "spent_usd": self.spent_usd,
-                "burn_rate_per_hour": self.burn_rate_per_hour,
+                "spent_usd": round(spent_usd(self, now), 6),
+                "burn_rate_per_hour": round(burn_rate(self), 6),
                 "message": self.message[:1024],
             }
         )
@@ -544,16 +532,13 @@ class PoolController:
         for old in ended[: max(0, len(ended) - KEPT_ENDED)]:
             status.retired_usd += machine_cost(old, now)
         status.machines = live + ended[-KEPT_ENDED:]
-        status.ready = sum(m.state == "Ready" for m in live)
-        status.spent_usd = round(spent_usd(status, now), 6)
-        status.burn_rate_per_hour = round(burn_rate(status), 6)
-        pool = status.to_status()
+        pool = status.to_status(now)
         await self.kube.patch_status(
             {
                 "pool": pool,
                 "cost": {
-                    "usd": round(status.spent_usd, 4),
-                    "burnRatePerHour": round(status.burn_rate_per_hour, 4),
+                    "usd": round(pool["spentUSD"], 4),
+                    "burnRatePerHour": round(pool["burnRatePerHour"], 4),
                 },
             }
         )

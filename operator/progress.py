@@ -68,15 +68,17 @@ def status_from_counts(
     finished = counts.complete + counts.pruned + counts.failed
     gpu_seconds = sum(r.seconds for r in counts.history) * max(1, spec.workers.resources.gpu)
     price = spec.workers.price_per_hour if price_per_hour is None else price_per_hour
-    cost: dict[str, Any] = {
-        "usd": round(counts.cost_usd, 4),
-        "gpuHours": round(gpu_seconds / 3600 if spec.workers.resources.gpu else 0.0, 4),
-        "burnRatePerHour": round((price or 0.0) * counts.running, 4),
-    }
+    cost: dict[str, Any]
     if spec.workers.gpu_pool is not None:
         # Rented machines bill while they boot and idle too: the pool writes usd and
         # burnRatePerHour from what Vast.ai charges, not from the trials' time.
         cost = {"gpuHours": round(gpu_seconds / 3600, 4)}
+    else:
+        cost = {
+            "usd": round(counts.cost_usd, 4),
+            "gpuHours": round(gpu_seconds / 3600 if spec.workers.resources.gpu else 0.0, 4),
+            "burnRatePerHour": round((price or 0.0) * counts.running, 4),
+        }
     return {
         "progress": f"{min(finished, 10**6)}/{spec.budget.max_trials}",
         "trials": {

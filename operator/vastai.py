@@ -176,8 +176,10 @@ class VastClient:
         if self._session is None:
             raise RuntimeError("use VastClient as an async context manager")
         delay = 1.0
+        status: int | None = None  # of the last answer; None after a connection error
         for attempt in range(1, self.attempts + 1):
             wait: float | None = None
+            status = None
             try:
                 async with self._session.request(method, path, json=body) as response:
                     if response.status < 400:
@@ -189,7 +191,8 @@ class VastClient:
                             f"{method} /{path}: HTTP {response.status}: {text}", response.status
                         )
                     wait = _retry_after(response.headers.get("Retry-After"))
-                    problem = f"HTTP {response.status}"
+                    status = response.status
+                    problem = f"HTTP {status}"
             except (aiohttp.ClientConnectionError, TimeoutError) as error:
                 problem = f"{type(error).__name__}: {error}"
             if attempt == self.attempts:
@@ -198,7 +201,6 @@ class VastClient:
             log.info("vast.ai %s /%s: %s; retry %d in %.1fs", method, path, problem, attempt, pause)
             await self.sleep(pause)
             delay = min(self.max_delay, delay * 2)
-        status = None if problem.startswith(("Client", "Server", "Timeout")) else _status(problem)
         raise VastError(f"{method} /{path}: {problem} after {self.attempts} attempts", status)
 
 
@@ -210,11 +212,6 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
-
-
-def _status(problem: str) -> int | None:
-    parts = problem.split()
-    return int(parts[1]) if len(parts) == 2 and parts[0] == "HTTP" and parts[1].isdigit() else None
 
 
 def _reason(data: dict[str, Any]) -> str:

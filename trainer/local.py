@@ -22,7 +22,7 @@ from pathlib import Path
 from mloptimizer.messages import ProgressMessage, ProgressReply, TrialMessage, decode, encode
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import configure_threads, detect_gpus, device_name
-from mloptimizer.trainer.memory import MemoryWatch
+from mloptimizer.trainer.memory import MemoryWatch, recycle_limit_from_env
 from mloptimizer.trainer.training import Decision, Outcome, result_message, train_trial
 
 __all__ = ["serve"]
@@ -42,7 +42,8 @@ def serve(
 ) -> None:
     """Train trials from ``tasks`` until a ``None`` task arrives.
 
-    Once memory has grown ``recycle_memory_mb`` past its level after the first trial, the
+    Once memory has grown ``recycle_memory_mb`` (None: ``MLOPT_RECYCLE_MEMORY_MB``, else
+    1024) past its level after the first trial, the
     process says so on ``events`` (a ``None`` body, before the result, so the runner gives
     it no further trial) and ends; the runner starts a fresh one in its place.
     """
@@ -52,7 +53,9 @@ def serve(
     cache = DatasetCache(Path(cache_dir), Path(base_dir) if base_dir else None)
     gpus = detect_gpus()
     device = device_name(gpus)
-    memory = MemoryWatch(recycle_memory_mb)
+    memory = MemoryWatch(
+        recycle_limit_from_env() if recycle_memory_mb is None else recycle_memory_mb
+    )
     while (task := tasks.get()) is not None:
         attempt, body = task
         trial = decode(body)

@@ -8,11 +8,18 @@ grown past a limit; this module only decides when.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_RECYCLE_MB", "MemoryWatch", "resident_mb"]
+__all__ = ["DEFAULT_RECYCLE_MB", "MemoryWatch", "recycle_limit_from_env", "resident_mb"]
 
 DEFAULT_RECYCLE_MB = 1024.0
+RECYCLE_ENV = "MLOPT_RECYCLE_MEMORY_MB"
+
+
+def recycle_limit_from_env() -> float:
+    """The growth limit in MB from ``MLOPT_RECYCLE_MEMORY_MB`` (0: never restart)."""
+    return float(os.environ.get(RECYCLE_ENV, DEFAULT_RECYCLE_MB))
 
 
 def resident_mb() -> float | None:
