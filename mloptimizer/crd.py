@@ -133,12 +133,11 @@ def _type_schema(annotation: Any, metadata: list[Any]) -> dict[str, Any]:
 
 def _default(field: FieldInfo) -> Any:
     """The field's default as it appears in YAML, or PydanticUndefined when there is none."""
-    if field.default_factory is not None:
-        if isinstance(field.default_factory, type) and issubclass(field.default_factory, BaseModel):
-            return {}  # the API server fills the nested defaults itself
-        value = field.default_factory()  # type: ignore[call-arg]
-    else:
-        value = field.default
+    # A nested model's default is written out in full: a real API server checks each default
+    # against the schema and its CEL rules when the CRD is created (a rule reading
+    # ``self.maxTrials`` fails on ``{}``), and `kubectl explain` shows it.
+    factory = field.default_factory
+    value = factory() if factory is not None else field.default  # type: ignore[call-arg]
     if value is None:
         return PydanticUndefined
     if isinstance(value, BaseModel):
