@@ -86,6 +86,8 @@ def _issue(error: Any, prefix: str) -> SpecIssue:
     ctx = error.get("ctx") or {}
     if error["type"] == "rule" and ctx.get("field"):
         loc = (*loc, ctx["field"])
+    elif error["type"] == "duplicate":
+        loc = (*loc, int(ctx["index"]))
     path = ".".join([prefix, *(f"[{p}]" if isinstance(p, int) else p for p in loc)])
     path = path.replace(".[", "[")
     message = str(error["msg"])

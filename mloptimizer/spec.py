@@ -8,10 +8,12 @@ by the same rules.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Literal, TypeVar, get_args
 
 from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from mloptimizer.rules import Rule, SpecModel
 
@@ -69,8 +71,13 @@ Name = Annotated[str, Field(min_length=1, max_length=253)]
 
 
 def _unique(values: list[_T]) -> list[_T]:
-    if len(set(values)) != len(values):
-        raise ValueError("lists a value twice; list each value once")
+    for index, value in enumerate(values):
+        if value in values[:index]:  # named at its index, as the API server does
+            raise PydanticCustomError(
+                "duplicate",
+                "duplicate value {value}; list each value once",
+                {"index": index, "value": json.dumps(value)},
+            )
     return values
 
 
