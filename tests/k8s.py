@@ -1498,6 +1498,7 @@ async def run_kopf_operator(
     namespaces: Iterable[str] = (),
     configure: Callable[[Any], None] | None = None,
     memo: Any = None,
+    credentials: Mapping[str, Any] | None = None,
     startup_timeout: float = 30.0,
     stop_timeout: float = 30.0,
 ) -> AsyncIterator[RunningOperator]:
@@ -1506,11 +1507,12 @@ async def run_kopf_operator(
     ``registry`` is a ``kopf.OperatorRegistry`` (None: kopf's default registry, where
     module-level ``@kopf.on...`` handlers are); the operator is cluster-wide unless
     ``namespaces`` are given; it is standalone (no peering), with scanning disabled (no
-    watching of CRDs or namespaces), logged in to the emulator through a pre-filled vault (no
-    kubeconfig needed by kopf itself); ``configure(settings)`` changes more settings before
-    the start (the registry's startup handlers run after it). The block is entered once kopf
-    says it is ready (its startup handlers done); on exit the operator is stopped and joined,
-    and an exception that ended it early is raised. Await outcomes with
+    watching of CRDs or namespaces), logged in to the emulator (or any URL, with
+    ``credentials`` for ``kopf.ConnectionInfo`` such as ``ca_path`` and ``token``) through a
+    pre-filled vault (no kubeconfig needed by kopf itself); ``configure(settings)`` changes
+    more settings before the start (the registry's startup handlers run after it). The block
+    is entered once kopf says it is ready (its startup handlers done); on exit the operator is
+    stopped and joined, and an exception that ended it early is raised. Await outcomes with
     ``emulator.wait_for(...)``, not with sleeps::
 
         registry = kopf.OperatorRegistry()
@@ -1539,7 +1541,8 @@ async def run_kopf_operator(
         settings.networking.request_timeout = 30
         if configure is not None:
             configure(settings)
-        vault = Vault({"emulator": kopf.ConnectionInfo(server=url, default_namespace="default")})
+        info = kopf.ConnectionInfo(server=url, default_namespace="default", **(credentials or {}))
+        vault = Vault({"emulator": info})
         await kopf.operator(
             registry=registry,
             settings=settings,

@@ -56,6 +56,7 @@ class VastMock:
     calls: list[tuple[str, str, Any]] = field(default_factory=list)
     rejected_auth: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _answered: threading.Condition = field(default_factory=threading.Condition)
     url: str = ""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
     _loop: asyncio.AbstractEventLoop | None = None
@@ -139,7 +140,28 @@ class VastMock:
 
     # --- the API ------------------------------------------------------------------------
 
+    async def wait_until(self, condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Await until ``condition()`` is truthy, checking after every call the mock answers."""
+        return await asyncio.to_thread(self._wait_until, condition, timeout)
+
+    def _wait_until(self, condition: Callable[[], Any], timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        with self._answered:
+            while not (result := condition()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"condition not met within {timeout}s: {condition!r}")
+                self._answered.wait(remaining)
+            return result
+
     async def _handle(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        try:
+            return await self._answer(request)
+        finally:
+            with self._answered:
+                self._answered.notify_all()
+
+    async def _answer(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         body = await request.json() if request.can_read_body else None
         path = request.path
         with self.lock:

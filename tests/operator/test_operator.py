@@ -1,22 +1,25 @@
-"""The operator end to end: kopf with our handlers against the Kubernetes emulator, the
-machine's PostgreSQL and RabbitMQ, and real `mloptimizer trainer` processes.
+"""The operator end to end: kopf with our handlers against a real Kubernetes API server for
+ArchitectureSearch (the emulator behind the routing proxy for core and apps objects, or a real
+cluster: see ``cluster.py``), the machine's PostgreSQL and RabbitMQ, and real
+`mloptimizer trainer` processes.
 
-There is no Deployment controller here: the trainers are started by the test, as the
-Deployment's pods would be, and the test asserts the Deployment the operator asked for.
+The trainers are started by the test, as the Deployment's pods would be, and the test asserts
+the Deployment the operator asked for (the emulator has no Deployment controller).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pika
 import pytest
-from k8s import Emulator, run_kopf_operator, run_kubectl, start_emulator, write_kubeconfig
+from cluster import Cluster, ensure_namespace, run_operator
+from k8s import run_kubectl
 from services import RABBITMQ_URL, TrainerProcess
 
 from mloptimizer.operator.config import OperatorConfig
@@ -25,14 +28,6 @@ from mloptimizer.operator.main import shared_memo
 from mloptimizer.study import records, storage_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@pytest.fixture
-async def emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Emulator]:
-    async with start_emulator() as found:
-        # the handlers' own kubernetes client reads KUBECONFIG at start-up
-        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(found, tmp_path / "kubeconfig")))
-        yield found
 
 
 @pytest.fixture
@@ -81,13 +76,13 @@ def finished(obj: Any) -> bool:
 
 
 async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
-    emulator: Emulator, postgres_dsn: str, name: str, tmp_path: Path
+    cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
     trainers = [TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, f"t{i}") for i in (1, 2)]
     try:
-        async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
-            created = emulator.create_object("archsearch", search(name))
-            deployment = await emulator.wait_for(
+        async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
+            created = await cluster.create("archsearch", search(name))
+            deployment = await cluster.wait_for(
                 "deployments", "default", f"{name}-trainer", timeout=30
             )
             assert deployment is not None
@@ -98,10 +93,10 @@ async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
                 e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
             }
             assert env["MLOPT_BROKER_URL"]["valueFrom"]["secretKeyRef"]["name"] == f"{name}-broker"
-            secret = emulator.fetch_object("secrets", "default", f"{name}-broker")
+            secret = await cluster.get("secrets", "default", f"{name}-broker")
             assert secret is not None
 
-            running = await emulator.wait_for(
+            running = await cluster.wait_for(
                 "archsearch",
                 "default",
                 name,
@@ -109,12 +104,12 @@ async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
                 timeout=60,
             )
             assert running is not None
-            done = await emulator.wait_for("archsearch", "default", name, finished, timeout=300)
+            done = await cluster.wait_for("archsearch", "default", name, finished, timeout=300)
             assert done is not None
-            scaled = emulator.fetch_object("deployments", "default", f"{name}-trainer")
+            scaled = await cluster.get("deployments", "default", f"{name}-trainer")
             assert scaled is not None
             listed = await run_kubectl(
-                Path(str(tmp_path / "kubeconfig")), "get", "archsearch", name, "-n", "default"
+                cluster.kubeconfig, "get", "archsearch", name, "-n", "default"
             )
     finally:
         for trainer in trainers:
@@ -134,7 +129,7 @@ async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
     assert status["observedGeneration"] == created["metadata"]["generation"]
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Complete"]["reason"] == "MaxTrialsReached"
-    reasons = {e["reason"] for e in emulator.list_objects("events", "default")}
+    reasons = {e["reason"] for e in await cluster.list("events", "default")}
     assert {"Started", "NewBest", "Finished"} <= reasons
     print(listed.stdout)
     header = listed.stdout.splitlines()[0].split()
@@ -144,16 +139,16 @@ async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
 
 
 async def test_restarting_the_operator_mid_search_completes_it_telling_each_trial_once(
-    emulator: Emulator, postgres_dsn: str, name: str, tmp_path: Path
+    cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
     trainers = [TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, f"t{i}") for i in (1, 2)]
     memo_config = operator_config(postgres_dsn)
     try:
-        async with run_kopf_operator(emulator, memo=shared_memo(memo_config)):
-            emulator.create_object(
+        async with run_operator(cluster, memo=shared_memo(memo_config)):
+            await cluster.create(
                 "archsearch", search(name, budget={"maxTrials": 6, "parallelism": 2})
             )
-            await emulator.wait_for(
+            await cluster.wait_for(
                 "archsearch",
                 "default",
                 name,
@@ -163,8 +158,8 @@ async def test_restarting_the_operator_mid_search_completes_it_telling_each_tria
                 timeout=120,
             )
         # the operator is gone; trials in flight stay in RabbitMQ
-        async with run_kopf_operator(emulator, memo=shared_memo(memo_config)):
-            done = await emulator.wait_for("archsearch", "default", name, finished, timeout=300)
+        async with run_operator(cluster, memo=shared_memo(memo_config)):
+            done = await cluster.wait_for("archsearch", "default", name, finished, timeout=300)
     finally:
         for trainer in trainers:
             trainer.stop()
@@ -174,26 +169,26 @@ async def test_restarting_the_operator_mid_search_completes_it_telling_each_tria
     trials = records(study)
     assert len([t for t in trials if t.counted]) == 6
     assert all(t.state == "complete" for t in trials)
-    assert "Resumed" in {e["reason"] for e in emulator.list_objects("events", "default")}
+    assert "Resumed" in {e["reason"] for e in await cluster.list("events", "default")}
 
 
 async def test_deleting_a_running_search_removes_its_queues_deployment_and_finalizer(
-    emulator: Emulator, postgres_dsn: str, name: str
+    cluster: Cluster, postgres_dsn: str, name: str
 ) -> None:
-    async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
-        emulator.create_object("archsearch", search(name))
-        await emulator.wait_for(
+    async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
+        await cluster.create("archsearch", search(name))
+        await cluster.wait_for(
             "archsearch",
             "default",
             name,
             lambda o: o is not None and o.get("status", {}).get("phase") == "Running",
             timeout=60,
         )
-        assert emulator.fetch_object("deployments", "default", f"{name}-trainer") is not None
-        emulator.delete_object("archsearch", "default", name)
-        await emulator.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
-    assert emulator.fetch_object("deployments", "default", f"{name}-trainer") is None
-    assert emulator.fetch_object("secrets", "default", f"{name}-broker") is None
+        assert await cluster.get("deployments", "default", f"{name}-trainer") is not None
+        await cluster.delete("archsearch", "default", name)
+        await cluster.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
+    assert await cluster.get("deployments", "default", f"{name}-trainer") is None
+    assert await cluster.get("secrets", "default", f"{name}-broker") is None
     connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
     channel = connection.channel()
     with pytest.raises(pika.exceptions.ChannelClosedByBroker):
@@ -215,14 +210,14 @@ def condition(obj: Any, type_: str) -> dict[str, Any]:
 
 
 async def test_budget_edits_apply_at_once_and_a_fixed_field_edit_is_refused(
-    emulator: Emulator, postgres_dsn: str, name: str, tmp_path: Path
+    cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
     trainer = TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, "t1")
     try:
-        async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
+        async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
             body = search(name, budget={"maxTrials": 2, "parallelism": 1})
-            emulator.create_object("archsearch", body)
-            await emulator.wait_for(
+            await cluster.create("archsearch", body)
+            await cluster.wait_for(
                 "archsearch",
                 "default",
                 name,
@@ -230,13 +225,13 @@ async def test_budget_edits_apply_at_once_and_a_fixed_field_edit_is_refused(
                 timeout=60,
             )
             # the search space cannot change under a running study
-            emulator.patch_object(
+            await cluster.patch(
                 "archsearch",
                 "default",
                 name,
                 {"spec": {"searchSpace": {"architectures": ["inception"]}}},
             )
-            refused = await emulator.wait_for(
+            refused = await cluster.wait_for(
                 "archsearch",
                 "default",
                 name,
@@ -245,13 +240,13 @@ async def test_budget_edits_apply_at_once_and_a_fixed_field_edit_is_refused(
             )
             assert "spec.searchSpace cannot change" in condition(refused, "Degraded")["message"]
             # restore it and raise maxTrials: accepted while the search runs
-            emulator.patch_object(
+            await cluster.patch(
                 "archsearch",
                 "default",
                 name,
                 {"spec": {"searchSpace": {"architectures": ["cnn"]}, "budget": {"maxTrials": 4}}},
             )
-            done = await emulator.wait_for("archsearch", "default", name, finished, timeout=300)
+            done = await cluster.wait_for("archsearch", "default", name, finished, timeout=300)
     finally:
         trainer.stop()
     assert done is not None
@@ -265,20 +260,21 @@ async def test_budget_edits_apply_at_once_and_a_fixed_field_edit_is_refused(
 
 
 async def test_two_searches_in_two_namespaces_stay_apart(
-    emulator: Emulator, postgres_dsn: str, name: str, tmp_path: Path
+    cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
     trainers = [
         TrainerProcess(RABBITMQ_URL, f"{ns}.{name}", tmp_path, f"t-{ns}")
         for ns in ("default", "team-b")
     ]
+    await ensure_namespace(cluster, "team-b")
     try:
-        async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
-            emulator.create_object("archsearch", search(name, "default"))
-            emulator.create_object(
+        async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
+            await cluster.create("archsearch", search(name, "default"))
+            await cluster.create(
                 "archsearch", search(name, "team-b", budget={"maxTrials": 3, "parallelism": 1})
             )
-            a = await emulator.wait_for("archsearch", "default", name, finished, timeout=300)
-            b = await emulator.wait_for("archsearch", "team-b", name, finished, timeout=300)
+            a = await cluster.wait_for("archsearch", "default", name, finished, timeout=300)
+            b = await cluster.wait_for("archsearch", "team-b", name, finished, timeout=300)
     finally:
         for trainer in trainers:
             trainer.stop()
@@ -293,58 +289,56 @@ async def test_two_searches_in_two_namespaces_stay_apart(
         trials = records(study)
         assert len(trials) == count
         assert {t.attrs["worker_id"] for t in trials} == {worker}  # its own trainer only
-        deployment = emulator.fetch_object("deployments", namespace, f"{name}-trainer")
+        deployment = await cluster.get("deployments", namespace, f"{name}-trainer")
         assert deployment is not None
 
 
 async def test_a_space_too_deep_for_the_data_fails_that_search_and_others_go_on(
-    emulator: Emulator, postgres_dsn: str, name: str
+    cluster: Cluster, postgres_dsn: str, name: str
 ) -> None:
     deep = {
         "architectures": ["cnn"],
         "cnn": {"blocks": {"min": 4, "max": 4}},
     }
-    async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
-        emulator.create_object("archsearch", search(f"{name}-bad", searchSpace=deep))
-        emulator.create_object("archsearch", search(name))
-        bad = await emulator.wait_for("archsearch", "default", f"{name}-bad", finished, timeout=60)
-        good = await emulator.wait_for(
+    async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
+        await cluster.create("archsearch", search(f"{name}-bad", searchSpace=deep))
+        await cluster.create("archsearch", search(name))
+        bad = await cluster.wait_for("archsearch", "default", f"{name}-bad", finished, timeout=60)
+        good = await cluster.wait_for(
             "archsearch",
             "default",
             name,
             lambda o: o is not None and o.get("status", {}).get("phase") == "Running",
             timeout=60,
         )
-        emulator.delete_object("archsearch", "default", name)
-        await emulator.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
+        await cluster.delete("archsearch", "default", name)
+        await cluster.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
     assert bad is not None
     assert good is not None
     assert bad["status"]["phase"] == "Failed"
     assert "spec.searchSpace.cnn.blocks.min" in bad["status"]["message"]
     assert condition(bad, "Complete")["reason"] == "InvalidSpec"
-    assert emulator.fetch_object("deployments", "default", f"{name}-bad-trainer") is None
-    warnings = [
-        e for e in emulator.list_objects("events", "default") if e["reason"] == "InvalidSpec"
-    ]
+    assert await cluster.get("deployments", "default", f"{name}-bad-trainer") is None
+    warnings = [e for e in await cluster.list("events", "default") if e["reason"] == "InvalidSpec"]
     assert warnings
 
 
 async def test_a_trainer_killed_mid_trial_loses_nothing_and_the_trial_is_told_once(
-    emulator: Emulator, postgres_dsn: str, name: str, tmp_path: Path
+    cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
     victim = TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, "victim")
     survivor: TrainerProcess | None = None
     try:
-        async with run_kopf_operator(emulator, memo=shared_memo(operator_config(postgres_dsn))):
+        async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
             budget = {"maxTrials": 3, "parallelism": 1}
             training = {"epochs": 20, "batchSize": 32, "mixedPrecision": "off"}
-            emulator.create_object("archsearch", search(name, budget=budget, training=training))
+            await cluster.create("archsearch", search(name, budget=budget, training=training))
             # the victim is the only trainer: it takes trial 0; kill it once it trains
             await poll(lambda: "(attempt 1)" in victim.log(), timeout=120)
             victim.process.kill()
             victim.process.wait()
             survivor = TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, "survivor")
-            done = await emulator.wait_for("archsearch", "default", name, finished, timeout=300)
+            done = await cluster.wait_for("archsearch", "default", name, finished, timeout=300)
     finally:
         victim.stop()
         if survivor is not None:

@@ -1,7 +1,8 @@
-"""GPU pools through the whole operator: kopf with our handlers against the Kubernetes
-emulator, the Vast.ai mock (a booted VM "joins" by creating its Node), the machine's
-PostgreSQL and RabbitMQ. No trainer runs: the trials the dispatcher publishes wait in the
-queue, which is the work the pool rents machines for.
+"""GPU pools through the whole operator: kopf with our handlers against the real API server
+for ArchitectureSearch and the emulator for the rest (see ``cluster.py``), the Vast.ai mock (a
+booted VM "joins" by creating its Node), the machine's PostgreSQL and RabbitMQ. No trainer
+runs: the trials the dispatcher publishes wait in the queue, which is the work the pool rents
+machines for.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from k8s import Emulator, run_kopf_operator
+from cluster import Cluster, run_operator
 from services import RABBITMQ_URL
-from test_operator import emulator, name, operator_config, search  # noqa: F401 (fixtures)
+from test_operator import name, operator_config, search  # noqa: F401 (fixtures)
 from vastmock import API_KEY, VastMock
 
 from mloptimizer.operator.builders import POOL_LABEL
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.services
 
 
 @pytest.fixture
-async def vast(emulator: Emulator) -> AsyncIterator[VastMock]:  # noqa: F811
+async def vast(cluster: Cluster) -> AsyncIterator[VastMock]:
     loop = asyncio.get_running_loop()
 
     def join(instance: dict[str, Any]) -> None:
@@ -39,14 +40,13 @@ async def vast(emulator: Emulator) -> AsyncIterator[VastMock]:  # noqa: F811
         node_name = request["onstart"].split("--node-name=")[1].split()[0]
         uid = request["onstart"].split(f"--node-label={POOL_LABEL}=")[1].split()[0]
 
-        def create() -> None:
-            emulator.create_object(
-                "nodes", {"metadata": {"name": node_name, "labels": {POOL_LABEL: uid}}}
-            )
+        async def create() -> None:  # what k3s does when the VM joins
+            node = {"metadata": {"name": node_name, "labels": {POOL_LABEL: uid}}}
+            await cluster.create("nodes", node, None)
             ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
-            emulator.patch_object("nodes", None, node_name, ready, subresource="status")
+            await cluster.patch("nodes", None, node_name, ready, subresource="status")
 
-        loop.call_soon_threadsafe(create)
+        asyncio.run_coroutine_threadsafe(create(), loop)
 
     with VastMock(create_seconds=0.2, boot_seconds=1.0, on_running=join) as mock:
         for machine, price in enumerate([0.31, 0.22, 0.27, 0.9], start=1):
@@ -98,13 +98,13 @@ def pool_of(obj: dict[str, Any] | None) -> dict[str, Any]:
 
 
 async def test_node_pool_rents_joins_survives_a_restart_and_is_destroyed_with_the_search(
-    emulator: Emulator,  # noqa: F811
+    cluster: Cluster,
     vast: VastMock,
     postgres_dsn: str,
     name: str,  # noqa: F811
 ) -> None:
-    emulator.create_object("secrets", secret("vastai", **{"api-key": API_KEY}), "default")
-    emulator.create_object(
+    await cluster.create("secrets", secret("vastai", **{"api-key": API_KEY}), "default")
+    await cluster.create(
         "secrets",
         secret("k3s-join", server="https://k3s.example:6443", token="K10::join"),
         "default",
@@ -124,23 +124,23 @@ async def test_node_pool_rents_joins_survives_a_restart_and_is_destroyed_with_th
         }
         vast.instances[1] = orphan
     memo = shared_memo(config(postgres_dsn, vast, vastai_api_key=API_KEY))
-    async with run_kopf_operator(emulator, memo=memo):
-        created = emulator.create_object("archsearch", pool_search(name))
+    async with run_operator(cluster, memo=memo):
+        created = await cluster.create("archsearch", pool_search(name))
         uid = created["metadata"]["uid"]
-        await emulator.wait_for(
+        await cluster.wait_for(
             "archsearch",
             "default",
             name,
             lambda o: len(pool_of(o).get("machines", [])) == 2,
             timeout=60,
         )
-        await emulator.wait_until(lambda: 1 in vast.destroyed, timeout=30)  # the orphan
+        await vast.wait_until(lambda: 1 in vast.destroyed, timeout=30)  # the orphan
     rents = [c for c in vast.calls if c[0] == "PUT"]
     assert len(rents) == 2
     # the operator is gone; the machines boot and join meanwhile; a new operator adopts them
     memo = shared_memo(config(postgres_dsn, vast))
-    async with run_kopf_operator(emulator, memo=memo):
-        ready = await emulator.wait_for(
+    async with run_operator(cluster, memo=memo):
+        ready = await cluster.wait_for(
             "archsearch", "default", name, lambda o: pool_of(o).get("ready") == 2, timeout=60
         )
         assert len([c for c in vast.calls if c[0] == "PUT"]) == 2  # nothing rented twice
@@ -148,7 +148,7 @@ async def test_node_pool_rents_joins_survives_a_restart_and_is_destroyed_with_th
         assert sorted(m["pricePerHour"] for m in pool["machines"]) == [0.22, 0.27]
         assert ready is not None
         assert ready["status"]["cost"]["burnRatePerHour"] == pytest.approx(0.49)
-        deployment = emulator.fetch_object("deployments", "default", f"{name}-trainer")
+        deployment = await cluster.get("deployments", "default", f"{name}-trainer")
         assert deployment is not None
         pod = deployment["spec"]["template"]["spec"]
         assert pod["nodeSelector"][POOL_LABEL] == uid
@@ -162,37 +162,35 @@ async def test_node_pool_rents_joins_survives_a_restart_and_is_destroyed_with_th
         assert postgres_dsn not in json.dumps(request)
 
         # dropping the pool under a running search would orphan its machines: refused
-        emulator.patch_object(
-            "archsearch", "default", name, {"spec": {"workers": {"gpuPool": None}}}
-        )
+        await cluster.patch("archsearch", "default", name, {"spec": {"workers": {"gpuPool": None}}})
 
         def refused(obj: dict[str, Any] | None) -> bool:
             conditions = ((obj or {}).get("status") or {}).get("conditions") or []
             return any(c.get("reason") == "SpecChangeRefused" for c in conditions)
 
-        degraded = await emulator.wait_for("archsearch", "default", name, refused, timeout=30)
+        degraded = await cluster.wait_for("archsearch", "default", name, refused, timeout=30)
         assert degraded is not None
         assert "gpuPool" in next(
             c["message"] for c in degraded["status"]["conditions"] if c["type"] == "Degraded"
         )
         assert len(vast.live()) == 2
 
-        emulator.delete_object("archsearch", "default", name)
-        await emulator.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
+        await cluster.delete("archsearch", "default", name)
+        await cluster.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
     assert vast.live() == []
-    assert emulator.list_objects("nodes") == []
+    assert await cluster.list("nodes", label_selector=POOL_LABEL) == []
 
 
 async def test_direct_pool_gives_rented_trainers_a_broker_user_of_their_own(
-    emulator: Emulator,  # noqa: F811
+    cluster: Cluster,
     vast: VastMock,
     postgres_dsn: str,
     name: str,  # noqa: F811
 ) -> None:
-    emulator.create_object("secrets", secret("vastai", **{"api-key": API_KEY}), "default")
+    await cluster.create("secrets", secret("vastai", **{"api-key": API_KEY}), "default")
     memo = shared_memo(config(postgres_dsn, vast))
-    async with run_kopf_operator(emulator, memo=memo):
-        created = emulator.create_object(
+    async with run_operator(cluster, memo=memo):
+        created = await cluster.create(
             "archsearch",
             pool_search(
                 name,
@@ -203,7 +201,7 @@ async def test_direct_pool_gives_rented_trainers_a_broker_user_of_their_own(
             ),
         )
         uid = created["metadata"]["uid"]
-        await emulator.wait_until(lambda: vast.live(), timeout=60)
+        await vast.wait_until(lambda: vast.live(), timeout=60)
         [instance] = vast.live()
         request = next(c[2] for c in vast.calls if c[0] == "PUT")
         env = request["env"]
@@ -216,12 +214,12 @@ async def test_direct_pool_gives_rented_trainers_a_broker_user_of_their_own(
         assert postgres_dsn not in json.dumps(request)
         assert "guest" not in json.dumps(request)
         assert rabbitmq_user(f"mlopt-{uid}") is not None
-        deployment = emulator.fetch_object("deployments", "default", f"{name}-trainer")
+        deployment = await cluster.get("deployments", "default", f"{name}-trainer")
         assert deployment is not None
         assert deployment["spec"]["replicas"] == 0  # the rented containers are the trainers
 
-        emulator.delete_object("archsearch", "default", name)
-        await emulator.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
+        await cluster.delete("archsearch", "default", name)
+        await cluster.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
     assert instance["id"] in vast.destroyed
     assert rabbitmq_user(f"mlopt-{uid}") is None
 
