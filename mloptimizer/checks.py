@@ -1,18 +1,20 @@
 """Checks that need more than the schema: whether the search space fits the data.
 
 The CRD and the spec model agree field by field; what they cannot see is that, say,
-four 2x2 poolings do not fit 8x8 digits. Such a search would only fail trial after trial,
-so ``mloptimizer validate``, ``mloptimizer run`` and the operator refuse it up front,
-naming the field and the value that fits. Limits that only *some* samples exceed are
-warnings: those trials fail and are counted, the others run.
+four 2x2 poolings do not fit 8x8 digits. A space whose *smallest* block count does not
+fit would only fail trial after trial, so ``mloptimizer validate``, ``mloptimizer run`` and
+the operator refuse it up front, naming the field and the value that fits. A space whose
+largest counts do not fit is searched up to what fits (:func:`fitted_space`): the default
+space (up to 4 blocks) is searched with 3 on 8x8 digits, silently; a ``blocks.max`` the
+user wrote above what fits gets a warning that the rest is never sampled.
 """
 
 from __future__ import annotations
 
 from mloptimizer.loading import SpecIssue
-from mloptimizer.spec import ArchitectureSearchSpec
+from mloptimizer.spec import ArchitectureSearchSpec, IntRange, SearchSpace
 
-__all__ = ["BUILTIN_SIDE", "input_side", "space_issues"]
+__all__ = ["BUILTIN_SIDE", "fitted_space", "input_side", "max_blocks", "space_issues"]
 
 # The smaller side of each built-in dataset's images, in pixels.
 BUILTIN_SIDE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "mnist_5k": 28, "cifar10": 32}
@@ -27,13 +29,45 @@ def input_side(spec: ArchitectureSearchSpec) -> int:
     return min(dataset.image_folder.image_size)
 
 
+def max_blocks(spec: ArchitectureSearchSpec) -> int:
+    """The most blocks the input images hold: each block ends with a 2x2 pooling."""
+    return input_side(spec).bit_length() - 1
+
+
+def _fitted(blocks: IntRange, fits: int) -> IntRange:
+    if blocks.max <= fits or blocks.min > fits:
+        return blocks
+    top = blocks.min + (fits - blocks.min) // blocks.step * blocks.step
+    return IntRange(min=blocks.min, max=top, step=blocks.step)
+
+
+def fitted_space(spec: ArchitectureSearchSpec) -> SearchSpace:
+    """The search space as it is sampled: block counts capped at what the images hold."""
+    fits = max_blocks(spec)
+    space = spec.search_space
+    cnn = space.cnn.model_copy(update={"blocks": _fitted(space.cnn.blocks, fits)})
+    inception = space.inception.model_copy(update={"blocks": _fitted(space.inception.blocks, fits)})
+    return space.model_copy(update={"cnn": cnn, "inception": inception})
+
+
+def _written(spec: ArchitectureSearchSpec, family: str) -> bool:
+    """Whether the spec itself sets ``searchSpace.<family>.blocks`` (not a default)."""
+    space = spec.search_space
+    part = space.cnn if family == "cnn" else space.inception
+    return (
+        "search_space" in spec.model_fields_set
+        and family in space.model_fields_set
+        and "blocks" in part.model_fields_set
+    )
+
+
 def space_issues(spec: ArchitectureSearchSpec) -> tuple[list[SpecIssue], list[SpecIssue]]:
     """``(errors, warnings)``: block counts the input images cannot hold.
 
     Every block ends with a 2x2 pooling, so ``n`` blocks need a side of ``2**n`` pixels.
     """
     side = input_side(spec)
-    fits = side.bit_length() - 1  # the most poolings this side allows
+    fits = max_blocks(spec)
     what = (
         f"dataset {spec.dataset.builtin}" if spec.dataset.builtin else "dataset.imageFolder"
     ) + f" ({side}x{side})"
@@ -52,12 +86,13 @@ def space_issues(spec: ArchitectureSearchSpec) -> tuple[list[SpecIssue], list[Sp
                     f"(and max) to {fits}, or drop {family} from searchSpace.architectures",
                 )
             )
-        elif blocks.max > fits:
+        elif blocks.max > fits and _written(spec, family):
+            top = _fitted(blocks, fits).max
             warnings.append(
                 SpecIssue(
                     f"{path}.max",
-                    f"{what} holds at most {fits} blocks; sampled {family} models with more "
-                    f"fail: lower {family}.blocks.max to {fits}",
+                    f"{what} holds at most {fits} blocks; {family} models are searched with "
+                    f"{blocks.min} to {top} blocks: lower {family}.blocks.max to {top} to say so",
                 )
             )
     return errors, warnings

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mloptimizer.flags import env_flag
+
 __all__ = ["main"]
 
 # Set by a trainer restarting itself in place: the trials it served before (--max-trials).
@@ -45,6 +47,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_space(args: argparse.Namespace) -> int:
     import optuna
 
+    from mloptimizer.checks import fitted_space
     from mloptimizer.loading import SpecError, load_search
     from mloptimizer.space import sample_architecture, space_size
 
@@ -53,7 +56,7 @@ def _cmd_space(args: argparse.Namespace) -> int:
     except SpecError as error:
         print(error, file=sys.stderr)
         return 1
-    space = search.spec.search_space
+    space = fitted_space(search.spec)
     seed = args.seed if args.seed is not None else search.spec.sampler.seed
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # What TPE proposes before it has results is a random draw: show exactly that.
@@ -245,73 +248,58 @@ def build_parser() -> argparse.ArgumentParser:
         "per-epoch progress (honouring prune replies) and the result, and only then acks "
         "the trial. SIGTERM requeues the trial in hand and exits 0.",
     )
-    trainer.add_argument(
-        "--broker",
-        default=os.environ.get("MLOPT_BROKER_URL"),
-        help="AMQP URL, such as amqp://user:pass@host:5672/%%2F (env MLOPT_BROKER_URL)",
-    )
-    trainer.add_argument(
-        "--search",
-        default=os.environ.get("MLOPT_SEARCH"),
-        help="the search's study name, <namespace>.<name> (env MLOPT_SEARCH)",
-    )
-    trainer.add_argument(
-        "--cache-dir",
-        default=os.environ.get("MLOPT_CACHE_DIR", "/var/cache/mloptimizer"),
-        help="where downloaded datasets are cached; mount a volume here "
-        "(env MLOPT_CACHE_DIR, default /var/cache/mloptimizer)",
-    )
-    trainer.add_argument(
-        "--data-dir",
-        default=os.environ.get("MLOPT_DATA_DIR"),
-        help="base folder for relative imageFolder paths (env MLOPT_DATA_DIR)",
-    )
-    trainer.add_argument(
-        "--worker-id",
-        default=os.environ.get("MLOPT_WORKER_ID"),
-        help="name in results (default host-pid)",
-    )
-    trainer.add_argument(
-        "--heartbeat", type=int, default=30, help="AMQP heartbeat in seconds (default 30)"
-    )
-    trainer.add_argument(
-        "--grace-period",
-        type=float,
-        default=20.0,
+    env_flag(
+        trainer, "--broker", env="MLOPT_BROKER_URL", shown="required",
+        help="AMQP URL, such as amqp://user:pass@host:5672/%%2F",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--search", env="MLOPT_SEARCH", shown="required",
+        help="the search's study name, <namespace>.<name>",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--cache-dir", env="MLOPT_CACHE_DIR", default="/var/cache/mloptimizer",
+        help="where downloaded datasets are cached; mount a volume here",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--data-dir", env="MLOPT_DATA_DIR", shown="the current folder",
+        help="base folder for relative imageFolder paths",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--worker-id", env="MLOPT_WORKER_ID", shown="<host>-<pid>",
+        help="this trainer's name in results and logs",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--heartbeat", env="MLOPT_HEARTBEAT", default=30, type=int,
+        help="AMQP heartbeat in seconds",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--grace-period", env="MLOPT_GRACE_PERIOD", default=20.0, type=float,
         help="seconds to stop a trial on SIGTERM; keep it below the pod's "
-        "terminationGracePeriodSeconds (default 20)",
-    )
-    trainer.add_argument(
-        "--queue-prefix",
-        default="mlopt",
-        help="queue name prefix: queues are <prefix>.<search>.trials etc. (default mlopt)",
-    )
-    trainer.add_argument(
-        "--max-trials",
-        type=int,
-        default=None,
-        help="exit 0 after this many trials (default: run until stopped)",
-    )
-    trainer.add_argument(
-        "--recycle-memory-mb",
+        "terminationGracePeriodSeconds",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--queue-prefix", env="MLOPT_QUEUE_PREFIX", default="mlopt",
+        help="queue name prefix: queues are <prefix>.<search>.trials etc.",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--max-trials", env="MLOPT_MAX_TRIALS", type=int, shown="run until stopped",
+        help="exit 0 after this many trials",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--recycle-memory-mb", env="MLOPT_RECYCLE_MEMORY_MB", default=1024.0,
         type=float,
-        default=float(os.environ.get("MLOPT_RECYCLE_MEMORY_MB", "1024")),
         help="restart in place, between trials, once resident memory grew this much after "
         "the first trial: Keras keeps ~8 MB per model built and trials slow down with it; "
-        "0 turns it off (env MLOPT_RECYCLE_MEMORY_MB, default 1024)",
-    )
-    trainer.add_argument(
-        "--intra-op-threads",
-        type=int,
-        default=None,
-        help="TensorFlow intra-op threads (default: all cores)",
-    )
-    trainer.add_argument(
-        "--inter-op-threads",
-        type=int,
-        default=None,
-        help="TensorFlow inter-op threads (default: TensorFlow's)",
-    )
+        "0 turns it off",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--intra-op-threads", env="MLOPT_INTRA_OP_THREADS", type=int,
+        shown="all cores", help="TensorFlow intra-op threads",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--inter-op-threads", env="MLOPT_INTER_OP_THREADS", type=int,
+        shown="TensorFlow's", help="TensorFlow inter-op threads",
+    )  # fmt: skip
     trainer.set_defaults(func=_cmd_trainer)
 
     run = commands.add_parser(

@@ -40,7 +40,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "name": "Trials",
         "type": "string",
         "jsonPath": ".status.progress",
-        "description": "Finished trials / maxTrials.",
+        "description": "Explored trials finished / maxTrials (+ refine trials finished / topK).",
     },
     {
         "name": "Best",

@@ -25,6 +25,7 @@ from typing import Literal, Protocol
 import optuna
 from optuna.trial import TrialState
 
+from mloptimizer.checks import fitted_space
 from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage
 from mloptimizer.space import sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
@@ -250,7 +251,7 @@ class Dispatcher:
 
     def _dispatch(self, trial: optuna.trial.Trial) -> None:
         began = time.perf_counter()
-        architecture = sample_architecture(trial, self.spec.search_space)
+        architecture = sample_architecture(trial, fitted_space(self.spec))
         # One write; a trial without a phase attribute is an explore trial.
         trial.set_user_attr(Attr.ARCHITECTURE, architecture.model_dump(mode="json"))
         # The trial's own cache holds its params and enqueued attributes: no extra query.

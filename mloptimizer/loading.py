@@ -112,6 +112,9 @@ def _issue(error: Any, prefix: str) -> SpecIssue:
 def parse_search(document: Any, source: str = "<spec>") -> SearchFile:
     """Validate a parsed YAML document: a whole resource or only its ``spec`` mapping.
 
+    A whole resource may leave out ``apiVersion`` and ``kind`` (``kubectl apply`` needs
+    them, ``mloptimizer run`` does not); when present they must be ArchitectureSearch's.
+
     Raises:
         SpecError: listing every problem with its field path.
     """
@@ -120,10 +123,12 @@ def parse_search(document: Any, source: str = "<spec>") -> SearchFile:
     issues: list[SpecIssue] = []
     name, namespace = "search", "default"
     if "spec" in document or "apiVersion" in document or "kind" in document:
-        if document.get("apiVersion") != API_VERSION:
+        # apiVersion and kind may be left out (`mloptimizer run` needs neither), but when
+        # given they must be these: kubectl would send the file elsewhere otherwise.
+        if document.get("apiVersion", API_VERSION) != API_VERSION:
             got = document.get("apiVersion")
             issues.append(SpecIssue("apiVersion", f"must be {API_VERSION!r}, got {got!r}"))
-        if document.get("kind") != KIND:
+        if document.get("kind", KIND) != KIND:
             issues.append(SpecIssue("kind", f"must be {KIND!r}, got {document.get('kind')!r}"))
         metadata = document.get("metadata") or {}
         name = str(metadata.get("name", name))

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 
 from mloptimizer.messages import TrialMessage
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import TrialRecord, records, storage_url, trial_seed
+from mloptimizer.urls import redact
 
 __all__ = ["ReportError", "build_report", "summarize"]
 
@@ -39,6 +41,14 @@ def _load_run(out: Path, storage: str | None) -> tuple[dict[str, Any], str]:
             f"the run used --storage {url}; pass the same URL again: "
             f"mloptimizer report {out} --storage URL"
         )
+    if "://" not in url:  # the folder's own study file, named relative to it
+        study_file = out / url
+        if not study_file.is_file():
+            raise ReportError(
+                f"{study_file} is missing: the study of this run was in that file; copy it "
+                f"back, or pass the study's URL with --storage"
+            )
+        url = f"sqlite:///{study_file.resolve()}"
     return run, url
 
 
@@ -299,6 +309,9 @@ def build_report(out: Path, *, storage: str | None = None, evaluate: bool = True
         study = optuna.load_study(study_name=run["search"], storage=storage_url(url))
     except KeyError as error:
         raise ReportError(f"no study {run['search']!r} in {url}") from error
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        detail = " ".join(str(error.orig if hasattr(error, "orig") else error).split())
+        raise ReportError(f"cannot read the study at {redact(url)}: {detail}") from error
     summary = summarize(study, spec, run.get("ended"))
     evaluation = None
     if evaluate and summary["best"]:
@@ -334,6 +347,6 @@ def _evaluate(
         metric=spec.objective.metric,
         seed=trial_seed(spec.sampler.seed, best["number"]),
     )
-    cache_dir = Path(run.get("cache_dir") or out / "cache")
+    cache_dir = out / (run.get("cache_dir") or "cache")  # relative: inside the run folder
     base_dir = Path(run["source"]).parent if run.get("source") else None
     return evaluate_best(trial, out, cache_dir=cache_dir, base_dir=base_dir)

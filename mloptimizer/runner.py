@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -25,12 +24,14 @@ from typing import TextIO
 from mloptimizer.dispatch import Dispatcher, Outcome, Transport
 from mloptimizer.loading import SearchFile
 from mloptimizer.study import TrialRecord, open_study, study_name
+from mloptimizer.urls import redact
 
 __all__ = ["ProgressDisplay", "RunOptions", "run_search", "storage_for"]
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+STUDY_FILE = "study.db"  # the run folder's own study, unless --storage names another
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,15 @@ class RunOptions:
 
 def storage_for(out: Path, storage: str | None) -> str:
     """The study storage URL: the one given, or SQLite in the output folder."""
-    return storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    return storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
 
 
-def redact(url: str) -> str:
-    """``url`` without its password, for files and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+def _relative_to(path: Path, out: Path) -> str:
+    """``path`` relative to ``out`` when inside it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(path.resolve())
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -192,9 +192,11 @@ def run_search(search: SearchFile, options: RunOptions, stream: TextIO = sys.std
     run = {
         "search": name,
         "source": str(Path(search.source).resolve()),
-        "storage": redact(storage),
+        # The folder's own study and cache are named relative to it: a copied or moved run
+        # folder still rebuilds its report (`mloptimizer report DIR`).
+        "storage": redact(options.storage) if options.storage else STUDY_FILE,
         "broker": redact(options.broker) if options.broker else None,
-        "cache_dir": str((options.cache_dir or options.out / "cache").resolve()),
+        "cache_dir": _relative_to(options.cache_dir or options.out / "cache", options.out),
         "spec": search.spec.model_dump(mode="json", by_alias=True),
         "ended": None,
     }

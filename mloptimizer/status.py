@@ -130,7 +130,10 @@ class ArchitectureSearchStatus(SpecModel):
         default="Pending", description="Pending, Running, Refining, Succeeded or Failed."
     )
     progress: str = Field(
-        default="0/0", max_length=32, description="Finished trials / maxTrials, as 7/20."
+        default="0/0",
+        max_length=32,
+        description="Explored trials finished / maxTrials, then refine trials finished / "
+        "refine.topK once that phase starts: 7/20, or 20/20 +1/3.",
     )
     trials: TrialCounts = Field(default_factory=TrialCounts, description="Trials by state.")
     best: BestTrial | None = Field(default=None, description="The best trial so far.")

@@ -6,6 +6,9 @@ import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from mloptimizer.flags import env_flag
 
 __all__ = ["OperatorConfig", "add_arguments", "config_from_args"]
 
@@ -32,89 +35,90 @@ class OperatorConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``mloptimizer operator``."""
-    env = os.environ.get
-    parser.add_argument(
-        "--database-url",
-        default=env("MLOPT_DATABASE_URL"),
-        help="PostgreSQL URL of the studies, postgresql://user:pass@host/db (env "
-        "MLOPT_DATABASE_URL; a search may name its own with spec.storage.secretRef)",
-    )
-    parser.add_argument(
-        "--broker-url",
-        default=env("MLOPT_BROKER_URL"),
-        help="AMQP URL of RabbitMQ (env MLOPT_BROKER_URL; a search may name its own with "
-        "spec.broker.secretRef)",
-    )
-    parser.add_argument(
-        "--namespace",
-        action="append",
-        default=None,
-        help="watch this namespace (repeatable; env MLOPT_NAMESPACES, comma-separated; "
-        "default: all namespaces)",
-    )
-    parser.add_argument(
-        "--queue-prefix",
-        default=env("MLOPT_QUEUE_PREFIX", "mlopt"),
-        help="RabbitMQ queue name prefix (env MLOPT_QUEUE_PREFIX, default mlopt)",
-    )
-    parser.add_argument(
-        "--status-interval",
+    """The flags of ``mloptimizer operator``; each has an ``MLOPT_*`` variable."""
+    env_flag(
+        parser, "--database-url", env="MLOPT_DATABASE_URL", shown="required",
+        help="PostgreSQL URL of the studies, postgresql://user:pass@host/db (a search may "
+        "name its own with spec.storage.secretRef)",
+    )  # fmt: skip
+    env_flag(
+        parser, "--broker-url", env="MLOPT_BROKER_URL", shown="required",
+        help="AMQP URL of RabbitMQ (a search may name its own with spec.broker.secretRef)",
+    )  # fmt: skip
+    env_flag(
+        parser, "--namespace", env="MLOPT_NAMESPACES", shown="all namespaces",
+        type=_namespaces, action=_Extend, metavar="NAMESPACE",
+        help="watch this namespace; repeatable, or comma-separated in the variable",
+    )  # fmt: skip
+    env_flag(
+        parser, "--queue-prefix", env="MLOPT_QUEUE_PREFIX", default="mlopt",
+        help="RabbitMQ queue name prefix: queues are <prefix>.<namespace>.<name>.*",
+    )  # fmt: skip
+    env_flag(
+        parser, "--status-interval", env="MLOPT_STATUS_INTERVAL", default=1.0, type=float,
+        help="least seconds between two status patches of one search",
+    )  # fmt: skip
+    env_flag(
+        parser, "--liveness-port", env="MLOPT_LIVENESS_PORT", default=8080, type=int,
+        help="port of kopf's liveness endpoint /healthz",
+    )  # fmt: skip
+    env_flag(
+        parser, "--metrics-port", env="MLOPT_METRICS_PORT", default=9090, type=int,
+        help="port of the Prometheus metrics; 0 turns them off",
+    )  # fmt: skip
+    env_flag(
+        parser, "--trial-silence-timeout", env="MLOPT_TRIAL_SILENCE_TIMEOUT", default=3600.0,
         type=float,
-        default=float(env("MLOPT_STATUS_INTERVAL", "1.0")),
-        help="least seconds between two status patches of one search (default 1)",
-    )
-    parser.add_argument(
-        "--liveness-port",
-        type=int,
-        default=int(env("MLOPT_LIVENESS_PORT", "8080")),
-        help="port of kopf's liveness endpoint /healthz (default 8080)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env("MLOPT_METRICS_PORT", "9090")),
-        help="port of the Prometheus metrics; 0 turns them off (default 9090)",
-    )
-    parser.add_argument(
-        "--trial-silence-timeout",
-        type=float,
-        default=float(env("MLOPT_TRIAL_SILENCE_TIMEOUT", "3600")),
         help="seconds without progress after which a trial being trained is failed and "
-        "retried (twice at most); keep it above your longest epoch (default 3600)",
-    )
-    parser.add_argument(
-        "--vastai-url",
-        default=env("MLOPT_VASTAI_URL", "https://console.vast.ai"),
-        help="root of the Vast.ai API (env MLOPT_VASTAI_URL)",
-    )
-    parser.add_argument(
-        "--pool-interval",
+        "retried (twice at most); keep it above your longest epoch",
+    )  # fmt: skip
+    env_flag(
+        parser, "--vastai-url", env="MLOPT_VASTAI_URL", default="https://console.vast.ai",
+        help="root of the Vast.ai API",
+    )  # fmt: skip
+    env_flag(
+        parser, "--pool-interval", env="MLOPT_POOL_INTERVAL", default=15.0, type=float,
+        help="seconds between two passes of a GPU pool over Vast.ai",
+    )  # fmt: skip
+    env_flag(
+        parser, "--orphan-sweep-interval", env="MLOPT_ORPHAN_SWEEP_INTERVAL", default=600.0,
         type=float,
-        default=float(env("MLOPT_POOL_INTERVAL", "15")),
-        help="seconds between two passes of a GPU pool over Vast.ai (default 15)",
-    )
-    parser.add_argument(
-        "--orphan-sweep-interval",
-        type=float,
-        default=float(env("MLOPT_ORPHAN_SWEEP_INTERVAL", "600")),
         help="seconds between two sweeps destroying Vast.ai instances whose search is gone, "
         "with every API key the operator has seen and MLOPT_VASTAI_API_KEY; 0 turns the "
-        "sweep off (default 600)",
-    )
-    parser.add_argument(
-        "--broker-admin-url",
-        default=env("MLOPT_BROKER_ADMIN_URL"),
+        "sweep off",
+    )  # fmt: skip
+    env_flag(
+        parser, "--broker-admin-url", env="MLOPT_BROKER_ADMIN_URL",
+        shown="the broker URL's host and credentials on port 15672",
         help="RabbitMQ management API, http://user:pass@host:15672, where Direct-mode pools "
-        "create a broker user per search (env MLOPT_BROKER_ADMIN_URL; default: the broker "
-        "URL's host and credentials on port 15672)",
-    )
-    parser.add_argument(
-        "--peering",
-        default=env("MLOPT_PEERING"),
+        "create a broker user per search",
+    )  # fmt: skip
+    env_flag(
+        parser, "--peering", env="MLOPT_PEERING", shown="standalone",
         help="kopf peering name: with several replicas only the highest-priority one "
-        "handles searches (default: standalone)",
+        "handles searches",
+    )  # fmt: skip
+    parser.epilog = (
+        "MLOPT_VASTAI_API_KEY (environment only, never a flag): an extra Vast.ai API key "
+        "the orphan sweep uses besides the keys of the searches' Secrets."
     )
+
+
+def _namespaces(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+class _Extend(argparse.Action):
+    """``--namespace a --namespace b,c`` -> [a, b, c]; the flags replace the variable's."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+        option_string: str | None = None,
+    ) -> None:  # fmt: skip
+        given = getattr(namespace, "_namespaces_given", False)
+        current = list(getattr(namespace, self.dest) or []) if given else []
+        setattr(namespace, self.dest, current + list(values))
+        namespace._namespaces_given = True
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
@@ -131,9 +135,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         raise ValueError(
             f"{' and '.join(missing)} required (or MLOPT_DATABASE_URL / MLOPT_BROKER_URL)"
         )
-    namespaces: Sequence[str] = args.namespace or [
-        n.strip() for n in os.environ.get("MLOPT_NAMESPACES", "").split(",") if n.strip()
-    ]
+    namespaces: Sequence[str] = args.namespace or ()
     return OperatorConfig(
         database_url=args.database_url,
         broker_url=args.broker_url,

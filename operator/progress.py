@@ -12,6 +12,7 @@ from mloptimizer.spec import ArchitectureSearchSpec, Workers
 __all__ = [
     "desired_replicas",
     "now_rfc3339",
+    "progress_text",
     "set_condition",
     "status_from_counts",
 ]
@@ -60,12 +61,26 @@ def set_condition(
     return [c for c in conditions if c.get("type") != type_] + [condition]
 
 
+def progress_text(counts: Counts, spec: ArchitectureSearchSpec) -> str:
+    """The Trials column: explored trials finished / maxTrials, then the refine phase's.
+
+    ``12/12`` while exploring; ``12/12 +2/3`` once 2 of the 3 refine trials finished.
+    Interrupted trials (replaced, not counted) are left out.
+    """
+    explored = sum(r.phase == "explore" and r.counted for r in counts.history)
+    text = f"{min(explored, 10**6)}/{spec.budget.max_trials}"
+    refine = spec.training.refine
+    refined = sum(r.phase == "refine" and r.counted for r in counts.history)
+    if refine is not None and (refined or explored >= spec.budget.max_trials):
+        text += f" +{refined}/{refine.top_k}"
+    return text
+
+
 def status_from_counts(
     counts: Counts, spec: ArchitectureSearchSpec, *, price_per_hour: float | None = None
 ) -> dict[str, Any]:
     """The status fields that follow the study: progress, trials, best and cost."""
     best = counts.best
-    finished = counts.complete + counts.pruned + counts.failed
     gpu_seconds = sum(r.seconds for r in counts.history) * max(1, spec.workers.resources.gpu)
     price = spec.workers.price_per_hour if price_per_hour is None else price_per_hour
     cost: dict[str, Any]
@@ -80,7 +95,7 @@ def status_from_counts(
             "burnRatePerHour": round((price or 0.0) * counts.running, 4),
         }
     return {
-        "progress": f"{min(finished, 10**6)}/{spec.budget.max_trials}",
+        "progress": progress_text(counts, spec),
         "trials": {
             "complete": counts.complete,
             "running": counts.running,

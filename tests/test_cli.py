@@ -115,3 +115,27 @@ def test_validate_refuses_a_space_the_images_cannot_hold(
     assert "warning: spec.searchSpace.cnn.blocks.max" in captured.err
     assert "lower cnn.blocks.max to 3" in captured.err
     assert "ok (d, 20 trials)" in captured.out
+
+
+def test_a_resource_without_apiversion_and_kind_is_a_search_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "small.yaml"
+    path.write_text("metadata: {name: small}\nspec:\n  dataset:\n    builtin: digits\n")
+    assert main(["validate", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "ok (small, 20 trials)" in captured.out
+    assert captured.err == ""  # the default space fits digits: no warning
+    path.write_text("apiVersion: v2\nspec:\n  dataset:\n    builtin: digits\n")
+    assert main(["validate", str(path)]) == 1
+    assert "apiVersion: must be 'mloptimizer.io/v1alpha1', got 'v2'" in capsys.readouterr().err
+
+
+def test_report_of_a_folder_whose_study_is_gone_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "run.json").write_text('{"search": "default.x", "storage": "study.db"}')
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'study.db'} is missing" in err
+    assert "Traceback" not in err

@@ -57,7 +57,9 @@ def run(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProc
 
 def study_of(out: Path) -> optuna.Study:
     run_info = json.loads((out / "run.json").read_text())
-    return optuna.load_study(study_name=run_info["search"], storage=run_info["storage"])
+    assert run_info["storage"] == "study.db"  # relative: the folder may move
+    storage = f"sqlite:///{(out / run_info['storage']).resolve()}"
+    return optuna.load_study(study_name=run_info["search"], storage=storage)
 
 
 def test_digits_example_end_to_end_writes_a_consistent_report(tmp_path: Path) -> None:

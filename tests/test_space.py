@@ -214,3 +214,32 @@ def test_pruner_factory(pruner: dict[str, Any], expected: type) -> None:
     if isinstance(built, optuna.pruners.HyperbandPruner):
         assert built._min_resource == 2
         assert built._max_resource == 9
+
+
+def test_the_space_is_searched_up_to_the_blocks_the_images_hold() -> None:
+    from mloptimizer.checks import fitted_space, space_issues
+    from mloptimizer.loading import parse_search
+
+    spec = parse_search({"dataset": {"builtin": "digits"}}).spec  # 8x8: 3 poolings fit
+    space = fitted_space(spec)
+    assert (space.cnn.blocks.max, space.inception.blocks.max) == (3, 3)
+    assert spec.search_space.cnn.blocks.max == 4  # the spec itself is unchanged
+    assert space_issues(spec) == ([], [])  # the default space is not the user's mistake
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    depths = set()
+    for _ in range(200):
+        arch = sample_architecture(study.ask(), space)
+        depths.add(len(arch.conv_blocks) or len(arch.inception_blocks))
+    assert depths == {1, 2, 3}
+    # on the step grid: 1, 3, 5 -> 1, 3
+    stepped = parse_search(
+        {"dataset": {"builtin": "digits"},
+         "searchSpace": {"cnn": {"blocks": {"min": 1, "max": 5, "step": 2}}}}
+    ).spec  # fmt: skip
+    assert fitted_space(stepped).cnn.blocks.max == 3
+    errors, warnings = space_issues(stepped)
+    assert errors == []
+    assert [w.path for w in warnings] == ["spec.searchSpace.cnn.blocks.max"]
+    assert "searched with 1 to 3 blocks" in warnings[0].message
+    mnist = parse_search({"dataset": {"builtin": "mnist"}}).spec  # 28x28 holds 4
+    assert fitted_space(mnist) == mnist.search_space

@@ -19,8 +19,14 @@ from mloptimizer.operator.builders import (
     trainer_labels,
     trainers_per_machine,
 )
-from mloptimizer.operator.progress import desired_replicas, set_condition, status_from_counts
+from mloptimizer.operator.progress import (
+    desired_replicas,
+    progress_text,
+    set_condition,
+    status_from_counts,
+)
 from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef, Workers
+from mloptimizer.study import TrialRecord
 
 BROKER = SecretKeyRef(name="mq", key="url")
 
@@ -164,15 +170,38 @@ def test_a_condition_keeps_its_transition_time_until_its_status_changes() -> Non
     assert both[1]["observedGeneration"] == 2
 
 
+def record(number: int, phase: str, state: str, interrupted: bool = False) -> TrialRecord:
+    return TrialRecord(
+        number=number, trial_id=number, phase=phase, state=state, value=None,  # type: ignore[arg-type]
+        architecture=None, params={}, interrupted=interrupted, refines=None, error=None,
+        seconds=1.0, cost_usd=0.0, attrs={},
+    )  # fmt: skip
+
+
 def test_status_from_counts_reports_progress_cost_and_burn_rate() -> None:
     spec = make_spec(budget={"maxTrials": 10}, workers={"pricePerHour": 0.5})
-    counts = Counts(complete=3, pruned=1, failed=1, running=2, cost_usd=0.123456)
+    states = ["complete", "complete", "complete", "pruned", "failed"]
+    history = [record(i, "explore", state) for i, state in enumerate(states)]
+    history.append(record(5, "explore", "failed", interrupted=True))  # replaced, not counted
+    counts = Counts(complete=3, pruned=1, failed=1, running=2, cost_usd=0.123456, history=history)
     status = status_from_counts(counts, spec)
     assert status["progress"] == "5/10"
     assert status["trials"] == {"complete": 3, "running": 2, "pruned": 1, "failed": 1}
     assert status["best"] is None
     assert status["cost"]["usd"] == 0.1235
     assert status["cost"]["burnRatePerHour"] == 1.0
+
+
+def test_the_trials_column_counts_explore_and_refine_apart() -> None:
+    spec = make_spec(
+        budget={"maxTrials": 3}, training={"epochs": 2, "refine": {"topK": 2, "epochs": 4}}
+    )
+    explored = [record(i, "explore", "complete") for i in range(3)]
+    assert progress_text(Counts(history=explored[:2], explore_used=3), spec) == "2/3"
+    assert progress_text(Counts(history=explored, explore_used=3), spec) == "3/3 +0/2"
+    refined = [*explored, record(3, "refine", "complete")]
+    assert progress_text(Counts(history=refined, explore_used=3), spec) == "3/3 +1/2"
+    assert progress_text(Counts(history=explored, explore_used=3), make_spec()) == "3/20"
 
 
 @pytest.mark.parametrize(

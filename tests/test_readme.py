@@ -1,0 +1,377 @@
+"""README.md holds, command by command: a README that drifts from the code fails here.
+
+* Every ```bash block carries a ``<!-- readme-test: KIND -->`` comment on the line before it
+  and runs as written, in a copy of the repository: ``run`` blocks with the test venv
+  (linked as ``.venv``), ``setup``, ``main`` and ``after-main`` on a fresh copy in that
+  order, as a newcomer would (a new venv, the main job, what comes after it),
+  ``until-stopped`` ones until they print their ready line, then SIGTERM (exit 0);
+  ``skip (why)`` ones (a cluster, a registry) are only listed.
+* Every ```console block is a command (``$ ...``) and its exact output.
+* Every ```yaml block is a search file that validates without errors or warnings.
+* Every flag, variable and default in the flags tables is what ``--help`` and the parser say,
+  and every flag of the parser is in its table; every chart value in the values table is in
+  ``values.yaml`` with that default; every file the layout and run-folder tables name exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+import yaml
+from services import RABBITMQ_URL
+
+from mloptimizer.checks import space_issues
+from mloptimizer.cli import build_parser
+from mloptimizer.loading import parse_search
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+VENV = Path(sys.prefix)
+
+KINDS = {"run", "setup", "main", "after-main", "until-stopped", "skip"}
+
+
+@dataclass(frozen=True)
+class Block:
+    lang: str
+    text: str
+    line: int  # of the opening fence
+    kind: str = ""  # from the readme-test comment before it
+    detail: str = ""  # its parenthesised part: the reason to skip, the ready line
+
+    def __str__(self) -> str:
+        return f"README.md:{self.line} ({self.lang or 'text'}, {self.kind or 'unmarked'})"
+
+
+def blocks(text: str | None = None) -> list[Block]:
+    lines = (text if text is not None else README.read_text()).splitlines()
+    found: list[Block] = []
+    index = 0
+    while index < len(lines):
+        fence = re.match(r"^```(\w*)\s*$", lines[index])
+        if not fence:
+            index += 1
+            continue
+        start = index
+        index += 1
+        body: list[str] = []
+        while index < len(lines) and lines[index] != "```":
+            body.append(lines[index])
+            index += 1
+        index += 1
+        previous = next((line for line in reversed(lines[:start]) if line.strip()), "")
+        marker = re.match(r"<!-- readme-test: ([\w-]+)(?: \((.*)\))? -->", previous)
+        kind, detail = (marker.group(1), marker.group(2) or "") if marker else ("", "")
+        found.append(Block(fence.group(1), "\n".join(body) + "\n", start + 1, kind, detail))
+    return found
+
+
+def of_lang(*langs: str) -> list[Block]:
+    return [b for b in blocks() if b.lang in langs]
+
+
+def repo_copy(where: Path) -> Path:
+    """The files git tracks, as a fresh clone would have them (plus the working tree's edits)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        source = ROOT / name.decode()
+        if source.is_file():
+            target = where / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return where
+
+
+def environment(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPT_", "VIRTUAL_ENV"))}
+    return {**env, "KERAS_HOME": str(home / "keras"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def run_block(block: Block, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.text],
+        cwd=cwd, env=environment(cwd), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{block} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    return done
+
+
+# --- the markers ------------------------------------------------------------------------
+
+
+def test_the_parser_reads_fences_and_markers() -> None:
+    text = (
+        "a\n<!-- readme-test: skip (no cluster) -->\n```bash\nkubectl get x\n```\n"
+        "```yaml\nk: v\n```\n"
+    )
+    skip, plain = blocks(text)
+    assert (skip.lang, skip.kind, skip.detail, skip.text) == ("bash", "skip", "no cluster",
+                                                              "kubectl get x\n")  # fmt: skip
+    assert (plain.lang, plain.kind, plain.line) == ("yaml", "", 6)
+
+
+def test_every_shell_block_is_marked_and_every_skip_says_why() -> None:
+    shell = of_lang("bash", "sh", "shell")
+    assert len(shell) >= 10
+    for block in shell:
+        assert block.lang == "bash", f"{block}: write ```bash"
+        assert block.kind in KINDS, f"{block}: add <!-- readme-test: run|skip (why)|... -->"
+        if block.kind in ("skip", "until-stopped"):
+            assert block.detail, f"{block}: say why in parentheses"
+    kinds = [b.kind for b in shell]
+    assert kinds.count("setup") == 1
+    assert kinds.count("main") == 1
+
+
+# --- commands that run with the test venv ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in of_lang("bash") if b.kind == "run"], ids=lambda b: f"line{b.line}"
+)
+def test_run_block_works_as_written(block: Block, tmp_path: Path) -> None:
+    copy = repo_copy(tmp_path / "repo")
+    (copy / ".venv").symlink_to(VENV)
+    run_block(block, copy, timeout=300)
+
+
+@pytest.mark.parametrize("block", [b for b in of_lang("console")], ids=lambda b: f"line{b.line}")
+def test_console_block_prints_what_readme_shows(block: Block, tmp_path: Path) -> None:
+    copy = repo_copy(tmp_path / "repo")
+    (copy / ".venv").symlink_to(VENV)
+    command, *expected = block.text.splitlines()
+    assert command.startswith("$ "), f"{block}: the first line is the command"
+    done = subprocess.run(
+        ["bash", "-c", command[2:]], cwd=copy, env=environment(copy),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (done.stdout + done.stderr).splitlines() == expected
+
+
+def test_until_stopped_blocks_start_and_stop_cleanly(tmp_path: Path) -> None:
+    copy = repo_copy(tmp_path / "repo")
+    (copy / ".venv").symlink_to(VENV)
+    started = [b for b in of_lang("bash") if b.kind == "until-stopped"]
+    assert started
+    try:
+        for block in started:
+            ready = re.search(r'ready when it prints "([^"]+)"', block.detail)
+            assert ready, f'{block}: say (ready when it prints "...")'
+            log = tmp_path / "out.log"
+            with log.open("w") as out:
+                process = subprocess.Popen(
+                    ["bash", "-c", f"exec {block.text.strip()}"], cwd=copy,
+                    env=environment(copy), stdout=out, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            deadline = time.monotonic() + 60
+            while ready.group(1) not in log.read_text():  # a process's log: nothing to await
+                assert process.poll() is None, f"{block} exited:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"{block} never got ready:\n{log.read_text()}"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0, log.read_text()
+            assert "Traceback" not in log.read_text()
+    finally:
+        connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+        channel = connection.channel()
+        for queue in ("trials", "progress", "results", "dead"):
+            channel.queue_delete(f"mlopt.default.digits-quick.{queue}")
+        connection.close()
+
+
+# --- the newcomer's path: a fresh venv, the main job, its results --------------------------
+
+
+@pytest.mark.slow
+def test_a_newcomer_sets_up_runs_the_main_job_and_reads_the_results(tmp_path: Path) -> None:
+    copy = repo_copy(tmp_path / "repo")
+    ordered = {b.kind: b for b in of_lang("bash") if b.kind in ("setup", "main", "after-main")}
+    run_block(ordered["setup"], copy, timeout=1200)
+    assert (copy / ".venv" / "bin" / "mloptimizer").exists()
+    main = run_block(ordered["main"], copy, timeout=1200)
+    assert re.search(r"search ended \((maxTrials|target)\)", main.stdout), main.stdout
+    out = copy / "runs" / "digits-quick"
+    for name in run_folder_files():
+        assert (out / name).is_file(), f"README's run-folder table names {name}; not written"
+    # the folder alone rebuilds the report, moved elsewhere too (paths are relative)
+    moved = tmp_path / "elsewhere" / "digits-quick"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    done = subprocess.run(
+        [str(copy / ".venv" / "bin" / "mloptimizer"), "report", str(moved)],
+        cwd=tmp_path, env=environment(tmp_path), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "best" in (moved / "report.md").read_text()
+    shutil.move(moved, out)
+    rebuilt = run_block(ordered["after-main"], copy, timeout=600)
+    assert "report: runs/digits-quick/report.md" in rebuilt.stdout
+
+
+# --- YAML -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", of_lang("yaml"), ids=lambda b: f"line{b.line}")
+def test_yaml_block_is_a_clean_search_file(block: Block) -> None:
+    search = parse_search(yaml.safe_load(block.text), str(block))
+    assert space_issues(search.spec) == ([], []), block
+
+
+# --- tables -----------------------------------------------------------------------------
+
+
+def section(title: str) -> str:
+    text = README.read_text()
+    start = re.search(rf"^#+ {re.escape(title)}\s*$", text, re.M)
+    assert start, f"README has no section {title!r}"
+    level = len(start.group(0).split()[0])
+    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, start.end())
+    return text[start.end() : end.start() if end else len(text)]
+
+
+def table(text: str, header: str) -> list[list[str]]:
+    """Rows of the markdown table whose header row starts with ``header``, cells stripped."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
+    return rows
+
+
+def ticked(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def parser_of(command: str) -> Any:
+    commands = next(
+        a
+        for a in build_parser()._actions
+        if isinstance(a, argparse._SubParsersAction)  # the one way argparse offers
+    )
+    return commands.choices[command]
+
+
+@pytest.mark.parametrize(("command", "title"), [("operator", "The operator"),
+                                                 ("trainer", "The trainer")])  # fmt: skip
+def test_flag_tables_are_what_help_and_the_parser_say(command: str, title: str) -> None:
+    parser = parser_of(command)
+    help_text = " ".join(parser.format_help().split())
+    actions = {a.option_strings[0]: a for a in parser._actions if a.option_strings[0] != "-h"}
+    listed = set()
+    for flag_cell, env_cell, default, _ in table(section(title), "| flag | env | default |"):
+        env = ticked(env_cell)[0]
+        if flag_cell == "—":  # an environment variable with no flag
+            assert env in help_text, f"--help of {command} does not mention {env}"
+            continue
+        flag = ticked(flag_cell)[0]
+        listed.add(flag)
+        action = actions.get(flag)
+        assert action is not None, f"{flag} is in README's table but not a flag of {command}"
+        assert action.env == env, (flag, action.env, env)
+        assert action.shown_default == default.strip("`"), (flag, action.shown_default, default)
+        assert f"(env {env}; default {action.shown_default})" in help_text, flag
+    assert listed == set(actions), f"flags missing from README's table: {set(actions) - listed}"
+
+
+def test_every_flag_of_the_daemons_has_a_variable_in_help() -> None:
+    for command in ("operator", "trainer"):
+        parser = parser_of(command)
+        help_text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.option_strings[0] == "-h":
+                continue
+            env = getattr(action, "env", None)
+            assert env, f"{command} {action.option_strings[0]} has no variable"
+            assert env.startswith("MLOPT_"), env
+            assert f"(env {env};" in help_text
+
+
+def test_the_run_flags_table_names_the_flags_of_run() -> None:
+    parser = parser_of("run")
+    flags = {a.option_strings[0] for a in parser._actions if a.option_strings}
+    rows = table(section("Run a search on this machine"), "| flag of `mloptimizer run` |")
+    listed = {ticked(row[0])[0] for row in rows}
+    assert listed == flags - {"-h"}
+
+
+def run_folder_files() -> list[str]:
+    rows = table(section("Read the results"), "| file | what |")
+    return [name for row in rows for name in ticked(row[0])]
+
+
+def test_the_layout_table_names_files_that_exist_and_every_module() -> None:
+    rows = table(section("Layout"), "| folder | import name |")
+    for row in rows:
+        folder = ROOT / ticked(row[0])[0]
+        assert folder.is_dir(), folder
+        named = [n for n in ticked(row[2]) if n.endswith(".py")]
+        for name in named:
+            assert (folder / name).is_file(), f"{folder.name}/{name} is named in Layout"
+        if folder.name in ("mloptimizer", "operator", "trainer"):
+            modules = {p.name for p in folder.glob("*.py") if p.name != "__init__.py"}
+            assert modules <= set(named), f"not in Layout: {sorted(modules - set(named))}"
+
+
+def _value(values: dict[str, Any], dotted: str) -> Any:
+    node: Any = values
+    for key in dotted.split("."):
+        assert isinstance(node, dict), f"values.yaml has no {dotted}"
+        assert key in node, f"values.yaml has no {dotted}"
+        node = node[key]
+    return node
+
+
+def test_the_chart_values_table_is_values_yaml() -> None:
+    values = yaml.safe_load((ROOT / "charts" / "mloptimizer" / "values.yaml").read_text())
+    appversion = yaml.safe_load((ROOT / "charts" / "mloptimizer" / "Chart.yaml").read_text())
+    rows = table(section("Chart values"), "| value | default |")
+    assert len(rows) >= 10
+    for value_cell, default_cell, _ in rows:
+        keys = ticked(value_cell)
+        defaults = [d.strip() for d in default_cell.split(", ")]
+        assert len(defaults) == len(keys), value_cell
+        for key, default in zip(keys, defaults, strict=True):
+            actual = _value(values, key)
+            if default == "appVersion":
+                assert actual == "", key  # empty tag: the chart's appVersion
+                assert appversion["appVersion"]
+                continue
+            shown = yaml.safe_load(default) if default not in ("", '""') else ""
+            assert actual == shown, (key, actual, default)
+
+
+def test_the_spec_reference_covers_every_field_of_the_crd() -> None:
+    crd = yaml.safe_load((ROOT / "crds" / "architecturesearch.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rows = table(section("Spec reference"), "| field | meaning |")
+    text = "\n".join(" | ".join(row) for row in rows)
+    for name, field in spec["properties"].items():
+        assert f"`{name}." in text, f"spec.{name} is not in README's spec reference"
+        for sub in field.get("properties", {}):
+            assert re.search(rf"`{name}\.{sub}`|\b{sub}\b", text), f"spec.{name}.{sub}"
+
+
+def test_files_named_in_readme_exist() -> None:
+    text = README.read_text()
+    for path in set(re.findall(r"`((?:examples|bench|scripts|docs|crds|charts)/[\w./-]+)`", text)):
+        assert (ROOT / path).exists(), f"README names {path}"
