@@ -136,7 +136,7 @@ class _Status:
     def __init__(self, timings: Timings, spec: ArchitectureSearchSpec) -> None:
         from mloptimizer.operator.progress import status_from_counts
 
-        self.build = timings.wrap("status", lambda d: status_from_counts(d.counts, spec))
+        self.build = timings.wrap("status", lambda d: status_from_counts(d.counts, spec, d.running))
         self.last = 0.0
 
     def started(self, trial: Any, dispatcher: Any) -> None:

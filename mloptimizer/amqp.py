@@ -18,9 +18,10 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from mloptimizer.broker import REASON_HEADER, declare_queues
-from mloptimizer.dispatch import Decision, Inbound
+from mloptimizer.broker import PERSISTENT, dead_letter, declare_queues
+from mloptimizer.dispatch import Inbound
 from mloptimizer.messages import (
+    Decision,
     MessageError,
     ProgressMessage,
     ProgressReply,
@@ -34,10 +35,6 @@ from mloptimizer.messages import (
 __all__ = ["AmqpTransport"]
 
 log = logging.getLogger(__name__)
-
-_PERSISTENT = pika.BasicProperties(
-    delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"
-)
 
 
 class AmqpTransport:
@@ -85,11 +82,7 @@ class AmqpTransport:
                 raise MessageError(f"expected progress or result, got {message.kind!r}")
         except MessageError as error:
             log.error("dead-lettering a message from %s: %s", method.routing_key, error.reason)
-            headers = dict(properties.headers or {})
-            headers[REASON_HEADER] = error.reason
-            channel.basic_publish(
-                "", self.names.dead_letters, body, pika.BasicProperties(headers=headers)
-            )
+            dead_letter(channel, self.names, body, properties.headers, error.reason)
             channel.basic_ack(tag)
             return
 
@@ -111,12 +104,12 @@ class AmqpTransport:
     def send(self, trial: TrialMessage) -> None:
         for _ in range(5):
             try:
-                self._channel.basic_publish("", self.names.trials, encode(trial), _PERSISTENT)
+                self._channel.basic_publish("", self.names.trials, encode(trial), PERSISTENT)
                 return
             except pika.exceptions.AMQPError as error:
                 log.warning("publishing trial %d failed (%r); reconnecting", trial.number, error)
                 self._connect()
-        raise RuntimeError(f"could not publish trial {trial.number} to {self.names.trials}")
+        raise ConnectionError(f"could not publish trial {trial.number} to {self.names.trials}")
 
     def receive(self, timeout: float) -> list[Inbound]:
         try:

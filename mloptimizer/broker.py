@@ -11,12 +11,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import pika
+
 from mloptimizer.messages import QueueNames
 
 if TYPE_CHECKING:
     from pika.adapters.blocking_connection import BlockingChannel
 
-__all__ = ["DELIVERY_LIMIT", "REASON_HEADER", "attempt_of", "declare_queues"]
+__all__ = [
+    "DELIVERY_LIMIT",
+    "PERSISTENT",
+    "REASON_HEADER",
+    "attempt_of",
+    "dead_letter",
+    "declare_queues",
+]
 
 DELIVERY_LIMIT = 5
 REASON_HEADER = "x-mlopt-reason"
@@ -37,6 +46,32 @@ def declare_queues(channel: BlockingChannel, names: QueueNames) -> None:
     )
     channel.queue_declare(queue=names.progress, durable=True)
     channel.queue_declare(queue=names.results, durable=True)
+
+
+PERSISTENT = pika.BasicProperties(
+    delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"
+)
+
+
+def dead_letter(
+    channel: BlockingChannel,
+    names: QueueNames,
+    body: bytes,
+    headers: dict[str, Any] | None,
+    reason: str,
+) -> None:
+    """Put a message nobody can handle on the search's dead-letter queue, with the reason.
+
+    Persistent, like the queue: a dead letter is kept for a person (or the dispatcher) to
+    read, and survives a broker restart.
+    """
+    kept = {**(headers or {}), REASON_HEADER: reason[:1024]}
+    channel.basic_publish(
+        "",
+        names.dead_letters,
+        body,
+        pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, headers=kept),
+    )
 
 
 def attempt_of(headers: dict[str, Any] | None) -> int:

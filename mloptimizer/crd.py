@@ -18,12 +18,11 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from mloptimizer.rules import SpecModel
-from mloptimizer.spec import API_VERSION, GROUP, KIND, VERSION, ArchitectureSearchSpec
+from mloptimizer.spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, ArchitectureSearchSpec
 from mloptimizer.status import ArchitectureSearchStatus
 
-__all__ = ["PLURAL", "SHORT_NAME", "build_crd", "crd_yaml", "model_schema"]
+__all__ = ["SHORT_NAME", "build_crd", "crd_yaml", "model_schema"]
 
-PLURAL = "architecturesearches"
 SINGULAR = "architecturesearch"
 SHORT_NAME = "archsearch"
 

@@ -25,26 +25,37 @@ from typing import Literal, Protocol
 import optuna
 from optuna.trial import TrialState
 
+from mloptimizer.changes import refusal
 from mloptimizer.checks import fitted_space
-from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage
-from mloptimizer.space import sample_architecture
+from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.space import Architecture, build_pruner, sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
-from mloptimizer.study import Attr, TrialRecord, record, records, trial_seed
+from mloptimizer.study import (
+    Attr,
+    TrialRecord,
+    best_of,
+    cached_frozen,
+    record,
+    records,
+    remember_spec,
+    stored_trial,
+    trial_id_of,
+    trial_seed,
+)
 
 __all__ = [
     "Counts",
-    "Decision",
     "Dispatcher",
     "Inbound",
     "Observer",
     "Outcome",
     "StopReason",
     "Transport",
+    "trial_message",
 ]
 
 log = logging.getLogger(__name__)
 
-Decision = Literal["continue", "prune"]
 StopReason = Literal[
     "maxTrials", "target", "timeout", "maxCostUSD", "maxFailedTrials", "interrupted"
 ]
@@ -109,12 +120,15 @@ class Outcome:
 
 @dataclass
 class Counts:
-    """Trials by state, as the status and the progress bar show them."""
+    """Finished trials by state, as the status and the progress bar show them.
+
+    Trials in flight are not counted here: they are the dispatcher's ``in_flight``
+    (:attr:`Dispatcher.running`).
+    """
 
     complete: int = 0
     pruned: int = 0
     failed: int = 0
-    running: int = 0
     explore_used: int = 0  # explore trials counted against maxTrials (incl. running)
     cost_usd: float = 0.0
     best: TrialRecord | None = None
@@ -158,6 +172,8 @@ class Dispatcher:
         self.waiting = 0  # enqueued trials (retries, refine) that ask() hands out first
         self.refine_started = False
         self.last_dispatch_seconds = 0.0  # ask, sample and publish of the latest trial
+        self.refused: str | None = None  # why the latest requested spec is not in force
+        self._requested: ArchitectureSearchSpec | str | None = None
         self._recover()
 
     # --- start-up ----------------------------------------------------------------------
@@ -173,21 +189,19 @@ class Dispatcher:
                     message = self._message(rec.number, rec.trial_id, rec)
                     now = self.clock()
                     trial = optuna.trial.Trial(self.study, rec.trial_id)
-                    frozen = self.study._storage.get_trial(rec.trial_id)
+                    frozen = stored_trial(self.study, rec.trial_id)
                     self.in_flight[rec.trial_id] = _InFlight(
                         trial, message, rec, now, now, set(frozen.intermediate_values)
                     )
                     log.info("adopted trial %d, still in flight", rec.number)
                 else:
                     self._interrupt(rec.trial_id, "the dispatcher stopped while it ran")
-                    rec = record(self.study._storage.get_trial(rec.trial_id))
+                    rec = record(stored_trial(self.study, rec.trial_id))
             self._count(rec)
 
     def _count(self, rec: TrialRecord) -> None:
         c = self.counts
-        if rec.state == "running":
-            c.running += 1
-        elif rec.state == "complete":
+        if rec.state == "complete":
             c.complete += 1
         elif rec.state == "pruned":
             c.pruned += 1
@@ -198,27 +212,63 @@ class Dispatcher:
         c.cost_usd += rec.cost_usd
         if rec.finished and rec.counted:
             c.history.append(rec)
-        if rec.state == "complete" and rec.value is not None and self._better(rec, c.best):
-            c.best = rec
+        if rec.state == "complete" and rec.value is not None:
+            candidates = [rec] if c.best is None else [rec, c.best]
+            c.best = best_of(candidates, self.spec.objective.study_direction)
 
-    def _better(self, rec: TrialRecord, best: TrialRecord | None) -> bool:
-        if best is None or best.value is None:
-            return True
-        assert rec.value is not None
-        if self.spec.objective.study_direction == "maximize":
-            return rec.value > best.value
-        return rec.value < best.value
+    @property
+    def running(self) -> int:
+        """Trials in flight now."""
+        return len(self.in_flight)
+
+    def _follow(self, requested: ArchitectureSearchSpec | str) -> None:
+        if requested is self._requested:
+            return
+        self._requested = requested
+        if isinstance(requested, str):
+            self.refused = requested
+        else:
+            self.refused = self.update_spec(requested)
+
+    def update_spec(self, new: ArchitectureSearchSpec) -> str | None:
+        """Run under ``new`` from now on, or say why not (:func:`~mloptimizer.changes.refusal`).
+
+        Budget, parallelism and workers act at the next loop turn, training on trials
+        dispatched from then on; a pruner edit (or an epochs edit under hyperband, whose
+        ``max_resource`` is the epochs) rebuilds the study's pruner at once.
+        """
+        if new == self.spec:
+            return None
+        why = refusal(self.spec, new)
+        if why is not None:
+            return why
+        old = self.spec
+        if new.pruner != old.pruner or new.training.epochs != old.training.epochs:
+            self.study.pruner = build_pruner(new.pruner, new.training)
+        self.spec = new
+        remember_spec(self.study, new)
+        log.info("spec updated under the running search")
+        return None
 
     # --- the loop ----------------------------------------------------------------------
 
-    def run(self, should_stop: Callable[[], bool] = lambda: False) -> Outcome:
+    def run(
+        self,
+        should_stop: Callable[[], bool] = lambda: False,
+        latest_spec: Callable[[], ArchitectureSearchSpec | str] | None = None,
+    ) -> Outcome:
         """Dispatch until the search ends; returns why it ended.
 
         ``should_stop`` is polled between messages (Ctrl-C, an operator shutting down):
         then trials in flight stay running (durable transport) or are re-enqueued.
+        ``latest_spec`` gives the spec as last requested (an edit of the running search), or
+        why the last edit could not be read; each new one goes through :meth:`update_spec`,
+        and :attr:`refused` says why the spec in force is not the one requested.
         """
         try:
             while True:
+                if latest_spec is not None:
+                    self._follow(latest_spec())
                 if self.observer is not None:
                     self.observer.tick(self)
                 if should_stop():
@@ -238,6 +288,10 @@ class Dispatcher:
         finally:
             self.transport.close()
 
+    @property
+    def _direction(self) -> Literal["maximize", "minimize"]:
+        return self.spec.objective.study_direction
+
     def _explore_left(self) -> int:
         return self.spec.budget.max_trials - self.counts.explore_used
 
@@ -256,15 +310,14 @@ class Dispatcher:
         trial.set_user_attr(Attr.ARCHITECTURE, architecture.model_dump(mode="json"))
         # The trial's own cache holds its params and enqueued attributes: no extra query.
         rec = dataclasses.replace(
-            record(trial._cached_frozen_trial), state="running", architecture=architecture
+            record(cached_frozen(trial)), state="running", architecture=architecture
         )
         phase = rec.phase
-        message = self._message(trial.number, trial._trial_id, rec)
+        message = self._message(trial.number, trial_id_of(trial), rec)
         self.transport.send(message)
         self.last_dispatch_seconds = time.perf_counter() - began
         now = self.clock()
-        self.in_flight[trial._trial_id] = _InFlight(trial, message, rec, now, now)
-        self.counts.running += 1
+        self.in_flight[trial_id_of(trial)] = _InFlight(trial, message, rec, now, now)
         if phase == "explore":
             self.counts.explore_used += 1
         log.info("trial %d sent (%s): %s", trial.number, phase, architecture.summary())
@@ -272,22 +325,15 @@ class Dispatcher:
             self.observer.started(rec, self)
 
     def _message(self, number: int, trial_id: int, rec: TrialRecord) -> TrialMessage:
-        training = self.spec.training
-        refine = rec.phase == "refine" and training.refine is not None
         assert rec.architecture is not None
-        return TrialMessage(
+        return trial_message(
+            self.spec,
             search=self.search,
-            trial_id=trial_id,
             number=number,
+            trial_id=trial_id,
             phase=rec.phase,
             architecture=rec.architecture,
-            dataset=self.spec.dataset,
-            epochs=training.refine.epochs if refine and training.refine else training.epochs,
-            batch_size=training.batch_size,
-            mixed_precision=training.mixed_precision,
-            metric=self.spec.objective.metric,
-            seed=trial_seed(self.spec.sampler.seed, number),
-            progress_timeout_seconds=self.progress_timeout,
+            progress_timeout=self.progress_timeout,
         )
 
     # --- messages ----------------------------------------------------------------------
@@ -353,7 +399,6 @@ class Dispatcher:
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
             self.study.tell(trial, state=TrialState.FAIL)
-        self.counts.running -= 1
         rec = dataclasses.replace(
             flight.record,
             state=message.state
@@ -424,7 +469,6 @@ class Dispatcher:
             flight.trial.set_user_attr(Attr.ERROR, f"cancelled: {message}")
             flight.trial.set_user_attr(Attr.INTERRUPTED, True)
             self.study.tell(flight.trial, state=TrialState.FAIL)
-            self.counts.running -= 1
 
     def _check_stale(self) -> None:
         if self.stale_after is None:
@@ -434,7 +478,6 @@ class Dispatcher:
             if not flight.heard or now - flight.last_heard < self.stale_after:
                 continue
             del self.in_flight[trial_id]
-            self.counts.running -= 1
             retries = int(flight.record.attrs.get(Attr.RETRIES, 0))
             why = f"no progress for {self.stale_after:.0f} s (its trainer hung or was lost)"
             if retries < self.max_retries:
@@ -452,7 +495,7 @@ class Dispatcher:
 
     def _interrupt(self, trial_id: int, why: str, retries: int | None = None) -> None:
         """Fail a trial that did not finish and enqueue the same parameters again."""
-        frozen = self.study._storage.get_trial(trial_id)
+        frozen = stored_trial(self.study, trial_id)
         trial = optuna.trial.Trial(self.study, trial_id)
         trial.set_user_attr(Attr.ERROR, f"interrupted: {why}")
         trial.set_user_attr(Attr.INTERRUPTED, True)
@@ -474,7 +517,6 @@ class Dispatcher:
             for trial_id in list(self.in_flight):
                 self.in_flight.pop(trial_id)
                 self._interrupt(trial_id, "the run was interrupted")
-                self.counts.running -= 1
         return Outcome("interrupted", "interrupted; run again to resume", failed=False)
 
     def _next_phase(self) -> bool:
@@ -484,14 +526,14 @@ class Dispatcher:
             return True
         if refine is None or self.refine_started:
             return False
-        ranked = sorted(
-            (r for r in records(self.study) if r.phase == "explore" and r.state == "complete"),
-            key=lambda r: r.value if r.value is not None else math.nan,
-            reverse=self.spec.objective.study_direction == "maximize",
-        )
+        ranked: list[TrialRecord] = []
+        explored = [r for r in records(self.study) if r.phase == "explore"]
+        while len(ranked) < refine.top_k and (best := best_of(explored, self._direction)):
+            ranked.append(best)  # best first, the earliest of equal values first
+            explored.remove(best)
         if not ranked:
             return False
-        for rec in ranked[: refine.top_k]:
+        for rec in ranked:
             self.study.enqueue_trial(
                 rec.params, user_attrs={Attr.PHASE: "refine", Attr.REFINES: rec.number}
             )
@@ -512,3 +554,33 @@ class Dispatcher:
             else "no trial completed"
         )
         return Outcome("maxTrials", f"{c.explore_used} trials explored; {best}", failed=False)
+
+
+def trial_message(
+    spec: ArchitectureSearchSpec,
+    *,
+    search: str,
+    number: int,
+    trial_id: int,
+    phase: Literal["explore", "refine"],
+    architecture: Architecture,
+    progress_timeout: float = 5.0,
+) -> TrialMessage:
+    """What trainers are sent for trial ``number``: the one derivation, so that a model the
+    report retrains is the model the trial trained (epochs by phase, seed by number)."""
+    training = spec.training
+    refine = training.refine if phase == "refine" else None
+    return TrialMessage(
+        search=search,
+        trial_id=trial_id,
+        number=number,
+        phase=phase,
+        architecture=architecture,
+        dataset=spec.dataset,
+        epochs=refine.epochs if refine is not None else training.epochs,
+        batch_size=training.batch_size,
+        mixed_precision=training.mixed_precision,
+        metric=spec.objective.metric,
+        seed=trial_seed(spec.sampler.seed, number),
+        progress_timeout_seconds=progress_timeout,
+    )

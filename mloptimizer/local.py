@@ -2,10 +2,12 @@
 
 ``mloptimizer run`` without ``--broker`` trains on this machine: N processes (spawned,
 so TensorFlow is only ever imported in them), each holding its dataset cache across
-trials. The transport hands a trial to an idle process, relays its progress and result
-messages (the same JSON as over RabbitMQ), and gives the trial of a process that died to
-another one with the next attempt number. It is not durable: trials in flight end with
-the runner, which re-enqueues them on the next run.
+trials. What runs in a process is given (``serve``, the trainer's entry point, as the
+application layer names it): the core never imports the trainer. The transport hands a
+trial to an idle process, relays its progress and result messages (the same JSON as over
+RabbitMQ), and gives the trial of a process that died to another one with the next
+attempt number. It is not durable: trials in flight end with the runner, which
+re-enqueues them on the next run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
@@ -22,8 +25,9 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
-from mloptimizer.dispatch import Decision, Inbound
+from mloptimizer.dispatch import Inbound
 from mloptimizer.messages import (
+    Decision,
     MessageError,
     ProgressMessage,
     ProgressReply,
@@ -41,12 +45,6 @@ log = logging.getLogger(__name__)
 def default_threads(workers: int) -> int:
     """TensorFlow intra-op threads per local trainer: the cores shared out, at least one."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
-def _child(*args: Any) -> None:
-    from mloptimizer.trainer.local import serve  # TensorFlow: in the child only
-
-    serve(*args)
 
 
 @dataclass
@@ -70,6 +68,7 @@ class LocalTransport:
         self,
         workers: int,
         *,
+        serve: Callable[..., None],
         cache_dir: Path,
         base_dir: Path | None = None,
         threads: int | None = None,
@@ -77,6 +76,9 @@ class LocalTransport:
     ) -> None:
         context = multiprocessing.get_context("spawn")
         self._context = context
+        # Run by each spawned process with (worker id, tasks, events, replies, cache dir,
+        # base dir, threads, recycle limit); a module-level function, so spawn can find it.
+        self._serve = serve
         self._pending: collections.deque[tuple[int, TrialMessage]] = collections.deque()
         self._args = (
             str(cache_dir),
@@ -93,7 +95,7 @@ class LocalTransport:
         replies: Queue[bytes] = self._context.Queue()
         events, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=_child,
+            target=self._serve,
             args=(worker_id, tasks, writer, replies, *self._args),
             name=worker_id,
             daemon=True,
@@ -172,11 +174,6 @@ class LocalTransport:
 
             return Inbound(message, reply=reply)
         return None
-
-    @property
-    def busy(self) -> int:
-        """Processes training a trial now."""
-        return sum(t.trial is not None for t in self._trainers)
 
     def close(self) -> None:
         for trainer in self._trainers:

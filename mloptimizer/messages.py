@@ -26,6 +26,7 @@ from mloptimizer.spec import Dataset
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Decision",
     "Message",
     "MessageError",
     "ProgressMessage",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION: Final = 1
+
+# The dispatcher's answer to a trial's progress: train on, or stop here (pruned).
+Decision = Literal["continue", "prune"]
 
 
 class _Message(BaseModel):
@@ -84,7 +88,7 @@ class ProgressReply(BaseModel):
     kind: Literal["progress-reply"] = "progress-reply"
     version: Literal[1] = SCHEMA_VERSION
     trial_id: int = Field(ge=0)
-    decision: Literal["continue", "prune"]
+    decision: Decision
 
 
 class ResultMessage(_Message):

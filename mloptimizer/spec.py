@@ -22,6 +22,7 @@ __all__ = [
     "BUILTIN_DATASETS",
     "GROUP",
     "KIND",
+    "PLURAL",
     "VERSION",
     "ArchitectureSearchSpec",
     "Budget",
@@ -53,6 +54,7 @@ GROUP = "mloptimizer.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "ArchitectureSearch"
+PLURAL = "architecturesearches"  # the resource's name in API paths
 
 BuiltinDataset = Literal["mnist", "fashion_mnist", "cifar10", "digits", "mnist_5k"]
 BUILTIN_DATASETS: tuple[str, ...] = get_args(BuiltinDataset)

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
+from mloptimizer.changes import refusal
 from mloptimizer.space import Architecture, build_pruner, build_sampler
 from mloptimizer.spec import ArchitectureSearchSpec
 
@@ -24,11 +26,15 @@ __all__ = [
     "Attr",
     "StudyMismatch",
     "TrialRecord",
-    "fingerprint",
+    "best_of",
+    "cached_frozen",
     "open_study",
+    "record",
     "records",
     "storage_url",
+    "stored_trial",
     "study_name",
+    "trial_id_of",
     "trial_seed",
 ]
 
@@ -54,12 +60,27 @@ class Attr:
     PARAMETERS = "parameter_count"
     COST = "cost_usd"
     # study attributes
-    FINGERPRINT = "search_fingerprint"
-    STARTED_AT = "started_at"
+    SPEC = "spec"  # the spec the study runs under (the last accepted one)
+    OWNER = "search_uid"  # the cluster object the study belongs to now
+    FINGERPRINT = "search_fingerprint"  # what versions before SPEC stored
+    STARTED_AT = "started_at"  # Unix time of the study's creation
 
 
 class StudyMismatch(ValueError):
-    """The study exists but was created from a different search."""
+    """The study exists and cannot go on under the spec given.
+
+    Attributes:
+        stored: the spec the study runs under (None for a study of an older version).
+        same_owner: the study belongs to the same search object (its uid), which was
+            edited, rather than to an earlier search of the same name.
+    """
+
+    def __init__(
+        self, message: str, stored: ArchitectureSearchSpec | None, same_owner: bool
+    ) -> None:
+        super().__init__(message)
+        self.stored = stored
+        self.same_owner = same_owner
 
 
 def study_name(namespace: str, name: str) -> str:
@@ -84,56 +105,102 @@ def trial_seed(sampler_seed: int | None, number: int) -> int:
     return ((sampler_seed or 0) * 1_000_003 + number) % 2**31
 
 
-# Fields a running study cannot change: its trials would stop being comparable.
-_FIXED_FIELDS = ("dataset", "objective", "sampler", "search_space")
+def open_study(
+    spec: ArchitectureSearchSpec, name: str, storage: str, owner: str | None = None
+) -> optuna.Study:
+    """Create the study, or load it when it exists and ``spec`` may continue it.
+
+    The study keeps the spec it runs under (a user attribute); a later spec may continue it
+    only where :func:`~mloptimizer.changes.refusal` allows, the same rule as for a live
+    edit under the operator, and becomes the stored one. ``owner`` (the search's uid in
+    the cluster) is kept too, so that a refusal can tell an edited search from a new one
+    that took an old name.
+
+    Raises:
+        StudyMismatch: the stored study's dataset, objective, sampler or search space (or
+            the rest of what cannot change) differ from ``spec``: its trials could not be
+            compared with new ones.
+    """
+    for attempt in range(3):
+        try:
+            study = optuna.create_study(
+                study_name=name,
+                storage=storage_url(storage),
+                sampler=build_sampler(spec.sampler),
+                pruner=build_pruner(spec.pruner, spec.training),
+                direction=spec.objective.study_direction,
+                load_if_exists=True,
+            )
+            break
+        except sqlalchemy.exc.IntegrityError:
+            # Two searches opening a fresh database at once race to create Optuna's
+            # tables (or one study): the loser finds them made and tries again.
+            if attempt == 2:
+                raise
+    stored = study.user_attrs.get(Attr.SPEC)
+    previous = ArchitectureSearchSpec.model_validate(stored) if stored is not None else None
+    same_owner = owner is not None and study.user_attrs.get(Attr.OWNER) == owner
+    if stored is None and Attr.FINGERPRINT in study.user_attrs:  # made by an older version
+        changed = sorted(
+            k for k, v in legacy_fingerprint(spec).items()
+            if study.user_attrs[Attr.FINGERPRINT].get(k) != v
+        )  # fmt: skip
+        why = f"{', '.join('spec.' + c for c in changed)} cannot change" if changed else None
+    elif stored is None:
+        why = None
+        study.set_user_attr(Attr.STARTED_AT, time.time())
+    else:
+        assert previous is not None
+        why = refusal(previous, spec)
+    if why:
+        raise StudyMismatch(
+            f"study {name!r} cannot go on under this spec: {why}; restore the old values, "
+            "or start a new study (another --out folder or another metadata.name)",
+            previous,
+            same_owner,
+        )
+    remember_spec(study, spec)
+    if owner is not None and study.user_attrs.get(Attr.OWNER) != owner:
+        study.set_user_attr(Attr.OWNER, owner)
+    return study
 
 
-def fingerprint(spec: ArchitectureSearchSpec) -> dict[str, str]:
-    """A short hash of each field that must not change once the study has trials."""
-    fields = spec.model_dump(mode="json", by_alias=True, include=set(_FIXED_FIELDS))
+def remember_spec(study: optuna.Study, spec: ArchitectureSearchSpec) -> None:
+    """Keep ``spec`` as the one the study runs under (on creation and accepted edits)."""
+    dumped = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if study.user_attrs.get(Attr.SPEC) != dumped:
+        study.set_user_attr(Attr.SPEC, dumped)
+
+
+def legacy_fingerprint(spec: ArchitectureSearchSpec) -> dict[str, str]:
+    """The hashes older versions stored instead of the spec, to check their studies."""
+    fixed = ("dataset", "objective", "sampler", "searchSpace")
+    fields = spec.model_dump(mode="json", by_alias=True, include=set(fixed))
     return {
-        _camel(name): hashlib.sha256(
-            json.dumps(fields[_camel(name)], sort_keys=True).encode()
-        ).hexdigest()[:16]
-        for name in _FIXED_FIELDS
+        name: hashlib.sha256(json.dumps(fields[name], sort_keys=True).encode()).hexdigest()[:16]
+        for name in fixed
     }
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
+# --- Optuna internals, named once ------------------------------------------------------
+# The dispatch loop needs a few things Optuna keeps private: a live trial's frozen state
+# (cached by the trial itself: no database round trip) and a trial by id.
 
 
-def open_study(spec: ArchitectureSearchSpec, name: str, storage: str) -> optuna.Study:
-    """Create the study, or load it when it exists and was made from the same search.
+def cached_frozen(trial: optuna.trial.Trial) -> FrozenTrial:
+    """The frozen state a live trial caches (params and attributes as set so far)."""
+    frozen: FrozenTrial = trial._cached_frozen_trial
+    return frozen
 
-    Raises:
-        StudyMismatch: the stored study's dataset, objective, sampler or search space
-            differ from ``spec``; its trials could not be compared with new ones.
-    """
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage_url(storage),
-        sampler=build_sampler(spec.sampler),
-        pruner=build_pruner(spec.pruner, spec.training),
-        direction=spec.objective.study_direction,
-        load_if_exists=True,
-    )
-    wanted = fingerprint(spec)
-    stored = study.user_attrs.get(Attr.FINGERPRINT)
-    if stored is None:
-        study.set_user_attr(Attr.FINGERPRINT, wanted)
-        study.set_user_attr(Attr.STARTED_AT, time.time())
-    else:
-        changed = sorted(k for k in wanted if stored.get(k) != wanted[k])
-        if changed:
-            raise StudyMismatch(
-                f"study {name!r} was created from a search with a different "
-                f"{', '.join('spec.' + c for c in changed)}; these cannot change once a study "
-                "has trials: restore them, or start a new study (another --out folder or "
-                "another metadata.name)"
-            )
-    return study
+
+def trial_id_of(trial: optuna.trial.Trial | FrozenTrial) -> int:
+    """The trial's id, unique in the storage (``number`` is unique in the study)."""
+    return int(trial._trial_id)
+
+
+def stored_trial(study: optuna.Study, trial_id: int) -> FrozenTrial:
+    """One trial as the storage has it now."""
+    return study._storage.get_trial(trial_id)
 
 
 @dataclass(frozen=True)
@@ -180,7 +247,7 @@ def record(trial: FrozenTrial) -> TrialRecord:
     architecture = attrs.get(Attr.ARCHITECTURE)
     return TrialRecord(
         number=trial.number,
-        trial_id=trial._trial_id,
+        trial_id=trial_id_of(trial),
         phase="refine" if attrs.get(Attr.PHASE) == "refine" else "explore",
         state=_STATES[trial.state],
         value=trial.value if trial.state == TrialState.COMPLETE else _pruned_value(trial),
@@ -204,3 +271,18 @@ def _pruned_value(trial: FrozenTrial) -> float | None:
 def records(study: optuna.Study) -> list[TrialRecord]:
     """Every trial of the study, in number order."""
     return [record(t) for t in study.get_trials(deepcopy=False)]
+
+
+def best_of(
+    trials: list[TrialRecord], direction: Literal["maximize", "minimize"]
+) -> TrialRecord | None:
+    """The best complete trial: the highest (or lowest) value, the earliest on a tie.
+
+    The one definition of "the best trial" for the dispatch loop, the status, the console
+    and the report, so that they never name two different trials of equal value.
+    """
+    complete = [t for t in trials if t.state == "complete" and t.value is not None]
+    if not complete:
+        return None
+    sign = -1.0 if direction == "maximize" else 1.0
+    return min(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))

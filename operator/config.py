@@ -17,8 +17,8 @@ __all__ = ["OperatorConfig", "add_arguments", "config_from_args"]
 class OperatorConfig:
     """What every search handled by this operator shares."""
 
-    database_url: str
-    broker_url: str
+    database_url: str = field(repr=False)  # carries a password
+    broker_url: str = field(repr=False)  # carries a password
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     queue_prefix: str = "mlopt"
     status_interval: float = 1.0
@@ -31,7 +31,6 @@ class OperatorConfig:
     pool_interval: float = 15.0
     orphan_sweep_interval: float = 600.0
     broker_admin_url: str | None = field(default=None, repr=False)
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,19 +1,32 @@
 """One search's life in the operator: the dispatch loop over PostgreSQL and RabbitMQ, with
 the status, the trainer replicas and the Events following it.
 
-Everything Kubernetes goes through :class:`Kube` (three calls), so this module runs — and
-is tested — without kopf: the kopf daemon in ``handlers.py`` only builds a ``Kube`` and
-calls :func:`run_search`. The study in PostgreSQL is the truth: after a restart the loop
-reads it back and adopts the trials still in RabbitMQ, so no trial is told twice.
+Everything Kubernetes goes through :class:`Kube` (four calls), so this module runs — and
+is tested — without kopf: the kopf daemon builds a ``Kube`` and calls :func:`run_search`.
+The study in PostgreSQL is the truth: after a restart the loop reads it back and adopts the
+trials still in RabbitMQ, so no trial is told twice.
+
+Errors by kind: a lost broker or database, or a Kubernetes API that is not there yet or
+overloaded (:func:`retried`), is retried with backoff and shown as
+``Degraded``/``ConnectionLost``; a study made from another search cannot succeed
+and ends the search as ``Failed``; anything else is a bug: it is logged once with its
+traceback, shown as ``Degraded``/``InternalError``, and the daemon stops (an operator
+restart tries again) instead of retrying it forever.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import kubernetes
+import optuna
+import pika.exceptions
+import sqlalchemy.exc
 
 from mloptimizer.amqp import AmqpTransport
 from mloptimizer.dispatch import Dispatcher, Outcome
@@ -25,11 +38,39 @@ from mloptimizer.operator.progress import (
     status_from_counts,
 )
 from mloptimizer.spec import ArchitectureSearchSpec
-from mloptimizer.study import TrialRecord, open_study, study_name
+from mloptimizer.study import Attr, StudyMismatch, TrialRecord, open_study, study_name
 
-__all__ = ["Kube", "SearchConfig", "StatusReporter", "StopFlag", "run_search"]
+__all__ = [
+    "RETRIED",
+    "Kube",
+    "SearchConfig",
+    "StatusReporter",
+    "StopFlag",
+    "retried",
+    "run_search",
+]
 
 log = logging.getLogger(__name__)
+
+# What a lost broker or database raises: worth retrying. Everything else is not.
+RETRIED: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    optuna.exceptions.StorageInternalError,
+    ConnectionError,
+    TimeoutError,
+)
+# Kubernetes API answers that pass: a child object not created yet (the create handler and
+# the daemon start together), a conflict, throttling, a server in trouble.
+_RETRIED_STATUS = {404, 409, 429, 500, 502, 503, 504}
+
+
+def retried(error: BaseException) -> bool:
+    """Whether ``error`` is worth retrying (the rest is a bug, or a setting to fix)."""
+    if isinstance(error, RETRIED):
+        return True
+    return isinstance(error, kubernetes.client.ApiException) and error.status in _RETRIED_STATUS
 
 
 class StopFlag(Protocol):
@@ -62,12 +103,13 @@ class SearchConfig:
 
     namespace: str
     name: str
-    storage_url: str
-    broker_url: str
+    storage_url: str = field(repr=False)  # carries a password
+    broker_url: str = field(repr=False)  # carries a password
     queue_prefix: str = "mlopt"
     status_interval: float = 1.0  # at most one status patch a second per search
     max_backoff: float = 30.0
     stale_after: float | None = 3600.0  # a trial silent this long is retried
+    uid: str | None = None  # the search object's uid, kept by its study
 
     @property
     def study(self) -> str:
@@ -132,6 +174,7 @@ class StatusReporter:
 
     def tick(self, dispatcher: Dispatcher) -> None:
         self.spec = dispatcher.spec
+        self.note_refusal(dispatcher.refused)
         replicas = desired_replicas(len(dispatcher.in_flight), self.spec.workers, ended=False)
         if replicas != self._replicas:
             self.kube.scale(replicas)
@@ -142,7 +185,7 @@ class StatusReporter:
 
     def flush(self, dispatcher: Dispatcher, **extra: Any) -> None:
         """Patch the status now."""
-        patch = status_from_counts(dispatcher.counts, self.spec)
+        patch = status_from_counts(dispatcher.counts, self.spec, dispatcher.running)
         patch["phase"] = "Refining" if dispatcher.refine_started else "Running"
         patch["workers"] = {"desired": self._replicas or 0, "ready": self.kube.ready_replicas()}
         patch["observedGeneration"] = self.generation
@@ -165,16 +208,17 @@ def run_search(
     *,
     stop: StopFlag,
     generation: int | None = None,
-    latest_spec: Callable[[], tuple[ArchitectureSearchSpec, str | None]] | None = None,
+    latest_spec: Callable[[], ArchitectureSearchSpec | str] | None = None,
     metrics: Metrics | None = None,
     price_of: Callable[[str], float | None] | None = None,
 ) -> Outcome | None:
     """Run a search until it ends or ``stop`` is set; returns how it ended (None: stopped).
 
     A lost broker or database is retried with backoff and shown as ``Degraded``; the loop
-    then resumes from the study. ``latest_spec`` returns the spec as edited while the search
-    runs (budget, parallelism and worker bounds take effect at once) and why the last edit
-    was refused, if it was (shown as ``Degraded``, reason ``SpecChangeRefused``).
+    then resumes from the study. ``latest_spec`` returns the spec as last edited (or why the
+    edit could not be read); the dispatcher applies what may change
+    (:meth:`~mloptimizer.dispatch.Dispatcher.update_spec`) and a refusal shows as
+    ``Degraded``, reason ``SpecChangeRefused``.
     ``price_of`` gives the USD/hour of the machine a worker id runs on (a GPU pool's).
     """
     reporter = StatusReporter(kube, spec, config.status_interval, generation, metrics=metrics)
@@ -184,23 +228,30 @@ def run_search(
     backoff = 0.5
     while not stop.is_set():
         try:
-            study = open_study(spec, config.study, config.storage_url)
+            study, in_force = _open(spec, config)
             transport = AmqpTransport(
                 config.broker_url, config.study, prefix=config.queue_prefix, max_backoff=2.0
             )
             dispatcher = Dispatcher(
                 study,
-                spec,
+                in_force,
                 transport,
                 search=config.study,
                 observer=reporter,
                 stale_after=config.stale_after,
                 price_of=price_of,
             )
-        except Exception as error:  # broker or database unreachable: degrade, retry
+        except StudyMismatch as error:  # cannot succeed: the search ends
+            _mismatch(reporter, kube, error)
+            return None
+        except Exception as error:
+            if not retried(error):
+                _internal(reporter, kube, error)
+                return None
+            # broker, database or API unreachable: degrade, retry
             backoff = _degraded(reporter, kube, error, backoff, config.max_backoff, stop)
             continue
-        if backoff > 0.5:
+        if _is_degraded(reporter):  # back: say so (the next flush writes it)
             reporter.conditions = set_condition(
                 reporter.conditions,
                 "Degraded",
@@ -209,7 +260,6 @@ def run_search(
                 "broker and database reachable",
             )
             backoff = 0.5
-        started = now_rfc3339()
         resumed = bool(study.get_trials(deepcopy=False))
         kube.event(
             "Normal",
@@ -220,23 +270,18 @@ def run_search(
         reporter.flush(
             dispatcher,
             studyName=config.study,
-            startTime=study.user_attrs.get("start_time_rfc3339", started),
+            startTime=_rfc3339(study.user_attrs.get(Attr.STARTED_AT)),
             conditions=set_condition(
                 reporter.conditions, "Progressing", "True", "Dispatching", "trials in flight"
             ),
         )
-        if "start_time_rfc3339" not in study.user_attrs:
-            study.set_user_attr("start_time_rfc3339", started)
-
-        def should_stop(dispatcher: Dispatcher = dispatcher) -> bool:
-            if latest_spec is not None:
-                dispatcher.spec, refusal = latest_spec()
-                reporter.note_refusal(refusal)
-            return stop.is_set()
-
         try:
-            outcome = dispatcher.run(should_stop=should_stop)
-        except Exception as error:  # lost mid-run: the study keeps what was told
+            outcome = dispatcher.run(should_stop=stop.is_set, latest_spec=latest_spec)
+        except Exception as error:
+            if not retried(error):
+                _internal(reporter, kube, error)
+                return None
+            # lost mid-run: the study keeps what was told
             backoff = _degraded(reporter, kube, error, backoff, config.max_backoff, stop)
             continue
         if outcome.reason == "interrupted":
@@ -246,10 +291,70 @@ def run_search(
     return None
 
 
+def _open(
+    spec: ArchitectureSearchSpec, config: SearchConfig
+) -> tuple[optuna.Study, ArchitectureSearchSpec]:
+    """The search's study and the spec it runs under. A search edited while no operator ran
+    goes on under its study's spec; the edit then shows as refused, from the dispatcher."""
+    try:
+        return open_study(spec, config.study, config.storage_url, owner=config.uid), spec
+    except StudyMismatch as mismatch:
+        if mismatch.stored is None or not mismatch.same_owner:
+            raise  # a new search under an old study's name: it cannot go on
+        log.warning("%s: going on under the study's own spec", mismatch)
+        stored = mismatch.stored
+        return open_study(stored, config.study, config.storage_url, owner=config.uid), stored
+
+
+def _is_degraded(reporter: StatusReporter) -> bool:
+    return any(
+        c["type"] == "Degraded" and c["status"] == "True" and c["reason"] == "ConnectionLost"
+        for c in reporter.conditions
+    )
+
+
+def _rfc3339(epoch: Any) -> str:
+    """The study's start (Unix time) as RFC 3339; now for a study that has none."""
+    moment = (
+        datetime.datetime.fromtimestamp(float(epoch), datetime.UTC)
+        if isinstance(epoch, int | float)
+        else datetime.datetime.now(datetime.UTC)
+    )
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _mismatch(reporter: StatusReporter, kube: Kube, error: StudyMismatch) -> None:
+    """The study was made from another search: nothing to retry, the search fails."""
+    message = str(error)[:4000]
+    log.error("search failed: %s", message)
+    conditions = set_condition(reporter.conditions, "Ready", "False", "StudyMismatch", message)
+    conditions = set_condition(conditions, "Complete", "True", "StudyMismatch", message)
+    kube.patch_status(
+        {"phase": "Failed", "message": message, "conditions": conditions,
+         "completionTime": now_rfc3339()}
+    )  # fmt: skip
+    kube.scale(0)
+    kube.event("Warning", "StudyMismatch", message[:1024])
+
+
+def _internal(reporter: StatusReporter, kube: Kube, error: Exception) -> None:
+    """A bug: log it once with its traceback, say so in the status, stop this daemon."""
+    log.exception("search stopped by an internal error")
+    message = f"internal error ({type(error).__name__}: {error}); see the operator log"[:4000]
+    reporter.conditions = set_condition(
+        reporter.conditions, "Degraded", "True", "InternalError", message
+    )
+    try:
+        kube.patch_status({"conditions": reporter.conditions, "message": message})
+    except Exception:  # the API may be down too; the log has it
+        log.exception("could not patch the status")
+    return None
+
+
 def _degraded(
     reporter: StatusReporter,
     kube: Kube,
-    error: Exception,
+    error: BaseException,
     backoff: float,
     max_backoff: float,
     stop: StopFlag,
@@ -261,8 +366,8 @@ def _degraded(
     )
     try:
         kube.patch_status({"conditions": reporter.conditions, "message": f"retrying: {message}"})
-    except Exception:  # the API may be down too; the next patch will say it
-        log.exception("could not patch the status")
+    except Exception as patch_error:  # the API may be down too; the next patch will say it
+        log.warning("could not patch the status: %s", patch_error)
     stop.wait(backoff)
     return min(backoff * 2, max_backoff)
 

@@ -99,7 +99,7 @@ class Metrics:
             ("complete", c.complete),
             ("pruned", c.pruned),
             ("failed", c.failed),
-            ("running", c.running),
+            ("running", dispatcher.running),
         ):
             self.trials.labels(search, state).set(count)
         if c.best is not None and c.best.value is not None:

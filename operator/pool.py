@@ -34,6 +34,7 @@ __all__ = [
     "FAILED_STATUSES",
     "LABEL_PREFIX",
     "POOL_LABEL",
+    "POOL_RETRIED",
     "VM_IMAGE",
     "PoolController",
     "PoolKube",
@@ -52,6 +53,7 @@ __all__ = [
     "offer_query",
     "parse_label",
     "rent_price",
+    "run_pool",
     "spent_usd",
     "sweep_orphans",
     "work_from_status",
@@ -630,3 +632,49 @@ def direct_rent_request(
             "KERAS_HOME": cache_dir,
         },
     }
+
+
+# --- the pool's loop --------------------------------------------------------------------
+
+
+class Stopped(Protocol):
+    """kopf's ``stopped`` flag of an async daemon."""
+
+    def __bool__(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> Awaitable[Any]: ...
+
+
+# What an unreachable Vast.ai or Kubernetes API raises: the next pass retries.
+POOL_RETRIED: tuple[type[BaseException], ...] = (VastError, ConnectionError, TimeoutError, OSError)
+
+
+async def run_pool(
+    controller: PoolController,
+    *,
+    stopped: Stopped,
+    interval: float,
+    work: Callable[[], Work],
+    pool: Callable[[], GpuPool | None],
+    after_pass: Callable[[PoolController], None] = lambda _: None,
+    retried: tuple[type[BaseException], ...] = POOL_RETRIED,
+) -> None:
+    """Keep a search's machines in line with its work, pass after pass, until the search
+    has ended and every machine it rented is destroyed (or ``stopped`` is set).
+
+    ``pool`` gives the pool in force (its bounds and caps may be edited live), ``work`` the
+    trials in flight and the time left, ``after_pass`` publishes prices and metrics. An
+    unreachable API (``retried``) is logged and retried on the next pass; anything else is
+    a bug and raises.
+    """
+    while not stopped:
+        controller.pool = pool() or controller.pool
+        now_work = work()
+        try:
+            await controller.reconcile(now_work)
+        except retried as error:
+            log.warning("pool of %s: %s: %s", controller.uid, type(error).__name__, error)
+        after_pass(controller)
+        if now_work.ended and all(m.state == "Destroyed" for m in controller.status.machines):
+            return
+        await stopped.wait(interval)

@@ -77,12 +77,15 @@ def progress_text(counts: Counts, spec: ArchitectureSearchSpec) -> str:
 
 
 def status_from_counts(
-    counts: Counts, spec: ArchitectureSearchSpec, *, price_per_hour: float | None = None
+    counts: Counts, spec: ArchitectureSearchSpec, running: int = 0
 ) -> dict[str, Any]:
-    """The status fields that follow the study: progress, trials, best and cost."""
+    """The status fields that follow the study: progress, trials, best and cost.
+
+    ``running`` is the number of trials in flight (the dispatcher's, not a stored count).
+    """
     best = counts.best
     gpu_seconds = sum(r.seconds for r in counts.history) * max(1, spec.workers.resources.gpu)
-    price = spec.workers.price_per_hour if price_per_hour is None else price_per_hour
+    price = spec.workers.price_per_hour or 0.0
     cost: dict[str, Any]
     if spec.workers.gpu_pool is not None:
         # Rented machines bill while they boot and idle too: the pool writes usd and
@@ -92,13 +95,13 @@ def status_from_counts(
         cost = {
             "usd": round(counts.cost_usd, 4),
             "gpuHours": round(gpu_seconds / 3600 if spec.workers.resources.gpu else 0.0, 4),
-            "burnRatePerHour": round((price or 0.0) * counts.running, 4),
+            "burnRatePerHour": round(price * running, 4),
         }
     return {
         "progress": progress_text(counts, spec),
         "trials": {
             "complete": counts.complete,
-            "running": counts.running,
+            "running": running,
             "pruned": counts.pruned,
             "failed": counts.failed,
         },

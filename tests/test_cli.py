@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mloptimizer.cli import main
+from mloptimizer.app.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -18,10 +18,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mloptimizer.dispatch import Decision, Dispatcher, Inbound
+from mloptimizer.app.runner import ProgressDisplay
+from mloptimizer.dispatch import Dispatcher, Inbound
 from mloptimizer.loading import parse_search
-from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage
-from mloptimizer.runner import ProgressDisplay
+from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import Attr, StudyMismatch, open_study, records
 

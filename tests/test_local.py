@@ -7,6 +7,7 @@ import signal
 import time
 from pathlib import Path
 
+from mloptimizer.app.runner import local_trainer
 from mloptimizer.local import LocalTransport, default_threads
 from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage
 from mloptimizer.space import Architecture
@@ -39,7 +40,9 @@ def digits_trial(epochs: int) -> TrialMessage:
 
 
 def test_a_killed_local_trainer_is_replaced_and_its_trial_retried(tmp_path: Path) -> None:
-    transport = LocalTransport(1, cache_dir=tmp_path, threads=default_threads(1))
+    transport = LocalTransport(
+        1, serve=local_trainer, cache_dir=tmp_path, threads=default_threads(1)
+    )
     try:
         transport.send(digits_trial(epochs=4))
         killed = False
@@ -74,7 +77,11 @@ def test_a_local_trainer_restarts_to_shed_memory_without_losing_or_retrying(
 ) -> None:
     # 1 MB: every model Keras builds keeps more, so the process restarts after trial 2
     transport = LocalTransport(
-        1, cache_dir=tmp_path, threads=default_threads(1), recycle_memory_mb=1
+        1,
+        serve=local_trainer,
+        cache_dir=tmp_path,
+        threads=default_threads(1),
+        recycle_memory_mb=1,
     )
     try:
         first_pid = transport._trainers[0].process.pid

@@ -32,8 +32,8 @@ import pytest
 import yaml
 from services import RABBITMQ_URL
 
+from mloptimizer.app.cli import build_parser
 from mloptimizer.checks import space_issues
-from mloptimizer.cli import build_parser
 from mloptimizer.loading import parse_search
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -327,7 +327,7 @@ def test_the_layout_table_names_files_that_exist_and_every_module() -> None:
         named = [n for n in ticked(row[2]) if n.endswith(".py")]
         for name in named:
             assert (folder / name).is_file(), f"{folder.name}/{name} is named in Layout"
-        if folder.name in ("mloptimizer", "operator", "trainer"):
+        if folder.name in ("mloptimizer", "app", "operator", "trainer"):
             modules = {p.name for p in folder.glob("*.py") if p.name != "__init__.py"}
             assert modules <= set(named), f"not in Layout: {sorted(modules - set(named))}"
 

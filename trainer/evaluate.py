@@ -18,10 +18,10 @@ import keras
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from mloptimizer.messages import TrialMessage
+from mloptimizer.messages import Decision, TrialMessage
 from mloptimizer.trainer.data import DatasetCache, Splits, make_dataset
 from mloptimizer.trainer.device import detect_gpus
-from mloptimizer.trainer.training import Decision, train_trial
+from mloptimizer.trainer.training import train_trial
 
 __all__ = ["evaluate_best", "scores"]
 

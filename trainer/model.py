@@ -28,10 +28,6 @@ class ArchitectureError(ValueError):
     """The architecture cannot be built for this input; the message says why and what to do."""
 
 
-def _pool_count(arch: Architecture) -> int:
-    return len(arch.conv_blocks) if arch.family == "cnn" else len(arch.inception_blocks)
-
-
 def check_architecture(arch: Architecture, input_shape: tuple[int, int, int]) -> str | None:
     """Say why ``arch`` cannot be built for images of ``input_shape``, or None if it can.
 

@@ -19,14 +19,12 @@ from typing import Any, Literal
 import keras
 import tensorflow as tf
 
-from mloptimizer.messages import ResultMessage, TrialMessage
+from mloptimizer.messages import Decision, ResultMessage, TrialMessage
 from mloptimizer.trainer.data import Splits, make_dataset
 from mloptimizer.trainer.device import GpuInfo, choose_precision, fresh_session, use_xla
 from mloptimizer.trainer.model import ArchitectureError, build_model, parameter_count
 
-__all__ = ["Decision", "Outcome", "TrialInterrupted", "result_message", "train_trial"]
-
-Decision = Literal["continue", "prune"]
+__all__ = ["Outcome", "TrialInterrupted", "result_message", "train_trial"]
 
 
 class TrialInterrupted(Exception):

@@ -1,16 +1,18 @@
 """The broker worker behind ``mloptimizer trainer``: take one trial at a time, never lose one.
 
 Threads: pika is not thread-safe, so the main thread owns the connection. It keeps
-heartbeats flowing (``process_data_events``) while a worker thread trains, and does
-every publish and ack itself: the training thread hands it progress requests through a
-queue and waits (briefly) for the prune decision.
+heartbeats flowing (``process_data_events``) while a worker thread trains, and does every
+publish and ack itself: the training thread queues its progress messages (and, at its end,
+its result) and wakes the main thread with ``add_callback_threadsafe``, then waits
+(briefly) for the prune decision. The training itself is :class:`TrialSession`'s, the
+same as a local trainer's.
 
 Guarantees:
 * prefetch 1; a trial is acked only after its result is confirmed by the broker, so a
   worker that dies mid-trial loses nothing: RabbitMQ redelivers the trial.
 * a redelivered trial carries ``attempt`` > 1; results carry the trial id and attempt,
   so the dispatcher tells each trial once. A trial this worker already reported (its
-  ack was lost with the channel) is answered from memory instead of trained again.
+  ack was lost with the channel) is acked at once instead of trained again.
 * malformed messages go to the dead-letter queue with the reason; the worker goes on.
 * SIGTERM: stop taking work, stop the trial in hand, requeue it, exit 0.
 * a closed channel (consumer timeout) or a lost connection: reconnect with backoff;
@@ -36,8 +38,9 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from mloptimizer.broker import REASON_HEADER, attempt_of, declare_queues
+from mloptimizer.broker import PERSISTENT, attempt_of, dead_letter, declare_queues
 from mloptimizer.messages import (
+    Decision,
     MessageError,
     ProgressMessage,
     ProgressReply,
@@ -48,23 +51,17 @@ from mloptimizer.messages import (
     encode,
 )
 from mloptimizer.trainer.data import DatasetCache
-from mloptimizer.trainer.device import GpuInfo, detect_gpus, device_name
-from mloptimizer.trainer.memory import DEFAULT_RECYCLE_MB, MemoryWatch
-from mloptimizer.trainer.training import (
-    Decision,
-    Outcome,
-    TrialInterrupted,
-    result_message,
-    train_trial,
-)
+from mloptimizer.trainer.memory import DEFAULT_RECYCLE_MB
+from mloptimizer.trainer.session import TrialSession
+from mloptimizer.trainer.training import TrialInterrupted
 
 __all__ = ["Worker", "WorkerConfig"]
 
 log = logging.getLogger("mloptimizer.trainer")
 
-PERSISTENT = pika.BasicProperties(
-    delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"
-)
+# The main thread wakes up at least this often without a callback (a stop request, a
+# reconnect), and at once when the training thread has something to send.
+_IDLE_SECONDS = 1.0
 
 
 @dataclass
@@ -99,12 +96,11 @@ class _Job:
     trial: TrialMessage
     attempt: int
     delivery_tag: int | None
-    thread: threading.Thread
-    stop: threading.Event
-    requests: queue.Queue[_ProgressRequest]
-    outcome: Outcome | None = None
-    load_seconds: float = 0.0
-    interrupted: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)
+    requests: queue.Queue[_ProgressRequest] = field(default_factory=queue.Queue)
+    thread: threading.Thread | None = None
+    result: ResultMessage | None = None
+    ended: bool = False  # the training thread returned (with a result, or interrupted)
 
 
 class Worker:
@@ -113,21 +109,32 @@ class Worker:
     def __init__(self, config: WorkerConfig, cache: DatasetCache | None = None) -> None:
         self.config = config
         self.names = QueueNames(config.search, config.queue_prefix)
-        self.cache = cache or DatasetCache(config.cache_dir, config.base_dir)
-        self.gpus: list[GpuInfo] = detect_gpus()
-        self.device = device_name(self.gpus)
+        self.session = TrialSession(
+            config.worker_id,
+            cache or DatasetCache(config.cache_dir, config.base_dir),
+            config.recycle_memory_mb,
+        )
         self._stop = threading.Event()
         self._job: _Job | None = None
         self._pending: dict[str, _ProgressRequest] = {}
-        self._reported: OrderedDict[tuple[int, str], ResultMessage] = OrderedDict()
+        self._reported: OrderedDict[tuple[int, str], None] = OrderedDict()  # (trial id, phase)
         self._done = config.trials_done
-        self._memory = MemoryWatch(config.recycle_memory_mb)
         self.recycle_due = False
         self._consumer: str | None = None
         self._reply_queue = ""
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None
+
+    @property
+    def device(self) -> str:
+        return self.session.device
 
     def request_stop(self) -> None:
-        """Stop taking work (SIGTERM); the trial in hand is requeued."""
+        """Stop taking work (SIGTERM); the trial in hand is requeued.
+
+        Called from a signal handler: it only sets a flag (waking pika from here could
+        deadlock on its lock); the main loop sees it within a second.
+        """
         self._stop.set()
 
     # --- the outer loop: connect, serve, reconnect with backoff --------------------------
@@ -153,6 +160,7 @@ class Worker:
                 if self._job is not None:
                     self._job.delivery_tag = None  # the broker requeued it with the channel
             finally:
+                self._connection = None
                 if connection.is_open:
                     with contextlib.suppress(pika.exceptions.AMQPError):
                         connection.close()
@@ -173,19 +181,13 @@ class Worker:
         """Whether a stop was requested (SIGTERM)."""
         return self._stop.is_set()
 
-    def _check_memory(self) -> None:
-        """After a trial: ask for a restart in place once memory grew past the limit."""
-        if self._finished():  # leaving anyway
+    def _wake(self) -> None:
+        """From any thread: have the main thread send what is queued, now."""
+        connection = self._connection
+        if connection is None:
             return
-        growth = self._memory.after_trial()
-        if growth is not None:
-            log.info(
-                "memory grew %.0f MB over %d trials (Keras keeps some per model); "
-                "restarting in place",
-                growth,
-                self._done,
-            )
-            self.recycle_due = True
+        with contextlib.suppress(Exception):  # closed meanwhile: the next loop turn sends it
+            connection.add_callback_threadsafe(self._pump)
 
     def _serve(self, connection: pika.BlockingConnection) -> None:
         channel = connection.channel()
@@ -197,15 +199,18 @@ class Worker:
         ).method.queue
         channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
         self._consumer = None
+        self._connection, self._channel = connection, channel
         log.info(
             "worker %s serving %s on %s", self.config.worker_id, self.names.trials, self.device
         )
+        self._pump()  # a trial that finished while the broker was away is reported here
         while not self._stop.is_set():
+            if not channel.is_open:  # closed by the broker (a consumer timeout): reconnect
+                raise pika.exceptions.ChannelWrongStateError("the broker closed the channel")
             if self._consumer is None and self._job is None and not self._finished():
                 self._consumer = channel.basic_consume(self.names.trials, self._on_trial)
-            connection.process_data_events(time_limit=0.2)
-            if self._job is not None:
-                self._pump(channel)
+            connection.process_data_events(time_limit=_IDLE_SECONDS)
+            self._pump()
             if self._finished() and self._job is None:
                 return
         self._shutdown(channel, connection)
@@ -219,14 +224,7 @@ class Worker:
                 raise MessageError(f"expected a trial message, got {message.kind!r}")
         except MessageError as error:
             log.error("dead-lettering a message: %s", error.reason)
-            headers = dict(properties.headers or {})
-            headers[REASON_HEADER] = error.reason
-            channel.basic_publish(
-                "",
-                self.names.dead_letters,
-                body,
-                pika.BasicProperties(delivery_mode=2, headers=headers),
-            )
+            dead_letter(channel, self.names, body, properties.headers, error.reason)
             channel.basic_ack(method.delivery_tag)
             return
         if self._finished() or self._stop.is_set():
@@ -238,8 +236,7 @@ class Worker:
             log.info("trial %d redelivered after its result was sent: acked", message.number)
             channel.basic_ack(method.delivery_tag)
             return
-        stop = threading.Event()
-        job = _Job(message, attempt, method.delivery_tag, threading.Thread(), stop, queue.Queue())
+        job = _Job(message, attempt, method.delivery_tag)
         job.thread = threading.Thread(
             target=self._train, args=(job,), daemon=True, name=f"trial-{message.number}"
         )
@@ -264,46 +261,36 @@ class Worker:
     # --- the training thread ------------------------------------------------------------
 
     def _train(self, job: _Job) -> None:
-        trial = job.trial
-
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> Decision:
-            request = _ProgressRequest(
-                ProgressMessage(
-                    search=trial.search,
-                    trial_id=trial.trial_id,
-                    number=trial.number,
-                    attempt=job.attempt,
-                    worker_id=self.config.worker_id,
-                    epoch=epoch,
-                    metrics=metrics,
-                )
-            )
+        def ask(progress: ProgressMessage) -> Decision:
+            request = _ProgressRequest(progress)
             job.requests.put(request)
-            request.decided.wait(trial.progress_timeout_seconds)
+            self._wake()
+            request.decided.wait(job.trial.progress_timeout_seconds)
             return request.decision
 
         try:
-            splits, job.load_seconds = self.cache.get(trial.dataset)
-        except Exception as error:  # no data: report it, do not crash-loop
-            job.outcome = Outcome(state="failed", error=f"dataset: {error}")
-            return
-        try:
-            job.outcome = train_trial(
-                trial, splits, on_epoch=on_epoch, stop=job.stop, gpus=self.gpus
-            )
+            job.result = self.session.run(job.trial, job.attempt, ask, job.stop)
         except TrialInterrupted:
-            job.interrupted = True
+            pass
+        finally:
+            job.ended = True
+            self._wake()
 
     # --- the main thread's side of a job ----------------------------------------------
 
-    def _pump(self, channel: Any) -> None:
-        job = self._job
-        assert job is not None
+    def _pump(self) -> None:
+        """Main thread: publish the job's progress, and its result once it ended."""
+        job, channel = self._job, self._channel
+        if job is None or channel is None or not channel.is_open:
+            return
         while True:
             try:
                 request = job.requests.get_nowait()
             except queue.Empty:
                 break
+            if job.stop.is_set():  # stopping: nobody will wait for the answer
+                request.decided.set()
+                continue
             correlation = uuid.uuid4().hex
             self._pending[correlation] = request
             channel.basic_publish(
@@ -316,16 +303,16 @@ class Worker:
                     content_type="application/json",
                 ),
             )
-        if job.thread.is_alive():
+        if not job.ended:
             return
-        if job.interrupted or job.outcome is None:
-            self._job = None
+        if job.result is None:  # interrupted: _shutdown requeues it
             return
-        result = self._result(job, job.outcome)
+        result = job.result
         channel.basic_publish("", self.names.results, encode(result), PERSISTENT)
         self._remember(result)
         self._done += 1
-        self._check_memory()
+        if not self._finished() and self.session.restart_due(self._done):
+            self.recycle_due = True
         if self._finished() and self._consumer is not None:
             # Cancel before the ack: prefetch 1 holds the next trial back until then, so
             # none is delivered to a worker about to leave (and counted as an attempt).
@@ -342,18 +329,8 @@ class Worker:
             result.train_seconds,
         )
 
-    def _result(self, job: _Job, outcome: Outcome) -> ResultMessage:
-        return result_message(
-            job.trial,
-            outcome,
-            attempt=job.attempt,
-            worker_id=self.config.worker_id,
-            device=self.device,
-            load_seconds=job.load_seconds,
-        )
-
     def _remember(self, result: ResultMessage) -> None:
-        self._reported[(result.trial_id, result.phase)] = result
+        self._reported[(result.trial_id, result.phase)] = None
         while len(self._reported) > 256:
             self._reported.popitem(last=False)
 
@@ -366,10 +343,10 @@ class Worker:
         for request in list(self._pending.values()):
             request.decided.set()
         deadline = time.monotonic() + self.config.grace_seconds
-        while job.thread.is_alive() and time.monotonic() < deadline:
+        while not job.ended and time.monotonic() < deadline:
             connection.process_data_events(time_limit=0.2)
-        if not job.thread.is_alive() and job.outcome is not None and not job.interrupted:
-            self._pump(channel)  # it finished before it saw the stop: report it
+        if job.ended and job.result is not None:
+            self._pump()  # it finished before it saw the stop: report it
             return
         if job.delivery_tag is not None:
             channel.basic_nack(job.delivery_tag, requeue=True)

@@ -114,7 +114,7 @@ def test_a_direct_pool_keeps_its_broker_password_in_an_owned_secret() -> None:
 
 def test_status_cost_of_a_pool_is_the_pools_to_write() -> None:
     spec = make_spec(workers={"gpuPool": POOL})
-    status = status_from_counts(Counts(cost_usd=3.0, running=2), spec)
+    status = status_from_counts(Counts(cost_usd=3.0), spec, running=2)
     assert set(status["cost"]) == {"gpuHours"}  # usd and burn rate come from Vast.ai prices
     direct = make_spec(
         workers={
@@ -183,8 +183,8 @@ def test_status_from_counts_reports_progress_cost_and_burn_rate() -> None:
     states = ["complete", "complete", "complete", "pruned", "failed"]
     history = [record(i, "explore", state) for i, state in enumerate(states)]
     history.append(record(5, "explore", "failed", interrupted=True))  # replaced, not counted
-    counts = Counts(complete=3, pruned=1, failed=1, running=2, cost_usd=0.123456, history=history)
-    status = status_from_counts(counts, spec)
+    counts = Counts(complete=3, pruned=1, failed=1, cost_usd=0.123456, history=history)
+    status = status_from_counts(counts, spec, running=2)
     assert status["progress"] == "5/10"
     assert status["trials"] == {"complete": 3, "running": 2, "pruned": 1, "failed": 1}
     assert status["best"] is None

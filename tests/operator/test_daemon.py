@@ -3,6 +3,7 @@ Kubernetes side is a recorder (the kopf glue around it is tested with the emulat
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -13,12 +14,12 @@ from typing import Any
 import optuna
 import pika
 import pytest
-from services import RABBITMQ_URL, TrainerProcess
+from services import RABBITMQ_URL, TcpForwarder, TrainerProcess
 
 from mloptimizer.dispatch import Outcome
 from mloptimizer.operator.daemon import SearchConfig, run_search
 from mloptimizer.spec import ArchitectureSearchSpec
-from mloptimizer.study import records, storage_url
+from mloptimizer.study import open_study, records, storage_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -177,3 +178,102 @@ def test_an_unreachable_broker_shows_degraded_and_recovers_when_stopped(
     thread.join(timeout=30)
     assert not thread.is_alive()
     assert "retrying" in kube.status["message"]
+
+
+def degraded(reason: str) -> Any:
+    def check(status: dict[str, Any]) -> bool:
+        return any(
+            c["type"] == "Degraded" and c.get("reason") == reason
+            for c in status.get("conditions", [])
+        )
+
+    return check
+
+
+def test_a_broker_that_comes_back_clears_degraded_and_the_search_completes(
+    config: SearchConfig, trainers: list[TrainerProcess]
+) -> None:
+    forwarder = TcpForwarder(5672)  # the operator's way to the broker: closed for now
+    config.broker_url = f"amqp://guest:guest@127.0.0.1:{forwarder.port}/%2F"
+    config.max_backoff = 0.5
+    kube = RecordingKube()
+    outcomes: list[Outcome | None] = []
+    thread = threading.Thread(
+        target=lambda: outcomes.append(run_search(config, spec(), kube, stop=threading.Event()))
+    )
+    thread.start()
+    try:
+        kube.wait_for(degraded("ConnectionLost"), timeout=60)
+        assert "retrying" in kube.status["message"]
+        forwarder.open()  # the broker is back
+        kube.wait_for(degraded("Connected"), timeout=60)
+        thread.join(timeout=300)
+    finally:
+        forwarder.close()
+    assert outcomes
+    assert outcomes[0] is not None
+    assert outcomes[0].reason == "maxTrials"
+    degraded_now = next(c for c in kube.status["conditions"] if c["type"] == "Degraded")
+    assert degraded_now["status"] == "False"
+    assert kube.status["phase"] == "Succeeded"
+
+
+def test_a_bug_is_logged_once_and_shown_instead_of_retried(
+    config: SearchConfig, trainers: list[TrainerProcess], caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[str] = []
+
+    def broken_price(worker: str) -> float:
+        calls.append(worker)
+        raise ValueError("a bug in the price lookup")
+
+    kube = RecordingKube()
+    with caplog.at_level(logging.ERROR, logger="mloptimizer.operator.daemon"):
+        outcome = run_search(config, spec(), kube, stop=threading.Event(), price_of=broken_price)
+    assert outcome is None  # the daemon stopped: no endless retry
+    assert len(calls) == 1
+    assert degraded("InternalError")(kube.status)
+    assert "ValueError: a bug in the price lookup" in kube.status["message"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None  # with its traceback
+
+
+def test_a_study_left_by_another_search_of_that_name_fails_the_search(
+    config: SearchConfig,
+) -> None:
+    other = spec().model_copy(update={"dataset": spec().dataset.model_copy(update={"seed": 9})})
+    open_study(other, config.study, config.storage_url, owner="uid-of-the-old-search")
+    config.uid = "uid-of-the-new-search"
+    kube = RecordingKube()
+    outcome = run_search(config, spec(), kube, stop=threading.Event())
+    assert outcome is None
+    assert kube.status["phase"] == "Failed"
+    assert "spec.dataset cannot change" in kube.status["message"]
+    complete = next(c for c in kube.status["conditions"] if c["type"] == "Complete")
+    assert complete["reason"] == "StudyMismatch"
+    assert ("Warning", "StudyMismatch") in [(t, r) for t, r, _ in kube.events]
+
+
+def test_an_edit_made_while_no_operator_ran_is_refused_and_the_search_goes_on(
+    config: SearchConfig,
+) -> None:
+    open_study(spec(), config.study, config.storage_url, owner="uid-1")
+    edited = spec().model_copy(update={"dataset": spec().dataset.model_copy(update={"seed": 9})})
+    config.uid = "uid-1"
+    kube = RecordingKube()
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_search,
+        args=(config, edited, kube),
+        kwargs={"stop": stop, "latest_spec": lambda: edited},
+    )
+    thread.start()
+    try:
+        kube.wait_for(degraded("SpecChangeRefused"), timeout=60)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert kube.status["phase"] == "Running"
+    refused = next(c for c in kube.status["conditions"] if c["type"] == "Degraded")
+    assert "spec.dataset cannot change" in refused["message"]

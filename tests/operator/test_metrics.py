@@ -33,8 +33,8 @@ def record(seconds: float) -> TrialRecord:
 def test_metrics_by_search_and_state() -> None:
     metrics = Metrics()
     best = record(12.0)
-    counts = Counts(complete=3, pruned=1, failed=2, running=4, cost_usd=1.25, best=best)
-    dispatcher = SimpleNamespace(counts=counts)
+    counts = Counts(complete=3, pruned=1, failed=2, cost_usd=1.25, best=best)
+    dispatcher = SimpleNamespace(counts=counts, running=4)
     metrics.update("ns.s", dispatcher, queued=7)  # type: ignore[arg-type]
     metrics.finished("ns.s", best)
     metrics.dispatched("ns.s", 0.004)
@@ -61,7 +61,7 @@ def test_pool_metrics() -> None:
 
 def test_metrics_are_served_over_http() -> None:
     metrics = Metrics()
-    metrics.update("a.b", SimpleNamespace(counts=Counts(complete=1)), queued=None)  # type: ignore[arg-type]
+    metrics.update("a.b", SimpleNamespace(counts=Counts(complete=1), running=0), queued=None)  # type: ignore[arg-type]
     server, thread = metrics.serve(0)
     try:
         port = server.server_port

@@ -17,6 +17,7 @@ from k8s import Emulator, kubernetes_configuration, start_emulator
 from vastmock import API_KEY, VastMock
 
 from mloptimizer.operator.builders import trainer_labels
+from mloptimizer.operator.kube import ApiPoolKube
 from mloptimizer.operator.pool import (
     POOL_LABEL,
     PoolController,
@@ -32,7 +33,6 @@ from mloptimizer.operator.pool import (
     sweep_orphans,
     work_from_status,
 )
-from mloptimizer.operator.poolkube import ApiPoolKube
 from mloptimizer.operator.vastai import Offer, VastClient
 from mloptimizer.spec import ArchitectureSearchSpec, GpuPool
 

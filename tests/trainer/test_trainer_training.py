@@ -10,12 +10,12 @@ import pytest
 import tensorflow as tf
 from dispatch import digits_trial
 
-from mloptimizer.messages import TrialMessage
+from mloptimizer.messages import Decision, TrialMessage
 from mloptimizer.space import Architecture
 from mloptimizer.spec import Dataset
 from mloptimizer.trainer import training
 from mloptimizer.trainer.data import DatasetCache, Splits, synthetic
-from mloptimizer.trainer.training import Decision, TrialInterrupted, train_trial
+from mloptimizer.trainer.training import TrialInterrupted, train_trial
 
 
 @pytest.fixture(scope="module")

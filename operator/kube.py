@@ -1,8 +1,12 @@
-""":class:`~mloptimizer.operator.pool.PoolKube` over the Kubernetes API: the search's
-status, and the Nodes rented VMs join as (cordon, drain, delete).
+"""The Kubernetes side of a search, over the Kubernetes API.
 
-The ``kubernetes`` client is synchronous: each call runs in a worker thread so the pool's
-event loop (kopf's) keeps serving.
+* :class:`ApiKube` is :class:`~mloptimizer.operator.daemon.Kube` for the search's daemon:
+  its status, its trainer Deployment's replicas, its Events (synchronous: the daemon runs
+  in kopf's worker thread).
+* :class:`ApiPoolKube` is :class:`~mloptimizer.operator.pool.PoolKube` for its GPU pool:
+  its status and the Nodes rented VMs join as (cordon, drain, delete); the ``kubernetes``
+  client is synchronous, so each call runs in a worker thread and the pool's event loop
+  (kopf's) keeps serving.
 """
 
 from __future__ import annotations
@@ -12,13 +16,48 @@ import datetime
 import logging
 from typing import Any
 
+import kopf
 import kubernetes
 
-__all__ = ["ApiPoolKube"]
+from mloptimizer.operator.builders import deployment_name
+from mloptimizer.spec import GROUP, PLURAL, VERSION
 
-GROUP, VERSION, PLURAL = "mloptimizer.io", "v1alpha1", "architecturesearches"
+__all__ = ["ApiKube", "ApiPoolKube"]
 
 log = logging.getLogger(__name__)
+
+
+class ApiKube:
+    """The Kubernetes side of one search's daemon (``body`` is the search, for Events)."""
+
+    def __init__(self, body: Any, namespace: str, name: str) -> None:
+        self.body = body
+        self.namespace = namespace
+        self.name = name
+
+    def patch_status(self, patch: dict[str, Any]) -> None:
+        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
+            GROUP, VERSION, self.namespace, PLURAL, self.name, {"status": patch}
+        )
+
+    def scale(self, replicas: int) -> None:
+        kubernetes.client.AppsV1Api().patch_namespaced_deployment_scale(
+            deployment_name(self.name), self.namespace, {"spec": {"replicas": replicas}}
+        )
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        kopf.event(self.body, type=type_, reason=reason, message=message[:1024])
+
+    def ready_replicas(self) -> int:
+        try:
+            deployment = kubernetes.client.AppsV1Api().read_namespaced_deployment_status(
+                deployment_name(self.name), self.namespace
+            )
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return 0
+            raise
+        return int((deployment.status and deployment.status.ready_replicas) or 0)
 
 
 class ApiPoolKube:

@@ -16,9 +16,10 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 
-from mloptimizer.messages import TrialMessage
+from mloptimizer.dispatch import trial_message
+from mloptimizer.space import Architecture
 from mloptimizer.spec import ArchitectureSearchSpec
-from mloptimizer.study import TrialRecord, records, storage_url, trial_seed
+from mloptimizer.study import TrialRecord, best_of, records, storage_url
 from mloptimizer.urls import redact
 
 __all__ = ["ReportError", "build_report", "summarize"]
@@ -57,9 +58,7 @@ def summarize(
 ) -> dict[str, Any]:
     """The content of ``summary.json``: the best trial and every trial."""
     trials = [r for r in records(study) if r.counted]
-    complete = [r for r in trials if r.state == "complete" and r.value is not None]
-    maximize = spec.objective.study_direction == "maximize"
-    best = (max if maximize else min)(complete, key=lambda r: r.value or 0.0) if complete else None
+    best = best_of(trials, spec.objective.study_direction)
     return {
         "search": study.study_name,
         "metric": spec.objective.metric,
@@ -332,20 +331,13 @@ def _evaluate(
 ) -> dict[str, Any]:
     from mloptimizer.trainer.evaluate import evaluate_best  # TensorFlow: only here
 
-    refine = spec.training.refine
-    epochs = refine.epochs if best["phase"] == "refine" and refine else spec.training.epochs
-    trial = TrialMessage(
+    trial = trial_message(
+        spec,
         search=run["search"],
-        trial_id=0,
         number=best["number"],
+        trial_id=0,
         phase=best["phase"],
-        architecture=best["architecture"],
-        dataset=spec.dataset,
-        epochs=epochs,
-        batch_size=spec.training.batch_size,
-        mixed_precision=spec.training.mixed_precision,
-        metric=spec.objective.metric,
-        seed=trial_seed(spec.sampler.seed, best["number"]),
+        architecture=Architecture.model_validate(best["architecture"]),
     )
     cache_dir = out / (run.get("cache_dir") or "cache")  # relative: inside the run folder
     base_dir = Path(run["source"]).parent if run.get("source") else None

@@ -118,9 +118,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import optuna
 
+    from mloptimizer.app.runner import RunOptions, run_search
     from mloptimizer.checks import space_issues
     from mloptimizer.loading import SpecError, load_search
-    from mloptimizer.runner import RunOptions, run_search
     from mloptimizer.study import StudyMismatch
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -172,7 +172,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report(out: Path, storage: str | None) -> int:
-    from mloptimizer.report import ReportError, build_report
+    from mloptimizer.app.report import ReportError, build_report
 
     try:
         page = build_report(out, storage=storage)

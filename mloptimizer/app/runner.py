@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 from mloptimizer.dispatch import Dispatcher, Outcome, Transport
 from mloptimizer.loading import SearchFile
@@ -125,7 +125,7 @@ class ProgressDisplay:
         )
         bar = (
             f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-            f"| {c.running} running | {best} | {_fmt_seconds(elapsed)} | ETA {eta}"
+            f"| {dispatcher.running} running | {best} | {_fmt_seconds(elapsed)} | ETA {eta}"
         )
         self.stream.write("\r\x1b[K" + bar)
         self.stream.flush()
@@ -163,10 +163,18 @@ def _transport(search: SearchFile, options: RunOptions, name: str) -> Transport:
     cache_dir = options.cache_dir or options.out / "cache"
     return LocalTransport(
         options.workers,
+        serve=local_trainer,
         cache_dir=cache_dir,
         base_dir=Path(search.source).resolve().parent,
         threads=default_threads(options.workers),
     )
+
+
+def local_trainer(*args: Any) -> None:
+    """A local trainer process's entry point (spawned: TensorFlow loads in it, not here)."""
+    from mloptimizer.trainer.local import serve
+
+    serve(*args)
 
 
 def _broker_trainers(options: RunOptions, name: str) -> list[subprocess.Popen[bytes]]:

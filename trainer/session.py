@@ -1,0 +1,109 @@
+"""The one trainer loop body, shared by the broker worker and the local worker.
+
+Whatever carries trials (RabbitMQ for ``mloptimizer trainer``, pipes for the local
+processes of ``mloptimizer run``), a trainer does the same with each: get the dataset from
+its cache (a failure to load is the trial's failure, not the process's), train with one
+progress message per epoch answered by the dispatcher's decision, turn the outcome into the
+result message, and watch its memory between trials. :class:`TrialSession` does exactly
+that; the transports only move messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.trainer.data import DatasetCache
+from mloptimizer.trainer.device import GpuInfo, detect_gpus, device_name
+from mloptimizer.trainer.memory import MemoryWatch
+from mloptimizer.trainer.training import Outcome, result_message, train_trial
+
+__all__ = ["Ask", "TrialSession"]
+
+log = logging.getLogger("mloptimizer.trainer")
+
+# Send one progress message and return the dispatcher's decision ("continue" if none came).
+Ask = Callable[[ProgressMessage], Decision]
+
+
+@dataclass
+class TrialSession:
+    """One trainer process's state across trials: its name, dataset cache, GPUs, memory.
+
+    Args:
+        worker_id: the trainer's name in progress and result messages.
+        cache: the dataset cache, kept across trials.
+        recycle_memory_mb: memory growth (after the first trial) that calls for a restart
+            in place; None or 0 never does.
+    """
+
+    worker_id: str
+    cache: DatasetCache
+    recycle_memory_mb: float | None = None
+    gpus: list[GpuInfo] = field(default_factory=detect_gpus)
+    _memory: MemoryWatch = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._memory = MemoryWatch(self.recycle_memory_mb)
+
+    @property
+    def device(self) -> str:
+        return str(device_name(self.gpus))
+
+    def progress(
+        self, trial: TrialMessage, attempt: int, epoch: int, metrics: dict[str, float]
+    ) -> ProgressMessage:
+        """The progress message of one epoch of ``trial``."""
+        return ProgressMessage(
+            search=trial.search,
+            trial_id=trial.trial_id,
+            number=trial.number,
+            attempt=attempt,
+            worker_id=self.worker_id,
+            epoch=epoch,
+            metrics=metrics,
+        )
+
+    def run(
+        self, trial: TrialMessage, attempt: int, ask: Ask, stop: threading.Event
+    ) -> ResultMessage:
+        """Train ``trial`` and return its result message.
+
+        Raises:
+            TrialInterrupted: ``stop`` was set (the trial goes back to the queue).
+        """
+        load_seconds = 0.0
+        try:
+            splits, load_seconds = self.cache.get(trial.dataset)
+        except Exception as error:  # no data: the trial fails, the trainer goes on
+            outcome = Outcome(state="failed", error=f"dataset: {error}")
+        else:
+
+            def on_epoch(epoch: int, metrics: dict[str, float]) -> Decision:
+                return ask(self.progress(trial, attempt, epoch, metrics))
+
+            outcome = train_trial(trial, splits, on_epoch=on_epoch, stop=stop, gpus=self.gpus)
+        return result_message(
+            trial,
+            outcome,
+            attempt=attempt,
+            worker_id=self.worker_id,
+            device=self.device,
+            load_seconds=load_seconds,
+        )
+
+    def restart_due(self, trials_done: int) -> bool:
+        """After a trial: whether memory grew past the limit, so the process should restart."""
+        growth = self._memory.after_trial()
+        if growth is None:
+            return False
+        log.info(
+            "memory grew %.0f MB over %d trials (Keras keeps some per model); "
+            "restarting in place",
+            growth,
+            trials_done,
+        )
+        return True
