@@ -101,8 +101,7 @@ class TrialSession:
         if growth is None:
             return False
         log.info(
-            "memory grew %.0f MB over %d trials (Keras keeps some per model); "
-            "restarting in place",
+            "memory grew %.0f MB over %d trials (Keras keeps some per model); restarting in place",
             growth,
             trials_done,
         )
