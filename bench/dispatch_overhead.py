@@ -197,7 +197,7 @@ def through_loop(
         trainer.join()
     connection = pika.BlockingConnection(pika.URLParameters(BROKER))
     channel = connection.channel()
-    for queue in (names.trials, names.progress, names.results, names.dead_letters):
+    for queue in names.all:
         channel.queue_delete(queue)
     connection.close()
     return seconds

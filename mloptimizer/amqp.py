@@ -5,7 +5,13 @@ returns only once the broker has them. Progress and results are consumed with ma
 acks, settled only after the dispatcher handled them: a dispatcher that dies in between
 gets them again and the study (which knows what it was told) drops the copies. Trials in
 flight live in the broker, so the transport is durable: a restarted dispatcher adopts
-them. A message that does not parse goes to the dead-letter queue with its reason.
+them. The dead-letter queue is consumed too: a trial in it (given up by the broker after
+its delivery limit, or refused by a trainer) reaches the dispatcher as a
+:class:`~mloptimizer.dispatch.DeadTrial`, which fails it. A message that does not parse,
+or that the dispatcher refuses, goes to the rejected queue with its reason.
+
+Memory stays bounded whatever is queued: bodies are capped (``MAX_BODY_BYTES``) and at
+most ``prefetch`` messages are held unacknowledged at once.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from mloptimizer.broker import PERSISTENT, dead_letter, declare_queues
-from mloptimizer.dispatch import Inbound
+from mloptimizer.broker import PERSISTENT, dead_letter, death_reason, declare_queues
+from mloptimizer.dispatch import DeadTrial, Inbound, Malformed
 from mloptimizer.messages import (
     Decision,
     MessageError,
@@ -32,9 +38,14 @@ from mloptimizer.messages import (
     encode,
 )
 
-__all__ = ["AmqpTransport"]
+__all__ = ["AmqpTransport", "prefetch_for"]
 
 log = logging.getLogger(__name__)
+
+
+def prefetch_for(parallelism: int) -> int:
+    """Unacked messages to hold: enough for every trial in flight to report, bounded."""
+    return min(64, 2 * parallelism + 4)
 
 
 class AmqpTransport:
@@ -43,11 +54,18 @@ class AmqpTransport:
     durable = True
 
     def __init__(
-        self, url: str, search: str, *, prefix: str = "mlopt", max_backoff: float = 30.0
+        self,
+        url: str,
+        search: str,
+        *,
+        prefix: str = "mlopt",
+        max_backoff: float = 30.0,
+        prefetch: int = 64,
     ) -> None:
         self.url = url
         self.names = QueueNames(search, prefix)
         self.max_backoff = max_backoff
+        self.prefetch = prefetch
         self._received: list[Inbound] = []
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
@@ -68,22 +86,47 @@ class AmqpTransport:
         channel = self._connection.channel()
         channel.confirm_delivery()
         declare_queues(channel, self.names)
-        channel.basic_qos(prefetch_count=100)
+        channel.basic_qos(prefetch_count=self.prefetch)
         channel.basic_consume(self.names.progress, self._on_message)
         channel.basic_consume(self.names.results, self._on_message)
+        channel.basic_consume(self.names.dead_letters, self._on_dead)
         self._channel = channel
         self._received = []  # unacked deliveries of the old channel come again
 
+    def _rejecter(self, channel: Any, method: Any, properties: Any, body: bytes) -> Any:
+        def reject(reason: str) -> None:
+            dead_letter(channel, self.names.rejected, body, properties.headers, reason)
+            channel.basic_ack(method.delivery_tag)
+
+        return reject
+
+    def _on_dead(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        reject = self._rejecter(channel, method, properties, body)
+        try:
+            message = decode(body)
+            if not isinstance(message, TrialMessage):
+                raise MessageError(f"a {message.kind} message")
+        except MessageError as error:
+            why = f"in the dead-letter queue, not a trial: {error.reason}"
+            self._received.append(Inbound(Malformed(why), reject=reject))
+            return
+        self._received.append(
+            Inbound(
+                DeadTrial(message, death_reason(properties.headers)),
+                settle=lambda: channel.basic_ack(method.delivery_tag),
+                reject=reject,
+            )
+        )
+
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         tag = method.delivery_tag
+        reject = self._rejecter(channel, method, properties, body)
         try:
             message = decode(body)
             if not isinstance(message, ProgressMessage | ResultMessage):
                 raise MessageError(f"expected progress or result, got {message.kind!r}")
         except MessageError as error:
-            log.error("dead-lettering a message from %s: %s", method.routing_key, error.reason)
-            dead_letter(channel, self.names, body, properties.headers, error.reason)
-            channel.basic_ack(tag)
+            self._received.append(Inbound(Malformed(error.reason), reject=reject))
             return
 
         def settle() -> None:
@@ -99,7 +142,7 @@ class AmqpTransport:
                     pika.BasicProperties(correlation_id=properties.correlation_id),
                 )
 
-        self._received.append(Inbound(message, reply=reply, settle=settle))
+        self._received.append(Inbound(message, reply=reply, settle=settle, reject=reject))
 
     def send(self, trial: TrialMessage) -> None:
         for _ in range(5):
@@ -121,10 +164,20 @@ class AmqpTransport:
         received, self._received = self._received, []
         return received
 
-    def queued(self) -> int:
-        """Trials waiting in the queue (not yet taken by a trainer)."""
-        declared = self._channel.queue_declare(self.names.trials, passive=True)
+    def queued(self) -> int | None:
+        """Trials waiting in the queue (not yet taken by a trainer); None if unknown now."""
+        try:
+            declared = self._channel.queue_declare(self.names.trials, passive=True)
+        except pika.exceptions.AMQPError as error:
+            log.warning("lost the broker (%r); reconnecting", error)
+            self._connect()
+            return None
         return int(declared.method.message_count)
+
+    def consumers(self) -> int:
+        """Trainers consuming the trials queue now."""
+        declared = self._channel.queue_declare(self.names.trials, passive=True)
+        return int(declared.method.consumer_count)
 
     def close(self) -> None:
         if self._connection is not None and self._connection.is_open:

@@ -7,14 +7,27 @@ the operator refuse it up front, naming the field and the value that fits. A spa
 largest counts do not fit is searched up to what fits (:func:`fitted_space`): the default
 space (up to 4 blocks) is searched with 3 on 8x8 digits, silently; a ``blocks.max`` the
 user wrote above what fits gets a warning that the rest is never sampled.
+
+Memory is the other limit (:func:`size_issues`): a model over the trainer's memory is
+failed unsent as ``too_large``; a space where many draws are is worth a warning, and one
+where every draw is, an error.
 """
 
 from __future__ import annotations
 
+import optuna
+
 from mloptimizer.loading import SpecIssue
 from mloptimizer.spec import ArchitectureSearchSpec, IntRange, SearchSpace
 
-__all__ = ["BUILTIN_SIDE", "fitted_space", "input_side", "max_blocks", "space_issues"]
+__all__ = [
+    "BUILTIN_SIDE",
+    "fitted_space",
+    "input_side",
+    "max_blocks",
+    "size_issues",
+    "space_issues",
+]
 
 # The smaller side of each built-in dataset's images, in pixels.
 BUILTIN_SIDE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "mnist_5k": 28, "cifar10": 32}
@@ -96,3 +109,48 @@ def space_issues(spec: ArchitectureSearchSpec) -> tuple[list[SpecIssue], list[Sp
                 )
             )
     return errors, warnings
+
+
+def size_issues(
+    spec: ArchitectureSearchSpec, budget: int, samples: int = 200
+) -> tuple[list[SpecIssue], list[SpecIssue]]:
+    """``(errors, warnings)``: the share of the space over ``budget`` bytes per trainer.
+
+    Measured on ``samples`` random draws of the space (what TPE draws before it learns).
+    """
+    from mloptimizer.sizing import input_shape, memory_bytes, model_size
+    from mloptimizer.space import sample_architecture
+
+    shape, classes = input_shape(spec)
+    space = fitted_space(spec)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    over = 0
+    largest = 0
+    for _ in range(samples):
+        architecture = sample_architecture(study.ask(), space)
+        need = memory_bytes(model_size(architecture, shape, classes), spec.training.batch_size)
+        largest = max(largest, need)
+        over += need > budget
+    if over == 0:
+        return [], []
+    gib = budget / 2**30
+    fix = (
+        "narrow searchSpace (fewer filters or dense units, a gap classifier), lower "
+        "training.batchSize, or raise workers.resources.memory"
+    )
+    if over == samples:
+        error = SpecIssue(
+            "spec.searchSpace",
+            f"no sampled model fits a trainer's {gib:.1f} GiB (all {samples} random draws "
+            f"need more): {fix}",
+        )
+        return [error], []
+    share = over / samples
+    if share < 0.2:
+        return [], []
+    warning = SpecIssue(
+        "spec.searchSpace",
+        f"{share:.0%} of sampled models need more than a trainer's {gib:.1f} GiB (up to "
+        f"{largest / 2**30:.1f} GiB); they fail as too_large without training: {fix}",
+    )
+    return [], [warning]

@@ -10,6 +10,20 @@ Two phases, the seed's: *explore* samples ``budget.maxTrials`` architectures wit
 ``training.epochs``; *refine* then retrains the ``training.refine.topK`` best for
 ``refine.epochs``. Both are trials of the same study, told apart by the ``phase`` user
 attribute.
+
+What the loop guarantees, whatever trainers send or the services do:
+
+* every message is checked against the trial it claims (search, id, number, phase,
+  epochs) before it touches the study; one that fails, or whose handling raises, is
+  *rejected* (kept with the reason, never redelivered into a crash loop) and a trial it
+  concerned is failed, so it cannot stay running;
+* every trial ends: one that never sends progress has a deadline once a trainer took it;
+  one the broker or a trainer gave up on (the dead-letter queue) fails with the reason; one
+  whose publish was never confirmed (its architecture is written only after) is sent again
+  on recovery, never adopted as queued;
+* a model that cannot fit the trainer's memory is failed as ``too_large`` without being sent;
+* a lost database or broker connection is not handled here: it propagates, and the
+  caller retries the whole loop (the study knows everything the loop needs).
 """
 
 from __future__ import annotations
@@ -27,7 +41,9 @@ from optuna.trial import TrialState
 
 from mloptimizer.changes import refusal
 from mloptimizer.checks import fitted_space
+from mloptimizer.faults import transient
 from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.sizing import input_shape, memory_bytes, model_size
 from mloptimizer.space import Architecture, build_pruner, sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
 from mloptimizer.study import (
@@ -45,8 +61,10 @@ from mloptimizer.study import (
 
 __all__ = [
     "Counts",
+    "DeadTrial",
     "Dispatcher",
     "Inbound",
+    "Malformed",
     "Observer",
     "Outcome",
     "StopReason",
@@ -61,13 +79,30 @@ StopReason = Literal[
 ]
 
 
+@dataclass(frozen=True)
+class DeadTrial:
+    """A trial the broker or a trainer gave up on (the dead-letter queue), and why."""
+
+    message: TrialMessage
+    reason: str
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A message that could not be read, and why: rejected and counted like any refusal."""
+
+    reason: str
+
+
 @dataclass
 class Inbound:
-    """A progress or result message as received, with how to answer and settle it."""
+    """A message as received, with how to answer it, settle it (ack) or reject it."""
 
-    message: ProgressMessage | ResultMessage
+    message: ProgressMessage | ResultMessage | DeadTrial | Malformed
     reply: Callable[[Decision], None] = lambda _: None
     settle: Callable[[], None] = lambda: None  # ack: called once the message is handled
+    # Keep the message aside with the reason (the rejected queue) and ack it.
+    reject: Callable[[str], None] = lambda _: None
 
 
 class Transport(Protocol):
@@ -85,6 +120,9 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Release connections and processes."""
+
+    def queued(self) -> int | None:
+        """Trials not yet taken by a trainer, or None when the transport cannot tell."""
 
 
 class Observer(Protocol):
@@ -107,6 +145,7 @@ class _InFlight:
     last_heard: float
     reported: set[int] = field(default_factory=set)  # epochs already reported to Optuna
     heard: bool = False  # a trainer has sent progress: the trial is being trained
+    taken_at: float | None = None  # when the trials queue was first seen without it
 
 
 @dataclass
@@ -129,6 +168,8 @@ class Counts:
     complete: int = 0
     pruned: int = 0
     failed: int = 0
+    too_large: int = 0  # failed before training (never sent): not counted in ``failed``
+    rejected: int = 0  # messages refused (malformed, forged, or their handling failed)
     explore_used: int = 0  # explore trials counted against maxTrials (incl. running)
     cost_usd: float = 0.0
     best: TrialRecord | None = None
@@ -149,8 +190,10 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         progress_timeout: float = 5.0,
         stale_after: float | None = None,
+        first_progress_grace: float = 900.0,
         max_retries: int = 2,
         price_of: Callable[[str], float | None] | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         self.study = study
         self.spec = spec
@@ -165,7 +208,15 @@ class Dispatcher:
         # (a hung trainer; a dead one loses its connection and the broker redelivers) is
         # failed and enqueued again, at most ``max_retries`` times.
         self.stale_after = stale_after
+        # A trial a trainer took (the queue no longer holds it) must send its first
+        # progress within the grace, or three times the slowest first epoch seen so far.
+        self.first_progress_grace = first_progress_grace
+        self.slowest_first_epoch = 0.0
+        self._queue_checked = 0.0
         self.max_retries = max_retries
+        # Bytes a trainer may use; a model estimated over it fails as too_large unsent.
+        self.memory_budget = memory_budget
+        self._told: set[int] = set()  # ids of trials finished: their copies are dropped
         self.in_flight: dict[int, _InFlight] = {}
         self.counts = Counts()
         self.stopping: Outcome | None = None
@@ -182,6 +233,8 @@ class Dispatcher:
         """Rebuild the counts from the study; adopt or re-enqueue trials left running."""
         for rec in records(self.study):
             self.refine_started |= rec.phase == "refine"
+            if rec.finished:
+                self._told.add(rec.trial_id)
             if rec.state == "waiting":
                 self.waiting += 1
             elif rec.state == "running":
@@ -195,7 +248,12 @@ class Dispatcher:
                     )
                     log.info("adopted trial %d, still in flight", rec.number)
                 else:
-                    self._interrupt(rec.trial_id, "the dispatcher stopped while it ran")
+                    why = (
+                        "the dispatcher stopped while it ran"
+                        if rec.architecture is not None
+                        else "the dispatcher stopped before the broker confirmed it"
+                    )
+                    self._interrupt(rec.trial_id, why)
                     rec = record(stored_trial(self.study, rec.trial_id))
             self._count(rec)
 
@@ -205,6 +263,8 @@ class Dispatcher:
             c.complete += 1
         elif rec.state == "pruned":
             c.pruned += 1
+        elif rec.state == "failed" and rec.attrs.get(Attr.TOO_LARGE):
+            c.too_large += 1
         elif rec.state == "failed" and not rec.interrupted:
             c.failed += 1
         if rec.phase == "explore" and rec.counted:
@@ -285,6 +345,7 @@ class Dispatcher:
                 for inbound in self.transport.receive(timeout=0.2):
                     self._handle(inbound)
                 self._check_stale()
+                self._check_unheard()
         finally:
             self.transport.close()
 
@@ -306,23 +367,59 @@ class Dispatcher:
     def _dispatch(self, trial: optuna.trial.Trial) -> None:
         began = time.perf_counter()
         architecture = sample_architecture(trial, fitted_space(self.spec))
-        # One write; a trial without a phase attribute is an explore trial.
-        trial.set_user_attr(Attr.ARCHITECTURE, architecture.model_dump(mode="json"))
         # The trial's own cache holds its params and enqueued attributes: no extra query.
         rec = dataclasses.replace(
             record(cached_frozen(trial)), state="running", architecture=architecture
         )
         phase = rec.phase
+        if phase == "explore":
+            self.counts.explore_used += 1
+        too_large = self._too_large(architecture)
+        if too_large is not None:
+            self._fail_unsent(trial, rec, too_large)
+            return
         message = self._message(trial.number, trial_id_of(trial), rec)
         self.transport.send(message)
+        # Written once the broker confirmed the trial: a trial running without it was
+        # never queued, and recovery sends it again instead of waiting for it.
+        trial.set_user_attr(Attr.ARCHITECTURE, architecture.model_dump(mode="json"))
         self.last_dispatch_seconds = time.perf_counter() - began
         now = self.clock()
         self.in_flight[trial_id_of(trial)] = _InFlight(trial, message, rec, now, now)
-        if phase == "explore":
-            self.counts.explore_used += 1
         log.info("trial %d sent (%s): %s", trial.number, phase, architecture.summary())
         if self.observer is not None:
             self.observer.started(rec, self)
+
+    def _too_large(self, architecture: Architecture) -> str | None:
+        """Why a trainer could not hold ``architecture``, or None when it fits."""
+        if self.memory_budget is None:
+            return None
+        shape, classes = input_shape(self.spec)
+        size = model_size(architecture, shape, classes)
+        need = memory_bytes(size, self.spec.training.batch_size)
+        if need <= self.memory_budget:
+            return None
+        return (
+            f"too_large: {size.parameters / 1e6:.1f} M parameters, about "
+            f"{need / 2**30:.1f} GiB to train with batches of {self.spec.training.batch_size}, "
+            f"over the trainer's {self.memory_budget / 2**30:.1f} GiB (workers.resources."
+            "memory); narrow the search space or raise the memory"
+        )
+
+    def _fail_unsent(self, trial: optuna.trial.Trial, rec: TrialRecord, why: str) -> None:
+        assert rec.architecture is not None
+        trial.set_user_attr(Attr.ARCHITECTURE, rec.architecture.model_dump(mode="json"))
+        trial.set_user_attr(Attr.ERROR, why)
+        trial.set_user_attr(Attr.TOO_LARGE, True)
+        self.study.tell(trial, state=TrialState.FAIL)
+        self._told.add(trial_id_of(trial))
+        done = dataclasses.replace(
+            rec, state="failed", error=why, attrs={**rec.attrs, Attr.TOO_LARGE: True}
+        )
+        self._count_finished(done)
+        log.info("trial %d not sent: %s", trial.number, why)
+        if self.observer is not None:
+            self.observer.finished(done, self)
 
     def _message(self, number: int, trial_id: int, rec: TrialRecord) -> TrialMessage:
         assert rec.architecture is not None
@@ -340,18 +437,104 @@ class Dispatcher:
 
     def _handle(self, inbound: Inbound) -> None:
         message = inbound.message
-        if isinstance(message, ProgressMessage):
-            inbound.reply(self._progress(message))
-        else:
-            self._result(message)
+        why = message.reason if isinstance(message, Malformed) else self._refusal(message)
+        if why is not None or isinstance(message, Malformed):
+            self._reject(inbound, why or "malformed")
+            return
+        try:
+            if isinstance(message, ProgressMessage):
+                inbound.reply(self._progress(message))
+            elif isinstance(message, DeadTrial):
+                self._dead(message)
+            else:
+                self._result(message)
+        except Exception as error:
+            if transient(error):
+                raise  # the caller waits for the service; the message comes again
+            # A bug, or data the study refuses: never redeliver it into a crash loop.
+            log.exception("handling a message of trial %d failed", self._trial_number(message))
+            why = f"handling it failed: {type(error).__name__}: {error}"[:1024]
+            self._reject(inbound, why)
+            self._fail_in_flight(self._trial_id(message), why)
+            return
         inbound.settle()
+
+    @staticmethod
+    def _trial_id(message: ProgressMessage | ResultMessage | DeadTrial) -> int:
+        return message.message.trial_id if isinstance(message, DeadTrial) else message.trial_id
+
+    @staticmethod
+    def _trial_number(message: ProgressMessage | ResultMessage | DeadTrial) -> int:
+        return message.message.number if isinstance(message, DeadTrial) else message.number
+
+    def _reject(self, inbound: Inbound, why: str) -> None:
+        log.warning("rejected a message: %s", why)
+        self.counts.rejected += 1
+        inbound.reject(why)
+
+    def _refusal(self, message: ProgressMessage | ResultMessage | DeadTrial) -> str | None:
+        """Why ``message`` cannot be about a trial of this search, or None if it can be."""
+        claimed = message.message if isinstance(message, DeadTrial) else message
+        if claimed.search != self.search:
+            return f"it claims search {claimed.search!r}, not {self.search!r}"
+        flight = self.in_flight.get(claimed.trial_id)
+        if flight is None:
+            if claimed.trial_id in self._told:
+                return None  # a copy of a finished trial: dropped (or pruned) as such
+            return f"no trial with id {claimed.trial_id} is in flight in this search"
+        expected = flight.message
+        if claimed.number != expected.number:
+            return f"trial id {claimed.trial_id} is trial {expected.number}, not {claimed.number}"
+        if isinstance(message, ProgressMessage):
+            if message.epoch > expected.epochs:
+                return f"epoch {message.epoch} of a trial of {expected.epochs} epochs"
+        elif isinstance(message, ResultMessage):
+            if message.phase != expected.phase:
+                return f"a {message.phase} result for a {expected.phase} trial"
+            if message.epochs_run > expected.epochs or len(message.history) > expected.epochs:
+                return f"more epochs than the trial's {expected.epochs}"
+        return None
+
+    def _fail_in_flight(self, trial_id: int, why: str) -> None:
+        """Fail a trial whose message could not be handled: it must not stay running."""
+        flight = self.in_flight.get(trial_id)
+        if flight is None:
+            return
+        try:
+            self._fail(flight, why)
+        except Exception as error:
+            if transient(error):
+                raise
+            log.exception("could not fail trial %d either", flight.message.number)
+
+    def _fail(self, flight: _InFlight, why: str) -> None:
+        """Tell ``flight``'s trial failed with ``why``; it counts toward maxFailedTrials."""
+        flight.trial.set_user_attr(Attr.ERROR, why)
+        self.study.tell(flight.trial, state=TrialState.FAIL)
+        self.in_flight.pop(flight.message.trial_id, None)
+        self._told.add(flight.message.trial_id)
+        rec = dataclasses.replace(flight.record, state="failed", error=why)
+        self._count_finished(rec)
+        if self.observer is not None:
+            self.observer.finished(rec, self)
+
+    def _dead(self, dead: DeadTrial) -> None:
+        flight = self.in_flight.get(dead.message.trial_id)
+        if flight is None:
+            return  # told already (a copy dead-lettered after another finished it)
+        log.warning("trial %d dead-lettered: %s", dead.message.number, dead.reason)
+        self._fail(flight, f"dead-lettered: {dead.reason}")
 
     def _progress(self, message: ProgressMessage) -> Decision:
         flight = self.in_flight.get(message.trial_id)
         if flight is None:
             # Already told (a redelivered copy still training): stop wasting the GPU.
             return "prune"
-        flight.last_heard = self.clock()
+        now = self.clock()
+        if not flight.heard:
+            began = flight.taken_at if flight.taken_at is not None else flight.sent_at
+            self.slowest_first_epoch = max(self.slowest_first_epoch, now - began)
+        flight.last_heard = now
         flight.heard = True
         value = message.metrics.get(self.spec.objective.metric)
         if value is None or not math.isfinite(value) or flight.message.phase == "refine":
@@ -363,7 +546,8 @@ class Dispatcher:
         return "prune" if trial.should_prune() else "continue"
 
     def _result(self, message: ResultMessage) -> None:
-        flight = self.in_flight.pop(message.trial_id, None)
+        # Left in flight until told: if anything below raises, the trial is failed for it.
+        flight = self.in_flight.get(message.trial_id)
         if flight is None:
             log.info(
                 "dropped a duplicate result of trial %d (attempt %d from %s): already told",
@@ -399,6 +583,8 @@ class Dispatcher:
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
             self.study.tell(trial, state=TrialState.FAIL)
+        del self.in_flight[message.trial_id]
+        self._told.add(message.trial_id)
         rec = dataclasses.replace(
             flight.record,
             state=message.state
@@ -466,6 +652,7 @@ class Dispatcher:
         self.stopping = Outcome(reason, message, failed)
         for trial_id in list(self.in_flight):
             flight = self.in_flight.pop(trial_id)
+            self._told.add(trial_id)
             flight.trial.set_user_attr(Attr.ERROR, f"cancelled: {message}")
             flight.trial.set_user_attr(Attr.INTERRUPTED, True)
             self.study.tell(flight.trial, state=TrialState.FAIL)
@@ -477,26 +664,53 @@ class Dispatcher:
         for trial_id, flight in list(self.in_flight.items()):
             if not flight.heard or now - flight.last_heard < self.stale_after:
                 continue
-            del self.in_flight[trial_id]
-            retries = int(flight.record.attrs.get(Attr.RETRIES, 0))
             why = f"no progress for {self.stale_after:.0f} s (its trainer hung or was lost)"
-            if retries < self.max_retries:
-                if flight.record.phase == "explore":
-                    self.counts.explore_used -= 1  # its retry takes the slot again
-                self._interrupt(trial_id, why, retries=retries + 1)
-                continue
-            error = f"{why}; given up after {retries} retries"
-            flight.trial.set_user_attr(Attr.ERROR, error)
-            self.study.tell(flight.trial, state=TrialState.FAIL)
-            rec = dataclasses.replace(flight.record, state="failed", error=error)
-            self._count_finished(rec)
-            if self.observer is not None:
-                self.observer.finished(rec, self)
+            self._retry_or_fail(trial_id, why)
+
+    @property
+    def first_progress_deadline(self) -> float:
+        """Seconds a taken trial may go without its first progress message."""
+        return max(self.first_progress_grace, 3.0 * self.slowest_first_epoch)
+
+    def _check_unheard(self) -> None:
+        """End trials a trainer took and never reported on (hung before its first epoch).
+
+        A trial still in the queue is waiting for a trainer, which may take any time; so
+        the clock starts when the transport says the trials queue is empty.
+        """
+        unheard = [f for f in self.in_flight.values() if not f.heard]
+        now = self.clock()
+        if not unheard or not self.transport.durable or now - self._queue_checked < 5.0:
+            return
+        self._queue_checked = now
+        if any(f.taken_at is None for f in unheard):
+            if self.transport.queued() != 0:
+                return
+            for flight in unheard:
+                flight.taken_at = flight.taken_at if flight.taken_at is not None else now
+        deadline = self.first_progress_deadline
+        for flight in unheard:
+            assert flight.taken_at is not None
+            if now - flight.taken_at >= deadline:
+                why = f"no first progress {deadline:.0f} s after a trainer took it"
+                self._retry_or_fail(flight.message.trial_id, why)
+
+    def _retry_or_fail(self, trial_id: int, why: str) -> None:
+        """Enqueue a lost trial again, at most ``max_retries`` times, then fail it."""
+        flight = self.in_flight.pop(trial_id)
+        retries = int(flight.record.attrs.get(Attr.RETRIES, 0))
+        if retries < self.max_retries:
+            if flight.record.phase == "explore":
+                self.counts.explore_used -= 1  # its retry takes the slot again
+            self._interrupt(trial_id, why, retries=retries + 1)
+            return
+        self._fail(flight, f"{why}; given up after {retries} retries")
 
     def _interrupt(self, trial_id: int, why: str, retries: int | None = None) -> None:
         """Fail a trial that did not finish and enqueue the same parameters again."""
         frozen = stored_trial(self.study, trial_id)
         trial = optuna.trial.Trial(self.study, trial_id)
+        self._told.add(trial_id)
         trial.set_user_attr(Attr.ERROR, f"interrupted: {why}")
         trial.set_user_attr(Attr.INTERRUPTED, True)
         self.study.tell(trial, state=TrialState.FAIL)

@@ -1,12 +1,16 @@
 """Read a search file (a whole ArchitectureSearch resource or just its spec) into the model.
 
 Every problem is reported at once where possible, each as a :class:`SpecIssue`
-with the field path (``spec.budget.parallelism``), what is wrong, and the fix.
+with the field path (``spec.budget.parallelism``), what is wrong, and the fix. A file
+that is not a search at all (binary, not UTF-8, not YAML, over 1 MiB) gets one error
+saying so; duplicate keys and unknown top-level keys are errors (YAML would keep the last
+duplicate, and Kubernetes would drop an unknown key, silently).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,65 @@ class SearchFile:
     namespace: str
     spec: ArchitectureSearchSpec
     source: str
+
+
+MAX_FILE_BYTES = 1024 * 1024
+_TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec", "status")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                continue  # unhashable: the safe loader itself refuses it below
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (line {mark.line + 1}): YAML keeps only the last "
+                    "one; remove one of them",
+                    mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _metadata_issues(metadata: Any) -> list[SpecIssue]:
+    """``metadata.name`` and ``namespace`` must be what Kubernetes accepts (and safe paths)."""
+    if not isinstance(metadata, dict):
+        return [SpecIssue("metadata", "must be a mapping with name: (and namespace:)")]
+    issues: list[SpecIssue] = []
+    name = metadata.get("name")
+    if name is not None and (
+        not isinstance(name, str) or len(name) > 253 or not _DNS_SUBDOMAIN.match(name)
+    ):
+        issues.append(
+            SpecIssue(
+                "metadata.name",
+                f"{name!r} is not a DNS-1123 subdomain, as Kubernetes requires: lowercase "
+                "letters, digits, '-' and '.', starting and ending with a letter or digit, "
+                "at most 253 characters (for example cnn-search)",
+            )
+        )
+    namespace = metadata.get("namespace")
+    if namespace is not None and (
+        not isinstance(namespace, str) or len(namespace) > 63 or not _DNS_LABEL.match(namespace)
+    ):
+        issues.append(
+            SpecIssue(
+                "metadata.namespace",
+                f"{namespace!r} is not a DNS-1123 label: lowercase letters, digits and '-', "
+                "at most 63 characters",
+            )
+        )
+    return issues
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
@@ -130,9 +193,21 @@ def parse_search(document: Any, source: str = "<spec>") -> SearchFile:
             issues.append(SpecIssue("apiVersion", f"must be {API_VERSION!r}, got {got!r}"))
         if document.get("kind", KIND) != KIND:
             issues.append(SpecIssue("kind", f"must be {KIND!r}, got {document.get('kind')!r}"))
+        for key in document:
+            if key not in _TOP_LEVEL:
+                close = difflib.get_close_matches(str(key), _TOP_LEVEL, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "remove it"
+                issues.append(
+                    SpecIssue(
+                        str(key)[:64],
+                        f"unknown top-level key; {hint} (known: {', '.join(_TOP_LEVEL)})",
+                    )
+                )
         metadata = document.get("metadata") or {}
-        name = str(metadata.get("name", name))
-        namespace = str(metadata.get("namespace", namespace))
+        issues.extend(_metadata_issues(metadata))
+        if isinstance(metadata, dict):
+            name = str(metadata.get("name", name))
+            namespace = str(metadata.get("namespace", namespace))
         spec_doc, prefix = document.get("spec"), "spec"
         if not isinstance(spec_doc, dict):
             issues.append(SpecIssue("spec", "required mapping is missing; add spec:"))
@@ -155,14 +230,29 @@ def load_search(path: str | Path) -> SearchFile:
         SpecError: the file is unreadable, not YAML, or has invalid fields.
     """
     source = str(path)
+
+    def fail(message: str) -> SpecError:
+        return SpecError(source, [SpecIssue("(file)", message)])
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as error:
-        raise SpecError(source, [SpecIssue("(file)", f"cannot read: {error.strerror}")]) from error
+        raise fail(f"cannot read: {error.strerror}") from error
+    if len(data) > MAX_FILE_BYTES:
+        raise fail(f"over {MAX_FILE_BYTES // 1024} KiB: not a search file")
+    if b"\0" in data:
+        raise fail("a binary file, not YAML: give the search's .yaml file")
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise fail(f"not UTF-8 text (byte {error.start}): save the file as UTF-8") from error
+    try:
+        documents = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as error:
-        raise SpecError(source, [SpecIssue("(file)", f"not valid YAML: {error}")]) from error
+        raise fail(f"not valid YAML: {error}") from error
+    except RecursionError as error:
+        raise fail("nested too deeply to be a search file") from error
     if len(documents) != 1:
         raise SpecError(
             source,

@@ -25,8 +25,9 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
-from mloptimizer.dispatch import Inbound
+from mloptimizer.dispatch import DeadTrial, Inbound
 from mloptimizer.messages import (
+    DELIVERY_LIMIT,
     Decision,
     MessageError,
     ProgressMessage,
@@ -80,6 +81,7 @@ class LocalTransport:
         # base dir, threads, recycle limit); a module-level function, so spawn can find it.
         self._serve = serve
         self._pending: collections.deque[tuple[int, TrialMessage]] = collections.deque()
+        self._dead: list[Inbound] = []  # trials given up after DELIVERY_LIMIT deaths
         self._args = (
             str(cache_dir),
             str(base_dir) if base_dir else None,
@@ -129,15 +131,25 @@ class LocalTransport:
                     trainer.worker_id,
                     trainer.process.exitcode,
                 )
-            if trainer.trial is not None:
+            if trainer.trial is not None and trainer.attempt > DELIVERY_LIMIT:
+                why = (
+                    f"no trainer finished it in {DELIVERY_LIMIT + 1} deliveries (the last "
+                    f"exited with code {trainer.process.exitcode}; too much memory?)"
+                )
+                self._dead.append(Inbound(DeadTrial(trainer.trial, why)))
+            elif trainer.trial is not None:
                 self._pending.appendleft((trainer.attempt + 1, trainer.trial))
             trainer.events.close()
             self._trainers[i] = self._start(trainer.worker_id)
 
+    def queued(self) -> None:
+        """Local trainers take trials from a process queue nobody can count."""
+        return None
+
     def receive(self, timeout: float) -> list[Inbound]:
         self._revive()
         self._assign()
-        received: list[Inbound] = []
+        received, self._dead = self._dead, []
         readers = {t.events: t for t in self._trainers if not t.events.closed}
         for reader in multiprocessing.connection.wait(list(readers), timeout=timeout):
             trainer = readers[reader]  # type: ignore[index]

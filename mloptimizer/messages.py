@@ -10,11 +10,16 @@ Versioned JSON, validated on receipt, never pickle. Four messages travel:
 A trial can be delivered more than once (a trainer died before acking), so every
 progress and result message carries the trial's identity and the delivery ``attempt``:
 the dispatcher tells the study once per ``trial_id`` and drops the rest.
+
+Every message is bounded before and while it is parsed (:data:`MAX_BODY_BYTES`, field
+lengths, finite numbers only), so that no sender, mistaken or hostile, can make the side
+that reads it run out of memory, overflow a database column or write ``inf`` as a best.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
@@ -25,6 +30,10 @@ from mloptimizer.space import Architecture
 from mloptimizer.spec import Dataset
 
 __all__ = [
+    "DELIVERY_LIMIT",
+    "MAX_BODY_BYTES",
+    "MAX_EPOCHS",
+    "MAX_TEXT",
     "SCHEMA_VERSION",
     "Decision",
     "Message",
@@ -36,21 +45,45 @@ __all__ = [
     "TrialMessage",
     "decode",
     "encode",
+    "finite",
+    "finite_metrics",
 ]
 
 SCHEMA_VERSION: Final = 1
+
+# A body larger than this is refused before it is parsed: a result of 10,000 epochs of
+# history with a few metrics each fits well under it.
+MAX_BODY_BYTES: Final = 256 * 1024
+MAX_EPOCHS: Final = 10_000  # training.epochs and refine.epochs allow no more
+MAX_TEXT: Final = 4096  # an error text
+# Failed deliveries of one trial before it is given up (dead-lettered; RabbitMQ's
+# x-delivery-limit): a trial that kills every trainer it reaches must not crash-loop them.
+DELIVERY_LIMIT: Final = 5
+_MAX_METRICS: Final = 16
+
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Label = Annotated[str, Field(min_length=1, max_length=256)]
+Metrics = Annotated[
+    dict[Annotated[str, Field(max_length=64)], float], Field(max_length=_MAX_METRICS)
+]
 
 # The dispatcher's answer to a trial's progress: train on, or stop here (pruned).
 Decision = Literal["continue", "prune"]
 
 
+_STRICT = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+_INT32 = 2**31 - 1  # Optuna's PostgreSQL columns (trial ids, numbers, steps) are 32-bit
+
+
 class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _STRICT
 
     version: Literal[1] = Field(default=SCHEMA_VERSION, description="Contract version.")
-    search: str = Field(min_length=1, description="The study name, <namespace>.<name>.")
-    trial_id: int = Field(ge=0, description="Optuna's trial id, unique in the storage.")
-    number: int = Field(ge=0, description="Trial number within the study.")
+    search: str = Field(
+        min_length=1, max_length=320, description="The study name, <namespace>.<name>."
+    )
+    trial_id: int = Field(ge=0, le=_INT32, description="Optuna's trial id, unique in the storage.")
+    number: int = Field(ge=0, le=_INT32, description="Trial number within the study.")
 
 
 class TrialMessage(_Message):
@@ -60,13 +93,13 @@ class TrialMessage(_Message):
     phase: Literal["explore", "refine"] = "explore"
     architecture: Architecture
     dataset: Dataset
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(ge=1, le=65_536)
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    seed: int = Field(ge=0, description="Seeds weights and shuffling of this trial.")
+    seed: int = Field(ge=0, le=_INT32, description="Seeds weights and shuffling of this trial.")
     progress_timeout_seconds: float = Field(
-        default=5.0, ge=0.0, description="How long a trainer waits for a prune decision."
+        default=5.0, ge=0.0, le=600.0, description="How long a trainer waits for a prune decision."
     )
 
 
@@ -74,20 +107,22 @@ class ProgressMessage(_Message):
     """The metrics of one finished epoch; the trainer waits briefly for a reply."""
 
     kind: Literal["progress"] = "progress"
-    attempt: int = Field(ge=1)
-    worker_id: str
-    epoch: int = Field(ge=1, description="Epochs finished so far (the pruner's step).")
-    metrics: dict[str, float]
+    attempt: int = Field(ge=1, le=1000)
+    worker_id: Label
+    epoch: int = Field(
+        ge=1, le=MAX_EPOCHS, description="Epochs finished so far (the pruner's step)."
+    )
+    metrics: Metrics
 
 
 class ProgressReply(BaseModel):
     """The dispatcher's answer to a progress message."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _STRICT
 
     kind: Literal["progress-reply"] = "progress-reply"
     version: Literal[1] = SCHEMA_VERSION
-    trial_id: int = Field(ge=0)
+    trial_id: int = Field(ge=0, le=_INT32)
     decision: Decision
 
 
@@ -96,20 +131,20 @@ class ResultMessage(_Message):
 
     kind: Literal["result"] = "result"
     phase: Literal["explore", "refine"] = "explore"
-    attempt: int = Field(ge=1, description="Delivery attempt that produced this result.")
-    worker_id: str
+    attempt: int = Field(ge=1, le=1000, description="Delivery attempt that produced this result.")
+    worker_id: Label
     state: Literal["complete", "pruned", "failed"]
     value: float | None = Field(default=None, description="Objective value (last epoch).")
     val_loss: float | None = None
     val_accuracy: float | None = None
-    epochs_run: int = Field(default=0, ge=0)
-    train_seconds: float = Field(default=0.0, ge=0.0)
+    epochs_run: int = Field(default=0, ge=0, le=MAX_EPOCHS)
+    train_seconds: float = Field(default=0.0, ge=0.0, le=1e8)
     images_per_second: float = Field(default=0.0, ge=0.0)
-    parameter_count: int = Field(default=0, ge=0)
-    device: str = "CPU"
-    dataset_load_seconds: float = Field(default=0.0, ge=0.0, description="0 when cached.")
-    history: list[dict[str, float]] = Field(default_factory=list)
-    error: str | None = Field(default=None, description="Why the trial failed.")
+    parameter_count: int = Field(default=0, ge=0, le=2**53)
+    device: Label = "CPU"
+    dataset_load_seconds: float = Field(default=0.0, ge=0.0, le=1e8, description="0 when cached.")
+    history: list[Metrics] = Field(default_factory=list, max_length=MAX_EPOCHS)
+    error: Text | None = Field(default=None, description="Why the trial failed.")
 
 
 Message = Annotated[
@@ -127,6 +162,16 @@ class MessageError(ValueError):
         self.reason = reason
 
 
+def finite(value: float | None) -> float | None:
+    """``value`` if it is a finite number, else None (messages carry no inf or NaN)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The finite entries of ``metrics`` (a diverging epoch's NaN loss is left out)."""
+    return {k: v for k, v in list(metrics.items())[:_MAX_METRICS] if finite(v) is not None}
+
+
 def encode(message: BaseModel) -> bytes:
     """UTF-8 JSON bytes of a message."""
     return message.model_dump_json().encode()
@@ -136,17 +181,19 @@ def decode(body: bytes) -> Message:
     """Parse and validate a message body.
 
     Raises:
-        MessageError: not JSON, an unknown kind or version, or invalid fields.
+        MessageError: too large, not JSON, an unknown kind or version, or invalid fields.
     """
+    if len(body) > MAX_BODY_BYTES:
+        raise MessageError(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES}-byte limit")
     try:
         data: Any = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MessageError(f"not JSON: {error}") from error
+    except (ValueError, RecursionError) as error:  # incl. bad UTF-8, 5000-digit ints
+        raise MessageError(f"not JSON: {str(error)[:200]}") from error
     if not isinstance(data, dict):
         raise MessageError("not a JSON object")
     if data.get("version") != SCHEMA_VERSION:
         raise MessageError(
-            f"unsupported schema version {data.get('version')!r}; this side speaks "
+            f"unsupported schema version {repr(data.get('version'))[:20]}; this side speaks "
             f"{SCHEMA_VERSION}: upgrade the older of trainer and operator"
         )
     try:
@@ -154,9 +201,8 @@ def decode(body: bytes) -> Message:
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise MessageError(
-            f"invalid {data.get('kind', 'message')}: {where}: {first['msg']}"
-        ) from error
+        kind = str(data.get("kind", "message"))[:32]
+        raise MessageError(f"invalid {kind}: {where[:200]}: {first['msg']}") from error
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -187,4 +233,15 @@ class QueueNames:
 
     @property
     def dead_letters(self) -> str:
+        """Trials the trials queue gave up on (or a trainer refused): the dispatcher fails them."""
         return f"{self.base}.dead"
+
+    @property
+    def rejected(self) -> str:
+        """Progress and results the dispatcher refused, with the reason, kept for a person."""
+        return f"{self.base}.rejected"
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        """Every queue of the search, as deleted with it."""
+        return (self.trials, self.progress, self.results, self.dead_letters, self.rejected)

@@ -177,10 +177,17 @@ def space_size(space: SearchSpace) -> SpaceSize:
     return SpaceSize(discrete=bodies * heads, continuous=continuous)
 
 
-def build_sampler(spec: SamplerSpec) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler the spec asks for, with exactly its options."""
+def build_sampler(spec: SamplerSpec, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler the spec asks for, with exactly its options.
+
+    ``resumed_at`` (trials the study holds already) moves the seed on: a sampler created
+    again with the same seed would draw the start-up trials it drew before the restart.
+    """
+    seed = spec.seed
+    if seed is not None and resumed_at > 0:
+        seed = (seed * 1_000_003 + resumed_at) % 2**32
     if spec.type == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():
         # multivariate, group and constant_liar are "experimental" in Optuna since 2.x.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -190,7 +197,7 @@ def build_sampler(spec: SamplerSpec) -> optuna.samplers.BaseSampler:
             multivariate=spec.multivariate,
             group=spec.group,
             constant_liar=spec.constant_liar,
-            seed=spec.seed,
+            seed=seed,
         )
 
 

@@ -30,7 +30,20 @@ class TrialCounts(SpecModel):
     complete: int = Field(default=0, ge=0, description="Trials that finished and were told.")
     running: int = Field(default=0, ge=0, description="Trials in flight.")
     pruned: int = Field(default=0, ge=0, description="Trials stopped early by the pruner.")
-    failed: int = Field(default=0, ge=0, description="Trials that failed.")
+    failed: int = Field(
+        default=0, ge=0, description="Trials that failed (counted by budget.maxFailedTrials)."
+    )
+    too_large: int = Field(
+        default=0,
+        ge=0,
+        description="Trials failed unsent: their model cannot fit workers.resources.memory.",
+    )
+    rejected_messages: int = Field(
+        default=0,
+        ge=0,
+        description="Messages refused (malformed, forged or failing to handle), kept in the "
+        "search's rejected queue; since the operator started serving the search.",
+    )
 
 
 class BestTrial(SpecModel):

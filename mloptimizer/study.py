@@ -28,6 +28,7 @@ __all__ = [
     "TrialRecord",
     "best_of",
     "cached_frozen",
+    "end_open_trials",
     "open_study",
     "record",
     "records",
@@ -48,6 +49,7 @@ class Attr:
     RETRY_OF = "retry_of"  # number of the interrupted trial this one replaces
     RETRIES = "retries"  # how many times a trial gone silent was retried
     INTERRUPTED = "interrupted"  # failed only because the run stopped: not counted
+    TOO_LARGE = "too_large"  # failed unsent: the model cannot fit a trainer's memory
     ERROR = "error"
     RESULT = "result"  # the fields below, written at once when the result is told
     WORKER = "worker_id"
@@ -160,9 +162,32 @@ def open_study(
             same_owner,
         )
     remember_spec(study, spec)
-    if owner is not None and study.user_attrs.get(Attr.OWNER) != owner:
+    held = len(study.get_trials(deepcopy=False))
+    if held:  # resumed: a sampler seeded as before would repeat its start-up trials
+        study.sampler = build_sampler(spec.sampler, resumed_at=held)
+    previous_owner = study.user_attrs.get(Attr.OWNER)
+    if owner is not None and previous_owner != owner:
+        if previous_owner is not None:
+            # An earlier search of this name was deleted: its trials in flight died with it.
+            end_open_trials(study, "its search was deleted")
         study.set_user_attr(Attr.OWNER, owner)
     return study
+
+
+def end_open_trials(study: optuna.Study, why: str) -> int:
+    """Fail every trial still running or waiting (a deleted search's); returns how many.
+
+    Failed as interrupted: they used no budget of a search that may take the name again.
+    """
+    ended = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        trial_id = trial_id_of(trial)
+        storage = study._storage
+        storage.set_trial_user_attr(trial_id, Attr.ERROR, f"interrupted: {why}")
+        storage.set_trial_user_attr(trial_id, Attr.INTERRUPTED, True)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        ended += 1
+    return ended
 
 
 def remember_spec(study: optuna.Study, spec: ArchitectureSearchSpec) -> None:

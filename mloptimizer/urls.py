@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
-__all__ = ["redact"]
+__all__ = ["redact", "redact_text"]
 
 # Query parameters that carry a secret (libpq, SQLAlchemy, AMQP and S3-style URLs).
 _SECRET_PARAMS = {"password", "passwd", "pwd", "secret", "token", "api_key", "apikey",
@@ -26,3 +27,11 @@ def redact(url: str) -> str:
         hidden = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
         query = urllib.parse.urlencode(hidden, safe="*")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it redacted (a command line, an error message)."""
+    return _URL.sub(lambda m: redact(m.group(0)), text)

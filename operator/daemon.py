@@ -28,7 +28,7 @@ import optuna
 import pika.exceptions
 import sqlalchemy.exc
 
-from mloptimizer.amqp import AmqpTransport
+from mloptimizer.amqp import AmqpTransport, prefetch_for
 from mloptimizer.dispatch import Dispatcher, Outcome
 from mloptimizer.operator.metrics import Metrics
 from mloptimizer.operator.progress import (
@@ -37,6 +37,7 @@ from mloptimizer.operator.progress import (
     set_condition,
     status_from_counts,
 )
+from mloptimizer.sizing import trainer_budget
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import Attr, StudyMismatch, TrialRecord, open_study, study_name
 
@@ -230,7 +231,11 @@ def run_search(
         try:
             study, in_force = _open(spec, config)
             transport = AmqpTransport(
-                config.broker_url, config.study, prefix=config.queue_prefix, max_backoff=2.0
+                config.broker_url,
+                config.study,
+                prefix=config.queue_prefix,
+                max_backoff=2.0,
+                prefetch=prefetch_for(in_force.budget.parallelism),
             )
             dispatcher = Dispatcher(
                 study,
@@ -240,6 +245,7 @@ def run_search(
                 observer=reporter,
                 stale_after=config.stale_after,
                 price_of=price_of,
+                memory_budget=trainer_budget(in_force),
             )
         except StudyMismatch as error:  # cannot succeed: the search ends
             _mismatch(reporter, kube, error)

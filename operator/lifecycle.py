@@ -91,7 +91,7 @@ from mloptimizer.spec import (
     GpuPool,
     SecretKeyRef,
 )
-from mloptimizer.study import storage_url, study_name
+from mloptimizer.study import end_open_trials, storage_url, study_name
 
 __all__ = [
     "FINISHED",
@@ -486,12 +486,17 @@ def delete_search(body: Any, shared: Shared) -> None:
     for secret in (broker_secret_name(name), pool_broker_secret_name(name)):
         with _absent_is_fine():
             core.delete_namespaced_secret(secret, namespace)
-    if spec is not None and spec.storage.delete_study_on_delete:
-        storage = secret_or(namespace, spec.storage.secret_ref, config.database_url)
-        with contextlib.suppress(KeyError):
-            optuna.delete_study(
-                study_name=study_name(namespace, name), storage=storage_url(storage)
-            )
+    storage = storage_url(
+        secret_or(namespace, spec.storage.secret_ref if spec else None, config.database_url)
+    )
+    with contextlib.suppress(KeyError):  # no study: nothing ran
+        if spec is not None and spec.storage.delete_study_on_delete:
+            optuna.delete_study(study_name=study_name(namespace, name), storage=storage)
+        else:
+            # The study stays as history, with no trial left running: a search created
+            # again under this name starts from finished trials only.
+            study = optuna.load_study(study_name=study_name(namespace, name), storage=storage)
+            end_open_trials(study, "its search was deleted")
 
 
 def _delete_queues(
@@ -505,7 +510,7 @@ def _delete_queues(
     try:
         connection = pika.BlockingConnection(pika.URLParameters(broker))
         channel = connection.channel()
-        for queue in (names.trials, names.progress, names.results, names.dead_letters):
+        for queue in names.all:
             channel.queue_delete(queue)
         connection.close()
     except pika.exceptions.AMQPError as error:

@@ -36,6 +36,13 @@ class Metrics:
             ["search"],
             registry=self.registry,
         )
+        self.rejected = Gauge(
+            "mloptimizer_messages_rejected",
+            "Messages a search's dispatcher refused (malformed, forged, or failing to "
+            "handle), kept in its rejected queue.",
+            ["search"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "mloptimizer_queue_depth",
             "Trials waiting in the broker for a trainer.",
@@ -99,11 +106,13 @@ class Metrics:
             ("complete", c.complete),
             ("pruned", c.pruned),
             ("failed", c.failed),
+            ("too_large", c.too_large),
             ("running", dispatcher.running),
         ):
             self.trials.labels(search, state).set(count)
         if c.best is not None and c.best.value is not None:
             self.best.labels(search).set(c.best.value)
         self.cost.labels(search).set(c.cost_usd)
+        self.rejected.labels(search).set(c.rejected)
         if queued is not None:
             self.queue_depth.labels(search).set(queued)

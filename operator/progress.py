@@ -104,6 +104,8 @@ def status_from_counts(
             "running": running,
             "pruned": counts.pruned,
             "failed": counts.failed,
+            "tooLarge": counts.too_large,
+            "rejectedMessages": counts.rejected,
         },
         "best": (
             {

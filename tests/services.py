@@ -58,8 +58,12 @@ def fresh_postgres_database(admin_dsn: str = POSTGRES_ADMIN_DSN) -> Iterator[str
     try:
         with admin.cursor() as cursor:
             cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        admin.close()
         yield _with_database(admin_dsn, name)
     finally:
+        # A new connection: the test may have restarted PostgreSQL (the fault drill).
+        admin = psycopg2.connect(admin_dsn, connect_timeout=10)
+        admin.autocommit = True
         with admin.cursor() as cursor:
             cursor.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))

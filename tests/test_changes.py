@@ -85,6 +85,9 @@ def test_the_dispatcher_applies_an_edit_and_rebuilds_the_pruner(tmp_path: Path) 
 
         def close(self) -> None: ...
 
+        def queued(self) -> int | None:
+            return None
+
     dispatcher = Dispatcher(study, running, Idle(), search="ns.s")
     assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
     assert study.pruner._max_resource == 3

@@ -48,6 +48,67 @@ def test_three_mistakes_print_three_errors_with_paths(tmp_path: Path) -> None:
     assert errors[2] == "spec.training.epoch: unknown field; did you mean 'epochs'?"
 
 
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (bytes(range(256)) * 4, "(file): a binary file, not YAML"),
+        ("dataset: {builtin: digits}\nname: é\n".encode("latin-1"), "(file): not UTF-8 text"),
+        (b"dataset: {builtin: digits}\ndataset: {builtin: mnist}\n", "duplicate key 'dataset'"),
+        (
+            b"apiVersion: mloptimizer.io/v1alpha1\nkind: ArchitectureSearch\n"
+            b"metadata: {name: ok}\nspek: {}\nspec: {dataset: {builtin: digits}}\n",
+            "spek: unknown top-level key; did you mean 'spec'?",
+        ),
+        (
+            b"metadata: {name: ../../../tmp/escape}\nspec: {dataset: {builtin: digits}}\n",
+            "metadata.name: '../../../tmp/escape' is not a DNS-1123 subdomain",
+        ),
+        (
+            b"metadata: {name: ok, namespace: Team_A}\nspec: {dataset: {builtin: digits}}\n",
+            "metadata.namespace: 'Team_A' is not a DNS-1123 label",
+        ),
+        (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "(file): "),
+        (b"x" * (1024 * 1024 + 1), "(file): over 1024 KiB"),
+    ],
+)
+def test_a_hostile_search_file_gets_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, error: str
+) -> None:
+    path = tmp_path / "search.yaml"
+    path.write_bytes(content)
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert error in err, err
+    assert "Traceback" not in err
+
+
+def test_run_never_writes_outside_the_folder_it_names(tmp_path: Path) -> None:
+    (tmp_path / "escape.yaml").write_text(
+        "metadata: {name: ../../escape}\nspec: {dataset: {builtin: digits}}\n"
+    )
+    result = mloptimizer("run", "escape.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "metadata.name" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["escape.yaml"]
+
+
+def test_validate_warns_when_many_models_exceed_the_trainers_memory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = (
+        "dataset: {imageFolder: {path: imgs, imageSize: [96, 96]}}\n"
+        "searchSpace: {architectures: [cnn], classifier: {types: [mlp]}}\n"
+    )
+    (tmp_path / "big.yaml").write_text(base + "workers: {resources: {memory: 2Gi}}\n")
+    (tmp_path / "none.yaml").write_text(base + "workers: {resources: {memory: 512Mi}}\n")
+    assert main(["validate", str(tmp_path / "big.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: spec.searchSpace: " in err
+    assert "of sampled models need more than" in err
+    assert main(["validate", str(tmp_path / "none.yaml")]) == 1
+    assert "no sampled model fits a trainer's 0.5 GiB" in capsys.readouterr().err
+
+
 def test_validate_reports_file_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "two.yaml").write_text("dataset: {builtin: digits}\n---\nfoo: 1\n")
     (tmp_path / "broken.yaml").write_text("dataset: [\n")

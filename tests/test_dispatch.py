@@ -19,9 +19,10 @@ import pytest
 from optuna.trial import TrialState
 
 from mloptimizer.app.runner import ProgressDisplay
-from mloptimizer.dispatch import Dispatcher, Inbound
+from mloptimizer.dispatch import DeadTrial, Dispatcher, Inbound
 from mloptimizer.loading import parse_search
 from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.space import sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import Attr, StudyMismatch, open_study, records
 
@@ -65,11 +66,17 @@ class ScriptedTransport:
     seconds: float = 1.0
     duplicate_results: bool = False
     hang: Callable[[TrialMessage], bool] = lambda trial: False  # silent after epoch 1
+    mute: Callable[[TrialMessage], bool] = lambda trial: False  # never a word
     sent: list[TrialMessage] = field(default_factory=list)
     decisions: list[tuple[int, int, Decision]] = field(default_factory=list)
     active: dict[int, _Run] = field(default_factory=dict)
     extra: list[Inbound] = field(default_factory=list)
     closed: bool = False
+    waiting_in_queue: int | None = None  # what queued() answers
+    rejected: list[tuple[object, str]] = field(default_factory=list)
+
+    def queued(self) -> int | None:
+        return self.waiting_in_queue
 
     def send(self, trial: TrialMessage) -> None:
         self.sent.append(trial)
@@ -102,7 +109,7 @@ class ScriptedTransport:
         out, self.extra = self.extra, []
         for trial_id, run in list(self.active.items()):
             t = run.trial
-            if run.epoch >= 1 and self.hang(t):
+            if (run.epoch >= 1 and self.hang(t)) or self.mute(t):
                 continue
             error = self.fail(t)
             if error or run.pruned or run.epoch == t.epochs:
@@ -498,3 +505,240 @@ def test_a_trial_silent_on_every_retry_fails_after_the_limit(storage: str) -> No
     assert "given up after 1 retries" in (failed[0].error or "")
     assert d.counts.failed == 1
     assert len([t for t in trials if t.counted]) == 2
+
+
+# --- every trial ends, no message poisons the loop ------------------------------------------
+
+
+def _progress(trial: TrialMessage, **changes: Any) -> ProgressMessage:
+    fields: dict[str, Any] = {
+        "search": trial.search,
+        "trial_id": trial.trial_id,
+        "number": trial.number,
+        "attempt": 1,
+        "worker_id": "w",
+        "epoch": 1,
+        "metrics": {"val_accuracy": 0.5},
+    }
+    return ProgressMessage(**{**fields, **changes})
+
+
+def _result(trial: TrialMessage, **changes: Any) -> ResultMessage:
+    fields: dict[str, Any] = {
+        "search": trial.search,
+        "trial_id": trial.trial_id,
+        "number": trial.number,
+        "phase": trial.phase,
+        "attempt": 1,
+        "worker_id": "w",
+        "state": "complete",
+        "value": 0.9,
+        "epochs_run": trial.epochs,
+    }
+    return ResultMessage(**{**fields, **changes})
+
+
+def _rejecting(message: Any, rejected: list[str], settled: list[bool]) -> Inbound:
+    return Inbound(message, reject=rejected.append, settle=lambda: settled.append(True))
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        (lambda t: _result(t, search="ns.attacker", value=1.0), "claims search 'ns.attacker'"),
+        (lambda t: _result(t, trial_id=t.trial_id + 999), "no trial with id"),
+        (lambda t: _result(t, number=t.number + 7), "is trial"),
+        (lambda t: _result(t, phase="refine"), "a refine result for a explore trial"),
+        (lambda t: _result(t, epochs_run=t.epochs + 1), "more epochs than"),
+        (lambda t: _progress(t, epoch=t.epochs + 1), "epoch 4 of a trial of 3 epochs"),
+        (lambda t: _progress(t, search="other.search"), "claims search"),
+    ],
+)
+def test_a_message_not_about_a_trial_in_flight_is_rejected_and_changes_nothing(
+    storage: str, forge: Callable[[TrialMessage], Any], reason: str
+) -> None:
+    transport = ScriptedTransport(mute=lambda trial: True)
+    d = dispatcher(make_spec(budget={"maxTrials": 2, "parallelism": 1}), storage, transport)
+    d._fill()
+    trial = transport.sent[0]
+    rejected: list[str] = []
+    settled: list[bool] = []
+    d._handle(_rejecting(forge(trial), rejected, settled))
+    assert len(rejected) == 1, rejected
+    assert reason in rejected[0]
+    assert settled == []  # rejecting acks it: it is not settled as handled
+    assert d.counts.rejected == 1
+    assert trial.trial_id in d.in_flight  # the real trial is untouched
+    assert [r.state for r in records(d.study)] == ["running"]
+
+
+def test_a_message_whose_handling_raises_is_rejected_and_its_trial_failed(storage: str) -> None:
+    transport = ScriptedTransport(mute=lambda trial: True)
+    d = dispatcher(make_spec(budget={"maxTrials": 2, "parallelism": 1}), storage, transport)
+    d._fill()
+    trial = transport.sent[0]
+
+    def broken(_: Any) -> None:
+        raise KeyError("a bug in handling")
+
+    d._result = broken  # type: ignore[method-assign,assignment]
+    rejected: list[str] = []
+    d._handle(_rejecting(_result(trial), rejected, []))
+    assert rejected
+    assert "handling it failed: KeyError" in rejected[0]
+    failed = records(d.study)[0]
+    assert failed.state == "failed"
+    assert "KeyError" in (failed.error or "")
+    assert d.counts.failed == 1
+    assert not d.in_flight
+
+
+def test_a_lost_database_during_handling_propagates_for_the_caller_to_wait_out(
+    storage: str,
+) -> None:
+    import sqlalchemy.exc
+
+    transport = ScriptedTransport(mute=lambda trial: True)
+    d = dispatcher(make_spec(budget={"maxTrials": 2, "parallelism": 1}), storage, transport)
+    d._fill()
+    trial = transport.sent[0]
+
+    def lost(_: Any) -> None:
+        raise optuna.exceptions.StorageInternalError("commit failed") from (
+            sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("server closed"))
+        )
+
+    d._result = lost  # type: ignore[method-assign,assignment]
+    rejected: list[str] = []
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        d._handle(_rejecting(_result(trial), rejected, []))
+    assert rejected == []
+    assert trial.trial_id in d.in_flight
+
+
+def test_a_dead_lettered_trial_fails_with_the_reason_and_counts(storage: str) -> None:
+    spec = make_spec(budget={"maxTrials": 3, "parallelism": 1, "maxFailedTrials": 5})
+    transport = ScriptedTransport()
+    first: list[int] = []
+
+    def dead_first(trial: TrialMessage) -> bool:
+        if not first:
+            first.append(trial.trial_id)
+            transport.extra.append(Inbound(DeadTrial(trial, "delivered 5 times")))
+        return trial.trial_id == first[0]
+
+    transport.mute = dead_first
+    d = dispatcher(spec, storage, transport)
+    assert d.run().reason == "maxTrials"
+    trials = records(d.study)
+    dead = next(t for t in trials if t.trial_id == first[0])
+    assert dead.state == "failed"
+    assert dead.error == "dead-lettered: delivered 5 times"
+    assert d.counts.failed == 1
+    assert len([t for t in trials if t.counted]) == 3
+
+
+def test_a_trial_taken_and_never_heard_from_is_retried_then_failed(storage: str) -> None:
+    spec = make_spec(budget={"maxTrials": 2, "parallelism": 1, "maxFailedTrials": 5})
+    first: list[Any] = []
+
+    def mute(trial: TrialMessage) -> bool:
+        first.append(trial.architecture) if not first else None
+        return bool(trial.architecture == first[0])
+
+    transport = ScriptedTransport(durable=True, mute=mute, waiting_in_queue=0)
+    study = open_study(spec, "ns.search", storage)
+    d = Dispatcher(
+        study,
+        spec,
+        transport,
+        search="ns.search",
+        clock=fake_clock(),
+        first_progress_grace=60,
+        max_retries=1,
+    )
+    assert d.run().reason == "maxTrials"
+    trials = records(study)
+    lost = [t for t in trials if t.architecture == first[0]]
+    assert [t.state for t in lost] == ["failed", "failed"]
+    assert lost[0].interrupted
+    assert "no first progress 60 s" in (lost[0].error or "")
+    assert "given up after 1 retries" in (lost[1].error or "")
+    assert d.counts.failed == 1
+
+
+def test_a_trial_still_queued_has_no_first_progress_deadline(storage: str) -> None:
+    spec = make_spec(budget={"maxTrials": 1, "parallelism": 1})
+    transport = ScriptedTransport(durable=True, mute=lambda t: True, waiting_in_queue=1)
+    study = open_study(spec, "ns.search", storage)
+    d = Dispatcher(
+        study, spec, transport, search="ns.search", clock=fake_clock(), first_progress_grace=60
+    )
+    turns = []
+    d.observer = _Watch(lambda: turns.append(1))
+    assert d.run(should_stop=lambda: len(turns) > 100).reason == "interrupted"
+    assert [r.state for r in records(study)] == ["running"]  # 500 s queued: still waiting
+
+
+def test_a_trial_whose_publish_was_never_confirmed_is_sent_again_on_recovery(
+    storage: str,
+) -> None:
+    spec = make_spec(budget={"maxTrials": 2, "parallelism": 1})
+
+    class LostPublish(ScriptedTransport):
+        def send(self, trial: TrialMessage) -> None:
+            raise ConnectionError("broker went away mid-publish")
+
+    study = open_study(spec, "ns.search", storage)
+    with pytest.raises(ConnectionError):
+        Dispatcher(study, spec, LostPublish(durable=True), search="ns.search").run()
+    (unsent,) = records(study)
+    assert unsent.state == "running"
+    assert unsent.architecture is None
+
+    transport = ScriptedTransport(durable=True)
+    d = Dispatcher(open_study(spec, "ns.search", storage), spec, transport, search="ns.search")
+    assert not d.in_flight  # not adopted as if it were queued
+    assert d.run().reason == "maxTrials"
+    trials = records(d.study)
+    assert trials[0].interrupted
+    assert "before the broker confirmed it" in (trials[0].error or "")
+    assert trials[1].params == unsent.params
+    assert trials[1].state == "complete"
+
+
+def test_a_model_over_the_memory_budget_fails_as_too_large_unsent(storage: str) -> None:
+    spec = make_spec(budget={"maxTrials": 4, "parallelism": 2, "maxFailedTrials": 1})
+    transport = ScriptedTransport()
+    d = dispatcher(spec, storage, transport, memory_budget=1)  # nothing fits in 1 byte
+    outcome = d.run()
+    assert outcome.reason == "maxTrials"  # too_large is not a failure of the trainers
+    assert transport.sent == []
+    trials = records(d.study)
+    assert [t.state for t in trials] == ["failed"] * 4
+    assert all((t.error or "").startswith("too_large: ") for t in trials)
+    assert d.counts.too_large == 4
+    assert d.counts.failed == 0
+    resumed = dispatcher(spec, storage, ScriptedTransport())
+    assert resumed.counts.too_large == 4
+    assert resumed.counts.explore_used == 4
+
+
+def test_a_resumed_study_does_not_repeat_its_start_up_trials(storage: str) -> None:
+    spec = make_spec(sampler={"seed": 3, "nStartupTrials": 10})
+    first = open_study(spec, "ns.search", storage)
+    before = [sample_architecture(first.ask(), spec.search_space) for _ in range(2)]
+    again = open_study(spec, "ns.search", storage)  # a restarted runner
+    after = [sample_architecture(again.ask(), spec.search_space) for _ in range(2)]
+    assert len(set(before + after)) == 4
+
+
+def test_a_search_recreated_under_the_name_ends_the_old_trials_in_flight(storage: str) -> None:
+    spec = make_spec()
+    old = open_study(spec, "ns.search", storage, owner="uid-1")
+    old.ask()
+    old.enqueue_trial({"x": 1})
+    study = open_study(spec, "ns.search", storage, owner="uid-2")
+    states = [(r.state, r.interrupted) for r in records(study)]
+    assert states == [("failed", True), ("failed", True)]
+    assert "its search was deleted" in (records(study)[0].error or "")

@@ -85,3 +85,83 @@ def test_queue_names_are_per_search_and_safe() -> None:
 def test_attempt_from_delivery_count() -> None:
     assert attempt_of(None) == 1
     assert attempt_of({"x-delivery-count": 2}) == 3
+
+
+def _result_body(**fields: object) -> bytes:
+    base: dict[str, object] = {
+        "version": 1,
+        "kind": "result",
+        "search": "ns.s",
+        "trial_id": 3,
+        "number": 2,
+        "attempt": 1,
+        "worker_id": "w",
+        "state": "complete",
+        "value": 0.9,
+    }
+    return json.dumps({**base, **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (_result_body(history=[{"loss": 0.1}] * 1_500_000), "body of "),
+        (b"{" + b" " * (300 * 1024) + b"}", "body of "),
+        (_result_body(value=0.9).replace(b"0.9", b"Infinity"), "invalid result: result.value"),
+        (_result_body(value=0.9).replace(b"0.9", b"NaN"), "invalid result: result.value"),
+        (_result_body(value=0.9).replace(b"0.9", b"1e999"), "invalid result: result.value"),
+        (b'{"version": 1, "n": ' + b"9" * 5000 + b"}", "not JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON: maximum recursion depth"),
+        (_result_body(epochs_run=2**40), "invalid result: result.epochs_run"),
+        (_result_body(trial_id=2**31), "invalid result: result.trial_id"),
+        (_result_body(history=[{}] * 10_001), "invalid result: result.history"),
+        (_result_body(error="x" * 5000), "invalid result: result.error"),
+        (_result_body(worker_id=""), "invalid result: result.worker_id"),
+        (_result_body(value="0.9x"), "invalid result: result.value"),
+        (_result_body(history=[{"a": 1.0, "b": float("inf")}]), "invalid result: result.history"),
+    ],
+)
+def test_oversized_unbounded_and_non_finite_messages_are_refused(body: bytes, reason: str) -> None:
+    with pytest.raises(MessageError) as caught:
+        decode(body)
+    assert caught.value.reason.startswith(reason), caught.value.reason
+
+
+def test_an_oversized_body_is_refused_before_it_is_parsed() -> None:
+    import tracemalloc
+
+    body = _result_body(history=[{"loss": 0.1, "val_accuracy": 0.5}] * 1_500_000)
+    assert len(body) > 16 * 2**20
+    tracemalloc.start()
+    with pytest.raises(MessageError):
+        decode(body)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 2**20  # parsing it would take hundreds of MiB
+
+
+def test_progress_epoch_is_bounded_below_the_databases_32_bit_step() -> None:
+    body = json.dumps(
+        {
+            "version": 1,
+            "kind": "progress",
+            "search": "ns.s",
+            "trial_id": 3,
+            "number": 2,
+            "attempt": 1,
+            "worker_id": "w",
+            "epoch": 2**31,
+            "metrics": {"val_accuracy": 0.5},
+        }
+    ).encode()
+    with pytest.raises(MessageError, match="epoch"):
+        decode(body)
+
+
+def test_trainers_send_only_finite_numbers() -> None:
+    from mloptimizer.messages import finite, finite_metrics
+
+    assert finite(float("nan")) is None
+    assert finite(float("inf")) is None
+    assert finite(0.5) == 0.5
+    assert finite_metrics({"loss": float("nan"), "val_accuracy": 0.5}) == {"val_accuracy": 0.5}

@@ -15,7 +15,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.messages import (
+    Decision,
+    ProgressMessage,
+    ResultMessage,
+    TrialMessage,
+    finite_metrics,
+)
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import GpuInfo, detect_gpus, device_name
 from mloptimizer.trainer.memory import MemoryWatch
@@ -64,7 +70,7 @@ class TrialSession:
             attempt=attempt,
             worker_id=self.worker_id,
             epoch=epoch,
-            metrics=metrics,
+            metrics=finite_metrics(metrics),
         )
 
     def run(

@@ -19,7 +19,15 @@ from typing import Any, Literal
 import keras
 import tensorflow as tf
 
-from mloptimizer.messages import Decision, ResultMessage, TrialMessage
+from mloptimizer.messages import (
+    MAX_EPOCHS,
+    MAX_TEXT,
+    Decision,
+    ResultMessage,
+    TrialMessage,
+    finite,
+    finite_metrics,
+)
 from mloptimizer.trainer.data import Splits, make_dataset
 from mloptimizer.trainer.device import GpuInfo, choose_precision, fresh_session, use_xla
 from mloptimizer.trainer.model import ArchitectureError, build_model, parameter_count
@@ -172,15 +180,15 @@ def result_message(
         attempt=attempt,
         worker_id=worker_id,
         state=outcome.state,
-        value=outcome.value,
-        val_loss=outcome.val_loss,
-        val_accuracy=outcome.val_accuracy,
+        value=finite(outcome.value),
+        val_loss=finite(outcome.val_loss),
+        val_accuracy=finite(outcome.val_accuracy),
         epochs_run=outcome.epochs_run,
         train_seconds=outcome.train_seconds,
-        images_per_second=outcome.images_per_second,
+        images_per_second=finite(outcome.images_per_second) or 0.0,
         parameter_count=outcome.parameter_count,
         device=device,
         dataset_load_seconds=load_seconds,
-        history=outcome.history,
-        error=outcome.error,
+        history=[finite_metrics(h) for h in outcome.history[:MAX_EPOCHS]],
+        error=outcome.error[:MAX_TEXT] if outcome.error else None,
     )

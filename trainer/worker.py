@@ -13,8 +13,11 @@ Guarantees:
 * a redelivered trial carries ``attempt`` > 1; results carry the trial id and attempt,
   so the dispatcher tells each trial once. A trial this worker already reported (its
   ack was lost with the channel) is acked at once instead of trained again.
-* malformed messages go to the dead-letter queue with the reason; the worker goes on.
-* SIGTERM: stop taking work, stop the trial in hand, requeue it, exit 0.
+* malformed messages, and trials of another search, go to the dead-letter queue with the
+  reason (the dispatcher fails such a trial); the worker goes on.
+* SIGTERM: cancel the consumer first (so no redelivery reaches a worker that would only
+  give it back, using up one of the trial's delivery attempts), stop the trial in hand,
+  requeue it, exit 0; a trial waiting for a prune decision stops waiting at once.
 * a closed channel (consumer timeout) or a lost connection: reconnect with backoff;
   a trial still training finishes and is reported on the new channel.
 """
@@ -222,9 +225,13 @@ class Worker:
             message = decode(body)
             if not isinstance(message, TrialMessage):
                 raise MessageError(f"expected a trial message, got {message.kind!r}")
+            if message.search != self.config.search:
+                raise MessageError(
+                    f"a trial of search {message.search!r} in the queue of {self.config.search!r}"
+                )
         except MessageError as error:
             log.error("dead-lettering a message: %s", error.reason)
-            dead_letter(channel, self.names, body, properties.headers, error.reason)
+            dead_letter(channel, self.names.dead_letters, body, properties.headers, error.reason)
             channel.basic_ack(method.delivery_tag)
             return
         if self._finished() or self._stop.is_set():
@@ -262,6 +269,8 @@ class Worker:
 
     def _train(self, job: _Job) -> None:
         def ask(progress: ProgressMessage) -> Decision:
+            if job.stop.is_set():  # stopping: no progress goes out, so no answer comes
+                return "continue"
             request = _ProgressRequest(progress)
             job.requests.put(request)
             self._wake()
@@ -329,6 +338,15 @@ class Worker:
             result.train_seconds,
         )
 
+    @staticmethod
+    def _release_requests(job: _Job) -> None:
+        """Answer "continue" to progress asked while stopping (it is never sent)."""
+        while True:
+            try:
+                job.requests.get_nowait().decided.set()
+            except queue.Empty:
+                return
+
     def _remember(self, result: ResultMessage) -> None:
         self._reported[(result.trial_id, result.phase)] = None
         while len(self._reported) > 256:
@@ -336,6 +354,11 @@ class Worker:
 
     def _shutdown(self, channel: Any, connection: pika.BlockingConnection) -> None:
         """SIGTERM: stop the trial in hand and give it back to the queue."""
+        if self._consumer is not None:
+            # First: a trial requeued below (or any other) must not come back to this
+            # consumer, which would only nack it again and use up its delivery attempts.
+            channel.basic_cancel(self._consumer)
+            self._consumer = None
         job = self._job
         if job is None:
             return
@@ -344,6 +367,7 @@ class Worker:
             request.decided.set()
         deadline = time.monotonic() + self.config.grace_seconds
         while not job.ended and time.monotonic() < deadline:
+            self._release_requests(job)
             connection.process_data_events(time_limit=0.2)
         if job.ended and job.result is not None:
             self._pump()  # it finished before it saw the stop: report it

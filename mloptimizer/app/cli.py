@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,14 +26,21 @@ it on this machine with `mloptimizer run FILE`, or on a cluster with
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from mloptimizer.checks import space_issues
-    from mloptimizer.loading import SpecError, load_search
+    import optuna
 
+    from mloptimizer.checks import size_issues, space_issues
+    from mloptimizer.loading import SpecError, load_search
+    from mloptimizer.sizing import trainer_budget
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     failed = 0
     for path in args.files:
         try:
             search = load_search(path)
             errors, warnings = space_issues(search.spec)
+            if not errors:
+                size_errors, size_warnings = size_issues(search.spec, trainer_budget(search.spec))
+                errors, warnings = size_errors, warnings + size_warnings
             if errors:
                 raise SpecError(path, errors)
         except SpecError as error:
@@ -118,16 +127,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import optuna
 
-    from mloptimizer.app.runner import RunOptions, run_search
-    from mloptimizer.checks import space_issues
+    from mloptimizer.app.runner import RunOptions, memory_budget, run_search
+    from mloptimizer.checks import size_issues, space_issues
     from mloptimizer.loading import SpecError, load_search
     from mloptimizer.study import StudyMismatch
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # pika logs every failed reconnect with a traceback; the runner says what it waits for.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    workers = args.workers
     try:
         search = load_search(args.file)
+        if workers is None:
+            workers = 0 if args.broker else search.spec.budget.parallelism
         errors, warnings = space_issues(search.spec)
+        if not errors:
+            budget = memory_budget(search, RunOptions(Path("."), workers, broker=args.broker))
+            size_errors, size_warnings = size_issues(search.spec, budget)
+            errors, warnings = size_errors, warnings + size_warnings
         if errors:
             raise SpecError(args.file, errors)
     except (OSError, SpecError) as error:
@@ -141,9 +159,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "`mloptimizer run` trains on this machine and rents nothing",
             file=sys.stderr,
         )
-    workers = args.workers
-    if workers is None:
-        workers = 0 if args.broker else search.spec.budget.parallelism
     out = Path(args.out) if args.out else Path("runs") / search.name
     options = RunOptions(
         out=out,
@@ -157,18 +172,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except StudyMismatch as error:
         print(f"mloptimizer run: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run the same command again to resume:\n  {_resume_command()}")
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"mloptimizer run: crashed (a bug, or a service that never came back); nothing "
+            f"finished is lost, run the same command again to resume:\n  {_resume_command()}",
+            file=sys.stderr,
+        )
+        return 70
     print(f"search ended ({outcome.reason}): {outcome.message}")
     if outcome.reason == "interrupted":
-        print(
-            f"run the same command again to resume: mloptimizer run {args.file}"
-            + (f" --out {args.out}" if args.out else "")
-        )
+        print(f"run the same command again to resume:\n  {_resume_command()}")
         return 130
     if not args.no_report:
         code = _report(out, args.storage)
         if code:
             return code
     return 1 if outcome.failed else 0
+
+
+def _resume_command() -> str:
+    """This command as typed, every option kept, passwords replaced by ``***``."""
+    from mloptimizer.urls import redact_text
+
+    return redact_text(shlex.join(["mloptimizer", *sys.argv[1:]]))
 
 
 def _report(out: Path, storage: str | None) -> int:
@@ -309,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         "folder, or --storage), trials trained by local trainer processes (or, with "
         "--broker, by `mloptimizer trainer` processes anywhere), a live progress bar, and a "
         "report with plots and the best model's test scores at the end. Run the same "
-        "command again to resume: finished trials are never repeated. Ctrl-C stops cleanly.",
+        "command again to resume: finished trials are never repeated. Ctrl-C stops cleanly. "
+        "A database or broker that goes away is waited for.",
+        epilog="exit codes: 0 the search ended (maxTrials, target, timeout, maxCostUSD); "
+        "1 the search failed (budget.maxFailedTrials); 2 a bad search file or a study that "
+        "cannot go on under it; 70 the runner crashed (resume by running it again); "
+        "130 interrupted (Ctrl-C).",
     )
     run.add_argument("file", help="the ArchitectureSearch file")
     run.add_argument(

@@ -5,12 +5,16 @@ The study lives in ``<out>/study.db`` (SQLite) unless ``--storage`` names anothe
 where ``mloptimizer trainer`` processes started anywhere take them. Running the same
 command again resumes the same study. ``run.json`` in the output folder records what
 ``mloptimizer report`` needs to rebuild the report.
+
+Once the search runs, a lost database or broker is waited out (with backoff, saying what
+it waits for), never a crash: the study holds everything the loop needs to go on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -22,11 +26,13 @@ from types import FrameType
 from typing import Any, TextIO
 
 from mloptimizer.dispatch import Dispatcher, Outcome, Transport
+from mloptimizer.faults import transient, waiting_for
 from mloptimizer.loading import SearchFile
+from mloptimizer.sizing import trainer_budget
 from mloptimizer.study import TrialRecord, open_study, study_name
 from mloptimizer.urls import redact
 
-__all__ = ["ProgressDisplay", "RunOptions", "run_search", "storage_for"]
+__all__ = ["ProgressDisplay", "RunOptions", "memory_budget", "run_search", "storage_for"]
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +159,21 @@ class _Interrupt:
         )
 
 
+def memory_budget(search: SearchFile, options: RunOptions) -> int:
+    """Bytes one trainer may use: this machine's memory shared by the local trainers, or
+    (with ``--broker``, trainers elsewhere) the spec's ``workers.resources.memory``."""
+    if options.broker:
+        return trainer_budget(search.spec)
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return machine // max(1, options.workers)
+
+
 def _transport(search: SearchFile, options: RunOptions, name: str) -> Transport:
     if options.broker:
-        from mloptimizer.amqp import AmqpTransport
+        from mloptimizer.amqp import AmqpTransport, prefetch_for
 
-        return AmqpTransport(options.broker, name)
+        prefetch = prefetch_for(search.spec.budget.parallelism)
+        return AmqpTransport(options.broker, name, prefetch=prefetch)
     from mloptimizer.local import LocalTransport, default_threads
 
     cache_dir = options.cache_dir or options.out / "cache"
@@ -196,7 +212,7 @@ def run_search(search: SearchFile, options: RunOptions, stream: TextIO = sys.std
     options.out.mkdir(parents=True, exist_ok=True)
     name = study_name(search.namespace, search.name)
     storage = storage_for(options.out, options.storage)
-    study = open_study(search.spec, name, storage)
+    open_study(search.spec, name, storage)  # a wrong URL fails here, at once
     run = {
         "search": name,
         "source": str(Path(search.source).resolve()),
@@ -215,14 +231,7 @@ def run_search(search: SearchFile, options: RunOptions, stream: TextIO = sys.std
     previous = signal.signal(signal.SIGINT, interrupt)
     trainers = _broker_trainers(options, name)
     try:
-        transport = _transport(search, options, name)
-        dispatcher = Dispatcher(study, search.spec, transport, search=name, observer=display)
-        if options.broker and not trainers:
-            display._print(
-                f"waiting for trainers: mloptimizer trainer --broker {redact(options.broker)} "
-                f"--search {name}"
-            )
-        outcome = dispatcher.run(should_stop=interrupt.requested.is_set)
+        outcome = _dispatch(search, options, name, storage, display, interrupt, bool(trainers))
         run["ended"] = {"reason": outcome.reason, "message": outcome.message}
         run_file.write_text(json.dumps(run, indent=2))
     finally:
@@ -233,3 +242,70 @@ def run_search(search: SearchFile, options: RunOptions, stream: TextIO = sys.std
         for process in trainers:
             process.wait(timeout=30)
     return outcome
+
+
+def _dispatch(
+    search: SearchFile,
+    options: RunOptions,
+    name: str,
+    storage: str,
+    display: ProgressDisplay,
+    interrupt: _Interrupt,
+    own_trainers: bool,
+) -> Outcome:
+    """Run the dispatch loop; wait out a lost database or broker, then resume from the study."""
+    delay, first, waited = 1.0, True, ""
+    while True:
+        transport: Transport | None = None
+        try:
+            study = open_study(search.spec, name, storage)
+            transport = _transport(search, options, name)
+            dispatcher = Dispatcher(
+                study,
+                search.spec,
+                transport,
+                search=name,
+                observer=display,
+                memory_budget=memory_budget(search, options),
+            )
+            if first:
+                _say_where(dispatcher, display, options, name, own_trainers)
+            elif waited:
+                display._print(f"{waited} is back; resuming the search")
+            first, delay, waited = False, 1.0, ""
+            return dispatcher.run(should_stop=interrupt.requested.is_set)
+        except Exception as error:
+            if transport is not None:
+                transport.close()
+            if not transient(error) or interrupt.requested.is_set():
+                raise
+            waited = waiting_for(error)
+            display._print(
+                f"waiting for {waited} ({type(error).__name__}); "
+                f"retrying in {delay:.0f} s (Ctrl-C to stop)"
+            )
+            interrupt.requested.wait(delay)
+            if interrupt.requested.is_set():
+                raise KeyboardInterrupt from error
+            delay = min(delay * 2, 30.0)
+
+
+def _say_where(
+    dispatcher: Dispatcher,
+    display: ProgressDisplay,
+    options: RunOptions,
+    name: str,
+    own_trainers: bool,
+) -> None:
+    """On start: what a resumed study holds, and whether trainers are missing."""
+    c = dispatcher.counts
+    if c.history or dispatcher.in_flight:
+        display._print(
+            f"resuming: {len(c.history)} trials finished, {dispatcher.running} in flight"
+        )
+    consumers = getattr(dispatcher.transport, "consumers", None)
+    if options.broker and not own_trainers and consumers is not None and consumers() == 0:
+        display._print(
+            f"waiting for trainers: mloptimizer trainer --broker {redact(options.broker)} "
+            f"--search {name}"
+        )

@@ -17,6 +17,7 @@ import pytest
 from services import RABBITMQ_URL, TcpForwarder, TrainerProcess
 
 from mloptimizer.dispatch import Outcome
+from mloptimizer.messages import QueueNames
 from mloptimizer.operator.daemon import SearchConfig, run_search
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import open_study, records, storage_url
@@ -82,8 +83,8 @@ def config(postgres_dsn: str) -> Iterator[SearchConfig]:
     yield found
     connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
     channel = connection.channel()
-    for queue in ("trials", "progress", "results", "dead"):
-        channel.queue_delete(f"mlopt.{found.study}.{queue}")
+    for queue in QueueNames(found.study).all:
+        channel.queue_delete(queue)
     connection.close()
 
 
@@ -218,7 +219,7 @@ def test_a_broker_that_comes_back_clears_degraded_and_the_search_completes(
     assert kube.status["phase"] == "Succeeded"
 
 
-def test_a_bug_is_logged_once_and_shown_instead_of_retried(
+def test_a_bug_while_handling_results_fails_those_trials_not_the_operator(
     config: SearchConfig, trainers: list[TrainerProcess], caplog: pytest.LogCaptureFixture
 ) -> None:
     calls: list[str] = []
@@ -228,12 +229,40 @@ def test_a_bug_is_logged_once_and_shown_instead_of_retried(
         raise ValueError("a bug in the price lookup")
 
     kube = RecordingKube()
+    with caplog.at_level(logging.ERROR, logger="mloptimizer.dispatch"):
+        outcome = run_search(
+            config, spec(maxFailedTrials=2), kube, stop=threading.Event(), price_of=broken_price
+        )
+    # Each result that could not be handled is rejected (never redelivered into a crash
+    # loop) and its trial failed; the failures end the search as the budget says.
+    assert outcome is not None
+    assert outcome.reason == "maxFailedTrials"
+    assert kube.status["phase"] == "Failed"
+    assert len(calls) == 2
+    study = open_study(spec(maxFailedTrials=2), config.study, storage_url(config.storage_url))
+    failed = [r for r in records(study) if r.state == "failed" and not r.interrupted]
+    assert len(failed) == 2
+    assert all("handling it failed: ValueError: a bug in the price lookup" in (r.error or "")
+               for r in failed)  # fmt: skip
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2
+    assert all(e.exc_info is not None for e in errors)  # with their tracebacks
+
+
+class BrokenScaleKube(RecordingKube):
+    def scale(self, replicas: int) -> None:
+        raise ValueError("a bug in scaling")
+
+
+def test_a_bug_outside_message_handling_is_logged_once_and_shown_instead_of_retried(
+    config: SearchConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube = BrokenScaleKube()
     with caplog.at_level(logging.ERROR, logger="mloptimizer.operator.daemon"):
-        outcome = run_search(config, spec(), kube, stop=threading.Event(), price_of=broken_price)
+        outcome = run_search(config, spec(), kube, stop=threading.Event())
     assert outcome is None  # the daemon stopped: no endless retry
-    assert len(calls) == 1
     assert degraded("InternalError")(kube.status)
-    assert "ValueError: a bug in the price lookup" in kube.status["message"]
+    assert "ValueError: a bug in scaling" in kube.status["message"]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert errors[0].exc_info is not None  # with its traceback

@@ -116,11 +116,6 @@ class Dispatcher:
         return count
 
     def close(self) -> None:
-        for queue in (
-            self.names.trials,
-            self.names.progress,
-            self.names.results,
-            self.names.dead_letters,
-        ):
+        for queue in self.names.all:
             self.channel.queue_delete(queue)
         self.connection.close()

@@ -131,6 +131,7 @@ def test_malformed_and_wrong_version_go_to_dead_letters(
     dispatcher.send_raw(b"{not json")
     future = json.loads(digits_trial(search, 5).model_dump_json()) | {"version": 99}
     dispatcher.send_raw(json.dumps(future).encode())
+    dispatcher.send(digits_trial("another.search", 7, epochs=1))
     dispatcher.send(digits_trial(search, 6, epochs=1))
     dispatcher.wait_for(lambda: len(dispatcher.results) == 1)  # the worker stayed up
     assert dispatcher.results[0].trial_id == 6
@@ -139,6 +140,7 @@ def test_malformed_and_wrong_version_go_to_dead_letters(
     reasons = [reason for _, reason in dead]
     assert reasons[0].startswith("not JSON")
     assert reasons[1].startswith("unsupported schema version 99")
+    assert reasons[2] == f"a trial of search 'another.search' in the queue of {search!r}"
 
 
 def test_sigterm_mid_trial_requeues_and_exits_0(
@@ -151,6 +153,12 @@ def test_sigterm_mid_trial_requeues_and_exits_0(
     assert trainer.process.wait(timeout=30) == 0
     assert dispatcher.results == []
     assert dispatcher.queued_trials() == 1
+    # The stopping worker cancelled its consumer before it gave the trial back: the next
+    # worker gets it as the second delivery, not after a burst of nacked redeliveries.
+    start(trainers, search, tmp_path, "w2")
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 1)
+    assert dispatcher.results[0].attempt == 2
+    assert "requeued trial 8 on shutdown" in trainer.log()
 
 
 def test_failed_trial_is_reported_not_retried(

@@ -1,0 +1,84 @@
+"""The dispatcher's size estimate against the model Keras builds."""
+
+from __future__ import annotations
+
+import pytest
+
+from mloptimizer.sizing import memory_bytes, model_size, quantity_bytes
+from mloptimizer.space import Architecture, ConvBlock, InceptionBlock
+from mloptimizer.trainer.model import build_model, parameter_count
+
+CASES = [
+    (
+        Architecture(
+            family="cnn",
+            conv_blocks=(
+                ConvBlock(filters=32, kernel_size=3),
+                ConvBlock(filters=48, kernel_size=5),
+            ),
+            classifier="mlp",
+            dense_units=64,
+            dropout=0.1,
+            learning_rate=1e-3,
+        ),
+        (28, 28, 1),
+        10,
+    ),
+    (
+        Architecture(
+            family="cnn",
+            conv_blocks=(ConvBlock(filters=16, kernel_size=7),),
+            classifier="gap",
+            dropout=0.0,
+            learning_rate=1e-3,
+        ),
+        (33, 31, 3),
+        2,
+    ),
+    (
+        Architecture(
+            family="inception",
+            inception_blocks=(
+                InceptionBlock(modules=2, filters_1x1=16, filters_3x3=33),
+                InceptionBlock(modules=1, filters_1x1=32, filters_3x3=48),
+            ),
+            classifier="mlp",
+            dense_units=128,
+            dropout=0.2,
+            learning_rate=1e-3,
+        ),
+        (32, 32, 3),
+        10,
+    ),
+]
+
+
+@pytest.mark.parametrize(("arch", "shape", "classes"), CASES)
+def test_parameters_are_exactly_keras_own_count(
+    arch: Architecture, shape: tuple[int, int, int], classes: int
+) -> None:
+    model = build_model(arch, shape, classes)
+    assert model_size(arch, shape, classes).parameters == parameter_count(model)
+
+
+def test_the_model_of_the_issue_is_sized_before_it_is_built() -> None:
+    # The default space at 96x96 sampled this: 302 M parameters, 4.0 GiB just to build.
+    arch = Architecture(
+        family="cnn",
+        conv_blocks=(ConvBlock(filters=256, kernel_size=3),),
+        classifier="mlp",
+        dense_units=512,
+        dropout=0.0,
+        learning_rate=1e-3,
+    )
+    size = model_size(arch, (96, 96, 3), 2)
+    assert 301e6 < size.parameters < 303e6
+    assert memory_bytes(size, 64) > quantity_bytes("4Gi")  # the default trainer memory
+
+
+@pytest.mark.parametrize(
+    ("quantity", "expected"),
+    [("4Gi", 4 * 2**30), ("512Mi", 512 * 2**20), ("1G", 10**9), ("1500M", 1.5e9), ("64", 64)],
+)
+def test_memory_quantities(quantity: str, expected: float) -> None:
+    assert quantity_bytes(quantity) == int(expected)
