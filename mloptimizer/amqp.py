@@ -43,6 +43,9 @@ __all__ = ["AmqpTransport", "prefetch_for"]
 log = logging.getLogger(__name__)
 
 
+SERVER_NAMED = "amq.gen-"  # the prefix of queues the broker names (a trainer's reply queue)
+
+
 def prefetch_for(parallelism: int) -> int:
     """Unacked messages to hold: enough for every trial in flight to report, bounded."""
     return min(64, 2 * parallelism + 4)
@@ -125,6 +128,11 @@ class AmqpTransport:
             message = decode(body)
             if not isinstance(message, ProgressMessage | ResultMessage):
                 raise MessageError(f"expected progress or result, got {message.kind!r}")
+            reply_to = properties.reply_to or ""
+            if reply_to and not reply_to.startswith(SERVER_NAMED):
+                # Only a trainer's own server-named queue: the reply must not be a way to
+                # make the dispatcher publish into a queue of the sender's choosing.
+                raise MessageError(f"reply_to {reply_to[:64]!r} is not a server-named queue")
         except MessageError as error:
             self._received.append(Inbound(Malformed(error.reason), reject=reject))
             return

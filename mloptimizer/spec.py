@@ -97,7 +97,11 @@ def parse_duration(text: str) -> float:
 class SecretKeyRef(SpecModel):
     """A key in a Secret in the search's namespace."""
 
-    name: Name = Field(description="Name of the Secret, in the search's namespace.")
+    name: Name = Field(
+        description="Name of the Secret, in the search's namespace. The operator uses it only "
+        "when an admin labelled it mloptimizer.io/usable-by-searches=true; otherwise the "
+        "search fails (SecretNotUsable)."
+    )
     key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
         description="Key inside the Secret whose value is used."
     )
@@ -588,7 +592,10 @@ class Resources(SpecModel):
 class JoinSecret(SpecModel):
     """A Secret with what a rented VM needs to join the cluster as a k3s agent."""
 
-    name: Name = Field(description="Name of the Secret, in the search's namespace.")
+    name: Name = Field(
+        description="Name of the Secret, in the search's namespace (labelled "
+        "mloptimizer.io/usable-by-searches=true by an admin)."
+    )
     server_key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
         default="server",
         description="Key holding the API server URL the agents join, such as "
@@ -683,12 +690,12 @@ class GpuPool(SpecModel):
         description="Node mode: the Secret with the k3s server URL and join token.",
     )
     broker_endpoint: (
-        Annotated[str, Field(pattern=r"^amqps://[^/@\s]+(/[^\s]*)?$", max_length=512)] | None
+        Annotated[str, Field(pattern=r"^amqps://[^/@\s]+/?$", max_length=512)] | None
     ) = Field(
         default=None,
         description="Direct mode: the broker as rented machines reach it over TLS, "
-        "amqps://HOST:PORT[/VHOST], without credentials; the operator adds a user scoped to "
-        "this search's queues.",
+        "amqps://HOST:PORT, without credentials or vhost: the operator adds the search's own "
+        "user and vhost, the same identity as its in-cluster trainers.",
     )
     drain_timeout: Duration = Field(
         default="60s",

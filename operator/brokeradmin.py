@@ -1,30 +1,37 @@
-"""Broker credentials scoped to one search, for trainers on rented hosts (Direct mode).
+"""A broker identity per search: its own RabbitMQ vhost and a user that reaches only it.
 
-A rented machine is somebody else's computer: what it holds may leak. So it gets a
-RabbitMQ user of its own whose permissions cover only its search's queues (and the
-server-named reply queue each trainer declares), created through the RabbitMQ management
-API and deleted with the search. It never sees the database, the cluster or other searches.
+Trainers run images a search's author chose, and in a GPU pool on machines whose owners
+have root: whatever they hold may leak. So the operator's own broker login never leaves
+its pod; every search gets a vhost of its own (``mlopt-<uid>``) and a user
+(``mlopt-<uid>``) with rights on that vhost only, created through the RabbitMQ management
+API when the search starts and deleted with it. Isolation is by construction: a vhost is a
+separate namespace of queues and exchanges, so publishing through the default exchange,
+``amq.topic`` or ``amq.direct``, naming a neighbour's queue (``a`` vs ``a.v2``) or declaring
+queues can only ever touch this search's own traffic. The operator's user is given the
+vhost too, to dispatch there. Deleting the vhost deletes the search's queues.
 """
 
 from __future__ import annotations
 
 import base64
-import re
 import urllib.parse
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from mloptimizer.messages import QueueNames
-
 __all__ = [
+    "ALL",
     "BrokerAdmin",
     "admin_url_for",
-    "scoped_permissions",
+    "in_vhost",
     "scoped_url",
     "search_user",
+    "search_vhost",
     "vhost_of",
 ]
+
+# Every right, on the search's own vhost only (a vhost is the unit of isolation).
+ALL = {"configure": ".*", "write": ".*", "read": ".*"}
 
 
 def search_user(uid: str) -> str:
@@ -32,23 +39,23 @@ def search_user(uid: str) -> str:
     return f"mlopt-{uid}"
 
 
-def scoped_permissions(names: QueueNames) -> dict[str, str]:
-    """configure/write/read regexes: the search's queues, the trainers' own reply queue
-    (server-named ``amq.gen-*``, exclusive to its connection) and publishing through the
-    default exchange."""
-    own = re.escape(names.base) + r"\..*"
-    return {
-        "configure": f"^({own}|amq\\.gen-.*)$",
-        "write": f"^({own}|amq\\.default)$",
-        "read": f"^({own}|amq\\.gen-.*)$",
-    }
+def search_vhost(uid: str) -> str:
+    """The broker vhost of the search with ``uid``."""
+    return f"mlopt-{uid}"
 
 
-def scoped_url(endpoint: str, user: str, password: str) -> str:
-    """``amqps://user:password@host:port/vhost`` from a credential-free endpoint."""
+def in_vhost(url: str, vhost: str) -> str:
+    """``url`` (credentials kept) pointing at ``vhost``."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(vhost, safe="")))
+
+
+def scoped_url(endpoint: str, user: str, password: str, vhost: str) -> str:
+    """``amqp(s)://user:password@host:port/vhost`` from a credential-free endpoint."""
     parts = urllib.parse.urlsplit(endpoint)
+    host = parts.netloc.rpartition("@")[2]  # any credentials in the endpoint are dropped
     credentials = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{credentials}@{parts.netloc}"))
+    return in_vhost(urllib.parse.urlunsplit(parts._replace(netloc=f"{credentials}@{host}")), vhost)
 
 
 def admin_url_for(broker_url: str) -> str:
@@ -95,15 +102,28 @@ class BrokerAdmin:
                 )
             return response.status
 
-    async def ensure_user(
-        self, user: str, password: str, vhost: str, permissions: dict[str, str]
-    ) -> None:
-        """Create (or reset) ``user`` with ``permissions`` on ``vhost`` only."""
+    @property
+    def user(self) -> str:
+        """The management API's own user (the operator's broker login)."""
+        return urllib.parse.unquote(urllib.parse.urlsplit(self.url).username or "guest")
+
+    async def ensure_identity(self, vhost: str, user: str, password: str) -> None:
+        """Create (or reset) ``vhost`` and ``user`` with every right on it and nothing else;
+        the operator's own user gets the vhost too. Idempotent."""
+        quoted = urllib.parse.quote(vhost, safe="")
         name = urllib.parse.quote(user, safe="")
+        await self._request("PUT", f"/api/vhosts/{quoted}", {})
         await self._request("PUT", f"/api/users/{name}", {"password": password, "tags": ""})
-        await self._request(
-            "PUT", f"/api/permissions/{urllib.parse.quote(vhost, safe='')}/{name}", permissions
-        )
+        await self._request("PUT", f"/api/permissions/{quoted}/{name}", ALL)
+        own = urllib.parse.quote(self.user, safe="")
+        await self._request("PUT", f"/api/permissions/{quoted}/{own}", ALL)
+
+    async def delete_identity(self, vhost: str, user: str) -> None:
+        """Delete the user (its connections are closed) and the vhost with its queues."""
+        try:
+            await self.delete_user(user)
+        finally:
+            await self._request("DELETE", f"/api/vhosts/{urllib.parse.quote(vhost, safe='')}")
 
     async def delete_user(self, user: str) -> None:
         """Delete ``user`` (its connections are closed by the broker); gone is done."""

@@ -10,6 +10,7 @@ from typing import Any
 from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef
 
 __all__ = [
+    "BROKER_PASSWORD_KEY",
     "BROKER_SECRET_KEY",
     "CACHE_DIR",
     "DATA_DIR",
@@ -18,10 +19,8 @@ __all__ = [
     "TRAINER_UID",
     "broker_secret_name",
     "build_broker_secret",
-    "build_pool_broker_secret",
     "build_trainer_deployment",
     "deployment_name",
-    "pool_broker_secret_name",
     "trainer_labels",
     "trainers_per_machine",
 ]
@@ -29,6 +28,7 @@ __all__ = [
 CACHE_DIR = "/var/cache/mloptimizer"
 DATA_DIR = "/data"
 BROKER_SECRET_KEY = "url"
+BROKER_PASSWORD_KEY = "password"
 # The trainer gets this long to requeue its trial after SIGTERM; the pod gets 10 s more
 # before SIGKILL, so a trial is always requeued, never lost to a kill.
 GRACE_SECONDS = 20
@@ -62,31 +62,16 @@ def trainer_labels(search: str) -> dict[str, str]:
     }
 
 
-def pool_broker_secret_name(search: str) -> str:
-    """The Secret holding the password of a Direct-mode pool's scoped broker user."""
-    return _dns_label(search, "pool-broker")
-
-
-def build_pool_broker_secret(search: str, password: str) -> dict[str, Any]:
-    """The Secret that keeps a Direct-mode pool's broker password across operator restarts
-    (rented trainers keep using it while they reconnect)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": pool_broker_secret_name(search), "labels": trainer_labels(search)},
-        "type": "Opaque",
-        "stringData": {"password": password},
-    }
-
-
-def build_broker_secret(search: str, broker_url: str) -> dict[str, Any]:
-    """A Secret with the operator's broker URL, for a search that names none."""
+def build_broker_secret(search: str, url: str, password: str) -> dict[str, Any]:
+    """The search's own broker identity, for its trainers: the URL of its user on its vhost
+    (never the operator's login), and the password alone, which outlives operator restarts
+    (trainers keep using it while they reconnect)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": broker_secret_name(search), "labels": trainer_labels(search)},
         "type": "Opaque",
-        "stringData": {BROKER_SECRET_KEY: broker_url},
+        "stringData": {BROKER_SECRET_KEY: url, BROKER_PASSWORD_KEY: password},
     }
 
 
@@ -145,8 +130,9 @@ def build_trainer_deployment(
         {"name": "MLOPT_WORKER_ID", "value": "$(MLOPT_POD_NAME)@$(MLOPT_NODE_NAME)"},
     ]
     volumes: list[dict[str, Any]] = [
-        {"name": "cache", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
+        # bounded: a trainer image filling its node's disk gets evicted, not the node
+        {"name": "cache", "emptyDir": {"sizeLimit": "20Gi"}},  # downloaded datasets
+        {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "cache", "mountPath": CACHE_DIR},

@@ -31,6 +31,8 @@ class OperatorConfig:
     pool_interval: float = 15.0
     orphan_sweep_interval: float = 600.0
     broker_admin_url: str | None = field(default=None, repr=False)
+    gpu_pools: bool = False  # let searches rent GPUs (the chart's vastai.enabled)
+    allowed_images: tuple[str, ...] = ()  # trainer image prefixes; empty: any image
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +74,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "retried (twice at most); keep it above your longest epoch",
     )  # fmt: skip
     env_flag(
+        parser, "--gpu-pools", env="MLOPT_GPU_POOLS", default=False, type=_switch,
+        shown="off", metavar="on|off",
+        help="let searches rent GPU machines on Vast.ai (spec.workers.gpuPool); off, a search "
+        "with a gpuPool fails at once and nothing is rented (the chart sets it from "
+        "vastai.enabled, which also grants the Node and Pod rights pools need)",
+    )  # fmt: skip
+    env_flag(
+        parser, "--allowed-image", env="MLOPT_ALLOWED_IMAGES", shown="any image",
+        type=_namespaces, action=_Extend, metavar="PREFIX", dest="allowed_images",
+        help="a prefix trainer images (spec.workers.image) must start with, such as "
+        "registry.example.com/ml/; repeatable, or comma-separated in the variable; a search "
+        "with another image fails (ImageNotAllowed)",
+    )  # fmt: skip
+    env_flag(
         parser, "--vastai-url", env="MLOPT_VASTAI_URL", default="https://console.vast.ai",
         help="root of the Vast.ai API",
     )  # fmt: skip
@@ -89,8 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env_flag(
         parser, "--broker-admin-url", env="MLOPT_BROKER_ADMIN_URL",
         shown="the broker URL's host and credentials on port 15672",
-        help="RabbitMQ management API, http://user:pass@host:15672, where Direct-mode pools "
-        "create a broker user per search",
+        help="RabbitMQ management API, http://user:pass@host:15672, where the operator makes "
+        "each search's broker vhost and user",
     )  # fmt: skip
     env_flag(
         parser, "--peering", env="MLOPT_PEERING", shown="standalone",
@@ -101,6 +117,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "MLOPT_VASTAI_API_KEY (environment only, never a flag): an extra Vast.ai API key "
         "the orphan sweep uses besides the keys of the searches' Secrets."
     )
+
+
+def _switch(text: str) -> bool:
+    words = {"on": True, "true": True, "1": True, "yes": True,
+             "off": False, "false": False, "0": False, "no": False}  # fmt: skip
+    if text.strip().lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return words[text.strip().lower()]
 
 
 def _namespaces(text: str) -> list[str]:
@@ -114,10 +138,11 @@ class _Extend(argparse.Action):
         self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
         option_string: str | None = None,
     ) -> None:  # fmt: skip
-        given = getattr(namespace, "_namespaces_given", False)
+        marker = f"_{self.dest}_given"
+        given = getattr(namespace, marker, False)
         current = list(getattr(namespace, self.dest) or []) if given else []
         setattr(namespace, self.dest, current + list(values))
-        namespace._namespaces_given = True
+        setattr(namespace, marker, True)
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
@@ -150,4 +175,6 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         pool_interval=args.pool_interval,
         orphan_sweep_interval=args.orphan_sweep_interval,
         broker_admin_url=args.broker_admin_url,
+        gpu_pools=bool(args.gpu_pools),
+        allowed_images=tuple(args.allowed_images or ()),
     )

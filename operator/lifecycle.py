@@ -42,21 +42,20 @@ from mloptimizer.messages import QueueNames
 from mloptimizer.operator.brokeradmin import (
     BrokerAdmin,
     admin_url_for,
-    scoped_permissions,
+    in_vhost,
     scoped_url,
     search_user,
-    vhost_of,
+    search_vhost,
 )
 from mloptimizer.operator.builders import (
+    BROKER_PASSWORD_KEY,
     BROKER_SECRET_KEY,
     CACHE_DIR,
     GRACE_SECONDS,
     broker_secret_name,
     build_broker_secret,
-    build_pool_broker_secret,
     build_trainer_deployment,
     deployment_name,
-    pool_broker_secret_name,
     trainer_labels,
     trainers_per_machine,
 )
@@ -79,7 +78,7 @@ from mloptimizer.operator.pool import (
     work_from_status,
 )
 from mloptimizer.operator.progress import now_rfc3339, set_condition
-from mloptimizer.operator.secretrefs import read_secret, secret_or
+from mloptimizer.operator.secretrefs import SecretNotUsable, read_secret, secret_or, secret_refs
 from mloptimizer.operator.vastai import VastClient, VastError
 from mloptimizer.spec import (
     API_VERSION,
@@ -130,7 +129,7 @@ class Shared:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def broker_admin(self) -> BrokerAdmin:
-        """The RabbitMQ management API, for Direct-mode pools' broker users."""
+        """The RabbitMQ management API, for the searches' broker identities."""
         return BrokerAdmin(self.config.broker_admin_url or admin_url_for(self.config.broker_url))
 
     def price_of(self, key: Key, worker_id: str) -> float | None:
@@ -164,11 +163,11 @@ def parse(body: Any) -> ArchitectureSearchSpec:
     return spec
 
 
-def _failed(status: Any, message: str) -> dict[str, Any]:
+def _failed(status: Any, message: str, reason: str = "InvalidSpec") -> dict[str, Any]:
     """The status patch that ends a search whose spec cannot run, saying why."""
     conditions = list(status.get("conditions") or [])
-    conditions = set_condition(conditions, "Ready", "False", "InvalidSpec", message)
-    conditions = set_condition(conditions, "Complete", "True", "InvalidSpec", message)
+    conditions = set_condition(conditions, "Ready", "False", reason, message)
+    conditions = set_condition(conditions, "Complete", "True", reason, message)
     return {
         "phase": "Failed",
         "message": message[:4096],
@@ -223,17 +222,75 @@ def start_search(body: Any, status: Any, shared: Shared) -> dict[str, Any]:
     except SpecError as error:
         kopf.warn(body, reason="InvalidSpec", message=str(error)[:1024])
         return _failed(status, str(error))
+    if spec.workers.gpu_pool is not None and not shared.config.gpu_pools:
+        message = (
+            "spec.workers.gpuPool: GPU pools are off in this operator, nothing is rented; "
+            "remove gpuPool, or ask your admin to install with vastai.enabled=true "
+            "(operator flag --gpu-pools on)"
+        )
+        kopf.warn(body, reason="GpuPoolsDisabled", message=message)
+        return _failed(status, message, reason="GpuPoolsDisabled")
+    refused = refused_by_admin(namespace, spec, shared.config)
+    if refused is not None:
+        reason, message = refused
+        kopf.warn(body, reason=reason, message=message)
+        return _failed(status, message, reason=reason)
     with shared.lock:
         shared.in_force.setdefault((namespace, name), spec)
-    core, apps = kubernetes.client.CoreV1Api(), kubernetes.client.AppsV1Api()
+    apps = kubernetes.client.AppsV1Api()
     if spec.broker.secret_ref is None:
-        secret = build_broker_secret(name, shared.config.broker_url)
-        _create(secret, body, lambda b: core.create_namespaced_secret(namespace, b))
+        broker_identity(body, shared)
     deployment = trainer_deployment(body, spec, shared.config)
     _create(deployment, body, lambda b: apps.create_namespaced_deployment(namespace, b))
     if status.get("phase"):
         return {}
     return {"phase": "Pending", "studyName": study_name(namespace, name)}
+
+
+def refused_by_admin(
+    namespace: str, spec: ArchitectureSearchSpec, config: OperatorConfig
+) -> tuple[str, str] | None:
+    """``(reason, message)`` when the admin's settings refuse the spec, else None: a trainer
+    image outside ``allowedImages``, or a Secret not opened to searches."""
+    image = spec.workers.image
+    if config.allowed_images and not image.startswith(config.allowed_images):
+        allowed = ", ".join(config.allowed_images)
+        return (
+            "ImageNotAllowed",
+            f"spec.workers.image: {image!r} is not allowed in this cluster; use an image "
+            f"starting with one of: {allowed}",
+        )
+    for field_path, ref in secret_refs(spec):
+        try:
+            read_secret(namespace, ref)
+        except SecretNotUsable as error:
+            return "SecretNotUsable", f"{field_path}: {error}"
+    return None
+
+
+def broker_identity(body: Any, shared: Shared) -> str:
+    """Make (or re-make) the search's broker vhost and user; returns the user's password.
+
+    The password is made once and kept in the search's ``<name>-broker`` Secret with the
+    trainers' URL (its user on its vhost, at the operator's broker host), so that every
+    call after the first, from an operator restart too, sets the same one.
+    """
+    meta = body["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    user, vhost = search_user(uid), search_vhost(uid)
+    core = kubernetes.client.CoreV1Api()
+    password = secrets.token_urlsafe(24)
+    url = scoped_url(shared.config.broker_url, user, password, vhost)
+    # 409 (it exists) keeps the password the trainers already use
+    _create(
+        build_broker_secret(name, url, password),
+        body,
+        lambda b: core.create_namespaced_secret(namespace, b),
+    )
+    found = core.read_namespaced_secret(broker_secret_name(name), namespace)
+    password = base64.b64decode((found.data or {})[BROKER_PASSWORD_KEY]).decode()
+    asyncio.run(shared.broker_admin().ensure_identity(vhost, user, password))
+    return password
 
 
 # --- live edits -------------------------------------------------------------------------
@@ -253,6 +310,11 @@ def update_search(body: Any, status: Any, shared: Shared) -> None:
             shared.requested[key] = (
                 f"the new spec is invalid, the search goes on with the old: {error}"
             )
+        return
+    refused = refused_by_admin(namespace, spec, shared.config)
+    if refused is not None:
+        with shared.lock:
+            shared.requested[key] = f"the edit is refused, the search goes on: {refused[1]}"
         return
     with shared.lock:
         shared.requested[key] = spec
@@ -288,7 +350,7 @@ def serve_search(body: Any, status: Any, shared: Shared, stopped: StopFlag) -> N
         namespace=namespace,
         name=name,
         storage_url=secret_or(namespace, spec.storage.secret_ref, shared.config.database_url),
-        broker_url=secret_or(namespace, spec.broker.secret_ref, shared.config.broker_url),
+        broker_url=dispatcher_broker(body, spec, shared),
         queue_prefix=shared.config.queue_prefix,
         status_interval=shared.config.status_interval,
         stale_after=shared.config.trial_silence_timeout,
@@ -309,6 +371,16 @@ def serve_search(body: Any, status: Any, shared: Shared, stopped: StopFlag) -> N
         metrics=shared.metrics,
         price_of=lambda worker: shared.price_of(key, worker),
     )
+
+
+def dispatcher_broker(body: Any, spec: ArchitectureSearchSpec, shared: Shared) -> str:
+    """The broker URL the search's dispatcher uses: the search's own broker Secret, or the
+    operator's login on the search's vhost (made first, should the daemon come first)."""
+    namespace = body["metadata"]["namespace"]
+    if spec.broker.secret_ref is not None:
+        return read_secret(namespace, spec.broker.secret_ref)
+    broker_identity(body, shared)
+    return in_vhost(shared.config.broker_url, search_vhost(body["metadata"]["uid"]))
 
 
 # --- GPU pools ----------------------------------------------------------------------------
@@ -335,18 +407,6 @@ def pool_controller(
     )
 
 
-def ensure_pool_password(owner: Any, namespace: str, name: str) -> str:
-    """The Direct-mode broker password of a search: made once, kept in an owned Secret."""
-    core = kubernetes.client.CoreV1Api()
-    _create(
-        build_pool_broker_secret(name, secrets.token_urlsafe(24)),
-        owner,
-        lambda b: core.create_namespaced_secret(namespace, b),
-    )  # 409 (it exists) keeps the password the trainers already use
-    found = core.read_namespaced_secret(pool_broker_secret_name(name), namespace)
-    return base64.b64decode((found.data or {})["password"]).decode()
-
-
 async def pool_rent_request(
     body: Any, spec: ArchitectureSearchSpec, shared: Shared
 ) -> Callable[[str], dict[str, Any]]:
@@ -366,12 +426,9 @@ async def pool_rent_request(
         )
         return lambda machine: node_rent_request(pool, machine, uid, server, token)
     assert pool.broker_endpoint is not None
-    password = await asyncio.to_thread(ensure_pool_password, body, namespace, name)
-    names = QueueNames(study_name(namespace, name), shared.config.queue_prefix)
-    await shared.broker_admin().ensure_user(
-        search_user(uid), password, vhost_of(pool.broker_endpoint), scoped_permissions(names)
-    )
-    url = scoped_url(pool.broker_endpoint, search_user(uid), password)
+    # The same identity as the search's in-cluster trainers: its user on its vhost only.
+    password = await asyncio.to_thread(broker_identity, body, shared)
+    url = scoped_url(pool.broker_endpoint, search_user(uid), password, search_vhost(uid))
     return lambda machine: direct_rent_request(
         pool,
         machine,
@@ -394,8 +451,8 @@ async def serve_pool(body: Any, shared: Shared, stopped: Stopped) -> None:
     except SpecError:
         return  # start_search marks it Failed
     pool = spec.workers.gpu_pool
-    if pool is None:
-        return
+    if pool is None or not shared.config.gpu_pools:
+        return  # without --gpu-pools, start_search failed the search: nothing is rented
     api_key = await asyncio.to_thread(read_secret, namespace, pool.api_key_secret_ref)
     with shared.lock:
         shared.vast_keys[uid] = api_key
@@ -429,8 +486,7 @@ async def serve_pool(body: Any, shared: Shared, stopped: Stopped) -> None:
 
 
 async def destroy_pool(body: Any, pool: GpuPool, shared: Shared) -> None:
-    """Destroy every machine a search rented; delete a Direct pool's broker user whatever
-    else fails (a missing key Secret must not leave a broker login behind)."""
+    """Destroy every machine a search rented (its broker identity goes with the search)."""
     meta = body["metadata"]
     namespace, uid = meta["namespace"], meta["uid"]
     try:
@@ -452,8 +508,6 @@ async def destroy_pool(body: Any, pool: GpuPool, shared: Shared) -> None:
         async with VastClient(api_key, url=shared.config.vastai_url) as vast:
             await pool_controller(body, pool, vast, lambda _: {}).destroy_all("search deleted")
     finally:
-        if pool.mode == "Direct":
-            await shared.broker_admin().delete_user(search_user(uid))
         with shared.lock:
             shared.prices.pop((namespace, meta["name"]), None)
 
@@ -477,15 +531,23 @@ def delete_search(body: Any, shared: Shared) -> None:
         spec = None
     in_force = running or spec
     pool = in_force.workers.gpu_pool if in_force is not None else None
-    if pool is not None:
-        asyncio.run(destroy_pool(body, pool, shared))  # kopf's worker thread: no loop here
-    _delete_queues(namespace, name, spec, config)
+    own_broker = spec is not None and spec.broker.secret_ref is not None
+    try:
+        if pool is not None and config.gpu_pools:
+            asyncio.run(destroy_pool(body, pool, shared))  # kopf's worker thread: no loop
+        if own_broker:
+            _delete_queues(namespace, name, spec, config)
+    finally:
+        if not own_broker:
+            # Whatever else failed: no broker login of a deleted search may outlive it (the
+            # vhost goes with its queues).
+            uid = meta["uid"]
+            asyncio.run(shared.broker_admin().delete_identity(search_vhost(uid), search_user(uid)))
     apps, core = kubernetes.client.AppsV1Api(), kubernetes.client.CoreV1Api()
     with _absent_is_fine():
         apps.delete_namespaced_deployment(deployment_name(name), namespace)
-    for secret in (broker_secret_name(name), pool_broker_secret_name(name)):
-        with _absent_is_fine():
-            core.delete_namespaced_secret(secret, namespace)
+    with _absent_is_fine():
+        core.delete_namespaced_secret(broker_secret_name(name), namespace)
     storage = storage_url(
         secret_or(namespace, spec.storage.secret_ref if spec else None, config.database_url)
     )
@@ -565,7 +627,7 @@ async def sweep_forever(shared: Shared) -> None:
 
 def start_sweeper(shared: Shared) -> None:
     """Start the orphan sweep in the operator's loop (unless its interval is 0)."""
-    if shared.config.orphan_sweep_interval > 0:
+    if shared.config.gpu_pools and shared.config.orphan_sweep_interval > 0:
         shared.sweeper = asyncio.create_task(sweep_forever(shared))
 
 

@@ -59,6 +59,10 @@ __all__ = [
     "work_from_status",
 ]
 
+# The k3s agent a rented VM installs: pinned, so that what joins the cluster is what was
+# tested, not whatever get.k3s.io serves that day. Keep it within a minor of the servers'.
+K3S_VERSION = "v1.33.5+k3s1"
+
 LABEL_PREFIX = "mlopt:"
 FAILED_STATUSES = frozenset({"exited", "offline", "stopped", "unknown"})
 LIST_GRACE = 120.0  # seconds a new rental may take to show in the instance list
@@ -583,6 +587,7 @@ def node_onstart(name: str, uid: str) -> str:
         "#!/bin/sh\nset -eu\n"
         "# K3S_URL and K3S_TOKEN come in the instance's environment.\n"
         "curl -sfL https://get.k3s.io | "
+        f"INSTALL_K3S_VERSION={shlex.quote(K3S_VERSION)} "
         f"INSTALL_K3S_EXEC={shlex.quote(' '.join(flags))} sh -s -\n"
     )
 

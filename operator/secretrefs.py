@@ -3,6 +3,12 @@
 A search may name Secrets for its study database, its broker and its GPU pool. Each is read
 here, with the same error when it is missing (a temporary error: the user may create it
 next), and a setting falls back to the operator's own value when the search names none.
+
+Whoever may create a search in a namespace must not be able to read every Secret there
+through the operator (into a trainer image of their choice, or a rented machine): so a
+Secret is used only when an admin opened it to searches with the label
+``mloptimizer.io/usable-by-searches: "true"``; any other is refused for good
+(:class:`SecretNotUsable`), and the search fails naming the field.
 """
 
 from __future__ import annotations
@@ -12,9 +18,33 @@ import base64
 import kopf
 import kubernetes
 
-from mloptimizer.spec import SecretKeyRef
+from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef
 
-__all__ = ["read_secret", "secret_or"]
+__all__ = ["USABLE_LABEL", "SecretNotUsable", "read_secret", "secret_or", "secret_refs"]
+
+USABLE_LABEL = "mloptimizer.io/usable-by-searches"
+
+
+class SecretNotUsable(kopf.PermanentError):
+    """A Secret a search names that no admin opened to searches."""
+
+
+def secret_refs(spec: ArchitectureSearchSpec) -> list[tuple[str, SecretKeyRef]]:
+    """Every Secret key the spec names, with the field that names it."""
+    refs = [
+        ("spec.storage.secretRef", spec.storage.secret_ref),
+        ("spec.broker.secretRef", spec.broker.secret_ref),
+    ]
+    pool = spec.workers.gpu_pool
+    if pool is not None:
+        refs.append(("spec.workers.gpuPool.apiKeySecretRef", pool.api_key_secret_ref))
+        join = pool.join_secret_ref
+        if join is not None:
+            for key in (join.server_key, join.token_key):
+                refs.append(
+                    ("spec.workers.gpuPool.joinSecretRef", SecretKeyRef(name=join.name, key=key))
+                )
+    return [(field, ref) for field, ref in refs if ref is not None]
 
 
 def read_secret(namespace: str, ref: SecretKeyRef) -> str:
@@ -29,6 +59,12 @@ def read_secret(namespace: str, ref: SecretKeyRef) -> str:
                 delay=30,
             ) from error
         raise
+    labels = (secret.metadata.labels if secret.metadata else None) or {}
+    if labels.get(USABLE_LABEL) != "true":
+        raise SecretNotUsable(
+            f"Secret {namespace}/{ref.name} is not open to searches: an admin must label it "
+            f"(kubectl label secret {ref.name} -n {namespace} {USABLE_LABEL}=true)"
+        )
     data = secret.data or {}
     if ref.key not in data:
         raise kopf.TemporaryError(

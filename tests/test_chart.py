@@ -163,7 +163,7 @@ def test_every_rendered_manifest_is_valid_for_kubernetes_1_34(
     assert crd["metadata"]["name"] == "architecturesearches.mloptimizer.io"
     for doc in docs:  # namespaced objects land in the release namespace (or a watched one)
         namespace = doc["metadata"].get("namespace")
-        if doc["kind"] in {"Role", "RoleBinding"}:
+        if doc["kind"] in {"Role", "RoleBinding"} or doc["metadata"]["name"].endswith("-trainers"):
             assert namespace == "team-a"
         elif doc["kind"] not in {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}:
             assert namespace == NAMESPACE, doc["metadata"]
@@ -309,7 +309,7 @@ def test_operator_deployment_runs_hardened_with_probes_ports_and_env_from_secret
 def test_cluster_wide_mode_uses_one_cluster_role_with_what_kopf_and_the_operator_need(
     helm: Helm,
 ) -> None:
-    docs = helm.template()
+    docs = helm.template("--set", "vastai.enabled=true")
     assert not find(docs, "Role")
     assert not find(docs, "RoleBinding")
     role = one(docs, "ClusterRole")
@@ -319,21 +319,20 @@ def test_cluster_wide_mode_uses_one_cluster_role_with_what_kopf_and_the_operator
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
-    assert {"list", "watch", "patch"} <= grants["mloptimizer.io", "architecturesearches"]
-    assert "patch" in grants["mloptimizer.io", "architecturesearches/status"]
-    assert "update" in grants["mloptimizer.io", "architecturesearches/finalizers"]
-    assert {"get", "create", "patch", "delete"} <= grants["apps", "deployments"]
-    assert "patch" in grants["apps", "deployments/scale"]
-    assert "get" in grants["apps", "deployments/status"]
+    assert grants["mloptimizer.io", "architecturesearches"] == {"list", "watch", "patch"}
+    assert grants["mloptimizer.io", "architecturesearches/status"] == {"patch"}
+    assert grants["mloptimizer.io", "architecturesearches/finalizers"] == {"update"}
+    assert grants["apps", "deployments"] == {"create", "patch", "delete"}
+    assert grants["apps", "deployments/scale"] == {"patch"}
+    assert grants["apps", "deployments/status"] == {"get"}
     assert grants["", "secrets"] == {"get", "create", "delete"}  # no list/watch of Secrets
-    assert "create" in grants["", "events"]
-    assert "create" in grants["events.k8s.io", "events"]
+    assert grants["", "events"] == {"create"}
     assert grants["apiextensions.k8s.io", "customresourcedefinitions"] == {"get", "list", "watch"}
     assert grants["", "namespaces"] == {"list", "watch"}
     assert grants["", "nodes"] == {"get", "patch", "delete"}  # GPU pools' rented nodes
     assert grants["", "pods"] == {"list", "delete"}  # drained before a machine goes
     assert not any("*" in rule["verbs"] or "*" in rule["resources"] for rule in role["rules"])
-    without_pools = one(helm.template("--set", "vastai.enabled=false"), "ClusterRole")
+    without_pools = one(helm.template(), "ClusterRole")  # pools are off by default
     resources = {r for rule in without_pools["rules"] for r in rule["resources"]}
     assert "nodes" not in resources
     assert "pods" not in resources
@@ -356,7 +355,6 @@ def test_single_namespace_mode_grants_secrets_only_in_the_watched_namespace(helm
             "resources": ["customresourcedefinitions"],
             "verbs": ["get", "list", "watch"],
         },
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch", "delete"]},
     ]
     role = one(docs, "Role")
     assert role["metadata"]["namespace"] == "team-a"
@@ -610,3 +608,41 @@ def test_the_kind_demo_script_parses_and_its_helm_settings_render(helm: Helm) ->
     from mloptimizer.spec import Workers
 
     assert f'TRAINER_IMAGE="{Workers().image.replace(":0.1.0", ":${VERSION}")}"' in text
+
+
+def test_trainers_in_watched_namespaces_reach_only_dns_the_broker_and_public_https(
+    helm: Helm,
+) -> None:
+    docs = helm.template("--set", "operator.watchNamespaces={team-a,team-b}")
+    policies = [
+        p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-trainers")
+    ]
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
+    for policy in policies:
+        kubernetes_validate.validate(policy, "1.34.0", strict=True)
+        spec = policy["spec"]
+        assert spec["podSelector"]["matchLabels"] == {
+            "app.kubernetes.io/name": "mloptimizer-trainer"
+        }
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        assert "ingress" not in spec  # nothing reaches a trainer
+        (public,) = [rule for rule in spec["egress"] if "ipBlock" in str(rule)]
+        block = public["to"][0]["ipBlock"]
+        assert block["cidr"] == "0.0.0.0/0"
+        assert "169.254.0.0/16" in block["except"]  # the cloud metadata address
+        assert "10.0.0.0/8" in block["except"]
+        assert {p["port"] for p in public["ports"]} == {80, 443}
+        broker = [r for r in spec["egress"] if "podSelector" in str(r.get("to", ""))]
+        assert broker[0]["ports"] == [{"protocol": "TCP", "port": 5672}]
+
+
+def test_the_dashboard_is_off_by_default_and_no_pod_reaches_it_when_on(helm: Helm) -> None:
+    assert not [
+        d for d in find(helm.template(), "Deployment") if "dashboard" in d["metadata"]["name"]
+    ]
+    docs = helm.template("--set", "dashboard.enabled=true")
+    (policy,) = [p for p in find(docs, "NetworkPolicy") if "dashboard" in p["metadata"]["name"]]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert "ingress" not in policy["spec"]
+    services = [s for s in find(docs, "Service") if "dashboard" in s["metadata"]["name"]]
+    assert all(s["spec"].get("type", "ClusterIP") == "ClusterIP" for s in services)

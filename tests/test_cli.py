@@ -200,3 +200,39 @@ def test_report_of_a_folder_whose_study_is_gone_says_so(
     err = capsys.readouterr().err
     assert f"{tmp_path / 'study.db'} is missing" in err
     assert "Traceback" not in err
+
+
+def test_the_resume_command_keeps_every_option_and_hides_passwords(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mloptimizer.app.cli import _resume_command
+
+    argv = ["mloptimizer", "run", "s.yaml", "--workers", "3", "--cache-dir", "/data/c"]
+    argv += ["--broker", "amqp://u:s3cret@mq/%2F", "--storage", "postgresql://p:pw9@db/x"]
+    monkeypatch.setattr(sys, "argv", argv)
+    command = _resume_command()
+    assert command.startswith("mloptimizer run s.yaml --workers 3 --cache-dir /data/c")
+    assert "s3cret" not in command
+    assert "pw9" not in command
+    assert "amqp://u:***@mq/%2F" in command
+
+
+def test_trainers_the_runner_starts_get_the_broker_url_in_their_environment_not_argv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from mloptimizer.app import runner
+
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    def popen(args: list[str], env: dict[str, str]) -> str:
+        started.append((args, env))
+        return "process"
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    options = runner.RunOptions(out=tmp_path, workers=2, broker="amqp://u:s3cret@mq/%2F")
+    assert len(runner._broker_trainers(options, "default.s")) == 2
+    for args, env in started:
+        assert not any("s3cret" in a for a in args)
+        assert env["MLOPT_BROKER_URL"] == "amqp://u:s3cret@mq/%2F"

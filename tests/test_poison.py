@@ -103,6 +103,7 @@ def poison(trial: TrialMessage) -> list[tuple[str, bytes, str]]:
         ("results", encode(result_of(trial, search="ns.attacker", value=1.0)), "ns.attacker"),
         ("results", encode(trial), "expected progress or result, got 'trial'"),
         ("results", b"\xff\xfe not json", "not JSON"),
+        ("progress-to-results", json.dumps({**progress, "epoch": 1}).encode(), "reply_to"),
     ]
 
 
@@ -132,7 +133,10 @@ class StandInTrainer(threading.Thread):
                 self.sent = self.flood(trial)
                 for kind, bad, _ in self.sent:
                     queue = self.names.results if kind == "results" else self.names.progress
-                    channel.basic_publish("", queue, bad, PERSISTENT)
+                    properties = PERSISTENT
+                    if kind == "progress-to-results":  # asks for the reply in a results queue
+                        properties = pika.BasicProperties(reply_to=self.names.results)
+                    channel.basic_publish("", queue, bad, properties)
                 # Report only once all were refused: a result first would make the trial's
                 # later progress an honest latecomer (answered "prune"), not a forgery.
                 deadline = time.monotonic() + 30

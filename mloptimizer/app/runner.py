@@ -199,10 +199,12 @@ def _broker_trainers(options: RunOptions, name: str) -> list[subprocess.Popen[by
         return []
     executable = Path(sys.executable).with_name("mloptimizer")
     program = str(executable) if executable.exists() else "mloptimizer"
-    command = [program, "trainer", "--broker", options.broker]
+    command = [program, "trainer"]
     command += ["--search", name, "--cache-dir", str(options.cache_dir or options.out / "cache")]
+    # The URL (a password) goes in the environment: argv is visible to every user (`ps`).
+    env = {**os.environ, "MLOPT_BROKER_URL": options.broker}
     return [
-        subprocess.Popen([*command, "--worker-id", f"local-{i + 1}"])
+        subprocess.Popen([*command, "--worker-id", f"local-{i + 1}"], env=env)
         for i in range(options.workers)
     ]
 

@@ -1,23 +1,26 @@
-"""Direct-mode broker users against the machine's RabbitMQ (management API on 15672): a
-rented trainer's credentials reach its own search's queues and nothing else."""
+"""Per-search broker identities against the machine's RabbitMQ (management API on 15672):
+a search's user reaches its own search's traffic and nothing else, whatever it tries."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pika
 import pika.exceptions
 import pytest
 from services import RABBITMQ_URL
 
-from mloptimizer.broker import declare_queues
+from mloptimizer.broker import PERSISTENT, declare_queues
 from mloptimizer.messages import QueueNames
 from mloptimizer.operator.brokeradmin import (
     BrokerAdmin,
     admin_url_for,
-    scoped_permissions,
+    in_vhost,
     scoped_url,
     search_user,
+    search_vhost,
     vhost_of,
 )
 
@@ -30,42 +33,117 @@ def test_urls() -> None:
     assert vhost_of("amqps://b:5671/") == "/"
     assert vhost_of("amqps://b:5671/team%2Fa") == "team/a"
     assert (
-        scoped_url("amqps://b.example.com:5671/", "mlopt-1", "p@ss/w")
-        == "amqps://mlopt-1:p%40ss%2Fw@b.example.com:5671/"
+        scoped_url("amqps://b.example.com:5671/", "mlopt-1", "p@ss/w", "mlopt-1")
+        == "amqps://mlopt-1:p%40ss%2Fw@b.example.com:5671/mlopt-1"
+    )
+    # the operator's own credentials in the URL it starts from are replaced, never kept
+    assert (
+        scoped_url("amqp://admin:secret@rabbit:5672/%2F", "mlopt-2", "pw", "mlopt-2")
+        == "amqp://mlopt-2:pw@rabbit:5672/mlopt-2"
+    )
+    assert in_vhost("amqp://admin:secret@rabbit:5672/%2F", "mlopt-3") == (
+        "amqp://admin:secret@rabbit:5672/mlopt-3"
     )
 
 
-async def test_a_scoped_user_reaches_its_search_only() -> None:
-    uid = str(uuid.uuid4())
-    mine = QueueNames(f"default.pool-{uid[:8]}")
-    theirs = QueueNames(f"default.other-{uid[:8]}")
+@dataclass
+class Search:
+    uid: str
+    names: QueueNames
+    password: str
+
+    @property
+    def url(self) -> str:
+        return scoped_url(RABBITMQ_URL, search_user(self.uid), self.password, self.vhost)
+
+    @property
+    def vhost(self) -> str:
+        return search_vhost(self.uid)
+
+    @property
+    def operator_url(self) -> str:
+        return in_vhost(RABBITMQ_URL, self.vhost)
+
+
+@pytest.fixture
+async def two_searches() -> AsyncIterator[tuple[Search, Search]]:
+    """Search ``a`` and its dotted neighbour ``a.v2``, each with its identity."""
     admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))
-    user, password = search_user(uid), uuid.uuid4().hex
-    # the operator's queues exist before any trainer comes
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    declare_queues(connection.channel(), mine)
-    declare_queues(connection.channel(), theirs)
-    await admin.ensure_user(user, password, "/", scoped_permissions(mine))
-    try:
-        url = scoped_url("amqp://127.0.0.1:5672/", user, password)
-        scoped = pika.BlockingConnection(pika.URLParameters(url))
-        channel = scoped.channel()
-        declare_queues(channel, mine)  # what `mloptimizer trainer` does first
-        channel.queue_declare(queue="", exclusive=True, auto_delete=True)  # its reply queue
-        channel.basic_publish("", mine.results, b"{}")
-        channel.basic_get(mine.trials)
-        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="ACCESS_REFUSED"):
-            scoped.channel().basic_get(theirs.trials)
-        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="ACCESS_REFUSED"):
-            scoped.channel().queue_declare(theirs.results, durable=True)
-        scoped.close()
-    finally:
-        await admin.delete_user(user)
-        await admin.delete_user(user)  # gone is done
-        admin_channel = connection.channel()
-        for names in (mine, theirs):
-            for queue in (names.trials, names.progress, names.results, names.dead_letters):
-                admin_channel.queue_delete(queue)
+    tag = uuid.uuid4().hex[:8]
+    made = [
+        Search(str(uuid.uuid4()), QueueNames(f"ns.{tag}"), uuid.uuid4().hex),
+        Search(str(uuid.uuid4()), QueueNames(f"ns.{tag}.v2"), uuid.uuid4().hex),
+    ]
+    for search in made:
+        await admin.ensure_identity(search.vhost, search_user(search.uid), search.password)
+        # the dispatcher declares the queues with the operator's login, in the search's vhost
+        connection = pika.BlockingConnection(pika.URLParameters(search.operator_url))
+        declare_queues(connection.channel(), search.names)
         connection.close()
-    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
-        pika.BlockingConnection(pika.URLParameters(url))
+    yield made[0], made[1]
+    for search in made:
+        await admin.delete_identity(search.vhost, search_user(search.uid))
+
+
+def depth(search: Search, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(search.operator_url))
+    count = int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    connection.close()
+    return count
+
+
+async def test_a_search_identity_works_within_its_own_search(
+    two_searches: tuple[Search, Search],
+) -> None:
+    mine, _ = two_searches
+    connection = pika.BlockingConnection(pika.URLParameters(mine.url))
+    channel = connection.channel()
+    declare_queues(channel, mine.names)  # what `mloptimizer trainer` does first
+    reply = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+    assert reply.startswith("amq.gen-")
+    channel.basic_publish("", mine.names.results, b"{}", PERSISTENT)
+    channel.basic_get(mine.names.trials)
+    connection.close()
+    assert depth(mine, mine.names.results) == 1
+
+
+async def test_a_search_identity_cannot_reach_another_search(
+    two_searches: tuple[Search, Search],
+) -> None:
+    mine, theirs = two_searches
+    # Not even a connection to the other search's vhost.
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        pika.BlockingConnection(pika.URLParameters(scoped_url(
+            RABBITMQ_URL, search_user(mine.uid), mine.password, theirs.vhost
+        )))  # fmt: skip
+    # Nor the default vhost, where the operator's own traffic could be.
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        pika.BlockingConnection(pika.URLParameters(scoped_url(
+            RABBITMQ_URL, search_user(mine.uid), mine.password, "/"
+        )))  # fmt: skip
+    connection = pika.BlockingConnection(pika.URLParameters(mine.url))
+    channel = connection.channel()
+    # Naming the neighbour's queues through the default exchange, amq.direct and amq.topic
+    # routes within its own vhost only: nothing reaches the neighbour.
+    for exchange in ("", "amq.direct", "amq.topic"):
+        channel.basic_publish(exchange, theirs.names.results, b'{"forged": true}')
+    # Declaring the neighbour's queue names makes queues in its own vhost, not theirs.
+    channel.queue_declare(theirs.names.results, durable=True)
+    channel.basic_publish("", theirs.names.results, b'{"forged": true}')
+    connection.close()
+    assert depth(theirs, theirs.names.results) == 0
+    assert depth(theirs, theirs.names.trials) == 0
+
+
+async def test_a_deleted_search_identity_cannot_log_in_and_its_queues_are_gone() -> None:
+    admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))
+    search = Search(str(uuid.uuid4()), QueueNames("ns.gone"), uuid.uuid4().hex)
+    await admin.ensure_identity(search.vhost, search_user(search.uid), search.password)
+    await admin.ensure_identity(search.vhost, search_user(search.uid), search.password)
+    pika.BlockingConnection(pika.URLParameters(search.url)).close()
+    await admin.delete_identity(search.vhost, search_user(search.uid))
+    await admin.delete_identity(search.vhost, search_user(search.uid))  # gone is done
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        pika.BlockingConnection(pika.URLParameters(search.url))
+    with pytest.raises(pika.exceptions.AMQPConnectionError):  # the vhost went too
+        pika.BlockingConnection(pika.URLParameters(search.operator_url))

@@ -12,10 +12,8 @@ from mloptimizer.operator.builders import (
     GRACE_SECONDS,
     POOL_LABEL,
     build_broker_secret,
-    build_pool_broker_secret,
     build_trainer_deployment,
     deployment_name,
-    pool_broker_secret_name,
     trainer_labels,
     trainers_per_machine,
 )
@@ -105,13 +103,6 @@ def test_a_node_pool_places_trainers_on_its_own_rented_nodes_only() -> None:
     assert trainers_per_machine(make_spec()) == 1
 
 
-def test_a_direct_pool_keeps_its_broker_password_in_an_owned_secret() -> None:
-    secret = build_pool_broker_secret("cifar", "pw")
-    kubernetes_validate.validate(secret, "1.34", strict=True)
-    assert secret["metadata"]["name"] == pool_broker_secret_name("cifar") == "cifar-pool-broker"
-    assert secret["stringData"] == {"password": "pw"}
-
-
 def test_status_cost_of_a_pool_is_the_pools_to_write() -> None:
     spec = make_spec(workers={"gpuPool": POOL})
     status = status_from_counts(Counts(cost_usd=3.0), spec, running=2)
@@ -144,8 +135,8 @@ def test_names_are_valid_dns_labels_even_for_long_search_names() -> None:
     name = deployment_name("a" * 253)
     assert len(name) <= 63
     assert name.endswith("-trainer")
-    secret = build_broker_secret("s", "amqp://u:p@mq/%2F")
-    assert secret["stringData"] == {"url": "amqp://u:p@mq/%2F"}
+    secret = build_broker_secret("s", "amqp://mlopt-1:pw@mq/mlopt-1", "pw")
+    assert secret["stringData"] == {"url": "amqp://mlopt-1:pw@mq/mlopt-1", "password": "pw"}
     assert secret["metadata"]["name"] == "s-broker"
 
 
@@ -186,7 +177,14 @@ def test_status_from_counts_reports_progress_cost_and_burn_rate() -> None:
     counts = Counts(complete=3, pruned=1, failed=1, cost_usd=0.123456, history=history)
     status = status_from_counts(counts, spec, running=2)
     assert status["progress"] == "5/10"
-    assert status["trials"] == {"complete": 3, "running": 2, "pruned": 1, "failed": 1}
+    assert status["trials"] == {
+        "complete": 3,
+        "running": 2,
+        "pruned": 1,
+        "failed": 1,
+        "tooLarge": 0,
+        "rejectedMessages": 0,
+    }
     assert status["best"] is None
     assert status["cost"]["usd"] == 0.1235
     assert status["cost"]["burnRatePerHour"] == 1.0
@@ -224,5 +222,20 @@ def test_the_deployment_validates_against_the_kubernetes_schema(
     deployment = build_trainer_deployment("s", "ns", spec, replicas=1, broker=BROKER)
     deployment["metadata"]["namespace"] = "ns"
     kubernetes_validate.validate(deployment, "1.34.0", strict=True)
-    secret = build_broker_secret("s", "amqp://x")
+    secret = build_broker_secret("s", "amqp://x", "pw")
     kubernetes_validate.validate(secret, "1.34.0", strict=True)
+
+
+def test_trainer_scratch_volumes_are_bounded() -> None:
+    deployment = build_trainer_deployment("s", "ns", make_spec(), replicas=1, broker=BROKER)
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    scratch = [v for v in volumes if "emptyDir" in v]
+    assert scratch
+    assert all(v["emptyDir"].get("sizeLimit") for v in scratch)
+
+
+def test_a_rented_node_installs_a_pinned_k3s() -> None:
+    from mloptimizer.operator.pool import K3S_VERSION, node_onstart
+
+    script = node_onstart("mlopt-machine-1", "uid-1")
+    assert f"INSTALL_K3S_VERSION={K3S_VERSION}" in script.replace("'", "")

@@ -10,6 +10,10 @@ the Deployment the operator asked for (the emulator has no Deployment controller
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import json
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +26,7 @@ from cluster import Cluster, ensure_namespace, run_operator
 from k8s import run_kubectl
 from services import RABBITMQ_URL, TrainerProcess
 
+from mloptimizer.operator.brokeradmin import in_vhost, search_vhost
 from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.handlers import FINISHED
 from mloptimizer.operator.main import shared_memo
@@ -40,6 +45,18 @@ def name() -> Iterator[str]:
         for queue in ("trials", "progress", "results", "dead"):
             channel.queue_delete(f"mlopt.{namespace}.{found}.{queue}")
     connection.close()
+
+
+async def start_trainer(
+    cluster: Cluster, namespace: str, name: str, tmp_path: Path, worker: str
+) -> TrainerProcess:
+    """A trainer as a pod of the search runs one: with the broker URL of the search's own
+    Secret (its identity on its vhost), not the operator's login."""
+    secret = await cluster.wait_for("secrets", namespace, f"{name}-broker", timeout=60)
+    assert secret is not None
+    url = base64.b64decode(secret["data"]["url"]).decode()
+    assert "guest" not in url  # the operator's login never reaches a trainer
+    return TrainerProcess(url, f"{namespace}.{name}", tmp_path, worker)
 
 
 def search(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:
@@ -76,12 +93,19 @@ def finished(obj: Any) -> bool:
 
 
 async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
-    cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
+    cluster: Cluster,
+    postgres_dsn: str,
+    name: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    trainers = [TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, f"t{i}") for i in (1, 2)]
+    caplog.set_level(logging.DEBUG)
+    trainers: list[TrainerProcess] = []
     try:
         async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
             created = await cluster.create("archsearch", search(name))
+            for i in (1, 2):
+                trainers.append(await start_trainer(cluster, "default", name, tmp_path, f"t{i}"))
             deployment = await cluster.wait_for(
                 "deployments", "default", f"{name}-trainer", timeout=30
             )
@@ -95,6 +119,7 @@ async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
             assert env["MLOPT_BROKER_URL"]["valueFrom"]["secretKeyRef"]["name"] == f"{name}-broker"
             secret = await cluster.get("secrets", "default", f"{name}-broker")
             assert secret is not None
+            password = base64.b64decode(secret["data"]["password"]).decode()
 
             running = await cluster.wait_for(
                 "archsearch",
@@ -129,8 +154,17 @@ async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
     assert status["observedGeneration"] == created["metadata"]["generation"]
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Complete"]["reason"] == "MaxTrialsReached"
-    reasons = {e["reason"] for e in await cluster.list("events", "default")}
+    events = await cluster.list("events", "default")
+    reasons = {e["reason"] for e in events}
     assert {"Started", "NewBest", "Finished"} <= reasons
+    # The search's broker password is in its Secret and nowhere else the operator writes.
+    for where, text in (
+        ("status", json.dumps(done)),
+        ("events", json.dumps(events)),
+        ("operator logs", caplog.text),
+        ("kubectl", listed.stdout),
+    ):
+        assert password not in text, where
     print(listed.stdout)
     header = listed.stdout.splitlines()[0].split()
     assert header[:3] == ["NAME", "PHASE", "TRIALS"]
@@ -141,13 +175,15 @@ async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
 async def test_restarting_the_operator_mid_search_completes_it_telling_each_trial_once(
     cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
-    trainers = [TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, f"t{i}") for i in (1, 2)]
+    trainers: list[TrainerProcess] = []
     memo_config = operator_config(postgres_dsn)
     try:
         async with run_operator(cluster, memo=shared_memo(memo_config)):
             await cluster.create(
                 "archsearch", search(name, budget={"maxTrials": 6, "parallelism": 2})
             )
+            for i in (1, 2):
+                trainers.append(await start_trainer(cluster, "default", name, tmp_path, f"t{i}"))
             await cluster.wait_for(
                 "archsearch",
                 "default",
@@ -176,7 +212,10 @@ async def test_deleting_a_running_search_removes_its_queues_deployment_and_final
     cluster: Cluster, postgres_dsn: str, name: str
 ) -> None:
     async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
-        await cluster.create("archsearch", search(name))
+        created = await cluster.create("archsearch", search(name))
+        secret = await cluster.wait_for("secrets", "default", f"{name}-broker", timeout=60)
+        assert secret is not None
+        trainer_url = base64.b64decode(secret["data"]["url"]).decode()
         await cluster.wait_for(
             "archsearch",
             "default",
@@ -189,11 +228,12 @@ async def test_deleting_a_running_search_removes_its_queues_deployment_and_final
         await cluster.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
     assert await cluster.get("deployments", "default", f"{name}-trainer") is None
     assert await cluster.get("secrets", "default", f"{name}-broker") is None
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    channel = connection.channel()
-    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
-        channel.queue_declare(f"mlopt.default.{name}.trials", passive=True)
-    connection.close()
+    # The search's identity is gone, and its vhost with every queue in it.
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        pika.BlockingConnection(pika.URLParameters(trainer_url))
+    vhost = search_vhost(created["metadata"]["uid"])
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        pika.BlockingConnection(pika.URLParameters(in_vhost(RABBITMQ_URL, vhost)))
 
 
 async def poll(check: Any, timeout: float) -> None:
@@ -212,11 +252,12 @@ def condition(obj: Any, type_: str) -> dict[str, Any]:
 async def test_budget_edits_apply_at_once_and_a_fixed_field_edit_is_refused(
     cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
-    trainer = TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, "t1")
+    one: TrainerProcess | None = None
     try:
         async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
             body = search(name, budget={"maxTrials": 2, "parallelism": 1})
             await cluster.create("archsearch", body)
+            one = await start_trainer(cluster, "default", name, tmp_path, "t1")
             await cluster.wait_for(
                 "archsearch",
                 "default",
@@ -248,7 +289,8 @@ async def test_budget_edits_apply_at_once_and_a_fixed_field_edit_is_refused(
             )
             done = await cluster.wait_for("archsearch", "default", name, finished, timeout=300)
     finally:
-        trainer.stop()
+        if one is not None:
+            one.stop()
     assert done is not None
     assert done["status"]["phase"] == "Succeeded"
     assert done["status"]["progress"] == "4/4"
@@ -262,10 +304,7 @@ async def test_budget_edits_apply_at_once_and_a_fixed_field_edit_is_refused(
 async def test_two_searches_in_two_namespaces_stay_apart(
     cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
-    trainers = [
-        TrainerProcess(RABBITMQ_URL, f"{ns}.{name}", tmp_path, f"t-{ns}")
-        for ns in ("default", "team-b")
-    ]
+    trainers: list[TrainerProcess] = []
     await ensure_namespace(cluster, "team-b")
     try:
         async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
@@ -273,6 +312,8 @@ async def test_two_searches_in_two_namespaces_stay_apart(
             await cluster.create(
                 "archsearch", search(name, "team-b", budget={"maxTrials": 3, "parallelism": 1})
             )
+            for ns in ("default", "team-b"):
+                trainers.append(await start_trainer(cluster, ns, name, tmp_path, f"t-{ns}"))
             a = await cluster.wait_for("archsearch", "default", name, finished, timeout=300)
             b = await cluster.wait_for("archsearch", "team-b", name, finished, timeout=300)
     finally:
@@ -326,21 +367,23 @@ async def test_a_space_too_deep_for_the_data_fails_that_search_and_others_go_on(
 async def test_a_trainer_killed_mid_trial_loses_nothing_and_the_trial_is_told_once(
     cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
-    victim = TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, "victim")
+    victim: TrainerProcess | None = None
     survivor: TrainerProcess | None = None
     try:
         async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
             budget = {"maxTrials": 3, "parallelism": 1}
             training = {"epochs": 20, "batchSize": 32, "mixedPrecision": "off"}
             await cluster.create("archsearch", search(name, budget=budget, training=training))
+            victim = await start_trainer(cluster, "default", name, tmp_path, "victim")
             # the victim is the only trainer: it takes trial 0; kill it once it trains
             await poll(lambda: "(attempt 1)" in victim.log(), timeout=120)
             victim.process.kill()
             victim.process.wait()
-            survivor = TrainerProcess(RABBITMQ_URL, f"default.{name}", tmp_path, "survivor")
+            survivor = await start_trainer(cluster, "default", name, tmp_path, "survivor")
             done = await cluster.wait_for("archsearch", "default", name, finished, timeout=300)
     finally:
-        victim.stop()
+        if victim is not None:
+            victim.stop()
         if survivor is not None:
             survivor.stop()
     assert done is not None
@@ -352,3 +395,64 @@ async def test_a_trainer_killed_mid_trial_loses_nothing_and_the_trial_is_told_on
     first = trials[0]
     assert first.attrs["worker_id"] == "survivor"
     assert first.attrs["attempt"] == 2  # redelivered by RabbitMQ, told once
+
+
+async def test_what_the_admin_did_not_allow_fails_the_search_naming_the_field(
+    cluster: Cluster, postgres_dsn: str, name: str
+) -> None:
+    config = dataclasses.replace(
+        operator_config(postgres_dsn), allowed_images=("registry.example.com/ml/",)
+    )
+    await cluster.create(
+        "secrets",
+        {"metadata": {"name": f"{name}-db"}, "data": {"url": base64.b64encode(b"x").decode()}},
+        "default",
+    )
+    allowed = {"image": "registry.example.com/ml/trainer:1"}
+    cases = {
+        f"{name}-secret": (
+            search(
+                f"{name}-secret",
+                storage={"secretRef": {"name": f"{name}-db", "key": "url"}},
+                workers=allowed,
+            ),
+            "SecretNotUsable",
+            "spec.storage.secretRef: Secret default/" + f"{name}-db is not open to searches",
+        ),
+        f"{name}-image": (
+            search(f"{name}-image", workers={"image": "docker.io/evil/miner:latest"}),
+            "ImageNotAllowed",
+            "spec.workers.image: 'docker.io/evil/miner:latest' is not allowed",
+        ),
+        f"{name}-pool": (
+            search(
+                f"{name}-pool",
+                workers={
+                    **allowed,
+                    "gpuPool": {
+                        "maxReplicas": 1,
+                        "maxPricePerHour": 0.5,
+                        "apiKeySecretRef": {"name": "vastai", "key": "api-key"},
+                        "joinSecretRef": {"name": "k3s-join"},
+                    },
+                },
+            ),
+            "GpuPoolsDisabled",
+            "spec.workers.gpuPool: GPU pools are off in this operator",
+        ),
+    }
+    async with run_operator(cluster, memo=shared_memo(config)):
+        for body, _, _ in cases.values():
+            await cluster.create("archsearch", body)
+        for search_name, (_, reason, message) in cases.items():
+            done = await cluster.wait_for(
+                "archsearch", "default", search_name, finished, timeout=60
+            )
+            assert done is not None
+            assert done["status"]["phase"] == "Failed"
+            assert condition(done, "Complete")["reason"] == reason
+            assert message in done["status"]["message"], done["status"]["message"]
+            deployment = await cluster.get("deployments", "default", f"{search_name}-trainer")
+            assert deployment is None  # nothing was started for it
+    reasons = {e["reason"] for e in await cluster.list("events", "default")}
+    assert {"SecretNotUsable", "ImageNotAllowed", "GpuPoolsDisabled"} <= reasons

@@ -25,6 +25,7 @@ from mloptimizer.operator.builders import POOL_LABEL
 from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.main import shared_memo
 from mloptimizer.operator.pool import instance_label
+from mloptimizer.operator.secretrefs import USABLE_LABEL
 
 pytestmark = pytest.mark.services
 
@@ -60,13 +61,15 @@ def config(dsn: str, vast: VastMock, **changes: Any) -> OperatorConfig:
         vastai_url=vast.url,
         pool_interval=0.2,
         orphan_sweep_interval=0.5,
+        gpu_pools=True,
         **changes,
     )
 
 
 def secret(secret_name: str, **data: str) -> dict[str, Any]:
+    """A Secret an admin opened to searches (the operator refuses any other)."""
     return {
-        "metadata": {"name": secret_name},
+        "metadata": {"name": secret_name, "labels": {USABLE_LABEL: "true"}},
         "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
     }
 
@@ -206,13 +209,15 @@ async def test_direct_pool_gives_rented_trainers_a_broker_user_of_their_own(
         request = next(c[2] for c in vast.calls if c[0] == "PUT")
         env = request["env"]
         assert env["MLOPT_BROKER_URL"].startswith(f"amqps://mlopt-{uid}:")
-        assert env["MLOPT_BROKER_URL"].endswith("@broker.example.com:5671/")
+        # its own user on its own vhost, the same identity as in-cluster trainers
+        assert env["MLOPT_BROKER_URL"].endswith(f"@broker.example.com:5671/mlopt-{uid}")
         assert env["MLOPT_SEARCH"] == f"default.{name}"
         assert request["image"] == "ghcr.io/mloptimizer/trainer:0.1.0"
         assert request["args"][0] == "trainer"
         assert "vm" not in request
         assert postgres_dsn not in json.dumps(request)
         assert "guest" not in json.dumps(request)
+        assert API_KEY not in json.dumps(request)  # the Vast.ai key stays with the operator
         assert rabbitmq_user(f"mlopt-{uid}") is not None
         deployment = await cluster.get("deployments", "default", f"{name}-trainer")
         assert deployment is not None

@@ -117,13 +117,14 @@ seccompProfile:
 
 {{/* The RBAC rules the operator needs in a namespace it watches. */}}
 {{- define "mloptimizer.namespacedRules" -}}
-# the searches: kopf lists/watches them, patches finalizers, annotations and status
+# the searches: kopf lists/watches them and patches finalizers and annotations; the daemon
+# and kopf patch their status
 - apiGroups: ["mloptimizer.io"]
   resources: ["architecturesearches"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["mloptimizer.io"]
   resources: ["architecturesearches/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 # owner references with blockOwnerDeletion on the children
 - apiGroups: ["mloptimizer.io"]
   resources: ["architecturesearches/finalizers"]
@@ -131,10 +132,10 @@ seccompProfile:
 # the trainer Deployment of each search, scaled with the trials in flight
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments/status"]
   verbs: ["get"]
@@ -142,19 +143,16 @@ seccompProfile:
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create", "delete"]
-# Events on the searches
+# Events on the searches (kopf's and its own)
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- if .Values.vastai.enabled }}
 # GPU pools: drain a rented node's trainer pods before its machine is destroyed
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "delete"]
 {{- end }}
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
 {{- end -}}
 
 {{/* rabbitmq.conf additions (conf.d/20-mloptimizer.conf); the management plugin is
