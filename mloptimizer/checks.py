@@ -22,10 +22,12 @@ from mloptimizer.spec import ArchitectureSearchSpec, IntRange, SearchSpace
 
 __all__ = [
     "BUILTIN_SIDE",
+    "constraint_issues",
     "fitted_space",
     "input_side",
     "max_blocks",
     "size_issues",
+    "smallest_model",
     "space_issues",
 ]
 
@@ -108,6 +110,8 @@ def space_issues(spec: ArchitectureSearchSpec) -> tuple[list[SpecIssue], list[Sp
                     f"{blocks.min} to {top} blocks: lower {family}.blocks.max to {top} to say so",
                 )
             )
+    if not errors:
+        errors.extend(constraint_issues(spec))
     return errors, warnings
 
 
@@ -154,3 +158,80 @@ def size_issues(
         f"{largest / 2**30:.1f} GiB); they fail as too_large without training: {fix}",
     )
     return [], [warning]
+
+
+def smallest_model(spec: ArchitectureSearchSpec) -> tuple[int, float]:
+    """``(parameters, MFLOPs)``: the least of each over the space as it is sampled.
+
+    Each is smallest with the fewest filters, units and modules and the smallest kernel;
+    the block count is tried over its whole range (more blocks shrink an mlp head's
+    input), and every head type the space allows.
+    """
+    from mloptimizer.sizing import input_shape, model_size
+    from mloptimizer.space import Architecture, ConvBlock, InceptionBlock
+
+    shape, classes = input_shape(spec)
+    space = fitted_space(spec)
+    heads = space.classifier.types
+    candidates: list[Architecture] = []
+    for head in heads:
+        units = space.classifier.units.min if head == "mlp" else None
+        common = {"classifier": head, "dense_units": units, "dropout": 0.0, "learning_rate": 0.1}
+        if "cnn" in space.architectures:
+            cnn = space.cnn
+            block = ConvBlock(filters=cnn.filters.min, kernel_size=min(cnn.kernel_sizes))
+            for count in range(cnn.blocks.min, cnn.blocks.max + 1, cnn.blocks.step):
+                candidates.append(
+                    Architecture(family="cnn", conv_blocks=(block,) * count, **common)
+                )
+        if "inception" in space.architectures:
+            inc = space.inception
+            module = InceptionBlock(
+                modules=inc.modules.min,
+                filters_1x1=inc.filters_1x1.min,
+                filters_3x3=inc.filters_3x3.min,
+            )
+            for count in range(inc.blocks.min, inc.blocks.max + 1, inc.blocks.step):
+                candidates.append(
+                    Architecture(family="inception", inception_blocks=(module,) * count, **common)
+                )
+    sizes = [model_size(a, shape, classes) for a in candidates]
+    return min(s.parameters for s in sizes), min(s.mflops for s in sizes)
+
+
+def constraint_issues(spec: ArchitectureSearchSpec) -> list[SpecIssue]:
+    """Device constraints no model of the space can meet, with the smallest achievable."""
+    constraints = spec.objective.constraints
+    if constraints is None:
+        return []
+    params, mflops = smallest_model(spec)
+    path = "spec.objective.constraints"
+    fix = "raise it, or narrow searchSpace to smaller models (fewer filters, a gap head)"
+    issues = []
+    if constraints.max_params is not None and params > constraints.max_params:
+        issues.append(
+            SpecIssue(
+                f"{path}.maxParams",
+                f"the smallest model of this space has {params:,} params; maxParams "
+                f"{constraints.max_params:,} cannot be met: {fix}",
+            )
+        )
+    if constraints.max_mflops is not None and mflops > constraints.max_mflops:
+        issues.append(
+            SpecIssue(
+                f"{path}.maxMFLOPs",
+                f"the smallest model of this space needs {mflops:,.3g} MFLOPs; maxMFLOPs "
+                f"{constraints.max_mflops:g} cannot be met: {fix}",
+            )
+        )
+    smallest_kb = params / 1024  # int8: at least one byte per weight
+    if constraints.max_model_kb is not None and smallest_kb > constraints.max_model_kb:
+        issues.append(
+            SpecIssue(
+                f"{path}.maxModelKB",
+                f"the smallest model of this space has {params:,} params, at least "
+                f"{smallest_kb:,.1f} KB as int8 (a byte per weight); maxModelKB "
+                f"{constraints.max_model_kb:g} cannot be met: {fix}",
+            )
+        )
+    return issues

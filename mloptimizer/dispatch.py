@@ -22,6 +22,10 @@ What the loop guarantees, whatever trainers send or the services do:
   whose publish was never confirmed (its architecture is written only after) is sent again
   on recovery, never adopted as queued;
 * a model that cannot fit the trainer's memory is failed as ``too_large`` without being sent;
+* a model over a device constraint it can be judged on before training (parameters,
+  multiply-adds) is told infeasible without being sent; after training, the trainer's
+  measures (and the int8 model size) decide; infeasible trials teach the sampler (their
+  constraint values) and are never the best;
 * a lost database or broker connection is not handled here: it propagates, and the
   caller retries the whole loop (the study knows everything the loop needs).
 """
@@ -43,8 +47,8 @@ from mloptimizer.changes import refusal
 from mloptimizer.checks import fitted_space
 from mloptimizer.faults import transient
 from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
-from mloptimizer.sizing import input_shape, memory_bytes, model_size
-from mloptimizer.space import Architecture, build_pruner, sample_architecture
+from mloptimizer.sizing import ModelSize, input_shape, memory_bytes, model_size
+from mloptimizer.space import Architecture, build_pruner, constraint_limits, sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
 from mloptimizer.study import (
     Attr,
@@ -169,6 +173,7 @@ class Counts:
     pruned: int = 0
     failed: int = 0
     too_large: int = 0  # failed before training (never sent): not counted in ``failed``
+    infeasible: int = 0  # finished over a device constraint: not in ``complete``, never best
     rejected: int = 0  # messages refused (malformed, forged, or their handling failed)
     explore_used: int = 0  # explore trials counted against maxTrials (incl. running)
     cost_usd: float = 0.0
@@ -259,7 +264,9 @@ class Dispatcher:
 
     def _count(self, rec: TrialRecord) -> None:
         c = self.counts
-        if rec.state == "complete":
+        if rec.state == "complete" and not rec.feasible:
+            c.infeasible += 1
+        elif rec.state == "complete":
             c.complete += 1
         elif rec.state == "pruned":
             c.pruned += 1
@@ -272,7 +279,7 @@ class Dispatcher:
         c.cost_usd += rec.cost_usd
         if rec.finished and rec.counted:
             c.history.append(rec)
-        if rec.state == "complete" and rec.value is not None:
+        if rec.state == "complete" and rec.value is not None and rec.feasible:
             candidates = [rec] if c.best is None else [rec, c.best]
             c.best = best_of(candidates, self.spec.objective.study_direction)
 
@@ -374,9 +381,15 @@ class Dispatcher:
         phase = rec.phase
         if phase == "explore":
             self.counts.explore_used += 1
-        too_large = self._too_large(architecture)
+        shape, classes = input_shape(self.spec)
+        size = model_size(architecture, shape, classes)
+        too_large = self._too_large(size)
         if too_large is not None:
             self._fail_unsent(trial, rec, too_large)
+            return
+        violations, why = self._violations(size.parameters, size.mflops, None, trained=False)
+        if why is not None:
+            self._infeasible_unsent(trial, rec, violations, why, size)
             return
         message = self._message(trial.number, trial_id_of(trial), rec)
         self.transport.send(message)
@@ -390,12 +403,10 @@ class Dispatcher:
         if self.observer is not None:
             self.observer.started(rec, self)
 
-    def _too_large(self, architecture: Architecture) -> str | None:
-        """Why a trainer could not hold ``architecture``, or None when it fits."""
+    def _too_large(self, size: ModelSize) -> str | None:
+        """Why a trainer could not hold a model of ``size``, or None when it fits."""
         if self.memory_budget is None:
             return None
-        shape, classes = input_shape(self.spec)
-        size = model_size(architecture, shape, classes)
         need = memory_bytes(size, self.spec.training.batch_size)
         if need <= self.memory_budget:
             return None
@@ -405,6 +416,64 @@ class Dispatcher:
             f"over the trainer's {self.memory_budget / 2**30:.1f} GiB (workers.resources."
             "memory); narrow the search space or raise the memory"
         )
+
+    def _violations(
+        self, params: int, mflops: float | None, model_kb: float | None, *, trained: bool
+    ) -> tuple[dict[str, float], str | None]:
+        """Each set constraint's excess (``<= 0``: met) and why the model breaks one.
+
+        Before training the int8 size is unknown (0: not judged yet); after, a size the
+        trainer could not measure counts as broken.
+        """
+        constraints = self.spec.objective.constraints
+        if constraints is None:
+            return {}, None
+        measured = {"params": float(params), "mflops": mflops, "model_kb": model_kb}
+        excess: dict[str, float] = {}
+        broken: list[str] = []
+        labels = {"params": "maxParams", "mflops": "maxMFLOPs", "model_kb": "maxModelKB"}
+        for name, limit in constraint_limits(constraints):
+            value = measured[name]
+            if value is None:
+                excess[name] = 1.0 if trained else 0.0
+                if trained:
+                    broken.append(f"{name} not measured ({labels[name]} {limit:g})")
+                continue
+            excess[name] = value - limit
+            if value > limit:
+                shown = f"{value:,.0f}" if name == "params" else f"{value:,.3g}"
+                broken.append(f"{name} {shown} > {labels[name]} {limit:,.6g}")
+        return excess, "; ".join(broken) or None
+
+    def _infeasible_unsent(
+        self,
+        trial: optuna.trial.Trial,
+        rec: TrialRecord,
+        violations: dict[str, float],
+        why: str,
+        size: ModelSize,
+    ) -> None:
+        """Tell a trial over a device constraint without training it: the sampler learns
+        from its constraint values; its value is the worst, and it is never the best."""
+        assert rec.architecture is not None
+        worst = 0.0 if self._direction == "maximize" else 1e9
+        attrs = {
+            Attr.ARCHITECTURE: rec.architecture.model_dump(mode="json"),
+            Attr.INFEASIBLE: why,
+            Attr.PARAMETERS: size.parameters,
+            Attr.MFLOPS: size.mflops,
+        }
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        for name, excess in violations.items():
+            trial.set_constraint(name, excess)  # what TPE reads (<= 0: met)
+        self.study.tell(trial, worst)
+        self._told.add(trial_id_of(trial))
+        done = dataclasses.replace(rec, state="complete", value=worst, attrs={**rec.attrs, **attrs})
+        self._count_finished(done)
+        log.info("trial %d not sent: infeasible (%s)", trial.number, why)
+        if self.observer is not None:
+            self.observer.finished(done, self)
 
     def _fail_unsent(self, trial: optuna.trial.Trial, rec: TrialRecord, why: str) -> None:
         assert rec.architecture is not None
@@ -570,6 +639,8 @@ class Dispatcher:
             Attr.VAL_ACCURACY: message.val_accuracy,
             Attr.VAL_LOSS: message.val_loss,
             Attr.PARAMETERS: message.parameter_count,
+            Attr.MFLOPS: message.mflops,
+            Attr.MODEL_KB: message.model_kb,
             Attr.COST: price * seconds / 3600.0,
         }
         if message.error:
@@ -577,6 +648,19 @@ class Dispatcher:
         elif message.state == "complete" and message.value is None:
             result[Attr.ERROR] = f"the trainer sent no {self.spec.objective.metric}"
         trial.set_user_attr(Attr.RESULT, result)  # one write: each is a database round trip
+        infeasible: dict[str, object] = {}
+        if message.state in ("complete", "pruned") and self.spec.objective.constraints:
+            violations, why = self._violations(
+                message.parameter_count,
+                message.mflops,
+                message.model_kb,
+                trained=message.state == "complete",
+            )
+            for name, excess in violations.items():
+                trial.set_constraint(name, excess)  # what TPE reads (<= 0: met)
+            if why is not None:
+                infeasible = {Attr.INFEASIBLE: why}
+                trial.set_user_attr(Attr.INFEASIBLE, why)
         if message.state == "complete" and message.value is not None:
             self.study.tell(trial, message.value)
         elif message.state == "pruned":
@@ -594,7 +678,7 @@ class Dispatcher:
             error=str(result.get(Attr.ERROR)) if Attr.ERROR in result else None,
             seconds=seconds,
             cost_usd=float(result[Attr.COST]),  # type: ignore[arg-type]
-            attrs={**flight.record.attrs, **result},
+            attrs={**flight.record.attrs, **result, **infeasible},
         )
         self._count_finished(rec)
         if self.observer is not None:
@@ -765,6 +849,8 @@ class Dispatcher:
         best = (
             f"best trial {c.best.number}: {self.spec.objective.metric} {c.best.value:.4f}"
             if c.best is not None and c.best.value is not None
+            else "no feasible trial completed"
+            if c.infeasible
             else "no trial completed"
         )
         return Outcome("maxTrials", f"{c.explore_used} trials explored; {best}", failed=False)
@@ -797,4 +883,8 @@ def trial_message(
         metric=spec.objective.metric,
         seed=trial_seed(spec.sampler.seed, number),
         progress_timeout_seconds=progress_timeout,
+        measure_model_kb=(
+            spec.objective.constraints is not None
+            and spec.objective.constraints.max_model_kb is not None
+        ),
     )

@@ -101,6 +101,9 @@ class TrialMessage(_Message):
     progress_timeout_seconds: float = Field(
         default=5.0, ge=0.0, le=600.0, description="How long a trainer waits for a prune decision."
     )
+    measure_model_kb: bool = Field(
+        default=False, description="Convert the trained model to int8 LiteRT and report its size."
+    )
 
 
 class ProgressMessage(_Message):
@@ -141,6 +144,12 @@ class ResultMessage(_Message):
     train_seconds: float = Field(default=0.0, ge=0.0, le=1e8)
     images_per_second: float = Field(default=0.0, ge=0.0)
     parameter_count: int = Field(default=0, ge=0, le=2**53)
+    mflops: float | None = Field(
+        default=None, ge=0.0, description="Millions of multiply-adds per image (forward pass)."
+    )
+    model_kb: float | None = Field(
+        default=None, ge=0.0, description="Size of the int8 LiteRT model, when asked."
+    )
     device: Label = "CPU"
     dataset_load_seconds: float = Field(default=0.0, ge=0.0, le=1e8, description="0 when cached.")
     history: list[Metrics] = Field(default_factory=list, max_length=MAX_EPOCHS)

@@ -46,10 +46,17 @@ _BASE_BYTES = 768 * 2**20
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A model's weights (Keras' "Total params") and activations of one image (values)."""
+    """A model's weights (Keras' "Total params"), activations of one image (values) and
+    multiply-adds of one image's forward pass (convolutions and dense layers)."""
 
     parameters: int
     activations: int
+    multiply_adds: int = 0
+
+    @property
+    def mflops(self) -> float:
+        """Millions of multiply-adds per image, as ``objective.constraints.maxMFLOPs``."""
+        return self.multiply_adds / 1e6
 
 
 def input_shape(spec: ArchitectureSearchSpec) -> tuple[tuple[int, int, int], int]:
@@ -67,32 +74,34 @@ def _conv(cin: int, filters: int, kernel: int) -> int:
     return kernel * kernel * cin * filters + 4 * filters  # no bias; batch norm: 4 per filter
 
 
-def _inception(block: InceptionBlock, cin: int, pixels: int) -> tuple[int, int, int]:
-    """(parameters, activations, output channels) of one inception module."""
+def _inception(block: InceptionBlock, cin: int, pixels: int) -> tuple[int, int, int, int]:
+    """(parameters, activations, multiply-adds, output channels) of one inception module."""
     f1, f3 = block.filters_1x1, block.filters_3x3
     f5 = max(1, f3 // 2)
     params = 4 * _conv(cin, f1, 1) + _conv(f1, f3, 3) + _conv(f1, f5, 3) + _conv(f5, f5, 3)
     out = 2 * f1 + f3 + f5
     # conv, batch norm and ReLU outputs of 7 convolutions, the pooling branch, the concat
     per_pixel = 3 * (4 * f1 + f3 + 2 * f5) + cin + out
-    return params, per_pixel * pixels, out
+    macs = pixels * (4 * cin * f1 + 9 * f1 * f3 + 9 * f1 * f5 + 9 * f5 * f5)
+    return params, per_pixel * pixels, macs, out
 
 
 def model_size(arch: Architecture, shape: tuple[int, int, int], classes: int) -> ModelSize:
     """Parameters and activations of ``arch`` built for images of ``shape``."""
     height, width, channels = shape
-    params, activations = 0, height * width * channels
+    params, activations, macs = 0, height * width * channels, 0
     if arch.family == "cnn":
         for conv in arch.conv_blocks:
             params += _conv(channels, conv.filters, conv.kernel_size)
+            macs += height * width * conv.kernel_size**2 * channels * conv.filters
             activations += 3 * height * width * conv.filters
             height, width, channels = height // 2, width // 2, conv.filters
             activations += height * width * channels
     else:
         for block in arch.inception_blocks:
             for _ in range(block.modules):
-                p, a, channels = _inception(block, channels, height * width)
-                params, activations = params + p, activations + a
+                p, a, m, channels = _inception(block, channels, height * width)
+                params, activations, macs = params + p, activations + a, macs + m
             height, width = height // 2, width // 2
             activations += height * width * channels
     if arch.classifier == "gap":
@@ -100,10 +109,12 @@ def model_size(arch: Architecture, shape: tuple[int, int, int], classes: int) ->
     else:
         units = arch.dense_units or 0
         params += height * width * channels * units + units
+        macs += height * width * channels * units
         features = units
     params += features * classes + classes
+    macs += features * classes
     activations += 3 * features + classes
-    return ModelSize(parameters=params, activations=activations)
+    return ModelSize(parameters=params, activations=activations, multiply_adds=macs)
 
 
 def memory_bytes(size: ModelSize, batch_size: int) -> int:

@@ -17,6 +17,7 @@ import optuna
 from pydantic import BaseModel, ConfigDict, Field
 
 from mloptimizer.spec import (
+    Constraints,
     FloatRange,
     IntRange,
     Pruner,
@@ -32,6 +33,7 @@ __all__ = [
     "SpaceSize",
     "build_pruner",
     "build_sampler",
+    "constraint_limits",
     "sample_architecture",
     "space_size",
 ]
@@ -86,7 +88,9 @@ def _int(trial: optuna.trial.BaseTrial, name: str, r: IntRange) -> int:
 
 
 def _float(trial: optuna.trial.BaseTrial, name: str, r: FloatRange) -> float:
-    return trial.suggest_float(name, r.min, r.max, log=r.log)
+    # TPE's log-scale draws can land an ulp or two outside the range (exp of a log):
+    # what a trainer gets stays inside the declared space.
+    return min(max(trial.suggest_float(name, r.min, r.max, log=r.log), r.min), r.max)
 
 
 def sample_architecture(trial: optuna.trial.BaseTrial, space: SearchSpace) -> Architecture:
@@ -182,6 +186,9 @@ def build_sampler(spec: SamplerSpec, resumed_at: int = 0) -> optuna.samplers.Bas
 
     ``resumed_at`` (trials the study holds already) moves the seed on: a sampler created
     again with the same seed would draw the start-up trials it drew before the restart.
+    Device constraints need no option: TPE reads each trial's constraint values (set by
+    the dispatcher with ``Trial.set_constraint``, Optuna 5's way) and learns to avoid the
+    infeasible regions.
     """
     seed = spec.seed
     if seed is not None and resumed_at > 0:
@@ -199,6 +206,16 @@ def build_sampler(spec: SamplerSpec, resumed_at: int = 0) -> optuna.samplers.Bas
             constant_liar=spec.constant_liar,
             seed=seed,
         )
+
+
+def constraint_limits(constraints: Constraints) -> list[tuple[str, float]]:
+    """The limits that are set, in a fixed order: (name, limit)."""
+    named = [
+        ("params", constraints.max_params),
+        ("mflops", constraints.max_mflops),
+        ("model_kb", constraints.max_model_kb),
+    ]
+    return [(name, float(limit)) for name, limit in named if limit is not None]
 
 
 def build_pruner(spec: Pruner, training: Training) -> optuna.pruners.BasePruner:

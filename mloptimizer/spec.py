@@ -28,6 +28,7 @@ __all__ = [
     "Budget",
     "ClassifierSpace",
     "CnnSpace",
+    "Constraints",
     "Dataset",
     "FloatRange",
     "GpuPool",
@@ -190,6 +191,35 @@ class Dataset(SpecModel):
 # --- objective and budget ------------------------------------------------------------------
 
 
+class Constraints(SpecModel):
+    """Limits of the device the model must run on; a trial over any of them is infeasible:
+    it informs the sampler but is never the best."""
+
+    max_params: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**10,
+        description="Most weights (Keras' total parameter count). Checked before training: "
+        "a larger architecture is told infeasible without being trained.",
+    )
+    max_mflops: float | None = Field(
+        default=None,
+        alias="maxMFLOPs",
+        gt=0.0,
+        le=10.0**7,
+        description="Most millions of multiply-adds in one forward pass of one image "
+        "(convolutions and dense layers). Checked before training.",
+    )
+    max_model_kb: float | None = Field(
+        default=None,
+        alias="maxModelKB",
+        gt=0.0,
+        le=10.0**7,
+        description="Largest size in KB (1024 bytes) of the model as an int8 LiteRT file, "
+        "measured by the trainer after training: the trial's model is converted.",
+    )
+
+
 class Objective(SpecModel):
     """What the search optimises."""
 
@@ -228,6 +258,11 @@ class Objective(SpecModel):
         default=None,
         description="Stop the search as soon as a trial reaches this value (for example "
         "0.99 val_accuracy).",
+    )
+    constraints: Constraints | None = Field(
+        default=None,
+        description="Device limits (maxParams, maxMFLOPs, maxModelKB); a trial over one is "
+        "infeasible: the sampler learns from it, it is never the best.",
     )
 
     @property

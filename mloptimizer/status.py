@@ -33,6 +33,12 @@ class TrialCounts(SpecModel):
     failed: int = Field(
         default=0, ge=0, description="Trials that failed (counted by budget.maxFailedTrials)."
     )
+    infeasible: int = Field(
+        default=0,
+        ge=0,
+        description="Trials over objective.constraints (never the best; most are judged "
+        "before training and never trained).",
+    )
     too_large: int = Field(
         default=0,
         ge=0,

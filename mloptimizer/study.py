@@ -50,6 +50,9 @@ class Attr:
     RETRIES = "retries"  # how many times a trial gone silent was retried
     INTERRUPTED = "interrupted"  # failed only because the run stopped: not counted
     TOO_LARGE = "too_large"  # failed unsent: the model cannot fit a trainer's memory
+    INFEASIBLE = "infeasible"  # why the trial breaks a device constraint: never the best
+    MFLOPS = "mflops"
+    MODEL_KB = "model_kb"
     ERROR = "error"
     RESULT = "result"  # the fields below, written at once when the result is told
     WORKER = "worker_id"
@@ -251,6 +254,11 @@ class TrialRecord:
         return self.state in ("complete", "pruned", "failed")
 
     @property
+    def feasible(self) -> bool:
+        """Whether the trial meets the search's device constraints (or it has none)."""
+        return not self.attrs.get(Attr.INFEASIBLE)
+
+    @property
     def counted(self) -> bool:
         """Whether the trial uses up budget: an interrupted trial is replaced, not counted."""
         return not self.interrupted and self.state != "waiting"
@@ -301,12 +309,12 @@ def records(study: optuna.Study) -> list[TrialRecord]:
 def best_of(
     trials: list[TrialRecord], direction: Literal["maximize", "minimize"]
 ) -> TrialRecord | None:
-    """The best complete trial: the highest (or lowest) value, the earliest on a tie.
+    """The best complete feasible trial: the highest (or lowest) value, the earliest on a tie.
 
     The one definition of "the best trial" for the dispatch loop, the status, the console
     and the report, so that they never name two different trials of equal value.
     """
-    complete = [t for t in trials if t.state == "complete" and t.value is not None]
+    complete = [t for t in trials if t.state == "complete" and t.value is not None and t.feasible]
     if not complete:
         return None
     sign = -1.0 if direction == "maximize" else 1.0

@@ -106,6 +106,7 @@ class Metrics:
             ("complete", c.complete),
             ("pruned", c.pruned),
             ("failed", c.failed),
+            ("infeasible", c.infeasible),
             ("too_large", c.too_large),
             ("running", dispatcher.running),
         ):

@@ -104,6 +104,7 @@ def status_from_counts(
             "running": running,
             "pruned": counts.pruned,
             "failed": counts.failed,
+            "infeasible": counts.infeasible,
             "tooLarge": counts.too_large,
             "rejectedMessages": counts.rejected,
         },

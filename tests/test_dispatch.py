@@ -24,7 +24,7 @@ from mloptimizer.loading import parse_search
 from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
 from mloptimizer.space import sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec
-from mloptimizer.study import Attr, StudyMismatch, open_study, records
+from mloptimizer.study import Attr, StudyMismatch, open_study, records, stored_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -67,6 +67,7 @@ class ScriptedTransport:
     duplicate_results: bool = False
     hang: Callable[[TrialMessage], bool] = lambda trial: False  # silent after epoch 1
     mute: Callable[[TrialMessage], bool] = lambda trial: False  # never a word
+    measures: Callable[[TrialMessage], dict[str, Any]] = lambda trial: {}  # params, size
     sent: list[TrialMessage] = field(default_factory=list)
     decisions: list[tuple[int, int, Decision]] = field(default_factory=list)
     active: dict[int, _Run] = field(default_factory=dict)
@@ -103,6 +104,7 @@ class ScriptedTransport:
             epochs_run=run.epoch,
             train_seconds=self.seconds,
             error=error,
+            **self.measures(t),
         )
 
     def receive(self, timeout: float) -> list[Inbound]:
@@ -742,3 +744,96 @@ def test_a_search_recreated_under_the_name_ends_the_old_trials_in_flight(storage
     states = [(r.state, r.interrupted) for r in records(study)]
     assert states == [("failed", True), ("failed", True)]
     assert "its search was deleted" in (records(study)[0].error or "")
+
+
+# --- device constraints ----------------------------------------------------------------------
+
+
+def _sizes(spec: ArchitectureSearchSpec, trial: TrialMessage) -> Any:
+    from mloptimizer.sizing import input_shape, model_size
+
+    shape, classes = input_shape(spec)
+    return model_size(trial.architecture, shape, classes)
+
+
+def test_a_model_over_max_params_is_told_infeasible_untrained_and_never_best(
+    storage: str,
+) -> None:
+    spec = make_spec(
+        budget={"maxTrials": 12, "parallelism": 2},
+        objective={"constraints": {"maxParams": 100_000}},
+    )
+    transport = ScriptedTransport()
+    d = dispatcher(spec, storage, transport)
+    assert d.run().reason == "maxTrials"
+    trials = records(d.study)
+    infeasible = [t for t in trials if not t.feasible]
+    feasible = [t for t in trials if t.feasible]
+    assert infeasible, "the space holds models over 100k params"
+    assert feasible, "and models under"
+    sent = {m.trial_id for m in transport.sent}
+    for t in infeasible:
+        assert t.trial_id not in sent  # judged before training: never trained
+        assert t.attrs[Attr.PARAMETERS] > 100_000
+        assert "> maxParams 100,000" in t.attrs[Attr.INFEASIBLE]
+        assert stored_trial(d.study, t.trial_id).constraints["params"] > 0
+    for t in feasible:
+        assert t.trial_id in sent
+        assert stored_trial(d.study, t.trial_id).constraints["params"] <= 0
+    assert d.counts.infeasible == len(infeasible)
+    assert d.counts.best is not None
+    assert d.counts.best.feasible
+    # what TPE reads: every finished trial carries its constraint values
+    assert all("params" in t.constraints for t in d.study.get_trials())
+
+
+def test_a_trained_model_over_max_model_kb_is_infeasible_even_when_most_accurate(
+    storage: str,
+) -> None:
+    spec = make_spec(
+        budget={"maxTrials": 6, "parallelism": 1},
+        objective={"constraints": {"maxModelKB": 4.0}},
+    )
+    best_lr: list[float] = []
+
+    def measures(trial: TrialMessage) -> dict[str, Any]:
+        assert trial.measure_model_kb  # the trainer is asked to convert and measure
+        size = _sizes(spec, trial)
+        # the most accurate (highest learning rate) model is the one too big for the device
+        too_big = trial.architecture.learning_rate in best_lr
+        return {
+            "parameter_count": size.parameters,
+            "mflops": size.mflops,
+            "model_kb": 9.0 if too_big else 1.0,
+        }
+
+    transport = ScriptedTransport(measures=measures)
+    study = open_study(spec, "ns.search", storage)
+    # make the first trial the most accurate: its learning rate is the top of the space
+    best_lr.append(0.01)  # the top of the space's learning rates
+    study.enqueue_trial({"learning_rate": 0.01})
+    d = Dispatcher(study, spec, transport, search="ns.search")
+    assert d.run().reason == "maxTrials"
+    trials = records(study)
+    top = max(trials, key=lambda t: t.value or 0)
+    assert not top.feasible
+    assert "model_kb 9 > maxModelKB 4" in top.attrs[Attr.INFEASIBLE]
+    assert d.counts.best is not None
+    assert d.counts.best.number != top.number
+    assert d.counts.best.feasible
+
+
+def test_validate_refuses_constraints_no_model_of_the_space_can_meet() -> None:
+    from mloptimizer.checks import smallest_model, space_issues
+
+    spec = make_spec(objective={"constraints": {"maxParams": 100, "maxMFLOPs": 0.001}})
+    params, mflops = smallest_model(spec)
+    errors, _ = space_issues(spec)
+    assert [e.path for e in errors] == [
+        "spec.objective.constraints.maxParams",
+        "spec.objective.constraints.maxMFLOPs",
+    ]
+    assert f"the smallest model of this space has {params:,} params" in errors[0].message
+    assert f"{mflops:,.3g} MFLOPs" in errors[1].message
+    fits = make_spec(objective={"constraints": {"maxParams": params, "maxMFLOPs": mflops}})
+    assert space_issues(fits)[0] == []

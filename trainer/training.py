@@ -30,6 +30,7 @@ from mloptimizer.messages import (
 )
 from mloptimizer.trainer.data import Splits, make_dataset
 from mloptimizer.trainer.device import GpuInfo, choose_precision, fresh_session, use_xla
+from mloptimizer.trainer.litert import int8_litert, multiply_adds
 from mloptimizer.trainer.model import ArchitectureError, build_model, parameter_count
 
 __all__ = ["Outcome", "TrialInterrupted", "result_message", "train_trial"]
@@ -51,6 +52,8 @@ class Outcome:
     train_seconds: float = 0.0
     images_per_second: float = 0.0
     parameter_count: int = 0
+    mflops: float | None = None
+    model_kb: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     error: str | None = None
 
@@ -149,12 +152,20 @@ def train_trial(
         train_seconds=seconds,
         images_per_second=len(splits.y_train) * epochs_run / seconds if seconds > 0 else 0.0,
         parameter_count=parameter_count(model),
+        mflops=multiply_adds(model) / 1e6,
         history=hook.history,
     )
     if hook.nan_epoch is not None:
         outcome.state = "failed"
         outcome.error = f"loss became NaN at epoch {hook.nan_epoch}; lower the learning rate"
         return outcome
+    if trial.measure_model_kb and outcome.state == "complete":
+        try:
+            outcome.model_kb = len(int8_litert(model, splits.x_train)) / 1024
+        except Exception as error:  # an op LiteRT lacks: the trial cannot be measured
+            outcome.state = "failed"
+            outcome.error = f"int8 LiteRT conversion failed: {type(error).__name__}: {error}"
+            return outcome
     last = hook.history[-1] if hook.history else {}
     outcome.val_loss = last.get("val_loss")
     outcome.val_accuracy = last.get("val_accuracy")
@@ -187,6 +198,8 @@ def result_message(
         train_seconds=outcome.train_seconds,
         images_per_second=finite(outcome.images_per_second) or 0.0,
         parameter_count=outcome.parameter_count,
+        mflops=finite(outcome.mflops),
+        model_kb=finite(outcome.model_kb),
         device=device,
         dataset_load_seconds=load_seconds,
         history=[finite_metrics(h) for h in outcome.history[:MAX_EPOCHS]],

@@ -29,7 +29,7 @@ from mloptimizer.dispatch import Dispatcher, Outcome, Transport
 from mloptimizer.faults import transient, waiting_for
 from mloptimizer.loading import SearchFile
 from mloptimizer.sizing import trainer_budget
-from mloptimizer.study import TrialRecord, open_study, study_name
+from mloptimizer.study import Attr, TrialRecord, open_study, study_name
 from mloptimizer.urls import redact
 
 __all__ = ["ProgressDisplay", "RunOptions", "memory_budget", "run_search", "storage_for"]
@@ -98,10 +98,17 @@ class ProgressDisplay:
 
     def finished(self, trial: TrialRecord, dispatcher: Dispatcher) -> None:
         arch = trial.architecture.summary() if trial.architecture else "?"
-        value = f"{self.metric} {trial.value:.4f}" if trial.value is not None else ""
+        trained = Attr.WORKER in trial.attrs  # an infeasible model may never have been sent
+        value = (
+            f"{self.metric} {trial.value:.4f}"
+            if trial.value is not None and (trained or trial.feasible)
+            else ""
+        )
         state: str = trial.state if trial.state != "complete" else ""
         if trial.state == "failed" and trial.error:
             state = f"failed: {trial.error.splitlines()[0][:160]}"
+        elif not trial.feasible:
+            state = f"infeasible: {str(trial.attrs.get(Attr.INFEASIBLE))[:160]}"
         self._print(
             f"trial {trial.number:>3} {trial.phase:<7} {arch:<48} {value:<22} "
             f"{trial.seconds:6.1f}s {state}".rstrip()

@@ -182,6 +182,7 @@ def test_status_from_counts_reports_progress_cost_and_burn_rate() -> None:
         "running": 2,
         "pruned": 1,
         "failed": 1,
+        "infeasible": 0,
         "tooLarge": 0,
         "rejectedMessages": 0,
     }

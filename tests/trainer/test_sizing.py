@@ -82,3 +82,37 @@ def test_the_model_of_the_issue_is_sized_before_it_is_built() -> None:
 )
 def test_memory_quantities(quantity: str, expected: float) -> None:
     assert quantity_bytes(quantity) == int(expected)
+
+
+@pytest.mark.parametrize(("arch", "shape", "classes"), CASES)
+def test_multiply_adds_are_those_of_the_built_model(
+    arch: Architecture, shape: tuple[int, int, int], classes: int
+) -> None:
+    from mloptimizer.trainer.litert import multiply_adds
+
+    model = build_model(arch, shape, classes)
+    assert model_size(arch, shape, classes).multiply_adds == multiply_adds(model)
+
+
+def test_an_int8_litert_model_runs_in_the_interpreter_and_is_a_quarter_of_float() -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    from mloptimizer.trainer.litert import int8_litert
+
+    arch, shape, classes = CASES[0]
+    model = build_model(arch, shape, classes)
+    images = np.random.default_rng(0).integers(0, 256, (120, *shape), dtype=np.uint8)
+    flatbuffer = int8_litert(model, images)
+    float_bytes = 4 * model_size(arch, shape, classes).parameters
+    assert len(flatbuffer) < 0.35 * float_bytes
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    (given,) = interpreter.get_input_details()
+    (taken,) = interpreter.get_output_details()
+    assert given["dtype"] == np.int8
+    scale, zero = given["quantization"]
+    image = (images[:1].astype(np.float32) / 255.0 / scale + zero).round().astype(np.int8)
+    interpreter.set_tensor(given["index"], image)
+    interpreter.invoke()
+    assert interpreter.get_tensor(taken["index"]).shape == (1, classes)

@@ -143,3 +143,25 @@ def test_short_trials_score_what_they_learned_not_stale_batch_norm_statistics(
     )
     assert outcome.val_accuracy is not None
     assert outcome.val_accuracy > 0.3
+
+
+def test_a_trial_measures_its_multiply_adds_and_when_asked_its_int8_litert_size(
+    splits: Splits,
+) -> None:
+    from mloptimizer.sizing import model_size
+
+    def go_on(epoch: int, metrics: dict[str, float]) -> Decision:
+        return "continue"
+
+    plain = train_trial(trial(epochs=1), splits, on_epoch=go_on, stop=threading.Event())
+    assert plain.state == "complete", plain.error
+    assert plain.model_kb is None  # not asked: no conversion
+    expected = model_size(trial().architecture, (8, 8, 1), 3)
+    assert plain.mflops == pytest.approx(expected.mflops)
+    measured = train_trial(
+        trial(epochs=1, measure_model_kb=True), splits, on_epoch=go_on, stop=threading.Event()
+    )
+    assert measured.state == "complete", measured.error
+    assert measured.model_kb is not None
+    # int8: about a byte per weight, plus the flatbuffer's own structure
+    assert expected.parameters / 1024 < measured.model_kb < expected.parameters / 1024 + 64

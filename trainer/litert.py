@@ -1,0 +1,67 @@
+"""Keras models as LiteRT (TensorFlow Lite) files for devices: int8 full-integer quantization.
+
+A device constraint on model size (``objective.constraints.maxModelKB``) is about the file a
+drone or a phone loads, so the trainer converts the trial's trained model and measures it,
+rather than estimating. Full-integer quantization needs a representative set: a slice of
+the training images, scaled as the model sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["REPRESENTATIVE_IMAGES", "int8_litert", "multiply_adds"]
+
+REPRESENTATIVE_IMAGES = 100
+
+
+def int8_litert(model: keras.Model, images: np.ndarray) -> bytes:
+    """``model`` as an int8 LiteRT flatbuffer (int8 input and output too).
+
+    Args:
+        model: A built Keras model taking float32 images scaled to [0, 1].
+        images: uint8 NHWC training images; the first ``REPRESENTATIVE_IMAGES`` calibrate
+            the quantization ranges.
+    """
+    sample = images[:REPRESENTATIVE_IMAGES].astype(np.float32) / 255.0
+
+    def representative() -> Iterator[list[np.ndarray]]:
+        for image in sample:
+            yield [image[np.newaxis]]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    # Keras prints the temporary SavedModel's signature, TensorFlow warns about input
+    # statistics: noise on a trainer's console, once per trial.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flatbuffer: bytes = converter.convert()
+    return flatbuffer
+
+
+def multiply_adds(model: keras.Model) -> int:
+    """Multiply-adds of one image's forward pass through the convolutions and dense layers."""
+    total = 0
+    for layer in model.layers:
+        kernel: Any = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        weights = int(np.prod(kernel.shape))
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, _ = layer.output.shape
+            total += int(height) * int(width) * weights
+        elif isinstance(layer, keras.layers.Dense):
+            total += weights
+    return total
