@@ -217,6 +217,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return _report(Path(args.dir), args.storage)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mloptimizer.app.export import ExportError, export_run
+
+    formats = tuple(args.format or ("keras", "tflite-int8"))
+    try:
+        artifacts = export_run(Path(args.dir), formats)
+    except ExportError as error:
+        print(f"mloptimizer export: {error}", file=sys.stderr)
+        return 2
+    print(f"{'format':<15} {'size KB':>9} {'accuracy':>9} {'ms/image':>9}  file")
+    for a in artifacts:
+        if a["error"]:
+            print(f"{a['format']:<15} {'-':>9} {'-':>9} {'-':>9}  failed: {a['error'][:200]}")
+            continue
+        print(
+            f"{a['format']:<15} {a['bytes'] / 1024:>9.1f} {a['accuracy']:>9.4f} "
+            f"{a['latency_ms']:>9.3f}  {a['path']}"
+        )
+    return 1 if any(a["error"] for a in artifacts) else 0
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     from mloptimizer.operator.config import config_from_args
     from mloptimizer.operator.main import run_operator
@@ -378,6 +399,26 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", help="the output folder of `mloptimizer run`")
     report.add_argument("--storage", help="the study's storage URL, when the run used --storage")
     report.set_defaults(func=_cmd_report)
+
+    export = commands.add_parser(
+        "export",
+        help="the best model of a run folder as files for devices (LiteRT int8, ...)",
+        description="Convert DIR/best.keras (written by the report) into each --format under "
+        "DIR/export/, run each artifact on the test split to measure its accuracy (LiteRT's "
+        "interpreter for .tflite files) and its median latency for one image on this "
+        "machine, and list them in DIR/export/export.json. A format that fails is reported "
+        "with the reason; the others are still written (exit code 1).",
+    )
+    export.add_argument("dir", help="the output folder of `mloptimizer run`")
+    export.add_argument(
+        "--format",
+        action="append",
+        metavar="FORMAT",
+        help="keras, savedmodel, tflite-float32, tflite-float16 or tflite-int8 (full-integer "
+        "quantization, calibrated on training images); repeatable (default: keras and "
+        "tflite-int8)",
+    )
+    export.set_defaults(func=_cmd_export)
 
     operator = commands.add_parser(
         "operator",
