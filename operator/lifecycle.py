@@ -344,6 +344,10 @@ def serve_search(body: Any, status: Any, shared: Shared, stopped: StopFlag) -> N
         spec = parse(body)
     except SpecError:
         return  # start_search marks it Failed
+    if (spec.workers.gpu_pool is not None and not shared.config.gpu_pools) or (
+        refused_by_admin(namespace, spec, shared.config) is not None
+    ):
+        return  # start_search marks it Failed: nothing may run for it
     key = (namespace, name)
     spec = shared.spec_in_force(key, spec)
     config = SearchConfig(
