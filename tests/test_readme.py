@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ from services import RABBITMQ_URL
 from mloptimizer.app.cli import build_parser
 from mloptimizer.checks import space_issues
 from mloptimizer.loading import parse_search
+from mloptimizer.messages import QueueNames
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -191,8 +193,8 @@ def test_until_stopped_blocks_start_and_stop_cleanly(tmp_path: Path) -> None:
     finally:
         connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
         channel = connection.channel()
-        for queue in ("trials", "progress", "results", "dead"):
-            channel.queue_delete(f"mlopt.default.digits-quick.{queue}")
+        for queue in QueueNames("default.digits-quick").all:
+            channel.queue_delete(queue)
         connection.close()
 
 
@@ -221,8 +223,14 @@ def test_a_newcomer_sets_up_runs_the_main_job_and_reads_the_results(tmp_path: Pa
     assert done.returncode == 0, done.stdout + done.stderr
     assert "best" in (moved / "report.md").read_text()
     shutil.move(moved, out)
-    rebuilt = run_block(ordered["after-main"], copy, timeout=600)
-    assert "report: runs/digits-quick/report.md" in rebuilt.stdout
+    after = [b for b in of_lang("bash") if b.kind == "after-main"]
+    outputs = [run_block(block, copy, timeout=600).stdout for block in after]
+    assert any("report: runs/digits-quick/report.md" in o for o in outputs), outputs
+    # the export block: every default format written and run
+    assert any("tflite-int8" in o for o in outputs), outputs
+    exported = json.loads((out / "export" / "export.json").read_text())
+    assert [a["format"] for a in exported] == ["keras", "tflite-int8"]
+    assert all(a["error"] is None for a in exported), exported
 
 
 # --- YAML -----------------------------------------------------------------------------

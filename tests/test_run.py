@@ -20,6 +20,7 @@ import pytest
 import yaml
 from services import RABBITMQ_URL, TrainerProcess
 
+from mloptimizer.messages import QueueNames
 from mloptimizer.study import Attr, records, storage_url
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "digits-quick.yaml"
@@ -212,8 +213,8 @@ def search_name() -> Iterator[str]:
     yield name
     connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
     channel = connection.channel()
-    for queue in ("trials", "progress", "results", "dead"):
-        channel.queue_delete(f"mlopt.default.{name}.{queue}")
+    for queue in QueueNames(f"default.{name}").all:
+        channel.queue_delete(queue)
     connection.close()
 
 
