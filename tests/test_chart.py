@@ -646,3 +646,28 @@ def test_the_dashboard_is_off_by_default_and_no_pod_reaches_it_when_on(helm: Hel
     assert "ingress" not in policy["spec"]
     services = [s for s in find(docs, "Service") if "dashboard" in s["metadata"]["name"]]
     assert all(s["spec"].get("type", "ClusterIP") == "ClusterIP" for s in services)
+
+
+def test_the_operator_is_reached_on_its_ports_only_and_reaches_only_what_it_calls(
+    helm: Helm,
+) -> None:
+    docs = helm.template()
+    (policy,) = [
+        p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-operator")
+    ]
+    kubernetes_validate.validate(policy, "1.34.0", strict=True)
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert {p["port"] for rule in spec["ingress"] for p in rule["ports"]} == {8080, 9090}
+    reached = {p["port"] for rule in spec["egress"] for p in rule["ports"]}
+    assert reached == {53, 5672, 15672, 5432, 443, 6443}
+    external = helm.template(
+        "-f", str(CHART / "ci" / "external-database-values.yaml"),
+        "--set", "networkPolicy.operatorEgress[0].ports[0].port=5433",
+    )  # fmt: skip
+    (policy,) = [
+        p for p in find(external, "NetworkPolicy") if p["metadata"]["name"].endswith("-operator")
+    ]
+    reached = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert 5432 not in reached  # no bundled database
+    assert 5433 in reached
