@@ -172,20 +172,25 @@ class AmqpTransport:
         received, self._received = self._received, []
         return received
 
-    def queued(self) -> int | None:
-        """Trials waiting in the queue (not yet taken by a trainer); None if unknown now."""
+    def _trials_queue(self) -> Any:
+        """The trials queue's counts now (``message_count``, ``consumer_count``), or None
+        when the broker went away (reconnected for the next call)."""
         try:
-            declared = self._channel.queue_declare(self.names.trials, passive=True)
+            return self._channel.queue_declare(self.names.trials, passive=True).method
         except pika.exceptions.AMQPError as error:
             log.warning("lost the broker (%r); reconnecting", error)
             self._connect()
             return None
-        return int(declared.method.message_count)
 
-    def consumers(self) -> int:
-        """Trainers consuming the trials queue now."""
-        declared = self._channel.queue_declare(self.names.trials, passive=True)
-        return int(declared.method.consumer_count)
+    def queued(self) -> int | None:
+        """Trials waiting in the queue (not yet taken by a trainer); None if unknown now."""
+        counts = self._trials_queue()
+        return None if counts is None else int(counts.message_count)
+
+    def consumers(self) -> int | None:
+        """Trainers consuming the trials queue now; None if unknown now."""
+        counts = self._trials_queue()
+        return None if counts is None else int(counts.consumer_count)
 
     def close(self) -> None:
         if self._connection is not None and self._connection.is_open:

@@ -82,34 +82,28 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# (field, pattern, longest, what a valid value is)
+_METADATA_RULES = (
+    ("name", _DNS_SUBDOMAIN, 253,
+     "a DNS-1123 subdomain, as Kubernetes requires: lowercase letters, digits, '-' and '.', "
+     "starting and ending with a letter or digit, at most 253 characters (for example "
+     "cnn-search)"),
+    ("namespace", _DNS_LABEL, 63,
+     "a DNS-1123 label: lowercase letters, digits and '-', at most 63 characters"),
+)  # fmt: skip
+
+
 def _metadata_issues(metadata: Any) -> list[SpecIssue]:
     """``metadata.name`` and ``namespace`` must be what Kubernetes accepts (and safe paths)."""
     if not isinstance(metadata, dict):
         return [SpecIssue("metadata", "must be a mapping with name: (and namespace:)")]
     issues: list[SpecIssue] = []
-    name = metadata.get("name")
-    if name is not None and (
-        not isinstance(name, str) or len(name) > 253 or not _DNS_SUBDOMAIN.match(name)
-    ):
-        issues.append(
-            SpecIssue(
-                "metadata.name",
-                f"{name!r} is not a DNS-1123 subdomain, as Kubernetes requires: lowercase "
-                "letters, digits, '-' and '.', starting and ending with a letter or digit, "
-                "at most 253 characters (for example cnn-search)",
-            )
-        )
-    namespace = metadata.get("namespace")
-    if namespace is not None and (
-        not isinstance(namespace, str) or len(namespace) > 63 or not _DNS_LABEL.match(namespace)
-    ):
-        issues.append(
-            SpecIssue(
-                "metadata.namespace",
-                f"{namespace!r} is not a DNS-1123 label: lowercase letters, digits and '-', "
-                "at most 63 characters",
-            )
-        )
+    for field, pattern, longest, valid in _METADATA_RULES:
+        value = metadata.get(field)
+        if value is not None and (
+            not isinstance(value, str) or len(value) > longest or not pattern.match(value)
+        ):
+            issues.append(SpecIssue(f"metadata.{field}", f"{value!r} is not {valid}"))
     return issues
 
 

@@ -13,8 +13,7 @@ import contextlib
 import io
 import statistics
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,12 @@ import numpy as np
 import tensorflow as tf
 
 from mloptimizer.trainer.data import Splits
+from mloptimizer.trainer.litert import litert
 
 __all__ = ["FORMATS", "Artifact", "export_model"]
 
 FORMATS = ("keras", "savedmodel", "tflite-float32", "tflite-float16", "tflite-int8")
 _LATENCY_RUNS = 50
-_REPRESENTATIVE = 100
 
 
 @dataclass
@@ -49,29 +48,6 @@ class Artifact:
 
 def _scaled(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 255.0
-
-
-def _tflite(model: keras.Model, kind: str, train_images: np.ndarray) -> bytes:
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if kind == "tflite-float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif kind == "tflite-int8":
-        sample = _scaled(train_images[:_REPRESENTATIVE])
-
-        def representative() -> Iterator[list[np.ndarray]]:
-            for image in sample:
-                yield [image[np.newaxis]]
-
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        flatbuffer: bytes = converter.convert()
-    return flatbuffer
 
 
 def _interpreter(path: Path) -> Any:
@@ -156,7 +132,7 @@ def _write(
         return path, _saved_predict(path)
     if kind.startswith("tflite-") and kind in FORMATS:
         path = out / f"model-{kind.removeprefix('tflite-')}.tflite"
-        path.write_bytes(_tflite(model, kind, splits.x_train))
+        path.write_bytes(litert(model, kind.removeprefix("tflite-"), splits.x_train))
         return path, _litert_predict(path)
     raise ValueError(f"unknown format {kind!r}; known: {', '.join(FORMATS)}")
 

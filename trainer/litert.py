@@ -18,31 +18,46 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["REPRESENTATIVE_IMAGES", "int8_litert", "multiply_adds"]
+__all__ = ["LITERT_KINDS", "REPRESENTATIVE_IMAGES", "int8_litert", "litert", "multiply_adds"]
+
+LITERT_KINDS = ("float32", "float16", "int8")
 
 REPRESENTATIVE_IMAGES = 100
 
 
 def int8_litert(model: keras.Model, images: np.ndarray) -> bytes:
-    """``model`` as an int8 LiteRT flatbuffer (int8 input and output too).
+    """``model`` as an int8 LiteRT flatbuffer (int8 input and output too)."""
+    return litert(model, "int8", images)
+
+
+def litert(model: keras.Model, kind: str, images: np.ndarray) -> bytes:
+    """``model`` as a LiteRT flatbuffer of ``kind`` (one of :data:`LITERT_KINDS`).
 
     Args:
         model: A built Keras model taking float32 images scaled to [0, 1].
-        images: uint8 NHWC training images; the first ``REPRESENTATIVE_IMAGES`` calibrate
-            the quantization ranges.
+        kind: ``float32``; ``float16`` weights; or ``int8`` full-integer quantization
+            (int8 input and output too).
+        images: uint8 NHWC training images; for int8 the first ``REPRESENTATIVE_IMAGES``
+            calibrate the quantization ranges.
     """
-    sample = images[:REPRESENTATIVE_IMAGES].astype(np.float32) / 255.0
-
-    def representative() -> Iterator[list[np.ndarray]]:
-        for image in sample:
-            yield [image[np.newaxis]]
-
+    if kind not in LITERT_KINDS:
+        raise ValueError(f"unknown LiteRT kind {kind!r}; known: {', '.join(LITERT_KINDS)}")
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
+    if kind == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif kind == "int8":
+        sample = images[:REPRESENTATIVE_IMAGES].astype(np.float32) / 255.0
+
+        def representative() -> Iterator[list[np.ndarray]]:
+            for image in sample:
+                yield [image[np.newaxis]]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
     # Keras prints the temporary SavedModel's signature, TensorFlow warns about input
     # statistics: noise on a trainer's console, once per trial.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():

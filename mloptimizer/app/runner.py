@@ -25,6 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+import optuna
+
 from mloptimizer.dispatch import Dispatcher, Outcome, Transport
 from mloptimizer.faults import transient, waiting_for
 from mloptimizer.loading import SearchFile
@@ -221,7 +223,7 @@ def run_search(search: SearchFile, options: RunOptions, stream: TextIO = sys.std
     options.out.mkdir(parents=True, exist_ok=True)
     name = study_name(search.namespace, search.name)
     storage = storage_for(options.out, options.storage)
-    open_study(search.spec, name, storage)  # a wrong URL fails here, at once
+    study = open_study(search.spec, name, storage)  # a wrong URL fails here, at once
     run = {
         "search": name,
         "source": str(Path(search.source).resolve()),
@@ -240,7 +242,9 @@ def run_search(search: SearchFile, options: RunOptions, stream: TextIO = sys.std
     previous = signal.signal(signal.SIGINT, interrupt)
     trainers = _broker_trainers(options, name)
     try:
-        outcome = _dispatch(search, options, name, storage, display, interrupt, bool(trainers))
+        outcome = _dispatch(
+            search, options, name, storage, study, display, interrupt, bool(trainers)
+        )
         run["ended"] = {"reason": outcome.reason, "message": outcome.message}
         run_file.write_text(json.dumps(run, indent=2))
     finally:
@@ -258,6 +262,7 @@ def _dispatch(
     options: RunOptions,
     name: str,
     storage: str,
+    study: optuna.Study | None,
     display: ProgressDisplay,
     interrupt: _Interrupt,
     own_trainers: bool,
@@ -267,7 +272,8 @@ def _dispatch(
     while True:
         transport: Transport | None = None
         try:
-            study = open_study(search.spec, name, storage)
+            if study is None:  # after an outage: the old connections are gone
+                study = open_study(search.spec, name, storage)
             transport = _transport(search, options, name)
             dispatcher = Dispatcher(
                 study,
@@ -284,6 +290,7 @@ def _dispatch(
             first, delay, waited = False, 1.0, ""
             return dispatcher.run(should_stop=interrupt.requested.is_set)
         except Exception as error:
+            study = None
             if transport is not None:
                 transport.close()
             if not transient(error) or interrupt.requested.is_set():
