@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -110,6 +111,31 @@ def trial_seed(sampler_seed: int | None, number: int) -> int:
     return ((sampler_seed or 0) * 1_000_003 + number) % 2**31
 
 
+# Optuna makes its tables (and alembic's) on the first open of a database. Two searches
+# opened at once on a fresh database race to make them: in one process the lock orders
+# them; across processes the loser's DDL fails ("already exists") and it tries again.
+_SCHEMA_LOCK = threading.Lock()
+_SCHEMA_RACE = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)
+
+
+def _create_or_load(spec: ArchitectureSearchSpec, name: str, storage: str) -> optuna.Study:
+    for attempt in range(3):
+        try:
+            with _SCHEMA_LOCK:
+                return optuna.create_study(
+                    study_name=name,
+                    storage=storage_url(storage),
+                    sampler=build_sampler(spec.sampler),
+                    pruner=build_pruner(spec.pruner, spec.training),
+                    direction=spec.objective.study_direction,
+                    load_if_exists=True,
+                )
+        except _SCHEMA_RACE:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def open_study(
     spec: ArchitectureSearchSpec, name: str, storage: str, owner: str | None = None
 ) -> optuna.Study:
@@ -126,22 +152,7 @@ def open_study(
             the rest of what cannot change) differ from ``spec``: its trials could not be
             compared with new ones.
     """
-    for attempt in range(3):
-        try:
-            study = optuna.create_study(
-                study_name=name,
-                storage=storage_url(storage),
-                sampler=build_sampler(spec.sampler),
-                pruner=build_pruner(spec.pruner, spec.training),
-                direction=spec.objective.study_direction,
-                load_if_exists=True,
-            )
-            break
-        except sqlalchemy.exc.IntegrityError:
-            # Two searches opening a fresh database at once race to create Optuna's
-            # tables (or one study): the loser finds them made and tries again.
-            if attempt == 2:
-                raise
+    study = _create_or_load(spec, name, storage)
     stored = study.user_attrs.get(Attr.SPEC)
     previous = ArchitectureSearchSpec.model_validate(stored) if stored is not None else None
     same_owner = owner is not None and study.user_attrs.get(Attr.OWNER) == owner

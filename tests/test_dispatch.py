@@ -9,6 +9,9 @@ same loop over RabbitMQ and real trainers is tested in test_run.py.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 import optuna
 import pytest
 from optuna.trial import TrialState
+from services import fresh_postgres_database
 
 from mloptimizer.app.runner import ProgressDisplay
 from mloptimizer.dispatch import DeadTrial, Dispatcher, Inbound
@@ -24,7 +28,7 @@ from mloptimizer.loading import parse_search
 from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
 from mloptimizer.space import sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec
-from mloptimizer.study import Attr, StudyMismatch, open_study, records, stored_trial
+from mloptimizer.study import Attr, StudyMismatch, open_study, records, storage_url, stored_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -837,3 +841,48 @@ def test_validate_refuses_constraints_no_model_of_the_space_can_meet() -> None:
     assert f"{mflops:,.3g} MFLOPs" in errors[1].message
     fits = make_spec(objective={"constraints": {"maxParams": params, "maxMFLOPs": mflops}})
     assert space_issues(fits)[0] == []
+
+
+OPEN_IN_A_PROCESS = """
+import sys
+from mloptimizer.spec import ArchitectureSearchSpec
+from mloptimizer.study import open_study
+spec = ArchitectureSearchSpec.model_validate({"dataset": {"builtin": "digits"}})
+open_study(spec, sys.argv[1], sys.argv[2])
+"""
+
+
+def _open_when_all_ready(
+    name: str, dsn: str, start: threading.Barrier, errors: list[BaseException]
+) -> None:
+    start.wait()
+    try:
+        open_study(make_spec(), name, dsn)
+    except BaseException as error:
+        errors.append(error)
+
+
+def test_searches_opened_at_once_on_a_fresh_database_all_open() -> None:
+    """Optuna makes its tables on the first open of a database: threads of one operator
+    and separate processes racing to make them all get their study (a loser used to die
+    with "relation alembic_version already exists" and its search stopped for good)."""
+    for _ in range(5):
+        with fresh_postgres_database() as dsn:
+            children = [
+                subprocess.Popen([sys.executable, "-c", OPEN_IN_A_PROCESS, f"ns.p{n}", dsn])
+                for n in range(2)
+            ]
+            errors: list[BaseException] = []
+            start = threading.Barrier(4)
+            threads = [
+                threading.Thread(target=_open_when_all_ready, args=(f"ns.t{n}", dsn, start, errors))
+                for n in range(4)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert errors == []
+            assert [child.wait(timeout=120) for child in children] == [0, 0]
+            names = {s.study_name for s in optuna.get_all_study_summaries(storage_url(dsn))}
+            assert names == {"ns.p0", "ns.p1"} | {f"ns.t{n}" for n in range(4)}
