@@ -217,7 +217,7 @@ def test_the_resume_command_keeps_every_option_and_hides_passwords(
     assert "amqp://u:***@mq/%2F" in command
 
 
-def test_trainers_the_runner_starts_get_the_broker_url_in_their_environment_not_argv(
+def test_runner_trainers_get_the_broker_url_in_env_not_argv_and_images_beside_the_spec(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import subprocess
@@ -232,7 +232,9 @@ def test_trainers_the_runner_starts_get_the_broker_url_in_their_environment_not_
 
     monkeypatch.setattr(subprocess, "Popen", popen)
     options = runner.RunOptions(out=tmp_path, workers=2, broker="amqp://u:s3cret@mq/%2F")
-    assert len(runner._broker_trainers(options, "default.s")) == 2
+    assert len(runner._broker_trainers(options, "default.s", tmp_path / "searches")) == 2
     for args, env in started:
         assert not any("s3cret" in a for a in args)
+        # a relative imageFolder.path: next to the search file, as without --broker
+        assert args[args.index("--data-dir") + 1] == str(tmp_path / "searches")
         assert env["MLOPT_BROKER_URL"] == "amqp://u:s3cret@mq/%2F"

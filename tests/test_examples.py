@@ -22,6 +22,7 @@ def test_the_examples_the_issue_asks_for_exist() -> None:
         "fashion-mnist.yaml",
         "cifar10.yaml",
         "custom-images.yaml",
+        "edge-96x96.yaml",
     } <= names
 
 
@@ -49,3 +50,20 @@ def test_custom_images_is_96x96_rgb() -> None:
     assert folder is not None
     assert folder.image_size == [96, 96]
     assert folder.color_mode == "rgb"
+
+
+def test_edge_example_is_a_local_96x96_rgb_search_for_a_small_device() -> None:
+    # tests/test_edge_example.py runs it end to end
+    spec = load_search(EXAMPLES[0].parent / "edge-96x96.yaml").spec
+    folder = spec.dataset.image_folder
+    assert folder is not None
+    assert folder.claim_name is None  # runnable with `mloptimizer run`, no cluster
+    assert not Path(folder.path).is_absolute()  # next to the search file
+    assert folder.image_size == [96, 96]
+    assert folder.color_mode == "rgb"
+    constraints = spec.objective.constraints
+    assert constraints is not None
+    assert constraints.max_model_kb == 256
+    assert constraints.max_mflops is not None
+    assert spec.search_space.classifier.types == ["gap"]
+    assert spec.search_space.cnn.blocks.max <= 4

@@ -202,14 +202,18 @@ def local_trainer(*args: Any) -> None:
     serve(*args)
 
 
-def _broker_trainers(options: RunOptions, name: str) -> list[subprocess.Popen[bytes]]:
-    """With ``--broker``, ``--workers N`` also starts N ``mloptimizer trainer`` here."""
+def _broker_trainers(
+    options: RunOptions, name: str, base_dir: Path
+) -> list[subprocess.Popen[bytes]]:
+    """With ``--broker``, ``--workers N`` also starts N ``mloptimizer trainer`` here; a
+    relative image-folder path is read next to the search file, as local trainers do."""
     if not options.broker or options.workers <= 0:
         return []
     executable = Path(sys.executable).with_name("mloptimizer")
     program = str(executable) if executable.exists() else "mloptimizer"
     command = [program, "trainer"]
     command += ["--search", name, "--cache-dir", str(options.cache_dir or options.out / "cache")]
+    command += ["--data-dir", str(base_dir)]
     # The URL (a password) goes in the environment: argv is visible to every user (`ps`).
     env = {**os.environ, "MLOPT_BROKER_URL": options.broker}
     return [
@@ -240,7 +244,7 @@ def run_search(search: SearchFile, options: RunOptions, stream: TextIO = sys.std
     display = ProgressDisplay(search, stream)
     interrupt = _Interrupt()
     previous = signal.signal(signal.SIGINT, interrupt)
-    trainers = _broker_trainers(options, name)
+    trainers = _broker_trainers(options, name, Path(search.source).resolve().parent)
     try:
         outcome = _dispatch(
             search, options, name, storage, study, display, interrupt, bool(trainers)
