@@ -29,6 +29,7 @@ __all__ = [
     "size_issues",
     "smallest_model",
     "space_issues",
+    "tradeoff_issues",
 ]
 
 # The smaller side of each built-in dataset's images, in pixels.
@@ -112,6 +113,7 @@ def space_issues(spec: ArchitectureSearchSpec) -> tuple[list[SpecIssue], list[Sp
             )
     if not errors:
         errors.extend(constraint_issues(spec))
+    warnings.extend(tradeoff_issues(spec))
     return errors, warnings
 
 
@@ -197,6 +199,21 @@ def smallest_model(spec: ArchitectureSearchSpec) -> tuple[int, float]:
                 )
     sizes = [model_size(a, shape, classes) for a in candidates]
     return min(s.parameters for s in sizes), min(s.mflops for s in sizes)
+
+
+def tradeoff_issues(spec: ArchitectureSearchSpec) -> list[SpecIssue]:
+    """A pruner that cannot act under a tradeoff: Optuna cannot prune multi-objective
+    trials, so every trial trains all its epochs (the search costs more than it reads)."""
+    if spec.objective.tradeoff is None or spec.pruner.type == "none":
+        return []
+    return [
+        SpecIssue(
+            "spec.pruner.type",
+            f"the {spec.pruner.type} pruner is off under objective.tradeoff (Optuna cannot "
+            "prune multi-objective trials): every trial trains all training.epochs; set "
+            "pruner.type: none to say so, or lower training.epochs",
+        )
+    ]
 
 
 def constraint_issues(spec: ArchitectureSearchSpec) -> list[SpecIssue]:

@@ -48,17 +48,19 @@ from mloptimizer.checks import fitted_space
 from mloptimizer.faults import transient
 from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
 from mloptimizer.sizing import ModelSize, input_shape, memory_bytes, model_size
-from mloptimizer.space import Architecture, build_pruner, constraint_limits, sample_architecture
+from mloptimizer.space import Architecture, constraint_limits, sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
 from mloptimizer.study import (
     Attr,
     TrialRecord,
     best_of,
     cached_frozen,
+    pareto_front,
     record,
     records,
     remember_spec,
     stored_trial,
+    study_pruner,
     trial_id_of,
     trial_seed,
 )
@@ -281,7 +283,7 @@ class Dispatcher:
             c.history.append(rec)
         if rec.state == "complete" and rec.value is not None and rec.feasible:
             candidates = [rec] if c.best is None else [rec, c.best]
-            c.best = best_of(candidates, self.spec.objective.study_direction)
+            c.best = best_of(candidates, self._direction, self.spec.objective.tradeoff)
 
     @property
     def running(self) -> int:
@@ -311,7 +313,7 @@ class Dispatcher:
             return why
         old = self.spec
         if new.pruner != old.pruner or new.training.epochs != old.training.epochs:
-            self.study.pruner = build_pruner(new.pruner, new.training)
+            self.study.pruner = study_pruner(new)
         self.spec = new
         remember_spec(self.study, new)
         log.info("spec updated under the running search")
@@ -445,6 +447,17 @@ class Dispatcher:
                 broken.append(f"{name} {shown} > {labels[name]} {limit:,.6g}")
         return excess, "; ".join(broken) or None
 
+    def _values(
+        self, value: float | None, params: int, mflops: float | None, model_kb: float | None
+    ) -> float | list[float] | None:
+        """What the study is told of a complete trial: its value, and under a tradeoff its
+        size figure too (None when that figure is missing)."""
+        tradeoff = self.spec.objective.tradeoff
+        if value is None or tradeoff is None:
+            return value
+        size = {"params": float(params), "mflops": mflops, "modelKB": model_kb}[tradeoff]
+        return None if size is None else [value, size]
+
     def _infeasible_unsent(
         self,
         trial: optuna.trial.Trial,
@@ -467,7 +480,9 @@ class Dispatcher:
             trial.set_user_attr(key, value)
         for name, excess in violations.items():
             trial.set_constraint(name, excess)  # what TPE reads (<= 0: met)
-        self.study.tell(trial, worst)
+        # under a modelKB tradeoff, the int8 size estimated as one byte per weight
+        values = self._values(worst, size.parameters, size.mflops, size.parameters / 1024)
+        self.study.tell(trial, values)
         self._told.add(trial_id_of(trial))
         done = dataclasses.replace(rec, state="complete", value=worst, attrs={**rec.attrs, **attrs})
         self._count_finished(done)
@@ -608,6 +623,8 @@ class Dispatcher:
         value = message.metrics.get(self.spec.objective.metric)
         if value is None or not math.isfinite(value) or flight.message.phase == "refine":
             return "continue"
+        if self.spec.objective.tradeoff:
+            return "continue"  # Optuna cannot report or prune a multi-objective trial
         trial = flight.trial
         if message.epoch not in flight.reported:  # a retrained copy reports again
             trial.report(value, step=message.epoch)
@@ -661,8 +678,14 @@ class Dispatcher:
             if why is not None:
                 infeasible = {Attr.INFEASIBLE: why}
                 trial.set_user_attr(Attr.INFEASIBLE, why)
-        if message.state == "complete" and message.value is not None:
-            self.study.tell(trial, message.value)
+        values = self._values(
+            message.value, message.parameter_count, message.mflops, message.model_kb
+        )
+        if message.state == "complete" and message.value is not None and values is None:
+            result[Attr.ERROR] = "the trainer could not measure the model's int8 size"
+            trial.set_user_attr(Attr.RESULT, result)
+        if message.state == "complete" and values is not None:
+            self.study.tell(trial, values)
         elif message.state == "pruned":
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
@@ -671,9 +694,7 @@ class Dispatcher:
         self._told.add(message.trial_id)
         rec = dataclasses.replace(
             flight.record,
-            state=message.state
-            if message.state != "complete" or message.value is not None
-            else "failed",
+            state=message.state if message.state != "complete" or values is not None else "failed",
             value=message.value if message.state != "failed" else None,
             error=str(result.get(Attr.ERROR)) if Attr.ERROR in result else None,
             seconds=seconds,
@@ -824,11 +845,15 @@ class Dispatcher:
             return True
         if refine is None or self.refine_started:
             return False
-        ranked: list[TrialRecord] = []
         explored = [r for r in records(self.study) if r.phase == "explore"]
-        while len(ranked) < refine.top_k and (best := best_of(explored, self._direction)):
-            ranked.append(best)  # best first, the earliest of equal values first
-            explored.remove(best)
+        tradeoff = self.spec.objective.tradeoff
+        if tradeoff:  # the front's most accurate members
+            ranked = pareto_front(explored, self._direction, tradeoff)[: refine.top_k]
+        else:
+            ranked = []
+            while len(ranked) < refine.top_k and (best := best_of(explored, self._direction)):
+                ranked.append(best)  # best first, the earliest of equal values first
+                explored.remove(best)
         if not ranked:
             return False
         for rec in ranked:
@@ -838,8 +863,9 @@ class Dispatcher:
             self.waiting += 1
         self.refine_started = True
         log.info(
-            "refine: retraining the top %d for %d epochs",
-            min(refine.top_k, len(ranked)),
+            "refine: retraining the top %d%s for %d epochs",
+            len(ranked),
+            " of the Pareto front" if tradeoff else "",
             refine.epochs,
         )
         return True
@@ -883,7 +909,8 @@ def trial_message(
         metric=spec.objective.metric,
         seed=trial_seed(spec.sampler.seed, number),
         progress_timeout_seconds=progress_timeout,
-        measure_model_kb=(
+        measure_model_kb=spec.objective.tradeoff == "modelKB"
+        or (
             spec.objective.constraints is not None
             and spec.objective.constraints.max_model_kb is not None
         ),

@@ -220,6 +220,9 @@ class Constraints(SpecModel):
     )
 
 
+Tradeoff = Literal["params", "mflops", "modelKB"]
+
+
 class Objective(SpecModel):
     """What the search optimises."""
 
@@ -264,6 +267,14 @@ class Objective(SpecModel):
         description="Device limits (maxParams, maxMFLOPs, maxModelKB); a trial over one is "
         "infeasible: the sampler learns from it, it is never the best.",
     )
+    tradeoff: Tradeoff | None = Field(
+        default=None,
+        description="Search accuracy against size as two objectives (params, mflops or "
+        "modelKB, each minimized): multi-objective TPE finds the Pareto front, the most "
+        "accurate model of each size. The pruner is off (Optuna cannot prune "
+        "multi-objective trials); refine retrains the topK most accurate front members; "
+        "best is the front's most accurate feasible member.",
+    )
 
     @property
     def study_direction(self) -> Literal["maximize", "minimize"]:
@@ -271,6 +282,13 @@ class Objective(SpecModel):
         if self.direction is not None:
             return self.direction
         return "minimize" if self.metric.endswith("loss") else "maximize"
+
+    @property
+    def study_directions(self) -> list[Literal["maximize", "minimize"]]:
+        """The study's directions: the metric's, then the size's (minimized) under a
+        tradeoff."""
+        size: list[Literal["maximize", "minimize"]] = ["minimize"] if self.tradeoff else []
+        return [self.study_direction, *size]
 
 
 class Budget(SpecModel):

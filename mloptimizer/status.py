@@ -44,6 +44,12 @@ class TrialCounts(SpecModel):
         ge=0,
         description="Trials failed unsent: their model cannot fit workers.resources.memory.",
     )
+    pareto_front: int = Field(
+        default=0,
+        ge=0,
+        description="Under objective.tradeoff: complete feasible trials on the Pareto front "
+        "(no other one is both as accurate and smaller, and better in one).",
+    )
     rejected_messages: int = Field(
         default=0,
         ge=0,
@@ -59,6 +65,10 @@ class BestTrial(SpecModel):
     value: float = Field(description="Its objective value.")
     architecture: dict[str, Any] = Field(
         default_factory=dict, description="Its architecture, as the trainer built it."
+    )
+    size: float | None = Field(
+        default=None,
+        description="Under objective.tradeoff: its size figure (parameters, MFLOPs or int8 KB).",
     )
 
 

@@ -21,9 +21,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mloptimizer.changes import refusal
 from mloptimizer.space import Architecture, build_pruner, build_sampler
-from mloptimizer.spec import ArchitectureSearchSpec
+from mloptimizer.spec import ArchitectureSearchSpec, Tradeoff
 
 __all__ = [
+    "SIZE_ATTRS",
     "Attr",
     "StudyMismatch",
     "TrialRecord",
@@ -31,11 +32,14 @@ __all__ = [
     "cached_frozen",
     "end_open_trials",
     "open_study",
+    "pareto_front",
     "record",
     "records",
+    "size_of",
     "storage_url",
     "stored_trial",
     "study_name",
+    "study_pruner",
     "trial_id_of",
     "trial_seed",
 ]
@@ -118,6 +122,13 @@ _SCHEMA_LOCK = threading.Lock()
 _SCHEMA_RACE = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)
 
 
+def study_pruner(spec: ArchitectureSearchSpec) -> optuna.pruners.BasePruner:
+    """The spec's pruner; none under a tradeoff (Optuna cannot prune multi-objective)."""
+    if spec.objective.tradeoff:
+        return optuna.pruners.NopPruner()
+    return build_pruner(spec.pruner, spec.training)
+
+
 def _create_or_load(spec: ArchitectureSearchSpec, name: str, storage: str) -> optuna.Study:
     for attempt in range(3):
         try:
@@ -126,8 +137,8 @@ def _create_or_load(spec: ArchitectureSearchSpec, name: str, storage: str) -> op
                     study_name=name,
                     storage=storage_url(storage),
                     sampler=build_sampler(spec.sampler),
-                    pruner=build_pruner(spec.pruner, spec.training),
-                    direction=spec.objective.study_direction,
+                    pruner=study_pruner(spec),
+                    directions=spec.objective.study_directions,
                     load_if_exists=True,
                 )
         except _SCHEMA_RACE:
@@ -294,7 +305,9 @@ def record(trial: FrozenTrial) -> TrialRecord:
         trial_id=trial_id_of(trial),
         phase="refine" if attrs.get(Attr.PHASE) == "refine" else "explore",
         state=_STATES[trial.state],
-        value=trial.value if trial.state == TrialState.COMPLETE else _pruned_value(trial),
+        value=trial.values[0]
+        if trial.state == TrialState.COMPLETE and trial.values
+        else _pruned_value(trial),
         architecture=Architecture.model_validate(architecture) if architecture else None,
         params=dict(trial.params),
         interrupted=bool(attrs.get(Attr.INTERRUPTED, False)),
@@ -307,8 +320,8 @@ def record(trial: FrozenTrial) -> TrialRecord:
 
 
 def _pruned_value(trial: FrozenTrial) -> float | None:
-    if trial.state == TrialState.PRUNED and trial.value is not None:
-        return float(trial.value)
+    if trial.state == TrialState.PRUNED and trial.values:
+        return float(trial.values[0])
     return None
 
 
@@ -318,15 +331,59 @@ def records(study: optuna.Study) -> list[TrialRecord]:
 
 
 def best_of(
-    trials: list[TrialRecord], direction: Literal["maximize", "minimize"]
+    trials: list[TrialRecord],
+    direction: Literal["maximize", "minimize"],
+    tradeoff: Tradeoff | None = None,
 ) -> TrialRecord | None:
-    """The best complete feasible trial: the highest (or lowest) value, the earliest on a tie.
+    """The best complete feasible trial: the highest (or lowest) value, then (under a
+    tradeoff) the smallest, then the earliest.
 
     The one definition of "the best trial" for the dispatch loop, the status, the console
-    and the report, so that they never name two different trials of equal value.
+    and the report, so that they never name two different trials of equal value. Under a
+    tradeoff it is the Pareto front's most accurate member.
     """
     complete = [t for t in trials if t.state == "complete" and t.value is not None and t.feasible]
     if not complete:
         return None
     sign = -1.0 if direction == "maximize" else 1.0
-    return min(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
+
+    def size(t: TrialRecord) -> float:
+        found = size_of(t, tradeoff) if tradeoff else None
+        return found if found is not None else 0.0
+
+    return min(complete, key=lambda t: (sign * float(t.value or 0.0), size(t), t.number))
+
+
+# The trial attribute holding each tradeoff's size figure.
+SIZE_ATTRS: dict[Tradeoff, str] = {
+    "params": Attr.PARAMETERS,
+    "mflops": Attr.MFLOPS,
+    "modelKB": Attr.MODEL_KB,
+}
+
+
+def size_of(trial: TrialRecord, tradeoff: Tradeoff) -> float | None:
+    """The trial's size figure of ``tradeoff`` (parameters, MFLOPs or int8 KB), if known."""
+    value = trial.attrs.get(SIZE_ATTRS[tradeoff])
+    return float(value) if value is not None else None
+
+
+def pareto_front(
+    trials: list[TrialRecord], direction: Literal["maximize", "minimize"], tradeoff: Tradeoff
+) -> list[TrialRecord]:
+    """The complete feasible trials no other one beats on both accuracy and size, most
+    accurate first (as :func:`best_of` orders them): Optuna's ``best_trials`` of the study, read
+    from records so that the status and report need no second query."""
+    sign = -1.0 if direction == "maximize" else 1.0
+    points = [
+        (sign * float(t.value), size, t)
+        for t in trials
+        if t.state == "complete" and t.value is not None and t.feasible
+        and (size := size_of(t, tradeoff)) is not None
+    ]  # fmt: skip
+    front = [
+        (loss, size, t)
+        for loss, size, t in points
+        if not any(lo <= loss and sz <= size and (lo < loss or sz < size) for lo, sz, _ in points)
+    ]
+    return [t for _, _, t in sorted(front, key=lambda p: (p[0], p[1], p[2].number))]

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from mloptimizer.dispatch import Counts
 from mloptimizer.spec import ArchitectureSearchSpec, Workers
+from mloptimizer.study import pareto_front, size_of
 
 __all__ = [
     "desired_replicas",
@@ -84,6 +85,10 @@ def status_from_counts(
     ``running`` is the number of trials in flight (the dispatcher's, not a stored count).
     """
     best = counts.best
+    tradeoff = spec.objective.tradeoff
+    front = (
+        pareto_front(counts.history, spec.objective.study_direction, tradeoff) if tradeoff else []
+    )
     gpu_seconds = sum(r.seconds for r in counts.history) * max(1, spec.workers.resources.gpu)
     price = spec.workers.price_per_hour or 0.0
     cost: dict[str, Any]
@@ -106,6 +111,7 @@ def status_from_counts(
             "failed": counts.failed,
             "infeasible": counts.infeasible,
             "tooLarge": counts.too_large,
+            "paretoFront": len(front),
             "rejectedMessages": counts.rejected,
         },
         "best": (
@@ -115,6 +121,7 @@ def status_from_counts(
                 "architecture": best.architecture.model_dump(mode="json")
                 if best.architecture
                 else {},
+                **({"size": size_of(best, tradeoff)} if tradeoff else {}),
             }
             if best is not None and best.value is not None
             else None

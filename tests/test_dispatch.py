@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 import pytest
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 from services import fresh_postgres_database
 
@@ -28,7 +29,15 @@ from mloptimizer.loading import parse_search
 from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
 from mloptimizer.space import sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec
-from mloptimizer.study import Attr, StudyMismatch, open_study, records, storage_url, stored_trial
+from mloptimizer.study import (
+    Attr,
+    StudyMismatch,
+    open_study,
+    pareto_front,
+    records,
+    storage_url,
+    stored_trial,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -841,6 +850,92 @@ def test_validate_refuses_constraints_no_model_of_the_space_can_meet() -> None:
     assert f"{mflops:,.3g} MFLOPs" in errors[1].message
     fits = make_spec(objective={"constraints": {"maxParams": params, "maxMFLOPs": mflops}})
     assert space_issues(fits)[0] == []
+
+
+# --- accuracy against size: a Pareto search ---------------------------------------------------
+
+
+def test_a_tradeoff_search_finds_optunas_pareto_front_and_refines_its_most_accurate(
+    storage: str, tmp_path: Path
+) -> None:
+    from mloptimizer.app.report import _page, plot_front, summarize
+
+    spec = make_spec(
+        budget={"maxTrials": 10, "parallelism": 2},
+        objective={"tradeoff": "params", "constraints": {"maxParams": 60_000}},
+        pruner={"type": "median"},  # off under a tradeoff: Optuna cannot prune those
+        training={"epochs": 3, "refine": {"topK": 2, "epochs": 4}},
+    )
+
+    def measures(trial: TrialMessage) -> dict[str, Any]:
+        size = _sizes(spec, trial)
+        return {"parameter_count": size.parameters, "mflops": size.mflops}
+
+    transport = ScriptedTransport(measures=measures)
+    d = dispatcher(spec, storage, transport)
+    assert d.study.directions == [StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE]
+    assert d.run().reason == "maxTrials"
+    assert {decision for _, _, decision in transport.decisions} == {"continue"}
+    trials = records(d.study)
+    explored = [t for t in trials if t.phase == "explore"]
+    for t in explored:  # accuracy and size told; infeasible ones judged before training
+        frozen = stored_trial(d.study, t.trial_id)
+        assert frozen.values is not None
+        assert len(frozen.values) == 2
+        assert frozen.values[1] == t.attrs[Attr.PARAMETERS]
+    assert any(not t.feasible for t in explored)
+    assert any(t.feasible for t in explored)
+    front = pareto_front(trials, "maximize", "params")
+    assert {t.number for t in front} == {t.number for t in d.study.best_trials}
+    assert all(t.feasible for t in front)
+    assert d.counts.best is not None
+    assert d.counts.best.number == front[0].number  # the front's most accurate member
+    # refine retrains the two most accurate members of the explored front
+    explored_front = pareto_front(explored, "maximize", "params")
+    refined = [t.refines for t in trials if t.phase == "refine"]
+    assert refined == [t.number for t in explored_front[:2]]
+    # the report draws and lists the front
+    summary = summarize(d.study, spec)
+    assert summary["front"] == [t.number for t in front]
+    plot_front(summary, tmp_path / "front.png")
+    assert (tmp_path / "front.png").stat().st_size > 0
+    page = _page(summary, None, importances=False)
+    assert "## Pareto front" in page
+    for t in front:
+        assert f"| {t.number} | {t.phase} | `{t.architecture.summary()}` |" in page  # type: ignore[union-attr]
+
+
+def test_a_modelkb_tradeoff_asks_trainers_for_the_int8_size_and_fails_a_trial_without_it(
+    storage: str,
+) -> None:
+    spec = make_spec(budget={"maxTrials": 4, "parallelism": 1}, objective={"tradeoff": "modelKB"})
+
+    def measures(trial: TrialMessage) -> dict[str, Any]:
+        assert trial.measure_model_kb
+        size = _sizes(spec, trial)
+        # the trainer could not convert the first model
+        kb = None if trial.number == 0 else size.parameters / 1024
+        return {"parameter_count": size.parameters, "mflops": size.mflops, "model_kb": kb}
+
+    d = dispatcher(spec, storage, ScriptedTransport(measures=measures))
+    d.run()
+    first, *rest = records(d.study)
+    assert first.state == "failed"
+    assert "int8 size" in (first.error or "")
+    assert all(t.state == "complete" for t in rest)
+    assert all(stored_trial(d.study, t.trial_id).values[1] == t.attrs[Attr.MODEL_KB] for t in rest)
+
+
+def test_validate_says_the_pruner_is_off_under_a_tradeoff() -> None:
+    from mloptimizer.checks import space_issues
+
+    _, warnings = space_issues(
+        make_spec(objective={"tradeoff": "mflops"}, pruner={"type": "median"})
+    )
+    assert [w.path for w in warnings] == ["spec.pruner.type"]
+    assert "cannot prune multi-objective trials" in warnings[0].message
+    quiet = make_spec(objective={"tradeoff": "mflops"}, pruner={"type": "none"})
+    assert space_issues(quiet)[1] == []
 
 
 OPEN_IN_A_PROCESS = """

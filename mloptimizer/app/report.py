@@ -18,8 +18,16 @@ import sqlalchemy.exc
 
 from mloptimizer.dispatch import trial_message
 from mloptimizer.space import Architecture
-from mloptimizer.spec import ArchitectureSearchSpec
-from mloptimizer.study import TrialRecord, best_of, records, storage_url
+from mloptimizer.spec import ArchitectureSearchSpec, Tradeoff
+from mloptimizer.study import (
+    Attr,
+    TrialRecord,
+    best_of,
+    pareto_front,
+    records,
+    size_of,
+    storage_url,
+)
 from mloptimizer.urls import redact
 
 __all__ = ["ReportError", "build_report", "summarize"]
@@ -58,7 +66,9 @@ def summarize(
 ) -> dict[str, Any]:
     """The content of ``summary.json``: the best trial and every trial."""
     trials = [r for r in records(study) if r.counted]
-    best = best_of(trials, spec.objective.study_direction)
+    direction, tradeoff = spec.objective.study_direction, spec.objective.tradeoff
+    best = best_of(trials, direction, tradeoff)
+    front = pareto_front(trials, direction, tradeoff) if tradeoff else []
     return {
         "search": study.study_name,
         "metric": spec.objective.metric,
@@ -67,14 +77,17 @@ def summarize(
         "counts": {
             state: sum(r.state == state for r in trials)
             for state in ("complete", "pruned", "failed", "running", "waiting")
-        },
+        }
+        | {"infeasible": sum(r.state == "complete" and not r.feasible for r in trials)},
         "cost_usd": sum(r.cost_usd for r in trials),
-        "best": _trial_json(best) if best else None,
-        "trials": [_trial_json(r) for r in trials],
+        "best": _trial_json(best, tradeoff) if best else None,
+        "tradeoff": tradeoff,
+        "front": [r.number for r in front],  # most accurate first
+        "trials": [_trial_json(r, tradeoff) for r in trials],
     }
 
 
-def _trial_json(r: TrialRecord) -> dict[str, Any]:
+def _trial_json(r: TrialRecord, tradeoff: Tradeoff | None) -> dict[str, Any]:
     return {
         "number": r.number,
         "phase": r.phase,
@@ -87,6 +100,8 @@ def _trial_json(r: TrialRecord) -> dict[str, Any]:
         "seconds": r.seconds,
         "epochs": r.attrs.get("epochs_run"),
         "parameter_count": r.attrs.get("parameter_count"),
+        "size": size_of(r, tradeoff) if tradeoff else None,
+        "infeasible": r.attrs.get(Attr.INFEASIBLE),
         "worker": r.attrs.get("worker_id"),
         "device": r.attrs.get("device"),
         "cost_usd": r.cost_usd,
@@ -165,7 +180,10 @@ def plot_importances(study: optuna.Study, path: Path) -> bool:
         warnings.simplefilter("ignore")
         try:
             importances = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+                study,
+                evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+                # of the metric, also under a tradeoff (two objectives)
+                target=(lambda t: t.values[0]) if len(study.directions) > 1 else None,
             )
         except (RuntimeError, ValueError):
             return False
@@ -237,6 +255,73 @@ def plot_confusion(evaluation: dict[str, Any], path: Path) -> None:
 # --- the page --------------------------------------------------------------------------
 
 
+SIZE_LABELS: dict[str, str] = {
+    "params": "parameters",
+    "mflops": "MFLOPs (multiply-adds, 1 image)",
+    "modelKB": "int8 LiteRT size (KB)",
+}
+
+
+def plot_front(summary: dict[str, Any], path: Path) -> None:
+    """Accuracy against size under a tradeoff: the front joined, the rest in blue,
+    infeasible trials greyed (those judged before training have no accuracy to draw)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    by_number = {t["number"]: t for t in summary["trials"]}
+    shown = [
+        t
+        for t in summary["trials"]
+        if t["value"] is not None and t["size"] is not None and t["worker"] is not None
+    ]
+    untrained = sum(bool(t["infeasible"]) and t["worker"] is None for t in summary["trials"])
+    for label, color, group in (
+        ("infeasible (trained)", "lightgrey", [t for t in shown if t["infeasible"]]),
+        ("feasible", "tab:blue", [t for t in shown if not t["infeasible"]]),
+    ):
+        if group:
+            ax.scatter([t["size"] for t in group], [t["value"] for t in group], color=color,
+                       label=label, alpha=0.8)  # fmt: skip
+    front = sorted((by_number[n] for n in summary["front"]), key=lambda t: t["size"])
+    if front:
+        ax.step([t["size"] for t in front], [t["value"] for t in front], where="post",
+                color="tab:red", marker="o", label="Pareto front")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel(SIZE_LABELS[summary["tradeoff"]])
+    ax.set_ylabel(summary["metric"])
+    title = "Accuracy against size: the Pareto front"
+    if untrained:
+        title += f" ({untrained} infeasible judged untrained, not drawn)"
+    ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _front_lines(summary: dict[str, Any]) -> list[str]:
+    by_number = {t["number"]: t for t in summary["trials"]}
+    size = SIZE_LABELS[summary["tradeoff"]]
+    lines = [
+        "## Pareto front",
+        "",
+        f"The most accurate model of each size ({len(summary['front'])} trials; no other "
+        "trial is both as accurate and as small). Grey: over objective.constraints.",
+        "",
+        "![Pareto front](front.png)",
+        "",
+        f"| trial | phase | architecture | {summary['metric']} | {size} | parameters |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for number in summary["front"]:
+        t = by_number[number]
+        lines.append(
+            f"| {number} | {t['phase']} | `{t['summary']}` | {t['value']:.4f} | "
+            f"{t['size']:,.4g} | {t['parameter_count'] or '?'} |"
+        )
+    return [*lines, ""]
+
+
 def _page(summary: dict[str, Any], evaluation: dict[str, Any] | None, importances: bool) -> str:
     best = summary["best"]
     c = summary["counts"]
@@ -244,7 +329,9 @@ def _page(summary: dict[str, Any], evaluation: dict[str, Any] | None, importance
     if summary["ended"]:
         lines += [f"Ended: **{summary['ended']['reason']}** — {summary['ended']['message']}", ""]
     lines += [
-        f"Trials: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed"
+        f"Trials: {c['complete']} complete"
+        + (f" ({c['infeasible']} infeasible)" if c.get("infeasible") else "")
+        + f", {c['pruned']} pruned, {c['failed']} failed"
         + (f", {c['running']} running" if c["running"] else "")
         + f". Cost: ${summary['cost_usd']:.4f}.",
         "",
@@ -278,6 +365,8 @@ def _page(summary: dict[str, Any], evaluation: dict[str, Any] | None, importance
             for row in evaluation["per_class"]
         ]
         lines += ["", "![confusion matrix](confusion.png)", "", "The model: `best.keras`.", ""]
+    if summary["tradeoff"]:
+        lines += _front_lines(summary)
     lines += ["## Optimisation history", "", "![history](history.png)", ""]
     if importances:
         lines += ["## Parameter importances", "", "![importances](importances.png)", ""]
@@ -321,6 +410,8 @@ def build_report(out: Path, *, storage: str | None = None, evaluate: bool = True
     plot_history(summary, out / "history.png")
     importances = plot_importances(study, out / "importances.png")
     plot_space(summary, out / "space.png")
+    if summary["tradeoff"]:
+        plot_front(summary, out / "front.png")
     page = out / "report.md"
     page.write_text(_page(summary, evaluation, importances))
     return page
