@@ -237,4 +237,6 @@ def test_runner_trainers_get_the_broker_url_in_env_not_argv_and_images_beside_th
         assert not any("s3cret" in a for a in args)
         # a relative imageFolder.path: next to the search file, as without --broker
         assert args[args.index("--data-dir") + 1] == str(tmp_path / "searches")
+        # each keeps its best model in the run folder, for the report
+        assert args[args.index("--keep-models") + 1] == str(tmp_path / "models")
         assert env["MLOPT_BROKER_URL"] == "amqp://u:s3cret@mq/%2F"

@@ -98,9 +98,17 @@ def test_digits_example_end_to_end_writes_a_consistent_report(tmp_path: Path) ->
     assert len(test["per_class"]) == 10
     assert test["trial"] == summary["best"]["number"]
     assert (out / "best.keras").stat().st_size > 10_000
+    # the best trial is not trained twice: the report took the model its trainer kept
+    assert test["model"] == "kept by its trainer"
+    best_number = summary["best"]["number"]
+    kept = out / "models" / f"trial-{best_number}.keras"
+    assert kept.read_bytes() == (out / "best.keras").read_bytes()
+    # each trainer keeps its best so far only, not every trial's model
+    assert len(list((out / "models").glob("trial-*.keras"))) <= 2
     page = (out / "report.md").read_text()
     for needed in ("history.png", "importances.png", "space.png", "confusion.png", "F1 (macro)"):
         assert needed in page
+    assert "the weights its trainer kept (not trained again)" in page
 
     # the same command again: nothing left to do, nothing repeated, the report rebuilt
     model_time = (out / "best.keras").stat().st_mtime

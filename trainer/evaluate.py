@@ -1,8 +1,10 @@
 """The best model of a search, scored on the held-out test split, for the report.
 
-Trainers keep no models (they may run anywhere, and most trials are discarded), so the
-report retrains the best trial here — same architecture, epochs and seed — saves it as
-``best.keras`` and scores it on the test images no trial ever saw: accuracy, precision,
+The trainers of ``mloptimizer run`` keep each their best model in the run folder's
+``models/`` (:mod:`~mloptimizer.trainer.kept`): the best trial's model is taken from there.
+Only when it is gone (a run under an older version, trainers elsewhere, a deleted folder)
+is the best trial retrained here — same architecture, epochs and seed. It is saved as
+``best.keras`` and scored on the test images no trial ever saw: accuracy, precision,
 recall and F1, macro and per class, and the confusion matrix (the seed's four metrics).
 A ``best.json`` next to the model says which trial it is, so a rebuild reuses it.
 """
@@ -10,6 +12,7 @@ A ``best.json`` next to the model says which trial it is, so a rebuild reuses it
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from mloptimizer.messages import Decision, TrialMessage
 from mloptimizer.trainer.data import DatasetCache, Splits, make_dataset
 from mloptimizer.trainer.device import detect_gpus
+from mloptimizer.trainer.kept import MODELS_DIR, identity, kept_model
 from mloptimizer.trainer.training import train_trial
 
 __all__ = ["evaluate_best", "scores"]
@@ -70,19 +74,22 @@ def evaluate_best(
     """Retrain ``trial`` (unless ``out/best.keras`` is it) and score it on the test split."""
     splits, _ = DatasetCache(cache_dir, base_dir).get(trial.dataset)
     model_path, meta_path = out / "best.keras", out / "best.json"
-    identity = {
-        "trial": trial.number,
-        "architecture": trial.architecture.model_dump(mode="json"),
-        "epochs": trial.epochs,
-    }
+    wanted = identity(trial)
     model = None
+    source = "best.keras"
     if (
         model_path.exists()
         and meta_path.exists()
-        and json.loads(meta_path.read_text()).get("identity") == identity
+        and json.loads(meta_path.read_text()).get("identity") == wanted
     ):
         model = keras.models.load_model(model_path)
+    elif (kept := kept_model(out / MODELS_DIR, trial)) is not None:
+        shutil.copyfile(kept, model_path)  # the trainer's own weights: no second training
+        model = keras.models.load_model(model_path)
+        meta_path.write_text(json.dumps({"identity": wanted, "source": "kept by its trainer"}))
+        source = "kept by its trainer"
     if model is None:
+        source = "retrained"
         holder: dict[str, Any] = {}
 
         def keep(epoch: int, metrics: dict[str, float]) -> Decision:
@@ -101,7 +108,7 @@ def evaluate_best(
         model = holder["model"]
         model.save(model_path)
         meta_path.write_text(
-            json.dumps({"identity": identity, "val_accuracy": outcome.val_accuracy})
+            json.dumps({"identity": wanted, "val_accuracy": outcome.val_accuracy, "source": source})
         )
     split, x, y = _test_split(splits)
     probabilities = model.predict(
@@ -110,4 +117,5 @@ def evaluate_best(
     result = scores(np.asarray(y), np.argmax(probabilities, axis=1), splits.class_names)
     result["split"] = split
     result["trial"] = trial.number
+    result["model"] = source  # retrained, kept by its trainer, or best.keras of a rebuild
     return result

@@ -28,6 +28,7 @@ from mloptimizer.messages import (
 )
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import configure_threads
+from mloptimizer.trainer.kept import KeptModels
 from mloptimizer.trainer.memory import recycle_limit_from_env
 from mloptimizer.trainer.session import Ask, TrialSession
 
@@ -45,13 +46,15 @@ def serve(
     base_dir: str | None,
     threads: int | None,
     recycle_memory_mb: float | None = None,
+    models_dir: str | None = None,
 ) -> None:
     """Train trials from ``tasks`` until a ``None`` task arrives.
 
     Once memory has grown ``recycle_memory_mb`` (None: ``MLOPT_RECYCLE_MEMORY_MB``, else
     1024) past its level after the first trial, the process says so on ``events`` (a
     ``None`` body, before the result, so the runner gives it no further trial) and ends;
-    the runner starts a fresh one in its place.
+    the runner starts a fresh one in its place. ``models_dir``: where the process keeps
+    the model of its best trial (see :mod:`~mloptimizer.trainer.kept`).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:
@@ -60,6 +63,7 @@ def serve(
         worker_id,
         DatasetCache(Path(cache_dir), Path(base_dir) if base_dir else None),
         recycle_limit_from_env() if recycle_memory_mb is None else recycle_memory_mb,
+        KeptModels(Path(models_dir)) if models_dir else None,
     )
     done = 0
     while (task := tasks.get()) is not None:

@@ -24,6 +24,7 @@ from mloptimizer.messages import (
 )
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import GpuInfo, detect_gpus, device_name
+from mloptimizer.trainer.kept import KeptModels
 from mloptimizer.trainer.memory import MemoryWatch
 from mloptimizer.trainer.training import Outcome, result_message, train_trial
 
@@ -44,11 +45,14 @@ class TrialSession:
         cache: the dataset cache, kept across trials.
         recycle_memory_mb: memory growth (after the first trial) that calls for a restart
             in place; None or 0 never does.
+        kept: where this trainer keeps its best model so far (None: nowhere), so that the
+            run's report need not train the best again.
     """
 
     worker_id: str
     cache: DatasetCache
     recycle_memory_mb: float | None = None
+    kept: KeptModels | None = None
     gpus: list[GpuInfo] = field(default_factory=detect_gpus)
     _memory: MemoryWatch = field(init=False)
 
@@ -91,7 +95,12 @@ class TrialSession:
             def on_epoch(epoch: int, metrics: dict[str, float]) -> Decision:
                 return ask(self.progress(trial, attempt, epoch, metrics))
 
-            outcome = train_trial(trial, splits, on_epoch=on_epoch, stop=stop, gpus=self.gpus)
+            holder: dict[str, object] | None = {} if self.kept is not None else None
+            outcome = train_trial(
+                trial, splits, on_epoch=on_epoch, stop=stop, gpus=self.gpus, keep_model=holder
+            )
+            if self.kept is not None and holder and outcome.state == "complete":
+                self.kept.offer(trial, outcome.value, holder.pop("model"))
         return result_message(
             trial,
             outcome,

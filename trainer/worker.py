@@ -54,6 +54,7 @@ from mloptimizer.messages import (
     encode,
 )
 from mloptimizer.trainer.data import DatasetCache
+from mloptimizer.trainer.kept import KeptModels
 from mloptimizer.trainer.memory import DEFAULT_RECYCLE_MB
 from mloptimizer.trainer.session import TrialSession
 from mloptimizer.trainer.training import TrialInterrupted
@@ -85,6 +86,7 @@ class WorkerConfig:
     # and trials slow down with it: past this growth the worker restarts itself in place.
     recycle_memory_mb: float | None = DEFAULT_RECYCLE_MB
     trials_done: int = 0  # trials served by this worker before it restarted in place
+    keep_models: Path | None = None  # where to keep its best model (mloptimizer run's)
 
 
 @dataclass
@@ -116,6 +118,7 @@ class Worker:
             config.worker_id,
             cache or DatasetCache(config.cache_dir, config.base_dir),
             config.recycle_memory_mb,
+            KeptModels(config.keep_models) if config.keep_models else None,
         )
         self._stop = threading.Event()
         self._job: _Job | None = None

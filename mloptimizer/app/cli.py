@@ -100,6 +100,7 @@ def _cmd_trainer(args: argparse.Namespace) -> int:
         search=args.search,
         cache_dir=Path(args.cache_dir),
         base_dir=Path(args.data_dir) if args.data_dir else None,
+        keep_models=Path(args.keep_models) if args.keep_models else None,
         heartbeat=args.heartbeat,
         grace_seconds=args.grace_period,
         queue_prefix=args.queue_prefix,
@@ -314,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     env_flag(
         trainer, "--data-dir", env="MLOPT_DATA_DIR", shown="the current folder",
         help="base folder for relative imageFolder paths",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--keep-models", env="MLOPT_KEEP_MODELS", shown="none kept",
+        help="folder where this trainer keeps the model of its best trial, so that the "
+        "report need not train it again (mloptimizer run --broker --workers N sets "
+        "<out>/models)",
     )  # fmt: skip
     env_flag(
         trainer, "--worker-id", env="MLOPT_WORKER_ID", shown="<host>-<pid>",

@@ -364,7 +364,17 @@ def _page(summary: dict[str, Any], evaluation: dict[str, Any] | None, importance
             f"{row['f1']:.4f} | {row['support']} |"
             for row in evaluation["per_class"]
         ]
-        lines += ["", "![confusion matrix](confusion.png)", "", "The model: `best.keras`.", ""]
+        how = {
+            "retrained": "retrained here (its trainer's weights were gone)",
+            "kept by its trainer": "the weights its trainer kept (not trained again)",
+        }.get(evaluation.get("model", ""), "as saved by an earlier report")
+        lines += [
+            "",
+            "![confusion matrix](confusion.png)",
+            "",
+            f"The model: `best.keras`, {how}.",
+            "",
+        ]
     if summary["tradeoff"]:
         lines += _front_lines(summary)
     lines += ["## Optimisation history", "", "![history](history.png)", ""]

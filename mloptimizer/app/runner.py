@@ -32,6 +32,7 @@ from mloptimizer.faults import transient, waiting_for
 from mloptimizer.loading import SearchFile
 from mloptimizer.sizing import trainer_budget
 from mloptimizer.study import Attr, TrialRecord, open_study, study_name
+from mloptimizer.trainer.kept import MODELS_DIR  # no TensorFlow in it
 from mloptimizer.urls import redact
 
 __all__ = ["ProgressDisplay", "RunOptions", "memory_budget", "run_search", "storage_for"]
@@ -39,6 +40,7 @@ __all__ = ["ProgressDisplay", "RunOptions", "memory_budget", "run_search", "stor
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+
 STUDY_FILE = "study.db"  # the run folder's own study, unless --storage names another
 
 
@@ -192,6 +194,7 @@ def _transport(search: SearchFile, options: RunOptions, name: str) -> Transport:
         cache_dir=cache_dir,
         base_dir=Path(search.source).resolve().parent,
         threads=default_threads(options.workers),
+        models_dir=options.out / MODELS_DIR,
     )
 
 
@@ -213,7 +216,7 @@ def _broker_trainers(
     program = str(executable) if executable.exists() else "mloptimizer"
     command = [program, "trainer"]
     command += ["--search", name, "--cache-dir", str(options.cache_dir or options.out / "cache")]
-    command += ["--data-dir", str(base_dir)]
+    command += ["--data-dir", str(base_dir), "--keep-models", str(options.out / MODELS_DIR)]
     # The URL (a password) goes in the environment: argv is visible to every user (`ps`).
     env = {**os.environ, "MLOPT_BROKER_URL": options.broker}
     return [
