@@ -424,8 +424,9 @@ class Dispatcher:
     ) -> tuple[dict[str, float], str | None]:
         """Each set constraint's excess (``<= 0``: met) and why the model breaks one.
 
-        Before training the int8 size is unknown (0: not judged yet); after, a size the
-        trainer could not measure counts as broken.
+        Before training the int8 size is unknown: only a model whose weights alone (a byte
+        each) are over ``maxModelKB`` is judged then; after, a size the trainer could not
+        measure counts as broken.
         """
         constraints = self.spec.objective.constraints
         if constraints is None:
@@ -436,6 +437,16 @@ class Dispatcher:
         labels = {"params": "maxParams", "mflops": "maxMFLOPs", "model_kb": "maxModelKB"}
         for name, limit in constraint_limits(constraints):
             value = measured[name]
+            if name == "model_kb" and value is None and not trained:
+                # int8 holds at least a byte per weight: a model over the limit on that
+                # count alone can never fit, whatever the converter does
+                floor = params / 1024
+                excess[name] = max(0.0, floor - limit)
+                if floor > limit:
+                    broken.append(
+                        f"model_kb >= {floor:,.3g} (a byte per weight) > maxModelKB {limit:,.6g}"
+                    )
+                continue
             if value is None:
                 excess[name] = 1.0 if trained else 0.0
                 if trained:

@@ -216,7 +216,8 @@ class Constraints(SpecModel):
         gt=0.0,
         le=10.0**7,
         description="Largest size in KB (1024 bytes) of the model as an int8 LiteRT file, "
-        "measured by the trainer after training: the trial's model is converted.",
+        "measured by the trainer after training: the trial's model is converted. A model "
+        "with more weights than the limit's bytes is told infeasible before training.",
     )
 
 

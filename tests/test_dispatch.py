@@ -805,7 +805,8 @@ def test_a_trained_model_over_max_model_kb_is_infeasible_even_when_most_accurate
 ) -> None:
     spec = make_spec(
         budget={"maxTrials": 6, "parallelism": 1},
-        objective={"constraints": {"maxModelKB": 4.0}},
+        # high enough that no model's weights alone (a byte each) rule it out untrained
+        objective={"constraints": {"maxModelKB": 10_000.0}},
     )
     best_lr: list[float] = []
 
@@ -817,7 +818,7 @@ def test_a_trained_model_over_max_model_kb_is_infeasible_even_when_most_accurate
         return {
             "parameter_count": size.parameters,
             "mflops": size.mflops,
-            "model_kb": 9.0 if too_big else 1.0,
+            "model_kb": 20_000.0 if too_big else 1.0,
         }
 
     transport = ScriptedTransport(measures=measures)
@@ -830,10 +831,33 @@ def test_a_trained_model_over_max_model_kb_is_infeasible_even_when_most_accurate
     trials = records(study)
     top = max(trials, key=lambda t: t.value or 0)
     assert not top.feasible
-    assert "model_kb 9 > maxModelKB 4" in top.attrs[Attr.INFEASIBLE]
+    assert "model_kb 2e+04 > maxModelKB 10,000" in top.attrs[Attr.INFEASIBLE]
     assert d.counts.best is not None
     assert d.counts.best.number != top.number
     assert d.counts.best.feasible
+
+
+def test_a_model_whose_weights_alone_exceed_max_model_kb_is_told_infeasible_untrained(
+    storage: str,
+) -> None:
+    spec = make_spec(
+        budget={"maxTrials": 10, "parallelism": 2},
+        objective={"constraints": {"maxModelKB": 20.0}},  # 20,480 weights at int8
+    )
+    transport = ScriptedTransport(
+        measures=lambda trial: {"model_kb": _sizes(spec, trial).parameters / 1024 * 1.1}
+    )
+    d = dispatcher(spec, storage, transport)
+    d.run()
+    sent = {m.trial_id for m in transport.sent}
+    trials = records(d.study)
+    over = [t for t in trials if t.attrs.get(Attr.PARAMETERS, 0) > 20 * 1024]
+    assert over, "the space holds models over 20,480 weights"
+    for t in over:
+        assert t.trial_id not in sent  # no GPU-minute spent on a model that cannot fit
+        assert "(a byte per weight) > maxModelKB 20" in t.attrs[Attr.INFEASIBLE]
+        assert stored_trial(d.study, t.trial_id).constraints["model_kb"] > 0
+    assert all(t.trial_id in sent for t in trials if t not in over)
 
 
 def test_validate_refuses_constraints_no_model_of_the_space_can_meet() -> None:
