@@ -12,12 +12,13 @@ same data, space, seed and epochs:
   accurate model of at most ``--max-kb`` KB is picked.
 
 Printed: each seed's best val_accuracy under the limit for both (0 when none fits), the
-medians, how many of each search's trials fit, and the target line (the constrained
-search's median best above the unconstrained one's). No pruner and no refine phase: both
+medians, how many of each search's trials fit, the wall-clock of each, and two ratio lines:
+the constrained search's median best minus the unconstrained one's (target: above 0), and
+its wall-clock over the unconstrained one's. No pruner and no refine phase: both
 searches spend exactly ``--trials`` trainings.
 
 Run: ``python bench/constrained_search.py`` (MNIST-5k, 3 seeds x 2 searches x 10 trials,
-about 15 minutes on 2 CPU cores); ``--help`` for the options.
+about 6 minutes on 2 CPU cores); ``--help`` for the options.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def search(name: str, seed: int, trials: int, max_kb: float, args: argparse.Name
     }
 
 
-def run_side(folder: Path, document: Any) -> list[dict[str, Any]]:
-    """Run one search with ``mloptimizer run``; its trained trials (value, KB)."""
+def run_side(folder: Path, document: Any) -> tuple[list[dict[str, Any]], float]:
+    """Run one search with ``mloptimizer run``; its trained trials (value, KB) and the
+    wall-clock seconds it took."""
     path = folder / f"{document['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(document))
     out = folder / document["metadata"]["name"]
@@ -92,13 +94,13 @@ def run_side(folder: Path, document: Any) -> list[dict[str, Any]]:
         for t in records(study)
         if t.state == "complete" and Attr.WORKER in t.attrs
     ]
+    seconds = time.perf_counter() - started
     print(
-        f"  {document['metadata']['name']}: {len(trained)} trained in "
-        f"{time.perf_counter() - started:.0f} s",
+        f"  {document['metadata']['name']}: {len(trained)} trained in {seconds:.0f} s",
         file=sys.stderr,
         flush=True,
     )
-    return trained
+    return trained, seconds
 
 
 def best_under(trials: list[dict[str, Any]], max_kb: float) -> float:
@@ -125,10 +127,10 @@ def main() -> None:
             print(f"seed {seed}", file=sys.stderr, flush=True)
             folder = Path(tmp) / f"seed{seed}"
             folder.mkdir()
-            limited = run_side(
+            limited, limited_s = run_side(
                 folder, search(f"constrained-{seed}", seed, args.trials, args.max_kb, args)
             )
-            free = run_side(
+            free, free_s = run_side(
                 folder, search(f"unconstrained-{seed}", seed, args.trials, NO_LIMIT_KB, args)
             )
             rows.append(
@@ -140,17 +142,28 @@ def main() -> None:
                     sum(t["kb"] is not None and t["kb"] <= args.max_kb for t in free),
                     len(limited),
                     len(free),
+                    limited_s,
+                    free_s,
                 )
             )
     print(f"best val_accuracy of a model <= {args.max_kb:g} KB (int8), {args.trials} trials")
-    print("seed | constrained | unconstrained, then picked | fit (c) | fit (u)")
-    for seed, c, u, fit_c, fit_u, n_c, n_u in rows:
-        print(f"{seed} | {c:.4f} | {u:.4f} | {fit_c}/{n_c} trained | {fit_u}/{n_u} trained")
+    print("seed | constrained | unconstrained, then picked | fit (c) | fit (u) | seconds (c/u)")
+    for seed, c, u, fit_c, fit_u, n_c, n_u, s_c, s_u in rows:
+        print(
+            f"{seed} | {c:.4f} | {u:.4f} | {fit_c}/{n_c} trained | {fit_u}/{n_u} trained | "
+            f"{s_c:.0f}/{s_u:.0f}"
+        )
     median_c = statistics.median(r[1] for r in rows)
     median_u = statistics.median(r[2] for r in rows)
     wins = sum(r[1] > r[2] for r in rows)
     print(f"median | {median_c:.4f} | {median_u:.4f}")
     verdict = "met" if median_c > median_u else "not met"
+    time_ratio = statistics.median(r[7] / r[8] for r in rows)
+    print(
+        f"ratio constrained / unconstrained wall-clock for the same {args.trials} trials: "
+        f"{time_ratio:.2f} (median over seeds; trials over the limit by their weights alone "
+        "are judged untrained)"
+    )
     print(
         f"ratio constrained - unconstrained median best under {args.max_kb:g} KB: "
         f"{median_c - median_u:+.4f} (constrained ahead on {wins}/{len(rows)} seeds); "

@@ -34,6 +34,7 @@ LIVE: dict[str, str] = {
     "training": "epochs, batch size, precision, refine: for trials dispatched from then on",
     "pruner": "rebuilt at once; hyperband's max_resource follows training.epochs",
     "workers": "replica bounds, resources, placement, price, a pool's bounds and caps: at once",
+    "output": "export formats: for the export at the end",
 }
 
 

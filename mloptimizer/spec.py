@@ -833,6 +833,38 @@ class Broker(SpecModel):
 # --- the spec ------------------------------------------------------------------------------
 
 
+ExportFormat = Literal["keras", "savedmodel", "tflite-float32", "tflite-float16", "tflite-int8"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+
+def _default_formats() -> list[ExportFormat]:
+    return ["keras", "tflite-int8"]
+
+
+class Output(SpecModel):
+    """What the search leaves behind besides the study: the best model, for devices."""
+
+    rules = (
+        Rule(
+            cel="self.formats.all(f, self.formats.exists_one(g, g == f))",
+            check=lambda s: len(set(s.formats)) == len(s.formats),
+            message="output.formats lists a format twice; name each once",
+            field="formats",
+        ),
+    )
+
+    formats: list[ExportFormat] = Field(
+        default_factory=_default_formats,
+        min_length=1,
+        max_length=len(EXPORT_FORMATS),
+        description="Formats the best model is exported in, each run on the test split to "
+        "measure its accuracy, size and one-image latency: keras, savedmodel, "
+        "tflite-float32, tflite-float16, tflite-int8 (full-integer, calibrated on training "
+        "images). Written by mloptimizer run (export/, listed in report.md); a search in "
+        "a cluster does not deliver models yet.",
+    )
+
+
 class ArchitectureSearchSpec(SpecModel):
     """One neural-architecture search: data, objective, budget, sampler, space and workers."""
 
@@ -875,3 +907,4 @@ class ArchitectureSearchSpec(SpecModel):
     )
     storage: Storage = Field(default_factory=Storage, description="Where the study lives.")
     broker: Broker = Field(default_factory=Broker, description="How trials reach trainers.")
+    output: Output = Field(default_factory=Output, description="The best model's export formats.")

@@ -101,6 +101,8 @@ VALID: list[dict[str, Any]] = [
         },
     ),
     *(yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES),
+    with_("objective", {"tradeoff": "modelKB", "constraints": {"maxModelKB": 64}}),
+    with_("output.formats", ["savedmodel", "tflite-float16", "tflite-int8"]),
 ]
 
 # (why it is wrong, spec, path both sides must name)
@@ -288,6 +290,9 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "spec.workers.gpuPool.brokerEndpoint",
     ),
     ("secret without key", with_("storage.secretRef", {"name": "db"}), "spec.storage.secretRef"),
+    ("unknown export format", with_("output.formats", ["onnx"]), "spec.output.formats[0]"),
+    ("export format twice", with_("output.formats", ["keras", "keras"]), "spec.output.formats"),
+    ("unknown tradeoff", with_("objective.tradeoff", "latency"), "spec.objective.tradeoff"),
 ]
 
 

@@ -109,6 +109,17 @@ def test_digits_example_end_to_end_writes_a_consistent_report(tmp_path: Path) ->
     for needed in ("history.png", "importances.png", "space.png", "confusion.png", "F1 (macro)"):
         assert needed in page
     assert "the weights its trainer kept (not trained again)" in page
+    # output.formats (default keras and tflite-int8): exported, each run and listed
+    exported = {a["format"]: a for a in summary["export"]}
+    assert set(exported) == {"keras", "tflite-int8"}
+    for artifact in exported.values():
+        assert artifact["error"] is None
+        assert Path(artifact["path"]).exists()
+        assert abs(artifact["accuracy"] - test["accuracy"]) <= 0.05
+    assert exported["tflite-int8"]["bytes"] < exported["keras"]["bytes"]
+    assert "## The model for devices" in page
+    assert "`export/model-int8.tflite`" in page
+    assert "export: " in done.stdout
 
     # the same command again: nothing left to do, nothing repeated, the report rebuilt
     model_time = (out / "best.keras").stat().st_mtime

@@ -22,12 +22,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mloptimizer.spec import EXPORT_FORMATS
 from mloptimizer.trainer.data import Splits
 from mloptimizer.trainer.litert import litert
 
 __all__ = ["FORMATS", "Artifact", "export_model"]
 
-FORMATS = ("keras", "savedmodel", "tflite-float32", "tflite-float16", "tflite-int8")
+FORMATS = EXPORT_FORMATS
 _LATENCY_RUNS = 50
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -211,6 +212,11 @@ def _report(out: Path, storage: str | None) -> int:
         print(f"mloptimizer report: {error}", file=sys.stderr)
         return 2
     print(f"report: {page}")
+    listed = page.parent / "export" / "export.json"
+    if listed.exists():  # the best model in output.formats, each run and timed
+        made = [a for a in json.loads(listed.read_text()) if not a["error"]]
+        shown = ", ".join(f"{a['format']} {a['bytes'] / 1024:.1f} KB" for a in made)
+        print(f"export: {listed.parent} ({shown})")
     return 0
 
 
@@ -221,9 +227,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from mloptimizer.app.export import ExportError, export_run
 
-    formats = tuple(args.format or ("keras", "tflite-int8"))
     try:
-        artifacts = export_run(Path(args.dir), formats)
+        artifacts = export_run(Path(args.dir), tuple(args.format) if args.format else None)
     except ExportError as error:
         print(f"mloptimizer export: {error}", file=sys.stderr)
         return 2
@@ -422,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="FORMAT",
         help="keras, savedmodel, tflite-float32, tflite-float16 or tflite-int8 (full-integer "
-        "quantization, calibrated on training images); repeatable (default: keras and "
-        "tflite-int8)",
+        "quantization, calibrated on training images); repeatable (default: the search's "
+        "output.formats, which default to keras and tflite-int8)",
     )
     export.set_defaults(func=_cmd_export)
 

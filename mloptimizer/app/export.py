@@ -21,8 +21,9 @@ class ExportError(RuntimeError):
     """The folder holds no run or no model to export."""
 
 
-def export_run(out: Path, formats: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Export ``out/best.keras`` in ``formats``; returns each artifact's figures."""
+def export_run(out: Path, formats: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Export ``out/best.keras`` in ``formats`` (None: the spec's ``output.formats``);
+    returns each artifact's figures."""
     from mloptimizer.trainer.data import DatasetCache  # TensorFlow: only here
     from mloptimizer.trainer.export import export_model
 
@@ -42,6 +43,7 @@ def export_run(out: Path, formats: tuple[str, ...]) -> list[dict[str, Any]]:
     base_dir = Path(run["source"]).parent if run.get("source") else None
     splits, _ = DatasetCache(cache_dir, base_dir).get(spec.dataset)
     model = keras.models.load_model(model_path)
-    artifacts = [a.as_json() for a in export_model(model, splits, out / "export", formats)]
+    chosen = formats if formats is not None else tuple(spec.output.formats)
+    artifacts = [a.as_json() for a in export_model(model, splits, out / "export", chosen)]
     (out / "export" / "export.json").write_text(json.dumps(artifacts, indent=2))
     return artifacts

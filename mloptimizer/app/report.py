@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 
+from mloptimizer.app.export import export_run
 from mloptimizer.dispatch import trial_message
 from mloptimizer.space import Architecture
 from mloptimizer.spec import ArchitectureSearchSpec, Tradeoff
@@ -322,6 +323,30 @@ def _front_lines(summary: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _export_lines(artifacts: list[dict[str, Any]], evaluation: dict[str, Any] | None) -> list[str]:
+    split = evaluation["split"] if evaluation else "test"
+    lines = [
+        "## The model for devices",
+        "",
+        f"`output.formats`, in `export/` (`export/export.json`): each file run by its own "
+        f"runtime (LiteRT's interpreter for `.tflite`) on the {split} split, latency the "
+        "median of one image at a time on the machine that made the report.",
+        "",
+        "| format | size KB | accuracy | ms/image | file |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for a in artifacts:
+        if a["error"]:
+            why = a["error"].replace("|", "/").splitlines()[0][:160]
+            lines.append(f"| {a['format']} | | | | failed: {why} |")
+            continue
+        lines.append(
+            f"| {a['format']} | {a['bytes'] / 1024:.1f} | {a['accuracy']:.4f} | "
+            f"{a['latency_ms']:.3f} | `export/{Path(a['path']).name}` |"
+        )
+    return [*lines, ""]
+
+
 def _page(summary: dict[str, Any], evaluation: dict[str, Any] | None, importances: bool) -> str:
     best = summary["best"]
     c = summary["counts"]
@@ -375,6 +400,8 @@ def _page(summary: dict[str, Any], evaluation: dict[str, Any] | None, importance
             f"The model: `best.keras`, {how}.",
             "",
         ]
+    if summary.get("export"):
+        lines += _export_lines(summary["export"], evaluation)
     if summary["tradeoff"]:
         lines += _front_lines(summary)
     lines += ["## Optimisation history", "", "![history](history.png)", ""]
@@ -416,6 +443,7 @@ def build_report(out: Path, *, storage: str | None = None, evaluate: bool = True
         evaluation = _evaluate(summary["best"], spec, run, out)
         summary["test"] = {k: v for k, v in evaluation.items() if k != "confusion"}
         plot_confusion(evaluation, out / "confusion.png")
+        summary["export"] = export_run(out)  # output.formats, each run and timed
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_history(summary, out / "history.png")
     importances = plot_importances(study, out / "importances.png")
