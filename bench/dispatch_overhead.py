@@ -145,6 +145,9 @@ class _Status:
     def finished(self, trial: Any, dispatcher: Any) -> None:
         pass
 
+    def progressed(self, epoch: Any) -> None:
+        pass
+
     def tick(self, dispatcher: Any) -> None:
         if time.monotonic() - self.last >= 1.0:
             self.build(dispatcher)

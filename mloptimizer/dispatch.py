@@ -69,6 +69,7 @@ __all__ = [
     "Counts",
     "DeadTrial",
     "Dispatcher",
+    "EpochProgress",
     "Inbound",
     "Malformed",
     "Observer",
@@ -140,6 +141,26 @@ class Observer(Protocol):
 
     def tick(self, dispatcher: Dispatcher) -> None:
         """Called every loop turn (a few times a second)."""
+
+    def progressed(self, epoch: EpochProgress) -> None:
+        """Called on each epoch a trainer reports (signs of life on long trials)."""
+
+
+@dataclass(frozen=True)
+class EpochProgress:
+    """One epoch of a trial in flight, as its trainer reported it."""
+
+    number: int
+    phase: Literal["explore", "refine"]
+    epoch: int
+    epochs: int
+    metrics: dict[str, float]
+    seconds_per_epoch: float  # since a trainer took the trial, per epoch done
+
+    @property
+    def eta_seconds(self) -> float:
+        """The trial's remaining time at its pace so far."""
+        return self.seconds_per_epoch * max(0, self.epochs - self.epoch)
 
 
 @dataclass
@@ -631,6 +652,18 @@ class Dispatcher:
             self.slowest_first_epoch = max(self.slowest_first_epoch, now - began)
         flight.last_heard = now
         flight.heard = True
+        if self.observer is not None and message.epoch > 0:
+            began = flight.taken_at if flight.taken_at is not None else flight.sent_at
+            self.observer.progressed(
+                EpochProgress(
+                    number=message.number,
+                    phase=flight.message.phase,
+                    epoch=message.epoch,
+                    epochs=flight.message.epochs,
+                    metrics=dict(message.metrics),
+                    seconds_per_epoch=(now - began) / message.epoch,
+                )
+            )
         value = message.metrics.get(self.spec.objective.metric)
         if value is None or not math.isfinite(value) or flight.message.phase == "refine":
             return "continue"

@@ -29,7 +29,7 @@ import pika.exceptions
 import sqlalchemy.exc
 
 from mloptimizer.amqp import AmqpTransport, prefetch_for
-from mloptimizer.dispatch import Dispatcher, Outcome
+from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome
 from mloptimizer.operator.metrics import Metrics
 from mloptimizer.operator.progress import (
     desired_replicas,
@@ -172,6 +172,9 @@ class StatusReporter:
             self.kube.event(
                 "Warning", "TrialFailed", f"trial {trial.number} failed: {trial.error or '?'}"
             )
+
+    def progressed(self, epoch: EpochProgress) -> None:
+        """Epochs show in the trainers' logs; the status follows finished trials."""
 
     def tick(self, dispatcher: Dispatcher) -> None:
         self.spec = dispatcher.spec

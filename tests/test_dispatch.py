@@ -213,6 +213,9 @@ class _Watch:
     def tick(self, dispatcher: Any) -> None:
         self.on_tick()
 
+    def progressed(self, epoch: Any) -> None:
+        pass
+
 
 def test_a_duplicate_result_is_dropped_and_the_trial_told_once(storage: str) -> None:
     transport = ScriptedTransport(duplicate_results=True)
@@ -423,9 +426,23 @@ def test_progress_display_prints_one_line_per_trial_and_a_bar_on_a_terminal(
     displays = [ProgressDisplay(search, plain, tty=False), ProgressDisplay(search, tty, tty=True)]
     d.observer = _Both(displays)
     d.run()
-    lines = [line for line in plain.getvalue().splitlines() if " started " not in line]
+    printed = plain.getvalue().splitlines()
+    lines = [line for line in printed if " started " not in line and " epoch " not in line]
     assert len(lines) == 3
     assert "failed: boom" in lines[1]
+    # signs of life on long trials: one line per epoch, with its pace and what is left
+    epochs = [line for line in printed if " epoch " in line]
+    assert [line.split()[1:4] for line in epochs] == [
+        ["0", "epoch", "1/3"],
+        ["0", "epoch", "2/3"],
+        ["0", "epoch", "3/3"],
+        ["2", "epoch", "1/3"],
+        ["2", "epoch", "2/3"],
+        ["2", "epoch", "3/3"],
+    ]
+    assert all("val_accuracy 0." in line and "s/epoch  ETA " in line for line in epochs)
+    assert epochs[-1].endswith("ETA 0:00")
+    assert " epoch " not in tty.getvalue()  # the bar shows the rest on a terminal
     assert "val_accuracy 0." in lines[0]
     assert "\x1b[K" not in plain.getvalue()
     assert "running | best" in tty.getvalue()
@@ -447,6 +464,10 @@ class _Both:
     def tick(self, dispatcher: Any) -> None:
         for d in self.displays:
             d.tick(dispatcher)
+
+    def progressed(self, epoch: Any) -> None:
+        for d in self.displays:
+            d.progressed(epoch)
 
 
 def test_told_trials_state_in_the_study_matches_the_results(storage: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -91,8 +92,21 @@ class TrialSession:
         except Exception as error:  # no data: the trial fails, the trainer goes on
             outcome = Outcome(state="failed", error=f"dataset: {error}")
         else:
+            began = time.monotonic()
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> Decision:
+                # a line per epoch in the trainer's log (kubectl logs): signs of life
+                pace = (time.monotonic() - began) / max(1, epoch)
+                shown = metrics.get(trial.metric)
+                log.info(
+                    "trial %d epoch %d/%d %s %s %.1fs/epoch",
+                    trial.number,
+                    epoch,
+                    trial.epochs,
+                    trial.metric,
+                    f"{shown:.4f}" if shown is not None else "-",
+                    pace,
+                )
                 return ask(self.progress(trial, attempt, epoch, metrics))
 
             holder: dict[str, object] | None = {} if self.kept is not None else None

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import optuna
 
-from mloptimizer.dispatch import Dispatcher, Outcome, Transport
+from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome, Transport
 from mloptimizer.faults import transient, waiting_for
 from mloptimizer.loading import SearchFile
 from mloptimizer.sizing import trainer_budget
@@ -118,6 +118,17 @@ class ProgressDisplay:
             f"{trial.seconds:6.1f}s {state}".rstrip()
         )
         self.tick(dispatcher, force=True)
+
+    def progressed(self, epoch: EpochProgress) -> None:
+        """One line per epoch in plain-line mode (the bar shows the rest on a terminal)."""
+        if self.tty:
+            return
+        value = epoch.metrics.get(self.metric)
+        shown = f"{self.metric} {value:.4f}" if value is not None else ""
+        self._print(
+            f"trial {epoch.number:>3} epoch {epoch.epoch}/{epoch.epochs} {shown:<22} "
+            f"{epoch.seconds_per_epoch:6.1f}s/epoch  ETA {_fmt_seconds(epoch.eta_seconds)}"
+        )
 
     def tick(self, dispatcher: Dispatcher, force: bool = False) -> None:
         if not self.tty:
