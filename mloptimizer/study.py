@@ -115,18 +115,18 @@ def trial_seed(sampler_seed: int | None, number: int) -> int:
     return ((sampler_seed or 0) * 1_000_003 + number) % 2**31
 
 
-# Optuna makes its tables (and alembic's) on the first open of a database. Two searches
-# opened at once on a fresh database race to make them: in one process the lock orders
-# them; across processes the loser's DDL fails ("already exists") and it tries again.
-_SCHEMA_LOCK = threading.Lock()
-_SCHEMA_RACE = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)
-
-
 def study_pruner(spec: ArchitectureSearchSpec) -> optuna.pruners.BasePruner:
     """The spec's pruner; none under a tradeoff (Optuna cannot prune multi-objective)."""
     if spec.objective.tradeoff:
         return optuna.pruners.NopPruner()
     return build_pruner(spec.pruner, spec.training)
+
+
+# Optuna makes its tables (and alembic's) on the first open of a database. Two searches
+# opened at once on a fresh database race to make them: in one process the lock orders
+# them; across processes the loser's DDL fails ("already exists") and it tries again.
+_SCHEMA_LOCK = threading.Lock()
+_SCHEMA_RACE = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)
 
 
 def _create_or_load(spec: ArchitectureSearchSpec, name: str, storage: str) -> optuna.Study:

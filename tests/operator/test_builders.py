@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import kubernetes_validate
@@ -184,11 +185,35 @@ def test_status_from_counts_reports_progress_cost_and_burn_rate() -> None:
         "failed": 1,
         "infeasible": 0,
         "tooLarge": 0,
+        "paretoFront": 0,
         "rejectedMessages": 0,
     }
     assert status["best"] is None
     assert status["cost"]["usd"] == 0.1235
     assert status["cost"]["burnRatePerHour"] == 1.0
+
+
+def test_status_under_a_tradeoff_counts_the_front_and_gives_the_best_size() -> None:
+    from mloptimizer.status import ArchitectureSearchStatus
+    from mloptimizer.study import Attr, best_of
+
+    spec = make_spec(objective={"tradeoff": "params"})
+    # (accuracy, parameters): 0 and 2 are on the front, 1 is beaten by 2 on both
+    figures = [(0.95, 50_000), (0.90, 20_000), (0.92, 10_000), (0.99, 900_000)]
+    history = [
+        dataclasses.replace(
+            record(i, "explore", "complete"),
+            value=value,
+            attrs={Attr.PARAMETERS: size, **({Attr.INFEASIBLE: "too big"} if i == 3 else {})},
+        )
+        for i, (value, size) in enumerate(figures)
+    ]
+    best = best_of(history, "maximize", "params")
+    status = status_from_counts(Counts(complete=3, infeasible=1, history=history, best=best), spec)
+    assert status["trials"]["paretoFront"] == 2  # the infeasible 0.99 is never on it
+    assert status["best"]["number"] == 0
+    assert status["best"]["size"] == 50_000
+    ArchitectureSearchStatus.model_validate(status)  # what the CRD's status schema is made of
 
 
 def test_the_trials_column_counts_explore_and_refine_apart() -> None:
