@@ -83,6 +83,18 @@ def trainers_per_machine(spec: ArchitectureSearchSpec) -> int:
     return max(1, pool.num_gpus // max(1, spec.workers.resources.gpu))
 
 
+def intra_op_threads(cpu: str) -> int:
+    """TensorFlow's intra-op threads for a pod of ``cpu`` cores: the whole cores it may use.
+
+    TensorFlow sizes its pools by the node's cores, not the pod's CPU limit: a 4-core pod
+    on a 64-core node would run 64 threads against a 4-core quota and be throttled. On the
+    cores it has, intra-op = cores with TensorFlow's own inter-op pool trained fastest
+    (bench/trainer_threads.py; pinning inter-op to 1 cost 25 %).
+    """
+    millis = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu.rstrip("kMGTi"))
+    return max(1, int(millis))
+
+
 def _resources(spec: ArchitectureSearchSpec) -> dict[str, Any]:
     r = spec.workers.resources
     amounts: dict[str, Any] = {"cpu": r.cpu, "memory": r.memory}
@@ -128,6 +140,7 @@ def build_trainer_deployment(
         {"name": "MLOPT_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "MLOPT_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "MLOPT_WORKER_ID", "value": "$(MLOPT_POD_NAME)@$(MLOPT_NODE_NAME)"},
+        {"name": "MLOPT_INTRA_OP_THREADS", "value": str(intra_op_threads(workers.resources.cpu))},
     ]
     volumes: list[dict[str, Any]] = [
         # bounded: a trainer image filling its node's disk gets evicted, not the node

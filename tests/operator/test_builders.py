@@ -265,3 +265,17 @@ def test_a_rented_node_installs_a_pinned_k3s() -> None:
 
     script = node_onstart("mlopt-machine-1", "uid-1")
     assert f"INSTALL_K3S_VERSION={K3S_VERSION}" in script.replace("'", "")
+
+
+@pytest.mark.parametrize(
+    ("cpu", "threads"), [("2", 2), ("4", 4), ("1500m", 1), ("500m", 1), ("0.5", 1), ("16", 16)]
+)
+def test_trainer_pods_size_tensorflows_pool_to_their_cpu_not_the_nodes(
+    cpu: str, threads: int
+) -> None:
+    spec = make_spec(workers={"resources": {"cpu": cpu}})
+    d = build_trainer_deployment("s", "ns", spec, replicas=1, broker=BROKER)
+    (container,) = d["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLOPT_INTRA_OP_THREADS"] == str(threads)
+    assert "MLOPT_INTER_OP_THREADS" not in env  # TensorFlow's own inter-op pool was fastest
