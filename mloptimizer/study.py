@@ -9,7 +9,9 @@ plain :class:`TrialRecord` values for the dispatch loop, the report and the stat
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -381,9 +383,16 @@ def pareto_front(
         if t.state == "complete" and t.value is not None and t.feasible
         and (size := size_of(t, tradeoff)) is not None
     ]  # fmt: skip
-    front = [
-        (loss, size, t)
-        for loss, size, t in points
-        if not any(lo <= loss and sz <= size and (lo < loss or sz < size) for lo, sz, _ in points)
-    ]
-    return [t for _, _, t in sorted(front, key=lambda p: (p[0], p[1], p[2].number))]
+    # One sweep, most accurate first (the status asks each second, over every trial): a
+    # trial is on the front when it is the smallest of its accuracy and smaller than
+    # every more accurate one; equal trials are all on it, as in Optuna.
+    front: list[TrialRecord] = []
+    smaller_than = math.inf  # the smallest size of the more accurate trials
+    points.sort(key=lambda p: (p[0], p[1], p[2].number))
+    for _, group in itertools.groupby(points, key=lambda p: p[0]):
+        tied = list(group)
+        least = tied[0][1]
+        if least < smaller_than:
+            front += [t for _, size, t in tied if size == least]
+            smaller_than = least
+    return front

@@ -12,9 +12,16 @@ from typing import Any
 
 from mloptimizer.spec import ArchitectureSearchSpec
 
-__all__ = ["ExportError", "export_run"]
+__all__ = ["RUN_FILE", "ExportError", "data_dirs", "export_run"]
 
-RUN_FILE = "run.json"
+RUN_FILE = "run.json"  # in a run folder: what mloptimizer run ran, to rebuild from
+
+
+def data_dirs(out: Path, run: dict[str, Any]) -> tuple[Path, Path | None]:
+    """The dataset cache and the image-folder base of the run in ``out``: the cache is
+    named relative to the folder (it may have moved), images next to the search file."""
+    cache_dir = out / (run.get("cache_dir") or "cache")
+    return cache_dir, Path(run["source"]).parent if run.get("source") else None
 
 
 class ExportError(RuntimeError):
@@ -39,9 +46,7 @@ def export_run(out: Path, formats: tuple[str, ...] | None = None) -> list[dict[s
 
     run = json.loads(run_file.read_text())
     spec = ArchitectureSearchSpec.model_validate(run["spec"])
-    cache_dir = out / (run.get("cache_dir") or "cache")
-    base_dir = Path(run["source"]).parent if run.get("source") else None
-    splits, _ = DatasetCache(cache_dir, base_dir).get(spec.dataset)
+    splits, _ = DatasetCache(*data_dirs(out, run)).get(spec.dataset)
     model = keras.models.load_model(model_path)
     chosen = formats if formats is not None else tuple(spec.output.formats)
     artifacts = [a.as_json() for a in export_model(model, splits, out / "export", chosen)]

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 
-from mloptimizer.app.export import export_run
+from mloptimizer.app.export import RUN_FILE, data_dirs, export_run
 from mloptimizer.dispatch import trial_message
 from mloptimizer.space import Architecture
 from mloptimizer.spec import ArchitectureSearchSpec, Tradeoff
@@ -32,8 +32,6 @@ from mloptimizer.study import (
 from mloptimizer.urls import redact
 
 __all__ = ["ReportError", "build_report", "summarize"]
-
-RUN_FILE = "run.json"
 
 
 class ReportError(RuntimeError):
@@ -468,6 +466,5 @@ def _evaluate(
         phase=best["phase"],
         architecture=Architecture.model_validate(best["architecture"]),
     )
-    cache_dir = out / (run.get("cache_dir") or "cache")  # relative: inside the run folder
-    base_dir = Path(run["source"]).parent if run.get("source") else None
+    cache_dir, base_dir = data_dirs(out, run)
     return evaluate_best(trial, out, cache_dir=cache_dir, base_dir=base_dir)

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import optuna
 
+from mloptimizer.app.export import RUN_FILE
 from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome, Transport
 from mloptimizer.faults import transient, waiting_for
 from mloptimizer.loading import SearchFile
@@ -38,8 +39,6 @@ from mloptimizer.urls import redact
 __all__ = ["ProgressDisplay", "RunOptions", "memory_budget", "run_search", "storage_for"]
 
 log = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"
 
 STUDY_FILE = "study.db"  # the run folder's own study, unless --storage names another
 
