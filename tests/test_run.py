@@ -271,3 +271,26 @@ def test_run_over_rabbitmq_and_postgresql_with_two_external_trainers(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best"]["value"] == pytest.approx(study.best_value)
     assert "***" not in json.dumps(summary)
+
+
+def test_a_tradeoff_run_trains_real_models_and_reports_optunas_pareto_front(
+    tmp_path: Path,
+) -> None:
+    path = search_file(
+        tmp_path, name="digits-front", objective={"tradeoff": "params"}, pruner={"type": "none"}
+    )
+    out = tmp_path / "out"
+    done = run(str(path), "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    study = study_of(out)
+    assert len(study.directions) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    front = {t.number for t in study.best_trials}
+    assert front
+    assert set(summary["front"]) == front
+    assert summary["best"]["number"] == summary["front"][0]  # the front's most accurate
+    assert summary["test"]["trial"] == summary["best"]["number"]
+    for trial in summary["trials"]:  # the size told is the model Keras built
+        assert trial["size"] == trial["parameter_count"]
+    assert (out / "front.png").read_bytes().startswith(PNG)
+    assert "## Pareto front" in (out / "report.md").read_text()
