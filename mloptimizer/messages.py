@@ -6,6 +6,9 @@ Versioned JSON, validated on receipt, never pickle. Four messages travel:
 * ``progress`` (trainer -> dispatcher, queue ``<prefix>.progress``): one per epoch, sent
   with ``reply_to``; the dispatcher answers ``progress-reply`` (continue or prune).
 * ``result`` (trainer -> dispatcher, queue ``<prefix>.results``): how the trial ended.
+* ``deliver`` (operator -> trainers, the trials queue): the search's final job — train (or
+  reuse) the best model, export it, score each artifact, write them where the operator says.
+* ``delivered`` (trainer -> operator, the results queue): what the final job wrote.
 
 A trial can be delivered more than once (a trainer died before acking), so every
 progress and result message carries the trial's identity and the delivery ``attempt``:
@@ -27,21 +30,29 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from mloptimizer.space import Architecture
-from mloptimizer.spec import Dataset
+from mloptimizer.spec import Dataset, ExportFormat
 
 __all__ = [
+    "ARTIFACT_FILES",
     "DELIVERY_LIMIT",
+    "MAX_ARTIFACTS",
     "MAX_BODY_BYTES",
     "MAX_EPOCHS",
     "MAX_TEXT",
+    "REPORT_FILES",
     "SCHEMA_VERSION",
+    "ArtifactReport",
     "Decision",
+    "DeliverMessage",
+    "DeliveredMessage",
     "Message",
     "MessageError",
     "ProgressMessage",
     "ProgressReply",
     "QueueNames",
     "ResultMessage",
+    "ToFolder",
+    "ToUrls",
     "TrialMessage",
     "decode",
     "encode",
@@ -156,8 +167,100 @@ class ResultMessage(_Message):
     error: Text | None = Field(default=None, description="Why the trial failed.")
 
 
+# --- the final job ---------------------------------------------------------------------
+
+# The file each export format is delivered as (a SavedModel folder travels as one archive),
+# and the files that describe them: the destination holds exactly these.
+ARTIFACT_FILES: Final[dict[str, str]] = {
+    "keras": "model.keras",
+    "savedmodel": "savedmodel.tar.gz",
+    "tflite-float32": "model-float32.tflite",
+    "tflite-float16": "model-float16.tflite",
+    "tflite-int8": "model-int8.tflite",
+}
+REPORT_FILES: Final = ("report.md", "artifacts.json")
+MAX_ARTIFACTS: Final = len(ARTIFACT_FILES) + len(REPORT_FILES)
+FileName = Literal[
+    "model.keras",
+    "savedmodel.tar.gz",
+    "model-float32.tflite",
+    "model-float16.tflite",
+    "model-int8.tflite",
+    "report.md",
+    "artifacts.json",
+]
+_URL = Annotated[str, Field(min_length=8, max_length=8192, pattern=r"^https?://")]
+
+
+class ToFolder(BaseModel):
+    """Write into the trainer's output volume (the search's PVC), under ``path``."""
+
+    model_config = _STRICT
+
+    kind: Literal["folder"] = "folder"
+    path: str = Field(
+        max_length=1024,
+        pattern=r"^([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]+$",
+        description="Relative to the output mount; the trainer refuses ``..``.",
+    )
+
+
+class ToUrls(BaseModel):
+    """PUT each file to its pre-signed URL: the trainer holds no storage credential."""
+
+    model_config = _STRICT
+
+    kind: Literal["urls"] = "urls"
+    urls: dict[FileName, _URL] = Field(max_length=MAX_ARTIFACTS)
+
+
+class DeliverMessage(_Message):
+    """The search's final job: its best trial (ids are the best trial's), made deliverable."""
+
+    kind: Literal["deliver"] = "deliver"
+    round: int = Field(
+        ge=1, le=1000, description="Which send of the final job (a retry sends it again)."
+    )
+    best: TrialMessage = Field(description="The best trial as it was trained.")
+    formats: list[ExportFormat] = Field(min_length=1, max_length=len(ARTIFACT_FILES))
+    to: ToFolder | ToUrls = Field(discriminator="kind")
+
+
+class ArtifactReport(BaseModel):
+    """One format as delivered: its file, size, and how the artifact itself scored."""
+
+    model_config = _STRICT
+
+    format: ExportFormat
+    bytes: int = Field(default=0, ge=0, le=2**53)
+    accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    latency_ms: float | None = Field(default=None, ge=0.0, le=1e7)
+    error: Text | None = Field(default=None, description="Why this format was not delivered.")
+
+
+class DeliveredMessage(_Message):
+    """What the final job wrote, or why it could not."""
+
+    kind: Literal["delivered"] = "delivered"
+    round: int = Field(ge=1, le=1000)
+    attempt: int = Field(ge=1, le=1000)
+    worker_id: Label
+    state: Literal["complete", "failed"]
+    artifacts: list[ArtifactReport] = Field(default_factory=list, max_length=len(ARTIFACT_FILES))
+    test_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    model: Literal["kept", "retrained"] | None = Field(
+        default=None, description="Whether the trial's own weights were reused."
+    )
+    error: Text | None = None
+
+
 Message = Annotated[
-    TrialMessage | ProgressMessage | ProgressReply | ResultMessage,
+    TrialMessage
+    | ProgressMessage
+    | ProgressReply
+    | ResultMessage
+    | DeliverMessage
+    | DeliveredMessage,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

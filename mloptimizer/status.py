@@ -11,6 +11,7 @@ from mloptimizer.rules import SpecModel
 __all__ = [
     "PHASES",
     "ArchitectureSearchStatus",
+    "Artifact",
     "BestTrial",
     "Condition",
     "Cost",
@@ -137,10 +138,39 @@ class PoolStatus(SpecModel):
     message: str = Field(default="", max_length=1024, description="What the pool is doing.")
 
 
+class Artifact(SpecModel):
+    """One file the final job delivered (or one export format it could not make)."""
+
+    format: str = Field(
+        max_length=32,
+        description="keras, savedmodel, tflite-float32, tflite-float16, tflite-int8, or "
+        "report (report.md and artifacts.json).",
+    )
+    uri: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="Where it is: s3://bucket/key, or pvc://claim/path. Absent when not made.",
+    )
+    bytes: int | None = Field(default=None, ge=0, description="Its size.")
+    test_accuracy: float | None = Field(
+        default=None,
+        description="Accuracy of the artifact itself on the test split (LiteRT's interpreter "
+        "for .tflite).",
+    )
+    latency_ms: float | None = Field(
+        default=None, description="Median one-image latency on the trainer that exported it."
+    )
+    error: str | None = Field(
+        default=None, max_length=4096, description="Why this format was not delivered."
+    )
+
+
 class Condition(SpecModel):
     """A Kubernetes-style condition (Ready, Progressing, Degraded, Complete)."""
 
-    type: str = Field(max_length=64, description="Ready, Progressing, Degraded or Complete.")
+    type: str = Field(
+        max_length=64, description="Ready, Progressing, Degraded, Complete or Delivered."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", max_length=128, description="CamelCase reason.")
     message: str = Field(default="", max_length=4096, description="Human-readable detail.")
@@ -171,6 +201,12 @@ class ArchitectureSearchStatus(SpecModel):
     pool: PoolStatus | None = Field(
         default=None, description="Machines rented through workers.gpuPool."
     )
+    artifacts: list[Artifact] = Field(
+        default_factory=list,
+        max_length=16,
+        description="The best model as delivered to spec.output (pvc or s3) by the final "
+        "job: one entry per file; `mloptimizer fetch NAMESPACE/NAME --to DIR` downloads them.",
+    )
     study_name: str | None = Field(
         default=None, description="The Optuna study, <namespace>.<name>."
     )
@@ -183,7 +219,9 @@ class ArchitectureSearchStatus(SpecModel):
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Ready, Progressing, Degraded and Complete, with reasons.",
+        description="Ready, Progressing, Degraded, Complete and Delivered (the final job: "
+        "Unknown while it runs, True once spec.output has the model, False when it failed "
+        "every attempt), with reasons.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     message: str = Field(default="", max_length=4096, description="What is happening now.")

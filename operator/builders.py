@@ -15,6 +15,7 @@ __all__ = [
     "CACHE_DIR",
     "DATA_DIR",
     "GRACE_SECONDS",
+    "OUTPUT_DIR",
     "POOL_LABEL",
     "TRAINER_UID",
     "broker_secret_name",
@@ -27,6 +28,7 @@ __all__ = [
 
 CACHE_DIR = "/var/cache/mloptimizer"
 DATA_DIR = "/data"
+OUTPUT_DIR = "/output"  # the search's output.pvc, on its own trainers only
 BROKER_SECRET_KEY = "url"
 BROKER_PASSWORD_KEY = "password"
 # The trainer gets this long to requeue its trial after SIGTERM; the pod gets 10 s more
@@ -161,6 +163,16 @@ def build_trainer_deployment(
         )
         mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": True})
         env.append({"name": "MLOPT_DATA_DIR", "value": DATA_DIR})
+    output = spec.output.pvc
+    if output is not None:
+        volumes.append(
+            {"name": "output", "persistentVolumeClaim": {"claimName": output.claim_name}}
+        )
+        mounts.append({"name": "output", "mountPath": OUTPUT_DIR})
+        folder_path = spec.output.destination_path(namespace, search)
+        env.append({"name": "MLOPT_OUTPUT_DIR", "value": OUTPUT_DIR})
+        # each trainer keeps its best model there: the final job reuses the best one
+        env.append({"name": "MLOPT_KEEP_MODELS", "value": f"{OUTPUT_DIR}/{folder_path}/models"})
     container = {
         "name": "trainer",
         "image": workers.image,

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import kubernetes
 import optuna
@@ -29,7 +29,15 @@ import pika.exceptions
 import sqlalchemy.exc
 
 from mloptimizer.amqp import AmqpTransport, prefetch_for
-from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome
+from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome, trial_message
+from mloptimizer.messages import ARTIFACT_FILES, REPORT_FILES, DeliverMessage, TrialMessage
+from mloptimizer.operator.delivery import (
+    ROUNDS,
+    Destination,
+    FinalJobChannel,
+    artifacts_status,
+    run_final_job,
+)
 from mloptimizer.operator.metrics import Metrics
 from mloptimizer.operator.progress import (
     desired_replicas,
@@ -39,7 +47,15 @@ from mloptimizer.operator.progress import (
 )
 from mloptimizer.sizing import trainer_budget
 from mloptimizer.spec import ArchitectureSearchSpec
-from mloptimizer.study import Attr, StudyMismatch, TrialRecord, open_study, study_name
+from mloptimizer.study import (
+    Attr,
+    StudyMismatch,
+    TrialRecord,
+    best_of,
+    open_study,
+    records,
+    study_name,
+)
 
 __all__ = [
     "RETRIED",
@@ -47,9 +63,14 @@ __all__ = [
     "SearchConfig",
     "StatusReporter",
     "StopFlag",
+    "deliver_best",
+    "resume_delivery",
     "retried",
     "run_search",
 ]
+
+# Where a search's best model goes (None: nowhere); may raise when a Secret is unusable.
+Where = Callable[[], Destination | None]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +236,7 @@ def run_search(
     latest_spec: Callable[[], ArchitectureSearchSpec | str] | None = None,
     metrics: Metrics | None = None,
     price_of: Callable[[str], float | None] | None = None,
+    destination: Where | None = None,
 ) -> Outcome | None:
     """Run a search until it ends or ``stop`` is set; returns how it ended (None: stopped).
 
@@ -224,6 +246,8 @@ def run_search(
     (:meth:`~mloptimizer.dispatch.Dispatcher.update_spec`) and a refusal shows as
     ``Degraded``, reason ``SpecChangeRefused``.
     ``price_of`` gives the USD/hour of the machine a worker id runs on (a GPU pool's).
+    ``destination``: where the best model is delivered when the search succeeds
+    (:func:`deliver_best`).
     """
     reporter = StatusReporter(kube, spec, config.status_interval, generation, metrics=metrics)
     reporter.conditions = set_condition(
@@ -295,9 +319,154 @@ def run_search(
             continue
         if outcome.reason == "interrupted":
             return None
-        _finish(reporter, dispatcher, kube, outcome)
+        best = dispatcher.counts.best
+        delivering = (
+            destination is not None
+            and not outcome.failed
+            and best is not None
+            and best.architecture is not None
+        )
+        _finish(reporter, dispatcher, kube, outcome, delivering=delivering)
+        if delivering and best is not None and best.architecture is not None:
+            message = trial_message(
+                dispatcher.spec,
+                search=config.study,
+                number=best.number,
+                trial_id=best.trial_id,
+                phase=best.phase,
+                architecture=best.architecture,
+            )
+            assert destination is not None
+            deliver_best(config, dispatcher.spec, message, kube, reporter, stop, destination)
         return outcome
     return None
+
+
+def deliver_best(
+    config: SearchConfig,
+    spec: ArchitectureSearchSpec,
+    best: TrialMessage,
+    kube: Kube,
+    reporter: StatusReporter,
+    stop: StopFlag,
+    where: Where,
+) -> None:
+    """The final job: ``best`` delivered to the search's output; the ``Delivered`` condition
+    and ``status.artifacts`` say how it went. A lost broker is waited for; a stop leaves
+    the condition Unknown, so that the next operator resumes it."""
+    silence = config.stale_after or 3600.0
+    formats = list(spec.output.formats)
+    files = [ARTIFACT_FILES[f] for f in formats] + list(REPORT_FILES)
+
+    def say(
+        status: Literal["True", "False", "Unknown"], reason: str, detail: str, **extra: Any
+    ) -> None:
+        reporter.conditions = set_condition(
+            reporter.conditions, "Delivered", status, reason, detail
+        )
+        kube.patch_status({"conditions": reporter.conditions, **extra})
+
+    try:
+        destination = where()
+    except Exception as error:  # a Secret gone or refused: nothing to retry by waiting
+        say("False", "DestinationUnusable", f"spec.output: {error}"[:4000])
+        kube.event("Warning", "DeliveryFailed", f"spec.output: {error}"[:1024])
+        return
+    if destination is None:
+        return
+
+    def job(round_: int) -> DeliverMessage:
+        return DeliverMessage(
+            search=config.study,
+            trial_id=best.trial_id,
+            number=best.number,
+            round=round_,
+            best=best,
+            formats=formats,
+            to=destination.to(files, expires=silence + 600),
+        )
+
+    def on_round(round_: int, why: str | None) -> None:
+        kube.scale(1)  # one trainer for the job (it takes the message whichever it is)
+        text = (
+            f"round {round_} of {ROUNDS}: a trainer reuses or retrains trial {best.number}, "
+            f"exports {', '.join(formats)} and writes them to {destination.uri('')}"
+        )
+        if why:
+            text += f"; round {round_ - 1} failed: {why}"
+            kube.event("Warning", "DeliveryRetried", f"final job: {why}"[:1024])
+        say("Unknown", "Delivering", text[:4000], message=text[:4000])
+
+    backoff = 0.5
+    while not stop.is_set():
+        try:
+            channel = FinalJobChannel(config.broker_url, config.study, config.queue_prefix)
+            try:
+                outcome = run_final_job(
+                    channel, job, destination, silence=silence, stop=stop.is_set,
+                    on_round=on_round,
+                )  # fmt: skip
+            finally:
+                channel.close()
+        except Exception as error:
+            if not retried(error):
+                raise
+            log.warning("final job: %s; retrying in %.1fs", error, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, config.max_backoff)
+            continue
+        if outcome.stopped:
+            return  # the next operator resumes it (Delivered stays Unknown)
+        kube.scale(0)
+        delivered = outcome.delivered
+        if delivered is None:
+            text = f"the final job failed {outcome.rounds} times; last: {outcome.error}"
+            say("False", "DeliveryFailed", text[:4000], message=text[:4000])
+            kube.event("Warning", "DeliveryFailed", text[:1024])
+            return
+        made = [a.format for a in delivered.artifacts if not a.error]
+        failed = [f"{a.format} ({a.error})" for a in delivered.artifacts if a.error]
+        text = (
+            f"trial {best.number} ({delivered.model} weights) delivered to "
+            f"{destination.uri('')}: {', '.join(made) or 'no format'}"
+            + (f"; not made: {'; '.join(failed)}" if failed else "")
+        )
+        say(
+            "True",
+            "Delivered",
+            text[:4000],
+            artifacts=artifacts_status(delivered, destination),
+            message=text[:4000],
+        )
+        kube.event("Normal", "Delivered", text[:1024])
+        return
+
+
+def resume_delivery(
+    config: SearchConfig,
+    spec: ArchitectureSearchSpec,
+    kube: Kube,
+    conditions: list[dict[str, Any]],
+    stop: StopFlag,
+    where: Where,
+) -> None:
+    """After an operator restart: the final job of a search that ended while it ran."""
+    study = open_study(spec, config.study, config.storage_url, owner=config.uid)
+    objective = spec.objective
+    best = best_of(records(study), objective.study_direction, objective.tradeoff)
+    reporter = StatusReporter(kube, spec, config.status_interval)
+    reporter.conditions = list(conditions)
+    if best is None or best.architecture is None:
+        return
+    message = trial_message(
+        spec,
+        search=config.study,
+        number=best.number,
+        trial_id=best.trial_id,
+        phase=best.phase,
+        architecture=best.architecture,
+    )
+    deliver_best(config, spec, message, kube, reporter, stop, where)
 
 
 def _open(
@@ -381,10 +550,21 @@ def _degraded(
     return min(backoff * 2, max_backoff)
 
 
-def _finish(reporter: StatusReporter, dispatcher: Dispatcher, kube: Kube, outcome: Outcome) -> None:
+def _finish(
+    reporter: StatusReporter,
+    dispatcher: Dispatcher,
+    kube: Kube,
+    outcome: Outcome,
+    *,
+    delivering: bool = False,
+) -> None:
     kube.scale(0)
     reporter._replicas = 0
     conditions = reporter.conditions
+    if delivering:  # set with the phase, so that a restart in between resumes the job
+        conditions = set_condition(
+            conditions, "Delivered", "Unknown", "Delivering", "the final job is starting"
+        )
     conditions = set_condition(conditions, "Progressing", "False", "Finished", outcome.message)
     conditions = set_condition(
         conditions,
@@ -400,6 +580,7 @@ def _finish(reporter: StatusReporter, dispatcher: Dispatcher, kube: Kube, outcom
         message=outcome.message,
         conditions=conditions,
     )
+    reporter.conditions = conditions
     kube.event("Warning" if outcome.failed else "Normal", "Finished", outcome.message)
 
 

@@ -60,9 +60,11 @@ from mloptimizer.operator.builders import (
     trainers_per_machine,
 )
 from mloptimizer.operator.config import OperatorConfig
-from mloptimizer.operator.daemon import SearchConfig, StopFlag, run_search
+from mloptimizer.operator.daemon import SearchConfig, StopFlag, resume_delivery, run_search
+from mloptimizer.operator.delivery import Destination
 from mloptimizer.operator.kube import ApiKube, ApiPoolKube
 from mloptimizer.operator.metrics import Metrics
+from mloptimizer.operator.objectstore import Bucket
 from mloptimizer.operator.pool import (
     POOL_RETRIED,
     PoolController,
@@ -96,6 +98,8 @@ __all__ = [
     "FINISHED",
     "Shared",
     "delete_search",
+    "delivery_pending",
+    "destination",
     "serve_pool",
     "serve_search",
     "start_search",
@@ -334,9 +338,42 @@ def update_search(body: Any, status: Any, shared: Shared) -> None:
 # --- the search's daemon ----------------------------------------------------------------
 
 
+def destination(namespace: str, name: str, spec: ArchitectureSearchSpec) -> Destination | None:
+    """Where the search's best model goes (``spec.output``), its bucket key read now."""
+    output = spec.output
+    folder = output.destination_path(namespace, name)
+    if output.pvc is not None:
+        return Destination(folder, claim=output.pvc.claim_name)
+    store = output.s3
+    if store is None:
+        return None
+    ref = store.secret_ref
+    bucket = Bucket(
+        endpoint=store.endpoint,
+        bucket=store.bucket,
+        region=store.region,
+        access_key_id=read_secret(
+            namespace, SecretKeyRef(name=ref.name, key=ref.access_key_id_key)
+        ),
+        secret_access_key=read_secret(
+            namespace, SecretKeyRef(name=ref.name, key=ref.secret_access_key_key)
+        ),
+    )
+    return Destination(folder, bucket=bucket)
+
+
+def delivery_pending(status: Any) -> bool:
+    """Whether the search ended with its final job not done (an operator stopped mid-job)."""
+    return status.get("phase") == "Succeeded" and any(
+        c.get("type") == "Delivered" and c.get("status") == "Unknown"
+        for c in status.get("conditions") or []
+    )
+
+
 def serve_search(body: Any, status: Any, shared: Shared, stopped: StopFlag) -> None:
-    """Run the search's dispatch loop until it ends or the daemon is stopped."""
-    if status.get("phase") in FINISHED:
+    """Run the search's dispatch loop until it ends or the daemon is stopped; then its
+    final job (also after a restart that found it pending)."""
+    if status.get("phase") in FINISHED and not delivery_pending(status):
         return
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -365,15 +402,23 @@ def serve_search(body: Any, status: Any, shared: Shared, stopped: StopFlag) -> N
         with shared.lock:
             return shared.requested.get(key, spec)
 
+    def where() -> Destination | None:
+        return destination(namespace, name, shared.spec_in_force(key, spec))
+
+    kube = ApiKube(body, namespace, name)
+    if delivery_pending(status):
+        resume_delivery(config, spec, kube, list(status.get("conditions") or []), stopped, where)
+        return
     run_search(
         config,
         spec,
-        ApiKube(body, namespace, name),
+        kube,
         stop=stopped,
         generation=meta.get("generation"),
         latest_spec=latest,
         metrics=shared.metrics,
         price_of=lambda worker: shared.price_of(key, worker),
+        destination=where,
     )
 
 

@@ -1,6 +1,7 @@
 """Secrets a search names: the one place they are read.
 
-A search may name Secrets for its study database, its broker and its GPU pool. Each is read
+A search may name Secrets for its study database, its broker, its GPU pool and its
+output bucket. Each is read
 here, with the same error when it is missing (a temporary error: the user may create it
 next), and a setting falls back to the operator's own value when the search names none.
 
@@ -44,6 +45,12 @@ def secret_refs(spec: ArchitectureSearchSpec) -> list[tuple[str, SecretKeyRef]]:
                 refs.append(
                     ("spec.workers.gpuPool.joinSecretRef", SecretKeyRef(name=join.name, key=key))
                 )
+    store = spec.output.s3
+    if store is not None:
+        for key in (store.secret_ref.access_key_id_key, store.secret_ref.secret_access_key_key):
+            refs.append(
+                ("spec.output.s3.secretRef", SecretKeyRef(name=store.secret_ref.name, key=key))
+            )
     return [(field, ref) for field, ref in refs if ref is not None]
 
 

@@ -15,9 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mloptimizer.messages import (
     Decision,
+    DeliveredMessage,
+    DeliverMessage,
     ProgressMessage,
     ResultMessage,
     TrialMessage,
@@ -48,12 +51,14 @@ class TrialSession:
             in place; None or 0 never does.
         kept: where this trainer keeps its best model so far (None: nowhere), so that the
             run's report need not train the best again.
+        output_dir: where the search's output volume is mounted (the final job writes there).
     """
 
     worker_id: str
     cache: DatasetCache
     recycle_memory_mb: float | None = None
     kept: KeptModels | None = None
+    output_dir: Path | None = None
     gpus: list[GpuInfo] = field(default_factory=detect_gpus)
     _memory: MemoryWatch = field(init=False)
 
@@ -122,6 +127,26 @@ class TrialSession:
             worker_id=self.worker_id,
             device=self.device,
             load_seconds=load_seconds,
+        )
+
+    def deliver(
+        self, message: DeliverMessage, attempt: int, stop: threading.Event
+    ) -> DeliveredMessage:
+        """The search's final job (:func:`~mloptimizer.trainer.deliver.final_job`).
+
+        Raises:
+            TrialInterrupted: ``stop`` was set (the job goes back to the queue).
+        """
+        from mloptimizer.trainer.deliver import final_job
+
+        return final_job(
+            message,
+            attempt,
+            worker_id=self.worker_id,
+            cache=self.cache,
+            output_dir=self.output_dir,
+            gpus=self.gpus,
+            stop=stop,
         )
 
     def restart_due(self, trials_done: int) -> bool:

@@ -44,6 +44,8 @@ import pika.exceptions
 from mloptimizer.broker import PERSISTENT, attempt_of, dead_letter, declare_queues
 from mloptimizer.messages import (
     Decision,
+    DeliveredMessage,
+    DeliverMessage,
     MessageError,
     ProgressMessage,
     ProgressReply,
@@ -87,6 +89,7 @@ class WorkerConfig:
     recycle_memory_mb: float | None = DEFAULT_RECYCLE_MB
     trials_done: int = 0  # trials served by this worker before it restarted in place
     keep_models: Path | None = None  # where to keep its best model (mloptimizer run's)
+    output_dir: Path | None = None  # the search's output volume (the final job writes there)
 
 
 @dataclass
@@ -98,13 +101,13 @@ class _ProgressRequest:
 
 @dataclass
 class _Job:
-    trial: TrialMessage
+    trial: TrialMessage | DeliverMessage
     attempt: int
     delivery_tag: int | None
     stop: threading.Event = field(default_factory=threading.Event)
     requests: queue.Queue[_ProgressRequest] = field(default_factory=queue.Queue)
     thread: threading.Thread | None = None
-    result: ResultMessage | None = None
+    result: ResultMessage | DeliveredMessage | None = None
     ended: bool = False  # the training thread returned (with a result, or interrupted)
 
 
@@ -119,11 +122,12 @@ class Worker:
             cache or DatasetCache(config.cache_dir, config.base_dir),
             config.recycle_memory_mb,
             KeptModels(config.keep_models) if config.keep_models else None,
+            config.output_dir,
         )
         self._stop = threading.Event()
         self._job: _Job | None = None
         self._pending: dict[str, _ProgressRequest] = {}
-        self._reported: OrderedDict[tuple[int, str], None] = OrderedDict()  # (trial id, phase)
+        self._reported: OrderedDict[tuple[int, str], None] = OrderedDict()  # see _key
         self._done = config.trials_done
         self.recycle_due = False
         self._consumer: str | None = None
@@ -226,7 +230,7 @@ class Worker:
     def _on_trial(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         try:
             message = decode(body)
-            if not isinstance(message, TrialMessage):
+            if not isinstance(message, TrialMessage | DeliverMessage):
                 raise MessageError(f"expected a trial message, got {message.kind!r}")
             if message.search != self.config.search:
                 raise MessageError(
@@ -241,7 +245,7 @@ class Worker:
             channel.basic_nack(method.delivery_tag, requeue=True)
             return
         attempt = attempt_of(properties.headers)
-        if (message.trial_id, message.phase) in self._reported:
+        if _key(message) in self._reported:
             # Its result is confirmed already; only the ack was lost with an old channel.
             log.info("trial %d redelivered after its result was sent: acked", message.number)
             channel.basic_ack(method.delivery_tag)
@@ -251,9 +255,13 @@ class Worker:
             target=self._train, args=(job,), daemon=True, name=f"trial-{message.number}"
         )
         self._job = job
-        log.info(
-            "trial %d (attempt %d): %s", message.number, attempt, message.architecture.summary()
-        )
+        if isinstance(message, DeliverMessage):
+            log.info("final job (round %d, attempt %d): trial %d", message.round, attempt,
+                     message.number)  # fmt: skip
+        else:
+            log.info(
+                "trial %d (attempt %d): %s", message.number, attempt, message.architecture.summary()
+            )
         job.thread.start()
 
     def _on_reply(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -277,11 +285,16 @@ class Worker:
             request = _ProgressRequest(progress)
             job.requests.put(request)
             self._wake()
-            request.decided.wait(job.trial.progress_timeout_seconds)
+            trial = job.trial
+            assert isinstance(trial, TrialMessage)  # a final job asks nothing
+            request.decided.wait(trial.progress_timeout_seconds)
             return request.decision
 
         try:
-            job.result = self.session.run(job.trial, job.attempt, ask, job.stop)
+            if isinstance(job.trial, DeliverMessage):
+                job.result = self.session.deliver(job.trial, job.attempt, job.stop)
+            else:
+                job.result = self.session.run(job.trial, job.attempt, ask, job.stop)
         except TrialInterrupted:
             pass
         finally:
@@ -333,6 +346,9 @@ class Worker:
         if job.delivery_tag is not None:
             channel.basic_ack(job.delivery_tag)
         self._job = None
+        if isinstance(result, DeliveredMessage):
+            log.info("final job %s: %s", result.state, result.error or "delivered")
+            return
         log.info(
             "trial %d %s: value=%s in %.1fs",
             result.number,
@@ -350,8 +366,8 @@ class Worker:
             except queue.Empty:
                 return
 
-    def _remember(self, result: ResultMessage) -> None:
-        self._reported[(result.trial_id, result.phase)] = None
+    def _remember(self, result: ResultMessage | DeliveredMessage) -> None:
+        self._reported[_key(result)] = None
         while len(self._reported) > 256:
             self._reported.popitem(last=False)
 
@@ -379,3 +395,12 @@ class Worker:
             channel.basic_nack(job.delivery_tag, requeue=True)
         self._job = None
         log.info("requeued trial %d on shutdown", job.trial.number)
+
+
+def _key(
+    message: TrialMessage | DeliverMessage | ResultMessage | DeliveredMessage,
+) -> tuple[int, str]:
+    """What a result answers: a trial's phase, or a round of the final job."""
+    if isinstance(message, DeliverMessage | DeliveredMessage):
+        return (message.trial_id, f"deliver-{message.round}")
+    return (message.trial_id, message.phase)

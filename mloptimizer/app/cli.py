@@ -102,6 +102,7 @@ def _cmd_trainer(args: argparse.Namespace) -> int:
         cache_dir=Path(args.cache_dir),
         base_dir=Path(args.data_dir) if args.data_dir else None,
         keep_models=Path(args.keep_models) if args.keep_models else None,
+        output_dir=Path(args.output_dir) if args.output_dir else None,
         heartbeat=args.heartbeat,
         grace_seconds=args.grace_period,
         queue_prefix=args.queue_prefix,
@@ -244,6 +245,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 1 if any(a["error"] for a in artifacts) else 0
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from mloptimizer.app.fetch import FetchError, fetch
+
+    kubectl = [args.kubectl]
+    if args.kubeconfig:
+        kubectl += ["--kubeconfig", args.kubeconfig]
+    if args.context:
+        kubectl += ["--context", args.context]
+    try:
+        fetch(
+            args.search,
+            Path(args.to),
+            kubectl=kubectl,
+            endpoint_url=args.endpoint_url,
+            from_dir=Path(args.from_dir) if args.from_dir else None,
+        )
+    except FetchError as error:
+        print(f"mloptimizer fetch: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     from mloptimizer.operator.config import config_from_args
     from mloptimizer.operator.main import run_operator
@@ -326,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder where this trainer keeps the model of its best trial, so that the "
         "report need not train it again (mloptimizer run --broker --workers N sets "
         "<out>/models)",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--output-dir", env="MLOPT_OUTPUT_DIR", shown="none",
+        help="where the search's output.pvc is mounted: the final job writes the best "
+        "model there (the operator sets it on the trainers of a search with output.pvc)",
     )  # fmt: skip
     env_flag(
         trainer, "--worker-id", env="MLOPT_WORKER_ID", shown="<host>-<pid>",
@@ -431,6 +459,31 @@ def build_parser() -> argparse.ArgumentParser:
         "output.formats, which default to keras and tflite-int8)",
     )
     export.set_defaults(func=_cmd_export)
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="download the model a search in a cluster delivered (status.artifacts)",
+        description="Read the search's status.artifacts with kubectl and download each file "
+        "into DIR, checking its size: from S3 with your own credentials (AWS_ACCESS_KEY_ID "
+        "and AWS_SECRET_ACCESS_KEY, ~/.aws, ...), from a PersistentVolumeClaim through "
+        "--from-dir. Exit 2 when the search delivered nothing yet, saying why.",
+    )
+    fetch.add_argument("search", metavar="NAMESPACE/NAME", help="the ArchitectureSearch")
+    fetch.add_argument("--to", required=True, metavar="DIR", help="folder to write the files to")
+    fetch.add_argument(
+        "--endpoint-url",
+        help="S3 endpoint as seen from here (default: the search's spec.output.s3.endpoint, "
+        "which may be a cluster-internal name)",
+    )
+    fetch.add_argument(
+        "--from-dir",
+        metavar="DIR",
+        help="where the output PersistentVolumeClaim's content is on this machine (its root)",
+    )
+    fetch.add_argument("--kubeconfig", help="kubeconfig file (default: kubectl's)")
+    fetch.add_argument("--context", help="kubeconfig context (default: the current one)")
+    fetch.add_argument("--kubectl", default="kubectl", help="the kubectl binary (default: kubectl)")
+    fetch.set_defaults(func=_cmd_fetch)
 
     operator = commands.add_parser(
         "operator",

@@ -41,7 +41,7 @@ def name() -> str:
 
 
 async def start_trainer(
-    cluster: Cluster, namespace: str, name: str, tmp_path: Path, worker: str
+    cluster: Cluster, namespace: str, name: str, tmp_path: Path, worker: str, *extra: str
 ) -> TrainerProcess:
     """A trainer as a pod of the search runs one: with the broker URL of the search's own
     Secret (its identity on its vhost), not the operator's login."""
@@ -49,7 +49,7 @@ async def start_trainer(
     assert secret is not None
     url = base64.b64decode(secret["data"]["url"]).decode()
     assert "guest" not in url  # the operator's login never reaches a trainer
-    return TrainerProcess(url, f"{namespace}.{name}", tmp_path, worker)
+    return TrainerProcess(url, f"{namespace}.{name}", tmp_path, worker, *extra)
 
 
 def search(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:

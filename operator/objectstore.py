@@ -1,0 +1,74 @@
+"""S3-compatible object storage, as the operator alone uses it: pre-signed PUT URLs for the
+final job, and a HEAD of each object it reports written.
+
+The access key stays in the operator: a trainer (maybe a rented host whose owner has root)
+gets one URL per file, each allowing a single PUT of one key until it expires — nothing to
+list, read or overwrite anything else with. Signed with the MinIO SDK (AWS Signature
+Version 4, which every S3-compatible store accepts).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["Bucket", "client"]
+
+# S3 caps a SigV4 pre-signed URL at 7 days.
+MAX_EXPIRY_SECONDS = 7 * 24 * 3600
+
+
+def client(endpoint: str, region: str, access_key: str, secret_key: str) -> Any:
+    """A MinIO SDK client for an endpoint URL (http:// or https://, host and port)."""
+    from minio import Minio
+
+    parts = urlsplit(endpoint)
+    return Minio(
+        parts.netloc,
+        secure=parts.scheme == "https",
+        region=region,  # given: signing needs no request to ask the bucket's region
+        access_key=access_key,
+        secret_key=secret_key,
+    )
+
+
+@dataclass
+class Bucket:
+    """One bucket at one endpoint, with the operator's key for it."""
+
+    endpoint: str
+    bucket: str
+    region: str
+    access_key_id: str = field(repr=False)
+    secret_access_key: str = field(repr=False)
+    _client: Any = field(default=None, init=False, repr=False)
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = client(
+                self.endpoint, self.region, self.access_key_id, self.secret_access_key
+            )
+        return self._client
+
+    def upload_url(self, key: str, expires: float) -> str:
+        """A URL that lets its holder PUT ``key``, for ``expires`` seconds."""
+        seconds = int(min(max(expires, 60), MAX_EXPIRY_SECONDS))
+        url: str = self.client.presigned_put_object(
+            self.bucket, key, expires=datetime.timedelta(seconds=seconds)
+        )
+        return url
+
+    def size(self, key: str) -> int | None:
+        """The size of ``key`` in bytes, or None when it is not there."""
+        from minio.error import S3Error
+
+        try:
+            found = self.client.stat_object(self.bucket, key)
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                return None
+            raise
+        return int(found.size)

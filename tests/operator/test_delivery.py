@@ -1,0 +1,382 @@
+"""The final job: the best model of a search delivered to its output.
+
+End to end: kopf with our handlers against the real API server (status.artifacts and the
+Delivered condition round-trip through it), the machine's PostgreSQL and RabbitMQ, real
+`mloptimizer trainer` processes training real Keras models, and two destinations: a folder
+standing for the output PVC (the trainer gets it as its pod would: ``--output-dir`` where
+the claim is mounted, ``--keep-models`` in it) and an S3 server that checks every
+request's signature (``s3server.py``). Then `mloptimizer fetch` brings the files back.
+
+The retry rules of :func:`run_final_job` are tested on their own with a scripted channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster import Cluster, run_operator
+from s3server import ACCESS_KEY, SECRET_KEY, s3_server
+from services import TrainerProcess
+from test_operator import condition, finished, name, operator_config, search, start_trainer
+
+from mloptimizer.messages import (
+    ArtifactReport,
+    DeliveredMessage,
+    DeliverMessage,
+    ToFolder,
+    TrialMessage,
+)
+from mloptimizer.operator.delivery import Dead, Destination, FinalJobChannel, run_final_job
+from mloptimizer.operator.main import shared_memo
+from mloptimizer.operator.secretrefs import USABLE_LABEL
+from mloptimizer.space import Architecture
+from mloptimizer.spec import Dataset
+
+__all__ = ["name"]  # the fixture, shared with test_operator
+
+
+def delivered(obj: Any) -> bool:
+    if not finished(obj):
+        return False
+    found = [c for c in obj["status"].get("conditions", []) if c["type"] == "Delivered"]
+    return bool(found) and found[0]["status"] != "Unknown"
+
+
+async def mloptimizer(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """The CLI as a user runs it, without blocking the loop that serves the cluster."""
+    exe = Path(sys.executable).parent / "mloptimizer"
+    process = await asyncio.create_subprocess_exec(
+        str(exe), *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_a_search_with_output_pvc_delivers_its_kept_model_and_fetch_brings_it(
+    cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
+) -> None:
+    claim = tmp_path / "claim"  # the PVC's content, as its trainers see it under /output
+    body = search(
+        name, output={"formats": ["keras", "tflite-int8"], "pvc": {"claimName": "models"}}
+    )
+    trainer: TrainerProcess | None = None
+    try:
+        async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
+            await cluster.create("archsearch", body)
+            deployment = await cluster.wait_for(
+                "deployments", "default", f"{name}-trainer", timeout=30
+            )
+            assert deployment is not None
+            pod = deployment["spec"]["template"]["spec"]
+            volume = next(v for v in pod["volumes"] if v["name"] == "output")
+            assert volume["persistentVolumeClaim"] == {"claimName": "models"}
+            env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+            assert env["MLOPT_OUTPUT_DIR"] == "/output"
+            assert env["MLOPT_KEEP_MODELS"] == f"/output/default/{name}/models"
+            on_host = {
+                k: v.replace("/output", str(claim))
+                for k, v in env.items()
+                if v and v.startswith("/output")
+            }
+            trainer = await start_trainer(
+                cluster,
+                "default",
+                name,
+                tmp_path,
+                "t1",
+                "--output-dir",
+                on_host["MLOPT_OUTPUT_DIR"],
+                "--keep-models",
+                on_host["MLOPT_KEEP_MODELS"],
+            )
+            done = await cluster.wait_for("archsearch", "default", name, delivered, timeout=300)
+    finally:
+        if trainer is not None:
+            trainer.stop()
+    assert done is not None
+    status = done["status"]
+    assert status["phase"] == "Succeeded"
+    ok = condition(done, "Delivered")
+    assert ok["status"] == "True", (ok, trainer.log() if trainer else "")
+    assert "kept weights" in ok["message"]  # the trainer's own weights: no second training
+    folder = claim / "default" / name
+    artifacts = {a["format"]: a for a in status["artifacts"] if a["format"] != "report"}
+    assert set(artifacts) == {"keras", "tflite-int8"}
+    for fmt, file in (("keras", "model.keras"), ("tflite-int8", "model-int8.tflite")):
+        entry = artifacts[fmt]
+        assert entry["uri"] == f"pvc://models/default/{name}/{file}"
+        assert (folder / file).stat().st_size == entry["bytes"]
+        assert 0.5 < entry["testAccuracy"] <= 1.0
+        assert entry["latencyMs"] > 0
+    reports = [a["uri"] for a in status["artifacts"] if a["format"] == "report"]
+    assert reports == [
+        f"pvc://models/default/{name}/report.md",
+        f"pvc://models/default/{name}/artifacts.json",
+    ]
+
+    out = tmp_path / "fetched"
+    kube = ["--kubeconfig", str(cluster.kubeconfig)]
+    code, _, err = await mloptimizer("fetch", f"default/{name}", "--to", str(out), *kube)
+    assert code == 2
+    assert "PersistentVolumeClaim 'models'" in err
+    assert "--from-dir" in err
+    code, printed, err = await mloptimizer(
+        "fetch", f"default/{name}", "--to", str(out), "--from-dir", str(claim), *kube
+    )
+    assert code == 0, err
+    assert (out / "model-int8.tflite").read_bytes() == (folder / "model-int8.tflite").read_bytes()
+    assert (out / "report.md").exists()
+    assert "tflite-int8" in printed
+
+
+async def test_a_search_with_output_s3_uploads_through_presigned_urls(
+    cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
+) -> None:
+    await cluster.create(
+        "secrets",
+        {
+            "metadata": {"name": f"{name}-bucket", "labels": {USABLE_LABEL: "true"}},
+            "data": {
+                "accessKeyId": base64.b64encode(ACCESS_KEY.encode()).decode(),
+                "secretAccessKey": base64.b64encode(SECRET_KEY.encode()).decode(),
+            },
+        },
+        "default",
+    )
+    trainer: TrainerProcess | None = None
+    with s3_server("models") as (endpoint, store):
+        body = search(
+            name,
+            output={
+                "formats": ["tflite-int8"],
+                "s3": {
+                    "endpoint": endpoint,
+                    "bucket": "models",
+                    "prefix": "team/edge",
+                    "secretRef": {"name": f"{name}-bucket"},
+                },
+            },
+        )
+        try:
+            async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
+                await cluster.create("archsearch", body)
+                trainer = await start_trainer(cluster, "default", name, tmp_path, "t1")
+                done = await cluster.wait_for("archsearch", "default", name, delivered, timeout=300)
+        finally:
+            if trainer is not None:
+                trainer.stop()
+        assert done is not None
+        ok = condition(done, "Delivered")
+        assert ok["status"] == "True", (ok, trainer.log() if trainer else "")
+        assert store.refused == []  # every request carried a valid signature
+        assert sorted(store.puts) == [
+            "team/edge/artifacts.json",
+            "team/edge/model-int8.tflite",
+            "team/edge/report.md",
+        ]  # written by the trainer, with pre-signed URLs only
+        log = trainer.log() if trainer else ""
+        assert SECRET_KEY not in log
+        (entry,) = [a for a in done["status"]["artifacts"] if a["format"] == "tflite-int8"]
+        assert entry["uri"] == "s3://models/team/edge/model-int8.tflite"
+        assert entry["bytes"] == len(store.buckets["models"]["team/edge/model-int8.tflite"])
+
+        out = tmp_path / "fetched"
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        code, _, err = await mloptimizer(
+            "fetch",
+            f"default/{name}",
+            "--to",
+            str(out),
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            env=env,
+        )
+        assert code == 0, err
+        assert (out / "model-int8.tflite").read_bytes() == store.buckets["models"][
+            "team/edge/model-int8.tflite"
+        ]
+
+
+# --- the retry rules, with a scripted channel ----------------------------------------------
+
+
+class Script:
+    """A FinalJobChannel stand-in: answers each send with what the test scripted."""
+
+    def __init__(self, answers: list[list[Any]]) -> None:
+        self.answers = answers
+        self.sent: list[DeliverMessage] = []
+        self._pending: list[Any] = []
+
+    def send(self, message: DeliverMessage) -> None:
+        self.sent.append(message)
+        self._pending = list(self.answers.pop(0)) if self.answers else []
+
+    def receive(self, timeout: float) -> list[Any]:
+        out, self._pending = self._pending, []
+        return [a(self.sent[-1]) if callable(a) else a for a in out]
+
+
+def job(round_: int) -> DeliverMessage:
+    best = TrialMessage(
+        search="ns.s",
+        trial_id=7,
+        number=7,
+        dataset=Dataset(builtin="digits"),
+        epochs=2,
+        batch_size=32,
+        seed=7,
+        architecture=Architecture.model_validate(
+            {
+                "family": "cnn",
+                "conv_blocks": [{"filters": 16, "kernel_size": 3}],
+                "classifier": "gap",
+                "dropout": 0.0,
+                "learning_rate": 0.003,
+            }
+        ),
+    )
+    return DeliverMessage(
+        search="ns.s",
+        trial_id=7,
+        number=7,
+        round=round_,
+        best=best,
+        formats=["keras"],
+        to=ToFolder(path="ns/s"),
+    )
+
+
+def answer(state: str = "complete", **fields: Any) -> Any:
+    def make(sent: DeliverMessage) -> DeliveredMessage:
+        values: dict[str, Any] = {
+            "search": sent.search,
+            "trial_id": sent.trial_id,
+            "number": sent.number,
+            "round": sent.round,
+            "attempt": 1,
+            "worker_id": "t",
+            "state": state,
+            "artifacts": [ArtifactReport(format="keras", bytes=10, accuracy=0.9)]
+            if state == "complete"
+            else [],
+        }
+        values.update(fields)
+        return DeliveredMessage(**values)
+
+    return make
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0  # every look at the clock is a second later
+        return self.now
+
+
+def run(script: Script, rounds: int = 3) -> Any:
+    return run_final_job(
+        script,  # type: ignore[arg-type]
+        job,
+        Destination("ns/s", claim="models"),
+        silence=5.0,
+        stop=lambda: False,
+        rounds=rounds,
+        clock=Clock(),
+    )
+
+
+def test_a_failed_a_dead_lettered_and_a_silent_round_are_each_sent_again() -> None:
+    script = Script(
+        [
+            [answer("failed", error="disk full")],
+            [lambda sent: Dead(sent, "delivery limit")],
+            [],  # silence
+            [answer()],
+        ]
+    )
+    outcome = run(script, rounds=4)
+    assert outcome.delivered is not None
+    assert outcome.rounds == 4
+    assert [m.round for m in script.sent] == [1, 2, 3, 4]
+
+
+def test_after_every_round_failed_the_last_reason_is_kept() -> None:
+    script = Script(
+        [
+            [answer("failed", error="a")],
+            [answer("failed", error="b")],
+            [answer("failed", error="c")],
+        ]
+    )
+    outcome = run(script)
+    assert outcome.delivered is None
+    assert outcome.error == "c"
+    assert outcome.rounds == 3
+
+
+@pytest.mark.parametrize(
+    ("forged", "why"),
+    [
+        (answer(search="ns.other"), "another search"),
+        (answer(trial_id=8, number=8), "another trial"),
+        (answer(round=9), "a round never sent"),
+        (answer(artifacts=[ArtifactReport(format="savedmodel", bytes=1)]), "a format not asked"),
+        (answer("failed", round=1), None),  # a stale failure of an earlier round
+    ],
+)
+def test_a_report_that_cannot_answer_the_job_is_not_believed(forged: Any, why: str | None) -> None:
+    script = Script([[], [forged], [answer()]])  # round 2 gets only the forged report
+    outcome = run(script)
+    assert outcome.delivered is not None
+    assert outcome.rounds == 3  # the forged one did not end round 2 as delivered
+    assert outcome.delivered.round == 3
+
+
+def test_the_real_channel_carries_the_job_and_its_answer() -> None:
+    import uuid
+
+    import pika
+    from services import RABBITMQ_URL as rabbitmq_url
+
+    from mloptimizer.broker import declare_queues
+    from mloptimizer.messages import QueueNames, decode, encode
+
+    search_name = f"ns.final-{uuid.uuid4().hex[:6]}"
+    channel = FinalJobChannel(rabbitmq_url, search_name)
+    try:
+        sent = job(1).model_copy(update={"search": search_name})
+        channel.send(sent)
+        connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+        names = QueueNames(search_name)
+        side = connection.channel()
+        declare_queues(side, names)
+        method, _, body = side.basic_get(names.trials, auto_ack=True)
+        assert method is not None
+        assert decode(body) == sent
+        reply = answer()(sent)
+        side.basic_publish("", names.results, encode(reply))
+        side.basic_publish("", names.results, b"{not json")
+        got: list[Any] = []
+        for _ in range(20):
+            got += channel.receive(0.2)
+            if len(got) == 2:
+                break
+        assert reply in got
+        assert any(isinstance(g, str) and "not JSON" in g for g in got)  # kept aside, rejected
+        method, _, _ = side.basic_get(names.rejected, auto_ack=True)
+        assert method is not None
+        for queue in names.all:
+            side.queue_delete(queue)
+        connection.close()
+    finally:
+        channel.close()
