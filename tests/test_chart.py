@@ -636,6 +636,27 @@ def test_trainers_in_watched_namespaces_reach_only_dns_the_broker_and_public_htt
         assert broker[0]["ports"] == [{"protocol": "TCP", "port": 5672}]
 
 
+def test_an_in_cluster_object_store_is_opened_to_operator_and_trainers_only_when_named(
+    helm: Helm,
+) -> None:
+    def ports(docs: list[dict[str, Any]], suffix: str) -> set[int]:
+        (policy,) = [
+            p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith(suffix)
+        ]
+        kubernetes_validate.validate(policy, "1.34.0", strict=True)
+        return {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+
+    assert 9000 not in ports(helm.template(), "-operator")
+    docs = helm.template(
+        "--set", "operator.watchNamespaces={team-a}",
+        "--set", "networkPolicy.objectStorageEgress[0].ports[0].port=9000",
+        "--set", "networkPolicy.objectStorageEgress[0].to[0].namespaceSelector.matchLabels"
+        ".kubernetes\\.io/metadata\\.name=storage",
+    )  # fmt: skip
+    assert 9000 in ports(docs, "-operator")  # it checks each uploaded object (HEAD)
+    assert 9000 in ports(docs, "-trainers")  # they PUT through pre-signed URLs
+
+
 def test_the_dashboard_is_off_by_default_and_no_pod_reaches_it_when_on(helm: Helm) -> None:
     assert not [
         d for d in find(helm.template(), "Deployment") if "dashboard" in d["metadata"]["name"]

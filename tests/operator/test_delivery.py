@@ -204,6 +204,101 @@ async def test_a_search_with_output_s3_uploads_through_presigned_urls(
         ]
 
 
+async def bucket_secret(cluster: Cluster, name: str, secret_key: str) -> None:
+    await cluster.create(
+        "secrets",
+        {
+            "metadata": {"name": name, "labels": {USABLE_LABEL: "true"}},
+            "data": {
+                "accessKeyId": base64.b64encode(ACCESS_KEY.encode()).decode(),
+                "secretAccessKey": base64.b64encode(secret_key.encode()).decode(),
+            },
+        },
+        "default",
+    )
+
+
+async def test_a_final_job_failing_every_round_is_a_condition_not_a_lost_search(
+    cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
+) -> None:
+    await bucket_secret(cluster, f"{name}-bucket", "a-key-the-store-does-not-know")
+    trainer: TrainerProcess | None = None
+    with s3_server("models") as (endpoint, store):
+        body = search(
+            name,
+            budget={"maxTrials": 2, "parallelism": 1},
+            sampler={"seed": 1, "nStartupTrials": 1},
+            output={
+                "formats": ["keras"],
+                "s3": {"endpoint": endpoint, "bucket": "models",
+                       "secretRef": {"name": f"{name}-bucket"}},
+            },
+        )  # fmt: skip
+        try:
+            async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
+                await cluster.create("archsearch", body)
+                trainer = await start_trainer(cluster, "default", name, tmp_path, "t1")
+                done = await cluster.wait_for("archsearch", "default", name, delivered, timeout=300)
+                deployment = await cluster.get("deployments", "default", f"{name}-trainer")
+        finally:
+            if trainer is not None:
+                trainer.stop()
+        assert done is not None
+        assert done["status"]["phase"] == "Succeeded"  # the search itself went well
+        failed = condition(done, "Delivered")
+        assert failed["status"] == "False"
+        assert failed["reason"] == "DeliveryFailed"
+        assert "failed 3 times" in failed["message"]
+        assert "HTTP 403" in failed["message"]
+        assert not done["status"].get("artifacts")
+        assert store.puts == []  # the store refused every forged-looking URL
+        assert len(store.refused) == 3  # one PUT a round, each refused
+        assert deployment is not None
+        assert deployment["spec"]["replicas"] == 0  # no trainer left up for it
+    reasons = [e["reason"] for e in await cluster.list("events", "default")
+               if e["involvedObject"]["name"] == name]  # fmt: skip
+    assert reasons.count("DeliveryRetried") == 2
+    assert "DeliveryFailed" in reasons
+
+
+async def test_an_operator_restarted_mid_job_resumes_it(
+    cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
+) -> None:
+    claim = tmp_path / "claim"
+    body = search(name, output={"formats": ["keras"], "pvc": {"claimName": "models"}})
+    volume = ("--output-dir", str(claim), "--keep-models", str(claim / "default" / name / "models"))
+    first: TrainerProcess | None = None
+    second: TrainerProcess | None = None
+    try:
+        async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
+            await cluster.create("archsearch", body)
+            # this trainer leaves after the search's 4 trials: nobody takes the final job
+            first = await start_trainer(
+                cluster, "default", name, tmp_path, "first", "--max-trials", "4", *volume
+            )
+            pending = await cluster.wait_for(
+                "archsearch", "default", name,
+                lambda o: finished(o) and condition(o, "Delivered")["status"] == "Unknown",
+                timeout=300,
+            )  # fmt: skip
+            assert pending is not None
+        assert first.process.wait(timeout=60) == 0
+        assert "final job" not in first.log()
+        async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
+            second = await start_trainer(cluster, "default", name, tmp_path, "second", *volume)
+            done = await cluster.wait_for("archsearch", "default", name, delivered, timeout=300)
+    finally:
+        for trainer in (first, second):
+            if trainer is not None:
+                trainer.stop()
+    assert done is not None
+    ok = condition(done, "Delivered")
+    assert ok["status"] == "True", ok
+    assert "kept weights" in ok["message"]  # the first trainer's, from the claim
+    assert (claim / "default" / name / "model.keras").exists()
+    assert "final job" in second.log() if second else False
+
+
 # --- the retry rules, with a scripted channel ----------------------------------------------
 
 
