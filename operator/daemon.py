@@ -320,8 +320,10 @@ def run_search(
         if outcome.reason == "interrupted":
             return None
         best = dispatcher.counts.best
+        output = dispatcher.spec.output
         delivering = (
             destination is not None
+            and (output.pvc is not None or output.s3 is not None)
             and not outcome.failed
             and best is not None
             and best.architecture is not None
@@ -372,7 +374,8 @@ def deliver_best(
         say("False", "DestinationUnusable", f"spec.output: {error}"[:4000])
         kube.event("Warning", "DeliveryFailed", f"spec.output: {error}"[:1024])
         return
-    if destination is None:
+    if destination is None:  # the output was edited away meanwhile
+        say("False", "NoDestination", "spec.output names no pvc or s3")
         return
 
     def job(round_: int) -> DeliverMessage:

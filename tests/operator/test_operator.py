@@ -147,6 +147,8 @@ async def test_apply_runs_the_search_to_succeeded_and_the_study_agrees(
     assert status["observedGeneration"] == created["metadata"]["generation"]
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Complete"]["reason"] == "MaxTrialsReached"
+    assert "Delivered" not in conditions  # no spec.output destination: no final job
+    assert "artifacts" not in status or status["artifacts"] == []
     events = await cluster.list("events", "default")
     reasons = {e["reason"] for e in events}
     assert {"Started", "NewBest", "Finished"} <= reasons
