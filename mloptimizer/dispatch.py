@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -250,6 +251,10 @@ class Dispatcher:
         self.stopping: Outcome | None = None
         self.waiting = 0  # enqueued trials (retries, refine) that ask() hands out first
         self.refine_started = False
+        # Seconds per epoch of the explored trials that trained, to keep time for refine
+        # under budget.timeout; and why exploration closed early for it (None: it did not).
+        self._epoch_seconds: list[float] = []
+        self.explore_closed: str | None = None
         self.last_dispatch_seconds = 0.0  # ask, sample and publish of the latest trial
         self.refused: str | None = None  # why the latest requested spec is not in force
         self._requested: ArchitectureSearchSpec | str | None = None
@@ -302,6 +307,9 @@ class Dispatcher:
         c.cost_usd += rec.cost_usd
         if rec.finished and rec.counted:
             c.history.append(rec)
+        epochs = rec.attrs.get(Attr.EPOCHS)
+        if rec.phase == "explore" and isinstance(epochs, int) and epochs > 0 and rec.seconds > 0:
+            self._epoch_seconds.append(rec.seconds / epochs)
         if rec.state == "complete" and rec.value is not None and rec.feasible:
             candidates = [rec] if c.best is None else [rec, c.best]
             c.best = best_of(candidates, self._direction, self.spec.objective.tradeoff)
@@ -390,9 +398,36 @@ class Dispatcher:
         while len(self.in_flight) < self.spec.budget.parallelism:
             if self.waiting > 0:
                 self.waiting -= 1
-            elif self._explore_left() <= 0 or self.refine_started:
+            elif self._explore_left() <= 0 or self.refine_started or self._time_for_refine():
                 return
             self._dispatch(self.study.ask())
+
+    def _time_for_refine(self) -> bool:
+        """Whether exploring on would leave too little of ``budget.timeout`` for refine.
+
+        The refine phase is what turns the explored best into the model delivered, so under
+        a timeout exploration closes early enough for it: when the time left is no more than
+        the refine trials' estimated time (``topK`` trials of ``refine.epochs``, in waves of
+        ``parallelism``) plus one explore trial's (those in flight finish first). Estimated
+        from the seconds per epoch of the trials explored so far (median); none yet: explore.
+        """
+        if self.explore_closed is not None:
+            return True
+        refine, timeout = self.spec.training.refine, self.spec.budget.timeout
+        if refine is None or timeout is None or not self._epoch_seconds:
+            return False
+        per_epoch = statistics.median(self._epoch_seconds)
+        waves = math.ceil(refine.top_k / self.spec.budget.parallelism)
+        reserve = per_epoch * (refine.epochs * waves + self.spec.training.epochs)
+        left = parse_duration(timeout) - self._elapsed()
+        if left > reserve:
+            return False
+        self.explore_closed = (
+            f"exploration closed at {self._elapsed():.0f} s of budget.timeout {timeout} to "
+            f"leave about {reserve:.0f} s for refine ({per_epoch:.1f} s an epoch)"
+        )
+        log.info("%s", self.explore_closed)
+        return True
 
     def _dispatch(self, trial: optuna.trial.Trial) -> None:
         began = time.perf_counter()
@@ -916,6 +951,18 @@ class Dispatcher:
 
     def _end(self) -> Outcome:
         c = self.counts
+        if self.explore_closed is not None:  # refine done within budget.timeout
+            best = (
+                f"best trial {c.best.number}: {self.spec.objective.metric} {c.best.value:.4f}"
+                if c.best is not None and c.best.value is not None
+                else "no trial completed"
+            )
+            return Outcome(
+                "timeout",
+                f"{c.explore_used} trials explored, then refined within budget.timeout "
+                f"{self.spec.budget.timeout}; {best}",
+                failed=False,
+            )
         best = (
             f"best trial {c.best.number}: {self.spec.objective.metric} {c.best.value:.4f}"
             if c.best is not None and c.best.value is not None

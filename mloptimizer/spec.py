@@ -322,7 +322,9 @@ class Budget(SpecModel):
     )
     timeout: Duration | None = Field(
         default=None,
-        description="Wall-clock limit of the whole search, such as 45m, 6h or 1h30m.",
+        description="Wall-clock limit of the whole search, such as 45m, 6h or 1h30m. With "
+        "training.refine, exploration closes early enough (estimated from the explored "
+        "trials' seconds per epoch) for the refine trials to run within it.",
     )
     max_cost_usd: float | None = Field(
         default=None,

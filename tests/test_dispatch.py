@@ -32,6 +32,7 @@ from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import (
     Attr,
     StudyMismatch,
+    best_of,
     open_study,
     pareto_front,
     records,
@@ -311,6 +312,33 @@ def test_timeout_cancels_the_trials_in_flight(storage: str) -> None:
     assert cancelled
     assert all(r.state == "failed" and "cancelled" in (r.error or "") for r in cancelled)
     assert d.counts.failed == 0  # cancelled trials are not failures
+
+
+def test_under_a_timeout_exploration_closes_early_enough_for_refine(storage: str) -> None:
+    spec = make_spec(
+        budget={"maxTrials": 500, "parallelism": 1, "timeout": "10m"},
+        training={"epochs": 3, "refine": {"topK": 1, "epochs": 6}},
+    )
+    study = open_study(spec, "ns.search", storage)
+    clock = fake_clock(step=1.0)
+    study.set_user_attr(Attr.STARTED_AT, clock())
+    transport = ScriptedTransport(seconds=30.0)  # 10 s an epoch, as the trainers report
+    d = Dispatcher(study, spec, transport, search="ns.search", clock=clock)
+    outcome = d.run()
+
+    assert outcome.reason == "timeout"
+    assert "then refined within budget.timeout 10m" in outcome.message
+    assert d.explore_closed is not None
+    assert "leave about 90 s for refine" in d.explore_closed  # 10 s x (6 refine + 3 explore)
+    trials = records(study)
+    refined = [r for r in trials if r.phase == "refine"]
+    assert len(refined) == 1
+    assert refined[0].state == "complete"  # finished, not cancelled by the timeout
+    assert not [r for r in trials if r.interrupted]
+    best_explored = best_of([r for r in trials if r.phase == "explore"], "maximize")
+    assert best_explored is not None
+    assert refined[0].refines == best_explored.number
+    assert 1 < sum(r.phase == "explore" for r in trials) < 500
 
 
 def test_max_cost_stops_dispatching(storage: str) -> None:
