@@ -254,6 +254,7 @@ class Dispatcher:
         # Seconds per epoch of the explored trials that trained, to keep time for refine
         # under budget.timeout; and why exploration closed early for it (None: it did not).
         self._epoch_seconds: list[float] = []
+        self._explored_pace: list[tuple[float, float]] = []  # (value, s/epoch) of complete ones
         self.explore_closed: str | None = None
         self.last_dispatch_seconds = 0.0  # ask, sample and publish of the latest trial
         self.refused: str | None = None  # why the latest requested spec is not in force
@@ -310,6 +311,8 @@ class Dispatcher:
         epochs = rec.attrs.get(Attr.EPOCHS)
         if rec.phase == "explore" and isinstance(epochs, int) and epochs > 0 and rec.seconds > 0:
             self._epoch_seconds.append(rec.seconds / epochs)
+            if rec.state == "complete" and rec.value is not None and rec.feasible:
+                self._explored_pace.append((rec.value, rec.seconds / epochs))
         if rec.state == "complete" and rec.value is not None and rec.feasible:
             candidates = [rec] if c.best is None else [rec, c.best]
             c.best = best_of(candidates, self._direction, self.spec.objective.tradeoff)
@@ -408,23 +411,28 @@ class Dispatcher:
         The refine phase is what turns the explored best into the model delivered, so under
         a timeout exploration closes early enough for it: when the time left is no more than
         the refine trials' estimated time (``topK`` trials of ``refine.epochs``, in waves of
-        ``parallelism``) plus one explore trial's (those in flight finish first). Estimated
-        from the seconds per epoch of the trials explored so far (median); none yet: explore.
+        ``parallelism``, at the pace the slowest of the current top ``topK`` trained) plus
+        one explore trial's at the median pace (those in flight finish first). Nothing
+        explored yet: explore.
         """
         if self.explore_closed is not None:
             return True
         refine, timeout = self.spec.training.refine, self.spec.budget.timeout
         if refine is None or timeout is None or not self._epoch_seconds:
             return False
-        per_epoch = statistics.median(self._epoch_seconds)
+        explore_pace = statistics.median(self._epoch_seconds)
+        sign = -1.0 if self._direction == "maximize" else 1.0
+        top = sorted(self._explored_pace, key=lambda p: sign * p[0])[: refine.top_k]
+        refine_pace = max((pace for _, pace in top), default=explore_pace)
         waves = math.ceil(refine.top_k / self.spec.budget.parallelism)
-        reserve = per_epoch * (refine.epochs * waves + self.spec.training.epochs)
+        reserve = refine_pace * refine.epochs * waves + explore_pace * self.spec.training.epochs
         left = parse_duration(timeout) - self._elapsed()
         if left > reserve:
             return False
         self.explore_closed = (
             f"exploration closed at {self._elapsed():.0f} s of budget.timeout {timeout} to "
-            f"leave about {reserve:.0f} s for refine ({per_epoch:.1f} s an epoch)"
+            f"leave about {reserve:.0f} s for refine ({refine_pace:.1f} s an epoch for the "
+            f"top {refine.top_k}, {explore_pace:.1f} for a trial in flight)"
         )
         log.info("%s", self.explore_closed)
         return True
