@@ -257,12 +257,19 @@ def burn_rate(status: PoolState) -> float:
 def work_from_status(status: dict[str, Any], spec: ArchitectureSearchSpec, now: float) -> Work:
     """What the pool should serve, read from the search's status as the dispatcher wrote it.
 
-    Trials in flight are the queued and running ones. The time left, for the spend cap, is
+    Trials in flight are the queued and running ones; a search that succeeded and whose
+    final job runs (``Delivered`` Unknown) still needs one. The time left, for the spend cap, is
     the budget's timeout left, or the finished trials' pace extrapolated to the trials left
     (an hour before any trial has finished), whichever is shorter.
     """
     phase = status.get("phase")
     trials = status.get("trials") or {}
+    delivering = any(
+        c.get("type") == "Delivered" and c.get("status") == "Unknown"
+        for c in status.get("conditions") or []
+    )
+    if phase == "Succeeded" and delivering:  # the final job needs one trainer, on a machine
+        return Work(trials=1, ended=False, remaining_hours=1.0)
     if phase in ("Succeeded", "Failed"):
         return Work(trials=0, ended=True, remaining_hours=0.0)
     running = int(trials.get("running") or 0)

@@ -154,8 +154,14 @@ def _model(
 
     best = message.best
     if models is not None and (path := kept_model(models, best)) is not None:
-        log.info("final job: reusing the kept weights of trial %d", best.number)
-        return keras.models.load_model(path), "kept"
+        try:
+            model = keras.models.load_model(path)
+        except Exception as error:  # a truncated file: the weights are gone, train again
+            log.warning("final job: the kept model of trial %d is unreadable (%s)", best.number,
+                        error)  # fmt: skip
+        else:
+            log.info("final job: reusing the kept weights of trial %d", best.number)
+            return model, "kept"
     log.info("final job: retraining trial %d (%d epochs)", best.number, best.epochs)
     holder: dict[str, Any] = {}
 

@@ -242,6 +242,16 @@ def test_the_work_and_the_time_left_come_from_the_status() -> None:
     late = work_from_status(half_hour_in, spec, now + 6000)  # the 2 h timeout is nearer
     assert late.remaining_hours == pytest.approx((7200 - 6000) / 3600)
     assert work_from_status({"phase": "Succeeded"}, spec, now).ended
+    delivering = {
+        "phase": "Succeeded",
+        "conditions": [{"type": "Delivered", "status": "Unknown", "reason": "Delivering"}],
+    }
+    assert work_from_status(delivering, spec, now) == Work(trials=1, remaining_hours=1.0)
+    delivered = {
+        "phase": "Succeeded",
+        "conditions": [{"type": "Delivered", "status": "True", "reason": "Delivered"}],
+    }
+    assert work_from_status(delivered, spec, now).ended  # then the machines go
 
 
 def test_worker_ids_name_their_machine() -> None:
