@@ -413,7 +413,8 @@ class Dispatcher:
         the refine trials' estimated time (``topK`` trials of ``refine.epochs``, in waves of
         ``parallelism``, at the pace the slowest of the current top ``topK`` trained) plus
         one explore trial's at the median pace (those in flight finish first). Nothing
-        explored yet: explore.
+        explored yet: explore. When even the refine trials no longer fit (a slow model
+        became the best late), the search explores to the end instead, as without refine.
         """
         if self.explore_closed is not None:
             return True
@@ -425,10 +426,11 @@ class Dispatcher:
         top = sorted(self._explored_pace, key=lambda p: sign * p[0])[: refine.top_k]
         refine_pace = max((pace for _, pace in top), default=explore_pace)
         waves = math.ceil(refine.top_k / self.spec.budget.parallelism)
-        reserve = refine_pace * refine.epochs * waves + explore_pace * self.spec.training.epochs
+        refine_needs = refine_pace * refine.epochs * waves
+        reserve = refine_needs + explore_pace * self.spec.training.epochs
         left = parse_duration(timeout) - self._elapsed()
-        if left > reserve:
-            return False
+        if left > reserve or left < refine_needs:
+            return False  # time to explore more; or refine no longer fits: explore to the end
         self.explore_closed = (
             f"exploration closed at {self._elapsed():.0f} s of budget.timeout {timeout} to "
             f"leave about {reserve:.0f} s for refine ({refine_pace:.1f} s an epoch for the "

@@ -341,6 +341,23 @@ def test_under_a_timeout_exploration_closes_early_enough_for_refine(storage: str
     assert 1 < sum(r.phase == "explore" for r in trials) < 500
 
 
+def test_under_a_timeout_a_refine_that_no_longer_fits_leaves_the_time_to_exploring(
+    storage: str,
+) -> None:
+    spec = make_spec(
+        budget={"maxTrials": 500, "parallelism": 1, "timeout": "10m"},
+        training={"epochs": 3, "refine": {"topK": 1, "epochs": 200}},  # 2,000 s of refine
+    )
+    study = open_study(spec, "ns.search", storage)
+    clock = fake_clock(step=1.0)
+    study.set_user_attr(Attr.STARTED_AT, clock())
+    d = Dispatcher(study, spec, ScriptedTransport(seconds=30.0), search="ns.search", clock=clock)
+    outcome = d.run()
+    assert outcome.reason == "timeout"
+    assert d.explore_closed is None
+    assert not [r for r in records(study) if r.phase == "refine"]  # none started to be cancelled
+
+
 def test_max_cost_stops_dispatching(storage: str) -> None:
     spec = make_spec(
         budget={"maxTrials": 10, "parallelism": 1, "maxCostUSD": 1.0},

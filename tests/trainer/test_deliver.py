@@ -28,7 +28,7 @@ from mloptimizer.spec import Dataset
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.deliver import final_job
 from mloptimizer.trainer.export import Artifact, export_model
-from mloptimizer.trainer.kept import KeptModels
+from mloptimizer.trainer.kept import KeptModels, identity
 from mloptimizer.trainer.training import train_trial
 
 SEARCH = "ns.edge"
@@ -186,3 +186,22 @@ def test_to_s3_through_presigned_urls_only_retrained_and_a_failed_format_named(
         assert failed.state == "failed"
         assert "HTTP 403" in (failed.error or "")
         assert "signature does not match" in (failed.error or "")
+
+
+def test_an_unreadable_kept_model_is_trained_again(tmp_path: Path, cache: DatasetCache) -> None:
+    best = digits_trial(SEARCH, 4, epochs=1)
+    models = tmp_path / "claim" / "ns" / "edge" / "models"
+    models.mkdir(parents=True)
+    (models / "trial-4.keras").write_bytes(b"truncated by a full disk")
+    (models / "trial-4.json").write_text(json.dumps({"identity": identity(best), "value": 0.9}))
+    told = final_job(
+        deliver(best, ToFolder(path="ns/edge"), ["keras"]),
+        1,
+        worker_id="t1",
+        cache=cache,
+        output_dir=tmp_path / "claim",
+        gpus=[],
+        stop=threading.Event(),
+    )
+    assert told.state == "complete", told.error
+    assert told.model == "retrained"
