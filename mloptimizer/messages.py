@@ -200,7 +200,7 @@ class ToFolder(BaseModel):
     kind: Literal["folder"] = "folder"
     path: str = Field(
         max_length=1024,
-        pattern=r"^([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]+$",
+        pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9_.-]*$",
         description="Relative to the output mount; the trainer refuses ``..``.",
     )
 

@@ -835,6 +835,11 @@ class Broker(SpecModel):
 # --- the spec ------------------------------------------------------------------------------
 
 
+# A relative folder: segments of letters, digits, _ . - that never start with a dot, so
+# neither ".." nor an absolute path can name a place outside the claim or the prefix.
+FOLDER_PATTERN = r"^([A-Za-z0-9_][A-Za-z0-9_.-]*/)*([A-Za-z0-9_][A-Za-z0-9_.-]*)?$"
+
+
 class OutputVolume(SpecModel):
     """A PersistentVolumeClaim the search's final job writes its model to."""
 
@@ -843,9 +848,7 @@ class OutputVolume(SpecModel):
         "trainers, ReadWriteMany otherwise), mounted read-write on this search's trainers "
         "only. They also keep their best models in it, so the final job reuses them."
     )
-    path: Annotated[
-        str, Field(max_length=1024, pattern=r"^([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]*$")
-    ] = Field(
+    path: Annotated[str, Field(max_length=1024, pattern=FOLDER_PATTERN)] = Field(
         default="",
         description="Folder inside the claim (relative, no ..); empty writes under "
         "<namespace>/<name>/.",
@@ -879,9 +882,7 @@ class ObjectStore(SpecModel):
     bucket: Annotated[
         str, Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
     ] = Field(description="Bucket name; it must exist.")
-    prefix: Annotated[
-        str, Field(max_length=512, pattern=r"^([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]*$")
-    ] = Field(
+    prefix: Annotated[str, Field(max_length=512, pattern=FOLDER_PATTERN)] = Field(
         default="", description="Key prefix (a folder); empty writes under <namespace>/<name>/."
     )
     region: Annotated[str, Field(min_length=1, max_length=64)] = Field(
@@ -953,6 +954,18 @@ class ArchitectureSearchSpec(SpecModel):
             ),
             message="training.refine.topK must not exceed budget.maxTrials",
             field="training",
+        ),
+        Rule(
+            cel="!has(self.output.pvc) || !has(self.workers.gpuPool) "
+            "|| self.workers.gpuPool.mode != 'Direct'",
+            check=lambda s: (
+                s.output.pvc is None
+                or s.workers.gpu_pool is None
+                or s.workers.gpu_pool.mode != "Direct"
+            ),
+            message="output.pvc cannot reach trainers on rented machines outside the cluster "
+            "(gpuPool mode Direct): use output.s3, or gpuPool mode Node",
+            field="output",
         ),
         Rule(
             cel="self.pruner.type != 'hyperband' || self.pruner.minEpochs < self.training.epochs",

@@ -293,6 +293,52 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("unknown export format", with_("output.formats", ["onnx"]), "spec.output.formats[0]"),
     ("export format twice", with_("output.formats", ["keras", "keras"]), "spec.output.formats"),
     ("unknown tradeoff", with_("objective.tradeoff", "latency"), "spec.objective.tradeoff"),
+    (
+        "output to both a pvc and s3",
+        with_(
+            "output",
+            {
+                "pvc": {"claimName": "models"},
+                "s3": {
+                    "endpoint": "https://s3.example.com",
+                    "bucket": "models",
+                    "secretRef": {"name": "bucket"},
+                },
+            },
+        ),
+        "spec.output.s3",
+    ),
+    (
+        "output path leaving the claim",
+        with_("output.pvc", {"claimName": "models", "path": "../../etc"}),
+        "spec.output.pvc.path",
+    ),
+    (
+        "s3 endpoint with a path",
+        with_(
+            "output.s3",
+            {
+                "endpoint": "https://s3.example.com/bucket",
+                "bucket": "models",
+                "secretRef": {"name": "bucket"},
+            },
+        ),
+        "spec.output.s3.endpoint",
+    ),
+    (
+        "output pvc with trainers on rented machines",
+        {
+            **with_("output.pvc", {"claimName": "models"}),
+            "workers": {
+                "gpuPool": {
+                    "mode": "Direct",
+                    "apiKeySecretRef": {"name": "v", "key": "k"},
+                    "brokerEndpoint": "amqps://broker.example.com:5671/",
+                }
+            },
+        },
+        "spec.output",
+    ),
 ]
 
 

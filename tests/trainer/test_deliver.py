@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from dispatch import digits_trial
+from pydantic import ValidationError
 from s3server import ACCESS_KEY, REGION, SECRET_KEY, s3_server
 
 from mloptimizer.messages import (
@@ -103,8 +104,15 @@ def test_a_destination_outside_the_volume_is_refused_before_any_work(
     tmp_path: Path, cache: DatasetCache
 ) -> None:
     best = digits_trial(SEARCH, 1)
+    for escape in ("../../etc", "/etc", "ns/../.."):  # refused by the message contract
+        with pytest.raises(ValidationError):
+            ToFolder(path=escape)
+    # and a folder that leads out of the volume (a symlink put there) by the trainer
+    claim = tmp_path / "claim"
+    (claim / "ns").mkdir(parents=True)
+    (claim / "ns" / "out").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     told = final_job(
-        deliver(best, ToFolder(path="../../etc"), ["keras"]),
+        deliver(best, ToFolder(path="ns/out"), ["keras"]),
         1,
         worker_id="t1",
         cache=cache,
