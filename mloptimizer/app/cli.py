@@ -22,7 +22,8 @@ DESCRIPTION = """\
 Distributed AutoML with TPE. Write one ArchitectureSearch file; check it with
 `mloptimizer validate`, preview what it samples with `mloptimizer space`, run
 it on this machine with `mloptimizer run FILE`, or on a cluster with
-`kubectl apply -f FILE`.
+`kubectl apply -f FILE` (then `mloptimizer fetch NAMESPACE/NAME --to DIR`
+downloads the model it delivered to spec.output).
 """
 
 
