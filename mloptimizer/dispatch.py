@@ -412,15 +412,19 @@ class Dispatcher:
         a timeout exploration closes early enough for it: when the time left is no more than
         the refine trials' estimated time (``topK`` trials of ``refine.epochs``, in waves of
         ``parallelism``, at the pace the slowest of the current top ``topK`` trained) plus
-        one explore trial's at the median pace (those in flight finish first). Nothing
-        explored yet: explore. When even the refine trials no longer fit (a slow model
-        became the best late), the search explores to the end instead, as without refine.
+        one explore trial's at the median pace (those in flight finish first). Never before
+        the sampler's start-up trials (and ``topK``) completed: refining the best of a few
+        random trials is worth less than exploring. When even the refine trials no longer
+        fit (a slow model became the best late), the search explores to the end instead,
+        as without refine.
         """
         if self.explore_closed is not None:
             return True
         refine, timeout = self.spec.training.refine, self.spec.budget.timeout
         if refine is None or timeout is None or not self._epoch_seconds:
             return False
+        if len(self._explored_pace) < max(refine.top_k, self.spec.sampler.n_startup_trials):
+            return False  # too little explored for a best worth refining: explore on
         explore_pace = statistics.median(self._epoch_seconds)
         sign = -1.0 if self._direction == "maximize" else 1.0
         top = sorted(self._explored_pace, key=lambda p: sign * p[0])[: refine.top_k]

@@ -358,6 +358,25 @@ def test_under_a_timeout_a_refine_that_no_longer_fits_leaves_the_time_to_explori
     assert not [r for r in records(study) if r.phase == "refine"]  # none started to be cancelled
 
 
+def test_under_a_timeout_refine_waits_for_the_start_up_trials(storage: str) -> None:
+    spec = make_spec(
+        budget={"maxTrials": 500, "parallelism": 1, "timeout": "10m"},
+        sampler={"nStartupTrials": 8},
+        training={"epochs": 3, "refine": {"topK": 1, "epochs": 5}},
+    )
+    study = open_study(spec, "ns.search", storage)
+    clock = fake_clock(step=1.0)
+    study.set_user_attr(Attr.STARTED_AT, clock())
+    # 100 s an epoch as reported: refine needs 500 s, and with one explore trial 800 s, so
+    # from the first trial on the time left is in between: it would close at once
+    d = Dispatcher(study, spec, ScriptedTransport(seconds=300.0), search="ns.search", clock=clock)
+    d.run()
+    explored = [r for r in records(study) if r.phase == "explore"]
+    assert len(explored) > 8
+    assert d.explore_closed is None  # closing now would refine the best of one random trial
+    assert not [r for r in records(study) if r.phase == "refine"]
+
+
 def test_max_cost_stops_dispatching(storage: str) -> None:
     spec = make_spec(
         budget={"maxTrials": 10, "parallelism": 1, "maxCostUSD": 1.0},
