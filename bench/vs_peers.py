@@ -33,10 +33,11 @@ The tools:
   written here: dataset ``mnist_5k``, the space above (``searchSpace``), TPE
   sampler (its defaults, seeded), median pruner (its defaults), ``budget.timeout`` = the
   budget, ``budget.parallelism`` 1 with one local trainer, ``training.refine`` (the top
-  1 retrained for ``--refine-epochs``). The refine phase starts once ``budget.maxTrials``
-  are explored; ``maxTrials`` is 1000 unless ``--mloptimizer-trials`` says otherwise, so
-  within a short budget the timeout ends the search first and no refine trial runs (each
-  search's line says whether it did). Trial completion times and values are read from the
+  1 retrained for ``--refine-epochs``). ``maxTrials`` is 1000 unless
+  ``--mloptimizer-trials`` says otherwise, so the timeout ends the search; exploration
+  closes early enough for the refine trial when it still fits after the start-up trials
+  (see README, "Two phases"), else the search explores to the end (each search's line
+  says whether refine ran). Trial completion times and values are read from the
   run folder's Optuna study (``study.db``), timed from the study's creation. Final model:
   the run's best trial (what ``mloptimizer run``'s report scores).
 * **KerasTuner 1.4 BayesianOptimization** and **Hyperband** -- a ``HyperModel`` that
@@ -356,7 +357,7 @@ def mloptimizer_search(setup: Setup, seed: int, progress: str) -> Run:
     run.points.sort(key=lambda p: p.seconds)
     best = best_of(within, "maximize")
     run.final = best.architecture if best is not None else None
-    run.note = "refine ran" if refined else "no refine (ended by the timeout)"
+    run.note = "refine ran" if refined else "no refine (it did not fit in the budget)"
     return run
 
 
@@ -781,7 +782,7 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=UNBOUNDED_TRIALS,
         help="MLOptimizer's budget.maxTrials: explored trials before its refine phase "
-        f"(default {UNBOUNDED_TRIALS}: the timeout ends the search first)",
+        f"(default {UNBOUNDED_TRIALS}: the timeout ends the search)",
     )
     parser.add_argument(
         "--hyperband-factor",
