@@ -54,6 +54,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refuse(self, code: int, why: str) -> None:
         self.state.refused.append(f"{self.command} {self.path}: {why}")
+        # read the body first, as S3 does: a client still sending it would see a reset
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
         code_name = "AccessDenied" if code == 403 else "NoSuchKey"
         body = f"<Error><Code>{code_name}</Code><Message>{why}</Message></Error>"
         self.send_response(code)

@@ -252,7 +252,9 @@ async def test_a_final_job_failing_every_round_is_a_condition_not_a_lost_search(
         assert "HTTP 403" in failed["message"]
         assert not done["status"].get("artifacts")
         assert store.puts == []  # the store refused every forged-looking URL
-        assert len(store.refused) == 3  # one PUT a round, each refused
+        # every round's PUT refused (a PUT cut by a lost connection is retried: >= 3)
+        assert len(store.refused) >= 3
+        assert all("signature does not match" in why for why in store.refused)
         assert deployment is not None
         assert deployment["spec"]["replicas"] == 0  # no trainer left up for it
     reasons = [e["reason"] for e in await cluster.list("events", "default")
