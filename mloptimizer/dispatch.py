@@ -51,6 +51,7 @@ from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, Trial
 from mloptimizer.sizing import ModelSize, input_shape, memory_bytes, model_size
 from mloptimizer.space import Architecture, constraint_limits, sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
+from mloptimizer.storage import persist
 from mloptimizer.study import (
     Attr,
     TrialRecord,
@@ -256,7 +257,8 @@ class Dispatcher:
         self._epoch_seconds: list[float] = []
         self._explored_pace: list[tuple[float, float]] = []  # (value, s/epoch) of complete ones
         self.explore_closed: str | None = None
-        self.last_dispatch_seconds = 0.0  # ask, sample and publish of the latest trial
+        self.last_dispatch_seconds = 0.0  # ask, sample, publish and write of the latest trial
+        self._started_at: float | None = None  # the study's start (Unix time)
         self.refused: str | None = None  # why the latest requested spec is not in force
         self._requested: ArchitectureSearchSpec | str | None = None
         self._recover()
@@ -468,6 +470,7 @@ class Dispatcher:
         # Written once the broker confirmed the trial: a trial running without it was
         # never queued, and recovery sends it again instead of waiting for it.
         trial.set_user_attr(Attr.ARCHITECTURE, architecture.model_dump(mode="json"))
+        persist(self.study, trial_id_of(trial))  # with the parameters: one transaction
         self.last_dispatch_seconds = time.perf_counter() - began
         now = self.clock()
         self.in_flight[trial_id_of(trial)] = _InFlight(trial, message, rec, now, now)
@@ -841,8 +844,9 @@ class Dispatcher:
         return best.value <= target
 
     def _elapsed(self) -> float:
-        started = float(self.study.user_attrs.get(Attr.STARTED_AT, self.clock()))
-        return self.clock() - started
+        if self._started_at is None:  # read once: set when the study was made, never after
+            self._started_at = float(self.study.user_attrs.get(Attr.STARTED_AT, self.clock()))
+        return self.clock() - self._started_at
 
     def _stop(self, reason: StopReason, message: str, failed: bool = False) -> None:
         """Stop sending; cancel what is in flight (it can no longer change the outcome)."""

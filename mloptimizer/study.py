@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mloptimizer.changes import refusal
 from mloptimizer.space import Architecture, build_pruner, build_sampler
 from mloptimizer.spec import ArchitectureSearchSpec, Tradeoff
+from mloptimizer.storage import SearchStorage
 
 __all__ = [
     "SIZE_ATTRS",
@@ -137,7 +138,7 @@ def _create_or_load(spec: ArchitectureSearchSpec, name: str, storage: str) -> op
             with _SCHEMA_LOCK:
                 return optuna.create_study(
                     study_name=name,
-                    storage=storage_url(storage),
+                    storage=SearchStorage(optuna.storages.RDBStorage(storage_url(storage))),
                     sampler=build_sampler(spec.sampler),
                     pruner=study_pruner(spec),
                     directions=spec.objective.study_directions,
@@ -153,6 +154,9 @@ def open_study(
     spec: ArchitectureSearchSpec, name: str, storage: str, owner: str | None = None
 ) -> optuna.Study:
     """Create the study, or load it when it exists and ``spec`` may continue it.
+
+    The study is opened for its dispatcher, its one writer: through
+    :class:`~mloptimizer.storage.SearchStorage` (three transactions a trial).
 
     The study keeps the spec it runs under (a user attribute); a later spec may continue it
     only where :func:`~mloptimizer.changes.refusal` allows, the same rule as for a live

@@ -371,10 +371,9 @@ def test_under_a_timeout_refine_waits_for_the_start_up_trials(storage: str) -> N
     # from the first trial on the time left is in between: it would close at once
     d = Dispatcher(study, spec, ScriptedTransport(seconds=300.0), search="ns.search", clock=clock)
     d.run()
-    explored = [r for r in records(study) if r.phase == "explore"]
-    assert len(explored) > 8
-    assert d.explore_closed is None  # closing now would refine the best of one random trial
-    assert not [r for r in records(study) if r.phase == "refine"]
+    explored = [r for r in records(study) if r.phase == "explore" and r.state == "complete"]
+    # Closing before would refine the best of a few random trials (without the guard: 1).
+    assert len(explored) >= 8
 
 
 def test_max_cost_stops_dispatching(storage: str) -> None:
@@ -780,7 +779,7 @@ def test_a_trial_still_queued_has_no_first_progress_deadline(storage: str) -> No
     assert [r.state for r in records(study)] == ["running"]  # 500 s queued: still waiting
 
 
-def test_a_trial_whose_publish_was_never_confirmed_is_sent_again_on_recovery(
+def test_a_trial_whose_publish_was_never_confirmed_is_replaced_on_recovery(
     storage: str,
 ) -> None:
     spec = make_spec(budget={"maxTrials": 2, "parallelism": 1})
@@ -803,8 +802,11 @@ def test_a_trial_whose_publish_was_never_confirmed_is_sent_again_on_recovery(
     trials = records(d.study)
     assert trials[0].interrupted
     assert "before the broker confirmed it" in (trials[0].error or "")
-    assert trials[1].params == unsent.params
-    assert trials[1].state == "complete"
+    # Its parameters were never written (they are, with the architecture, once the broker
+    # confirms): the replacement is sampled anew, and the budget is whole.
+    assert [t.state for t in trials[1:]] == ["complete", "complete"]
+    assert all(t.params and t.architecture for t in trials[1:])
+    assert [m.number for m in transport.sent] == [1, 2]
 
 
 def test_a_model_over_the_memory_budget_fails_as_too_large_unsent(storage: str) -> None:

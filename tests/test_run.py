@@ -272,6 +272,21 @@ def test_run_over_rabbitmq_and_postgresql_with_two_external_trainers(
     assert summary["best"]["value"] == pytest.approx(study.best_value)
     assert "***" not in json.dumps(summary)
 
+    # `mloptimizer report --storage` reads the study the dispatcher wrote
+    (out / "report.md").unlink()
+    (out / "summary.json").unlink()
+    rebuilt = subprocess.run(
+        [EXE, "report", str(out), "--storage", postgres_dsn],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    again = json.loads((out / "summary.json").read_text())
+    assert again["best"]["number"] == study.best_trial.number
+    assert [t["number"] for t in again["trials"]] == [t.number for t in trials]
+    assert (out / "report.md").exists()
+
 
 def test_a_tradeoff_run_trains_real_models_and_reports_optunas_pareto_front(
     tmp_path: Path,

@@ -1,0 +1,354 @@
+"""The Optuna storage a dispatcher writes its study through: three transactions a trial.
+
+Optuna's relational storage commits every write on its own and reads a running trial back
+from the database at each ask and tell: about 49 statements and 20 commits a trial in the
+seed's space (one per suggested parameter). A search's study has one writer, the dispatch
+loop of its search (the operator's, or ``mloptimizer run``'s), so :class:`SearchStorage`
+keeps the study in memory, answers every read from there, and writes a trial in three
+transactions, in Optuna's own tables (optuna-dashboard, ``mloptimizer report --storage``
+and ``optuna.load_study`` read it as any study):
+
+1. ``ask`` creates the trial (Optuna's own insert, numbered under its lock);
+2. :func:`persist`, once the broker confirmed the trial, writes its parameters and the
+   attributes set so far (the architecture);
+3. the tell writes the result attributes, constraint values, values and final state.
+
+What a crash loses is what the dispatcher can recover: a trial created but never persisted
+is a running trial without its architecture, which recovery interrupts and enqueues again
+(as before, when the broker had not confirmed it). Intermediate values (one per epoch) are
+written at once, with anything pending: the pruner of a restarted dispatcher reads them.
+
+Readers in other processes see a trial's parameters from step 2 on. A second writer of
+the same study (two dispatchers of one search) is not supported, as before.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import threading
+from collections.abc import Container, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    check_distribution_compatibility,
+    distribution_to_json,
+)
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.study import StudyDirection
+from optuna.study._frozen import FrozenStudy
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = ["SearchStorage", "persist"]
+
+
+@dataclass
+class _Pending:
+    """Writes of one trial not in the database yet."""
+
+    params: dict[str, tuple[float, BaseDistribution]] = field(default_factory=dict)
+    user_attrs: dict[str, Any] = field(default_factory=dict)
+    system_attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.params or self.user_attrs or self.system_attrs)
+
+
+@dataclass
+class _Study:
+    """A study's trials as this process last wrote them (the database lags by _Pending)."""
+
+    trials: dict[int, FrozenTrial]  # by number, in number order
+    distributions: dict[str, BaseDistribution]  # each parameter's, for Optuna's check
+
+
+class SearchStorage(BaseStorage):
+    """Optuna's relational storage for a study with one writer; see the module docstring.
+
+    Study-level data (names, attributes, directions) goes straight to ``backend``; the
+    trials of a study are read from the database once, on first use.
+    """
+
+    def __init__(self, backend: RDBStorage) -> None:
+        self.backend = backend
+        self._studies: dict[int, _Study] = {}
+        self._where: dict[int, tuple[int, int]] = {}  # trial id -> (study id, number)
+        self._pending: dict[int, _Pending] = {}
+        self._directions: dict[int, list[StudyDirection]] = {}
+        self._lock = threading.RLock()
+
+    # --- studies: the database's --------------------------------------------------------
+
+    def create_new_study(
+        self, directions: Sequence[StudyDirection], study_name: str | None = None
+    ) -> int:
+        return self.backend.create_new_study(directions, study_name)
+
+    def delete_study(self, study_id: int) -> None:
+        with self._lock:
+            study = self._studies.pop(study_id, None)
+            for trial in study.trials.values() if study else ():
+                self._where.pop(trial._trial_id, None)
+                self._pending.pop(trial._trial_id, None)
+        self.backend.delete_study(study_id)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self.backend.set_study_user_attr(study_id, key, value)
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self.backend.set_study_system_attr(study_id, key, value)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self.backend.get_study_id_from_name(study_name)
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self.backend.get_study_name_from_id(study_id)
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        if study_id not in self._directions:  # fixed when the study is made
+            self._directions[study_id] = self.backend.get_study_directions(study_id)
+        return list(self._directions[study_id])
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return self.backend.get_study_user_attrs(study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self.backend.get_study_system_attrs(study_id)
+
+    def get_all_studies(self) -> list[FrozenStudy]:
+        return self.backend.get_all_studies()
+
+    def remove_session(self) -> None:
+        self.backend.remove_session()
+
+    # --- trials: kept here, written at the three points ---------------------------------
+
+    def _study(self, study_id: int) -> _Study:
+        study = self._studies.get(study_id)
+        if study is None:
+            loaded = self.backend.get_all_trials(study_id, deepcopy=False)
+            distributions: dict[str, BaseDistribution] = {}
+            for trial in loaded:
+                for name, distribution in trial.distributions.items():
+                    distributions.setdefault(name, distribution)
+                self._where[trial._trial_id] = (study_id, trial.number)
+            study = _Study({t.number: t for t in loaded}, distributions)
+            self._studies[study_id] = study
+        return study
+
+    def _trial(self, trial_id: int) -> FrozenTrial:
+        study_id, number = self._where[trial_id]
+        return self._studies[study_id].trials[number]
+
+    def _replace(self, trial: FrozenTrial) -> None:
+        study_id, number = self._where[trial._trial_id]
+        self._studies[study_id].trials[number] = trial
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        with self._lock:
+            study = self._study(study_id)
+            created = self.backend._create_new_trial(study_id, template_trial)
+            self._where[created._trial_id] = (study_id, created.number)
+            study.trials[created.number] = created
+            for name, distribution in created.distributions.items():
+                study.distributions.setdefault(name, distribution)
+            return int(created._trial_id)
+
+    def _known(self, trial_id: int) -> bool:
+        return trial_id in self._where
+
+    def _updatable(self, trial_id: int) -> FrozenTrial:
+        trial = self._trial(trial_id)
+        self.check_trial_is_updatable(trial_id, trial.state)
+        return trial
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+    ) -> None:
+        with self._lock:
+            if not self._known(trial_id):
+                self.backend.set_trial_param(
+                    trial_id, param_name, param_value_internal, distribution
+                )
+                return
+            trial = copy.copy(self._updatable(trial_id))
+            study = self._studies[self._where[trial_id][0]]
+            previous = study.distributions.get(param_name)
+            if previous is not None:
+                check_distribution_compatibility(previous, distribution)
+            else:
+                study.distributions[param_name] = distribution
+            trial.params = {
+                **trial.params,
+                param_name: distribution.to_external_repr(param_value_internal),
+            }
+            trial.distributions = {**trial.distributions, param_name: distribution}
+            self._pending.setdefault(trial_id, _Pending()).params[param_name] = (
+                param_value_internal,
+                distribution,
+            )
+            self._replace(trial)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        with self._lock:
+            if not self._known(trial_id):
+                self.backend.set_trial_user_attr(trial_id, key, value)
+                return
+            trial = copy.copy(self._updatable(trial_id))
+            trial.user_attrs = {**trial.user_attrs, key: value}
+            self._pending.setdefault(trial_id, _Pending()).user_attrs[key] = value
+            self._replace(trial)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        with self._lock:
+            if not self._known(trial_id):
+                self.backend.set_trial_system_attr(trial_id, key, value)
+                return
+            trial = copy.copy(self._updatable(trial_id))
+            trial.system_attrs = {**trial.system_attrs, key: value}
+            self._pending.setdefault(trial_id, _Pending()).system_attrs[key] = value
+            self._replace(trial)
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        with self._lock:
+            if not self._known(trial_id):
+                self.backend.set_trial_intermediate_value(trial_id, step, intermediate_value)
+                return
+            trial = copy.copy(self._updatable(trial_id))
+            self._write(trial_id, step=(step, intermediate_value))
+            trial.intermediate_values = {**trial.intermediate_values, step: intermediate_value}
+            self._replace(trial)
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        with self._lock:
+            if not self._known(trial_id):
+                return self.backend.set_trial_state_values(trial_id, state, values)
+            if state == TrialState.RUNNING:
+                # Only a waiting (enqueued) trial starts; Optuna's own update checks it.
+                if not self.backend.set_trial_state_values(trial_id, state, values):
+                    return False
+                self._replace(self.backend.get_trial(trial_id))
+                return True
+            trial = copy.copy(self._updatable(trial_id))
+            now = datetime.datetime.now()
+            self._write(trial_id, state=state, values=values, now=now)
+            trial.state = state
+            if values is not None:
+                trial.values = [float(v) for v in values]
+            if state.is_finished():
+                trial.datetime_complete = now
+            self._replace(trial)
+            return True
+
+    def persist(self, trial_id: int) -> None:
+        """Write what is pending of a trial (its parameters and attributes) now."""
+        with self._lock:
+            if self._pending.get(trial_id):
+                self._write(trial_id)
+
+    def _write(
+        self,
+        trial_id: int,
+        *,
+        state: TrialState | None = None,
+        values: Sequence[float] | None = None,
+        now: datetime.datetime | None = None,
+        step: tuple[int, float] | None = None,
+    ) -> None:
+        """One transaction: the trial's pending writes and, if given, a step or its end.
+
+        Pending writes are dropped only once committed: after a lost database the next
+        write (or a dispatcher that reopened the study) still has them.
+        """
+        pending = self._pending.get(trial_id) or _Pending()
+        backend = self.backend
+        with _create_scoped_session(backend.scoped_session) as session:
+            row = models.TrialModel.find_or_raise_by_id(
+                trial_id, session, for_update=state is not None
+            )
+            backend.check_trial_is_updatable(trial_id, row.state)  # type: ignore[arg-type]
+            session.add_all(
+                models.TrialParamModel(
+                    trial_id=trial_id,
+                    param_name=name,
+                    param_value=value,
+                    distribution_json=distribution_to_json(distribution),
+                )
+                for name, (value, distribution) in pending.params.items()
+            )
+            for key, value in pending.user_attrs.items():
+                backend._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, trial_id, key, value
+                )
+            for key, value in pending.system_attrs.items():
+                backend._set_trial_attr_without_commit(
+                    session, models.TrialSystemAttributeModel, trial_id, key, value
+                )
+            if step is not None:
+                backend._set_trial_intermediate_value_without_commit(
+                    session, trial_id, step[0], step[1]
+                )
+            for objective, value in enumerate(values or ()):
+                backend._set_trial_value_without_commit(session, row, objective, float(value))
+            if state is not None:
+                row.state = state
+                if state.is_finished():
+                    row.datetime_complete = now
+        self._pending.pop(trial_id, None)
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        with self._lock:
+            trial = self._study(study_id).trials.get(trial_number)
+            if trial is None:
+                raise KeyError(f"no trial {trial_number} in study {study_id}")
+            return int(trial._trial_id)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        with self._lock:
+            if not self._known(trial_id):
+                return self.backend.get_trial(trial_id)
+            return _detached(self._trial(trial_id))
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        with self._lock:
+            trials = list(self._study(study_id).trials.values())
+        if states is not None:
+            trials = [t for t in trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+
+def _detached(trial: FrozenTrial) -> FrozenTrial:
+    """A copy a caller may change: a live ``optuna.Trial`` adds to its frozen trial's dicts."""
+    copied = copy.copy(trial)
+    copied.params = dict(trial.params)
+    copied.distributions = dict(trial.distributions)
+    copied.user_attrs = dict(trial.user_attrs)
+    copied.system_attrs = dict(trial.system_attrs)
+    copied.intermediate_values = dict(trial.intermediate_values)
+    return copied
+
+
+def persist(study: optuna.Study, trial_id: int) -> None:
+    """Write a trial's pending parameters and attributes, when the study's storage waits
+    for it (:class:`SearchStorage`); other storages wrote them already."""
+    storage = study._storage
+    if isinstance(storage, SearchStorage):
+        storage.persist(trial_id)

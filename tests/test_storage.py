@@ -1,0 +1,137 @@
+"""The storage the dispatcher writes through: the same study in Optuna's tables, in fewer
+transactions, on the machine's PostgreSQL; read back by Optuna's own storage and by
+optuna-dashboard."""
+
+from __future__ import annotations
+
+import json
+import wsgiref.util
+from typing import Any
+
+import optuna
+import optuna_dashboard
+import pytest
+import sqlalchemy
+from optuna.trial import FrozenTrial
+from test_dispatch import ScriptedTransport, make_spec
+
+from mloptimizer.dispatch import Dispatcher
+from mloptimizer.messages import TrialMessage
+from mloptimizer.spec import ArchitectureSearchSpec
+from mloptimizer.storage import SearchStorage
+from mloptimizer.study import Attr, open_study, storage_url
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture
+def url(postgres_dsn: str) -> str:
+    return storage_url(postgres_dsn)
+
+
+def frozen_fields(trial: FrozenTrial) -> dict[str, Any]:
+    return {
+        "number": trial.number,
+        "state": trial.state,
+        "values": trial.values,
+        "params": trial.params,
+        "distributions": trial.distributions,
+        "user_attrs": trial.user_attrs,
+        "system_attrs": trial.system_attrs,
+        "intermediate_values": trial.intermediate_values,
+        "datetime_start": trial.datetime_start,
+        "datetime_complete": trial.datetime_complete,
+    }
+
+
+def run_search(
+    spec: ArchitectureSearchSpec, url: str, transport: ScriptedTransport
+) -> optuna.Study:
+    study = open_study(spec, "ns.search", url)
+    assert isinstance(study._storage, SearchStorage)
+    Dispatcher(study, spec, transport, search="ns.search").run()
+    return study
+
+
+def test_the_dispatchers_study_reads_the_same_through_optunas_own_storage(url: str) -> None:
+    # Every kind of write: pruned trials (intermediate values), failed ones, constraint
+    # values (system attributes), enqueued refine trials (waiting, then running).
+    spec = make_spec(
+        budget={"maxTrials": 8, "parallelism": 3},
+        pruner={"type": "median", "startupTrials": 2, "warmupEpochs": 0},
+        objective={"constraints": {"maxParams": 5_000_000}},
+        training={"epochs": 3, "refine": {"topK": 2, "epochs": 4}},
+    )
+    transport = ScriptedTransport(
+        fail=lambda t: "out of memory" if t.number == 4 else None,
+        measures=lambda t: {"parameter_count": 1000 * (t.number + 1)},
+    )
+    ours = run_search(spec, url, transport)
+    theirs = optuna.load_study(study_name="ns.search", storage=url)  # Optuna's own storage
+    assert not isinstance(theirs._storage, SearchStorage)
+    mine, stored = ours.get_trials(), theirs.get_trials()
+    assert [frozen_fields(t) for t in mine] == [frozen_fields(t) for t in stored]
+    states = {t.state.name for t in stored}
+    assert {"COMPLETE", "PRUNED", "FAIL"} <= states, states
+    assert any(t.intermediate_values for t in stored)
+    assert any(k.startswith("constraints:") for t in stored for k in t.system_attrs)
+    assert [t.user_attrs.get(Attr.PHASE) for t in stored].count("refine") == 2
+    assert theirs.best_trial.number == ours.best_trial.number
+
+
+def test_a_trial_is_written_in_three_transactions(url: str) -> None:
+    spec = make_spec(budget={"maxTrials": 12, "parallelism": 3}, sampler={"type": "random"})
+    study = open_study(spec, "ns.search", url)
+    storage = study._storage
+    assert isinstance(storage, SearchStorage)
+    commits: list[int] = []
+    sqlalchemy.event.listen(storage.backend.engine, "commit", lambda _: commits.append(1))
+    Dispatcher(study, spec, ScriptedTransport(), search="ns.search").run()
+    # Create (ask), parameters with the architecture (once the broker confirmed it), and
+    # the result with the tell; plus each epoch's value, written as it comes (3 epochs).
+    # Optuna's own storage commits each parameter and attribute on its own, and reads a
+    # running trial back at each ask and tell (about 20 commits a trial in this space).
+    assert len(commits) == 12 * (3 + 3)
+
+
+def test_parameters_reach_the_database_once_the_broker_confirmed_the_trial(url: str) -> None:
+    spec = make_spec(budget={"maxTrials": 3, "parallelism": 1})
+    snapshots: list[tuple[int, list[tuple[int, bool, bool]]]] = []
+
+    class Watching(ScriptedTransport):
+        def send(self, trial: TrialMessage) -> None:
+            # What another process sees while the broker confirms this trial.
+            stored = optuna.load_study(study_name="ns.search", storage=url).get_trials()
+            seen = [(t.number, bool(t.params), Attr.ARCHITECTURE in t.user_attrs) for t in stored]
+            snapshots.append((trial.number, seen))
+            super().send(trial)
+
+    run_search(spec, url, Watching())
+    assert [number for number, _ in snapshots] == [0, 1, 2]
+    for number, seen in snapshots:
+        # The trials sent before it whole; this one created and running, nothing else yet.
+        assert seen == [(n, True, True) for n in range(number)] + [(number, False, False)]
+
+
+def test_optuna_dashboard_reads_the_dispatchers_study(url: str) -> None:
+    spec = make_spec(budget={"maxTrials": 5, "parallelism": 2})
+    ours = run_search(spec, url, ScriptedTransport())
+    app = optuna_dashboard.wsgi(url)
+
+    def get(path: str) -> Any:
+        environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+        wsgiref.util.setup_testing_defaults(environ)
+        status: list[str] = []
+        body = b"".join(app(environ, lambda s, headers, exc=None: status.append(s)))
+        assert status[0].startswith("200"), (path, status, body[:300])
+        return json.loads(body)
+
+    (study,) = get("/api/studies")["study_summaries"]
+    assert study["study_name"] == "ns.search"
+    detail = get(f"/api/studies/{study['study_id']}")
+    trials = detail["trials"]
+    assert [t["number"] for t in trials] == [t.number for t in ours.trials]
+    for shown, trial in zip(trials, ours.trials, strict=True):
+        assert shown["state"] == trial.state.name.capitalize()
+        assert {p["name"] for p in shown["params"]} == set(trial.params)
+        assert shown["values"] == trial.values
