@@ -51,7 +51,7 @@ from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, Trial
 from mloptimizer.sizing import ModelSize, input_shape, memory_bytes, model_size
 from mloptimizer.space import Architecture, constraint_limits, sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
-from mloptimizer.storage import persist
+from mloptimizer.storage import batched, persist
 from mloptimizer.study import (
     Attr,
     TrialRecord,
@@ -378,15 +378,21 @@ class Dispatcher:
                     return self._interrupted()
                 self._check_budget()
                 if self.stopping is None:
-                    self._fill()
+                    with batched(self.study):  # a wave's parameters: one transaction
+                        self._fill()
                 if not self.in_flight:
                     if self.stopping is not None:
                         return self.stopping
                     if not self._next_phase():
                         return self._end()
                     continue
-                for inbound in self.transport.receive(timeout=0.2):
-                    self._handle(inbound)
+                handled: list[Inbound] = []
+                with batched(self.study):  # what came together is told in one transaction
+                    for inbound in self.transport.receive(timeout=0.2):
+                        if self._handle(inbound):
+                            handled.append(inbound)
+                for inbound in handled:  # acked once written: a lost write comes again
+                    inbound.settle()
                 self._check_stale()
                 self._check_unheard()
         finally:
@@ -603,12 +609,14 @@ class Dispatcher:
 
     # --- messages ----------------------------------------------------------------------
 
-    def _handle(self, inbound: Inbound) -> None:
+    def _handle(self, inbound: Inbound) -> bool:
+        """Handle one message; True when it is to be settled (acked) once written, False
+        when it was rejected (kept aside with the reason and acked)."""
         message = inbound.message
         why = message.reason if isinstance(message, Malformed) else self._refusal(message)
         if why is not None or isinstance(message, Malformed):
             self._reject(inbound, why or "malformed")
-            return
+            return False
         try:
             if isinstance(message, ProgressMessage):
                 inbound.reply(self._progress(message))
@@ -624,8 +632,8 @@ class Dispatcher:
             why = f"handling it failed: {type(error).__name__}: {error}"[:1024]
             self._reject(inbound, why)
             self._fail_in_flight(self._trial_id(message), why)
-            return
-        inbound.settle()
+            return False
+        return True
 
     @staticmethod
     def _trial_id(message: ProgressMessage | ResultMessage | DeadTrial) -> int:

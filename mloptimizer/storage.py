@@ -24,10 +24,11 @@ the same study (two dispatchers of one search) is not supported, as before.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import threading
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["SearchStorage", "persist"]
+__all__ = ["SearchStorage", "batched", "persist"]
 
 
 @dataclass
@@ -67,6 +68,18 @@ class _Study:
     distributions: dict[str, BaseDistribution]  # each parameter's, for Optuna's check
 
 
+@dataclass
+class _Write:
+    """One trial's writes for one transaction: what was pending, and a step or its end."""
+
+    trial_id: int
+    pending: _Pending
+    state: TrialState | None = None
+    values: Sequence[float] | None = None
+    now: datetime.datetime | None = None
+    step: tuple[int, float] | None = None
+
+
 class SearchStorage(BaseStorage):
     """Optuna's relational storage for a study with one writer; see the module docstring.
 
@@ -81,6 +94,7 @@ class SearchStorage(BaseStorage):
         self._pending: dict[int, _Pending] = {}
         self._directions: dict[int, list[StudyDirection]] = {}
         self._lock = threading.RLock()
+        self._batch: list[_Write] | None = None  # inside batch(): written at its end
 
     # --- studies: the database's --------------------------------------------------------
 
@@ -268,46 +282,78 @@ class SearchStorage(BaseStorage):
         now: datetime.datetime | None = None,
         step: tuple[int, float] | None = None,
     ) -> None:
-        """One transaction: the trial's pending writes and, if given, a step or its end.
+        """Write the trial's pending writes and, if given, a step or its end: now, in one
+        transaction, or inside :meth:`batch` at its end.
 
-        Pending writes are dropped only once committed: after a lost database the next
-        write (or a dispatcher that reopened the study) still has them.
+        Pending writes are dropped only once committed (or queued): after a lost database
+        the next write still has them; a dispatcher that lost one reopens the study.
         """
-        pending = self._pending.get(trial_id) or _Pending()
+        write = _Write(
+            trial_id, self._pending.get(trial_id) or _Pending(), state, values, now, step
+        )
+        if self._batch is not None:
+            self._batch.append(write)
+        else:
+            self._commit([write])
+        self._pending.pop(trial_id, None)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Write everything written inside in one transaction at the end (the dispatcher's
+        handling of the messages received together, or a wave of trials dispatched).
+
+        Readers here see each write at once; the database at the end. When the block or
+        the commit raises, nothing of it is written: the caller reopens the study (as after
+        any lost connection) and rebuilds from what the database holds.
+        """
+        with self._lock:
+            if self._batch is not None:  # nested: the outer batch writes it
+                yield
+                return
+            self._batch = []
+            try:
+                yield
+                queued = self._batch
+            finally:
+                self._batch = None
+            if queued:
+                self._commit(queued)
+
+    def _commit(self, writes: list[_Write]) -> None:
         backend = self.backend
         with _create_scoped_session(backend.scoped_session) as session:
-            row = models.TrialModel.find_or_raise_by_id(
-                trial_id, session, for_update=state is not None
-            )
-            backend.check_trial_is_updatable(trial_id, row.state)  # type: ignore[arg-type]
-            session.add_all(
-                models.TrialParamModel(
-                    trial_id=trial_id,
-                    param_name=name,
-                    param_value=value,
-                    distribution_json=distribution_to_json(distribution),
+            for w in writes:
+                row = models.TrialModel.find_or_raise_by_id(
+                    w.trial_id, session, for_update=w.state is not None
                 )
-                for name, (value, distribution) in pending.params.items()
-            )
-            for key, value in pending.user_attrs.items():
-                backend._set_trial_attr_without_commit(
-                    session, models.TrialUserAttributeModel, trial_id, key, value
+                backend.check_trial_is_updatable(w.trial_id, row.state)  # type: ignore[arg-type]
+                session.add_all(
+                    models.TrialParamModel(
+                        trial_id=w.trial_id,
+                        param_name=name,
+                        param_value=value,
+                        distribution_json=distribution_to_json(distribution),
+                    )
+                    for name, (value, distribution) in w.pending.params.items()
                 )
-            for key, value in pending.system_attrs.items():
-                backend._set_trial_attr_without_commit(
-                    session, models.TrialSystemAttributeModel, trial_id, key, value
-                )
-            if step is not None:
-                backend._set_trial_intermediate_value_without_commit(
-                    session, trial_id, step[0], step[1]
-                )
-            for objective, value in enumerate(values or ()):
-                backend._set_trial_value_without_commit(session, row, objective, float(value))
-            if state is not None:
-                row.state = state
-                if state.is_finished():
-                    row.datetime_complete = now
-        self._pending.pop(trial_id, None)
+                for key, value in w.pending.user_attrs.items():
+                    backend._set_trial_attr_without_commit(
+                        session, models.TrialUserAttributeModel, w.trial_id, key, value
+                    )
+                for key, value in w.pending.system_attrs.items():
+                    backend._set_trial_attr_without_commit(
+                        session, models.TrialSystemAttributeModel, w.trial_id, key, value
+                    )
+                if w.step is not None:
+                    backend._set_trial_intermediate_value_without_commit(
+                        session, w.trial_id, w.step[0], w.step[1]
+                    )
+                for objective, value in enumerate(w.values or ()):
+                    backend._set_trial_value_without_commit(session, row, objective, float(value))
+                if w.state is not None:
+                    row.state = w.state
+                    if w.state.is_finished():
+                        row.datetime_complete = w.now
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
         with self._lock:
@@ -344,6 +390,17 @@ def _detached(trial: FrozenTrial) -> FrozenTrial:
     copied.system_attrs = dict(trial.system_attrs)
     copied.intermediate_values = dict(trial.intermediate_values)
     return copied
+
+
+@contextlib.contextmanager
+def batched(study: optuna.Study) -> Iterator[None]:
+    """:meth:`SearchStorage.batch` of the study's storage; other storages write at once."""
+    storage = study._storage
+    if isinstance(storage, SearchStorage):
+        with storage.batch():
+            yield
+    else:
+        yield
 
 
 def persist(study: optuna.Study, trial_id: int) -> None:
