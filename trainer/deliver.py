@@ -33,7 +33,6 @@ from mloptimizer.messages import (
     ARTIFACT_FILES,
     MAX_TEXT,
     ArtifactReport,
-    Decision,
     DeliveredMessage,
     DeliverMessage,
     ToFolder,
@@ -43,7 +42,7 @@ from mloptimizer.messages import (
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import GpuInfo
 from mloptimizer.trainer.kept import MODELS_DIR, kept_model
-from mloptimizer.trainer.training import TrialInterrupted, train_trial
+from mloptimizer.trainer.training import TrialInterrupted, retrain
 
 __all__ = ["DeliveryError", "final_job", "inside", "put_file"]
 
@@ -163,16 +162,14 @@ def _model(
             log.info("final job: reusing the kept weights of trial %d", best.number)
             return model, "kept"
     log.info("final job: retraining trial %d (%d epochs)", best.number, best.epochs)
-    holder: dict[str, Any] = {}
-
-    def go_on(epoch: int, metrics: dict[str, float]) -> Decision:
-        log.info("final job epoch %d/%d", epoch, best.epochs)
-        return "continue"
-
-    outcome = train_trial(best, splits, on_epoch=go_on, stop=stop, gpus=gpus, keep_model=holder)
-    if outcome.state != "complete":
-        raise RuntimeError(f"retraining trial {best.number} failed: {outcome.error}")
-    return holder["model"], "retrained"
+    model, _ = retrain(
+        best,
+        splits,
+        stop=stop,
+        gpus=gpus,
+        on_epoch=lambda epoch, _: log.info("final job epoch %d/%d", epoch, best.epochs),
+    )
+    return model, "retrained"
 
 
 def final_job(

@@ -21,11 +21,11 @@ import keras
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from mloptimizer.messages import Decision, TrialMessage
+from mloptimizer.messages import TrialMessage
 from mloptimizer.trainer.data import DatasetCache, Splits, make_dataset
 from mloptimizer.trainer.device import detect_gpus
 from mloptimizer.trainer.kept import MODELS_DIR, identity, kept_model
-from mloptimizer.trainer.training import train_trial
+from mloptimizer.trainer.training import retrain
 
 __all__ = ["evaluate_best", "scores"]
 
@@ -90,22 +90,7 @@ def evaluate_best(
         source = "kept by its trainer"
     if model is None:
         source = "retrained"
-        holder: dict[str, Any] = {}
-
-        def keep(epoch: int, metrics: dict[str, float]) -> Decision:
-            return "continue"
-
-        outcome = train_trial(
-            trial,
-            splits,
-            on_epoch=keep,
-            stop=threading.Event(),
-            gpus=detect_gpus(),
-            keep_model=holder,
-        )
-        if outcome.state != "complete":
-            raise RuntimeError(f"retraining trial {trial.number} failed: {outcome.error}")
-        model = holder["model"]
+        model, outcome = retrain(trial, splits, stop=threading.Event(), gpus=detect_gpus())
         model.save(model_path)
         meta_path.write_text(
             json.dumps({"identity": wanted, "val_accuracy": outcome.val_accuracy, "source": source})

@@ -33,7 +33,7 @@ from mloptimizer.trainer.device import GpuInfo, choose_precision, fresh_session,
 from mloptimizer.trainer.litert import int8_litert, multiply_adds
 from mloptimizer.trainer.model import ArchitectureError, build_model, parameter_count
 
-__all__ = ["Outcome", "TrialInterrupted", "result_message", "train_trial"]
+__all__ = ["Outcome", "TrialInterrupted", "result_message", "retrain", "train_trial"]
 
 
 class TrialInterrupted(Exception):
@@ -171,6 +171,34 @@ def train_trial(
     outcome.val_accuracy = last.get("val_accuracy")
     outcome.value = last.get(trial.metric)
     return outcome
+
+
+def retrain(
+    trial: TrialMessage,
+    splits: Splits,
+    *,
+    stop: threading.Event,
+    gpus: Sequence[GpuInfo] = (),
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[Any, Outcome]:
+    """Train ``trial`` again to its last epoch (never pruned) and return the model: the
+    final model of a search, for the report and the final job.
+
+    Raises:
+        RuntimeError: the training failed (named with the trial and the reason).
+        TrialInterrupted: ``stop`` was set before training ended.
+    """
+    holder: dict[str, Any] = {}
+
+    def go_on(epoch: int, metrics: dict[str, float]) -> Decision:
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        return "continue"
+
+    outcome = train_trial(trial, splits, on_epoch=go_on, stop=stop, gpus=gpus, keep_model=holder)
+    if outcome.state != "complete":
+        raise RuntimeError(f"retraining trial {trial.number} failed: {outcome.error}")
+    return holder["model"], outcome
 
 
 def result_message(
