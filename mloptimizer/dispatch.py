@@ -32,12 +32,13 @@ What the loop guarantees, whatever trainers send or the services do:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -51,7 +52,7 @@ from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, Trial
 from mloptimizer.sizing import ModelSize, input_shape, memory_bytes, model_size
 from mloptimizer.space import Architecture, constraint_limits, sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
-from mloptimizer.storage import batched, persist
+from mloptimizer.storage import SearchStorage, batched, persist
 from mloptimizer.study import (
     Attr,
     TrialRecord,
@@ -406,12 +407,37 @@ class Dispatcher:
         return self.spec.budget.max_trials - self.counts.explore_used
 
     def _fill(self) -> None:
-        while len(self.in_flight) < self.spec.budget.parallelism:
-            if self.waiting > 0:
-                self.waiting -= 1
-            elif self._explore_left() <= 0 or self.refine_started or self._time_for_refine():
-                return
-            self._dispatch(self.study.ask())
+        with self._reserving(self._fresh_to_ask()):
+            while len(self.in_flight) < self.spec.budget.parallelism:
+                if self.waiting > 0:
+                    self.waiting -= 1
+                elif self._explore_left() <= 0 or self.refine_started or self._time_for_refine():
+                    return
+                self._dispatch(self.study.ask())
+
+    def _fresh_to_ask(self) -> int:
+        """How many new trials the next fill asks for (enqueued ones go first)."""
+        free = self.spec.budget.parallelism - len(self.in_flight) - self.waiting
+        if free <= 0 or self.refine_started or self._time_for_refine():
+            return 0
+        return min(free, self._explore_left())
+
+    @contextlib.contextmanager
+    def _reserving(self, count: int) -> Iterator[None]:
+        """Create a wave's new trials in one transaction (:class:`SearchStorage`); any not
+        sent at the end (the timeout closed exploration meanwhile) are ended, uncounted."""
+        storage = self.study._storage
+        if count < 2 or not isinstance(storage, SearchStorage):
+            yield
+            return
+        storage.reserve(self.study._study_id, count)
+        yield
+        for trial_id in storage.release(self.study._study_id):
+            trial = optuna.trial.Trial(self.study, trial_id)
+            trial.set_user_attr(Attr.ERROR, "interrupted: created for a wave and not sent")
+            trial.set_user_attr(Attr.INTERRUPTED, True)
+            self.study.tell(trial, state=TrialState.FAIL)
+            self._told.add(trial_id)
 
     def _time_for_refine(self) -> bool:
         """Whether exploring on would leave too little of ``budget.timeout`` for refine.

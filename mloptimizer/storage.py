@@ -27,12 +27,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import json
 import threading
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 from optuna.distributions import (
     BaseDistribution,
     check_distribution_compatibility,
@@ -95,6 +98,7 @@ class SearchStorage(BaseStorage):
         self._directions: dict[int, list[StudyDirection]] = {}
         self._lock = threading.RLock()
         self._batch: list[_Write] | None = None  # inside batch(): written at its end
+        self._reserved: dict[int, list[FrozenTrial]] = {}  # created for the next asks
 
     # --- studies: the database's --------------------------------------------------------
 
@@ -163,9 +167,72 @@ class SearchStorage(BaseStorage):
         study_id, number = self._where[trial._trial_id]
         self._studies[study_id].trials[number] = trial
 
+    def reserve(self, study_id: int, count: int) -> None:
+        """Create ``count`` running trials in one transaction for the next asks: a wave of
+        trials costs one commit, not one each. Numbered as Optuna numbers them (in order
+        of creation); a trial left reserved when its process dies is running without an
+        architecture, which the dispatcher's recovery interrupts (not counted)."""
+        with self._lock:
+            study = self._study(study_id)
+            pool = self._reserved.setdefault(study_id, [])
+            missing = count - len(pool)
+            if missing <= 0:
+                return
+            first = len(study.trials) + len(pool)
+            now = datetime.datetime.now()
+            with _create_scoped_session(self.backend.scoped_session) as session:
+                models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+                rows = [
+                    models.TrialModel(
+                        study_id=study_id,
+                        number=first + i,
+                        state=TrialState.RUNNING,
+                        datetime_start=now,
+                    )
+                    for i in range(missing)
+                ]
+                session.add_all(rows)
+                session.flush()
+                pool += [
+                    FrozenTrial(
+                        number=int(row.number),
+                        state=TrialState.RUNNING,
+                        value=None,
+                        values=None,
+                        datetime_start=now,
+                        datetime_complete=None,
+                        params={},
+                        distributions={},
+                        user_attrs={},
+                        system_attrs={},
+                        intermediate_values={},
+                        trial_id=int(row.trial_id),
+                    )
+                    for row in rows
+                ]
+
+    def release(self, study_id: int) -> list[int]:
+        """The trials reserved and not asked for, handed over (running) for the caller to
+        end; their ids."""
+        with self._lock:
+            pool = self._reserved.pop(study_id, [])
+            for trial in pool:
+                self._add(study_id, trial)
+            return [int(t._trial_id) for t in pool]
+
+    def _add(self, study_id: int, trial: FrozenTrial) -> None:
+        study = self._studies[study_id]
+        self._where[trial._trial_id] = (study_id, trial.number)
+        study.trials[trial.number] = trial
+
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         with self._lock:
             study = self._study(study_id)
+            pool = self._reserved.get(study_id)
+            if template_trial is None and pool:
+                trial = pool.pop(0)
+                self._add(study_id, trial)
+                return int(trial._trial_id)
             created = self.backend._create_new_trial(study_id, template_trial)
             self._where[created._trial_id] = (study_id, created.number)
             study.trials[created.number] = created
@@ -320,40 +387,111 @@ class SearchStorage(BaseStorage):
                 self._commit(queued)
 
     def _commit(self, writes: list[_Write]) -> None:
-        backend = self.backend
-        with _create_scoped_session(backend.scoped_session) as session:
-            for w in writes:
-                row = models.TrialModel.find_or_raise_by_id(
-                    w.trial_id, session, for_update=w.state is not None
+        """One transaction, a few statements whatever the number of writes: the trials
+        locked and checked at once, then each table's rows in one statement."""
+        ids = sorted({w.trial_id for w in writes})
+        params: list[models.TrialParamModel] = []
+        user_attrs: dict[tuple[int, str], str] = {}
+        system_attrs: dict[tuple[int, str], str] = {}
+        steps: dict[tuple[int, int], tuple[float | None, Any]] = {}
+        values: list[models.TrialValueModel] = []
+        for w in writes:  # later writes of a trial override earlier ones, as one by one
+            params += [
+                models.TrialParamModel(
+                    trial_id=w.trial_id,
+                    param_name=name,
+                    param_value=value,
+                    distribution_json=distribution_to_json(distribution),
                 )
-                backend.check_trial_is_updatable(w.trial_id, row.state)  # type: ignore[arg-type]
-                session.add_all(
-                    models.TrialParamModel(
+                for name, (value, distribution) in w.pending.params.items()
+            ]
+            for key, value in w.pending.user_attrs.items():
+                user_attrs[(w.trial_id, key)] = json.dumps(value)
+            for key, value in w.pending.system_attrs.items():
+                system_attrs[(w.trial_id, key)] = json.dumps(value)
+            if w.step is not None:
+                stored = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
+                    w.step[1]
+                )
+                steps[(w.trial_id, w.step[0])] = stored
+            for objective, value in enumerate(w.values or ()):
+                stored_value, value_type = models.TrialValueModel.value_to_stored_repr(float(value))
+                values.append(
+                    models.TrialValueModel(
                         trial_id=w.trial_id,
-                        param_name=name,
-                        param_value=value,
-                        distribution_json=distribution_to_json(distribution),
+                        objective=objective,
+                        value=stored_value,
+                        value_type=value_type,
                     )
-                    for name, (value, distribution) in w.pending.params.items()
                 )
-                for key, value in w.pending.user_attrs.items():
-                    backend._set_trial_attr_without_commit(
-                        session, models.TrialUserAttributeModel, w.trial_id, key, value
+        with _create_scoped_session(self.backend.scoped_session) as session:
+            rows: dict[int, Any] = {
+                int(row.trial_id): row
+                for row in session.query(models.TrialModel)
+                .filter(models.TrialModel.trial_id.in_(ids))
+                .with_for_update()
+            }
+            for trial_id in ids:
+                if trial_id not in rows:
+                    raise KeyError(f"no trial with id {trial_id}")
+                self.check_trial_is_updatable(trial_id, rows[trial_id].state)
+            session.add_all(params)
+            session.add_all(values)  # a trial's values are written once, when it ends
+            session.flush()
+            self._upsert(session, models.TrialUserAttributeModel, user_attrs)
+            self._upsert(session, models.TrialSystemAttributeModel, system_attrs)
+            if steps:
+                table = models.TrialIntermediateValueModel.__table__
+                statement = self._insert(table).values(
+                    [
+                        {
+                            "trial_id": trial_id,
+                            "step": step,
+                            "intermediate_value": value,
+                            "intermediate_value_type": kind,
+                        }
+                        for (trial_id, step), (value, kind) in steps.items()
+                    ]
+                )
+                session.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["trial_id", "step"],
+                        set_={
+                            "intermediate_value": statement.excluded.intermediate_value,
+                            "intermediate_value_type": statement.excluded.intermediate_value_type,
+                        },
                     )
-                for key, value in w.pending.system_attrs.items():
-                    backend._set_trial_attr_without_commit(
-                        session, models.TrialSystemAttributeModel, w.trial_id, key, value
-                    )
-                if w.step is not None:
-                    backend._set_trial_intermediate_value_without_commit(
-                        session, w.trial_id, w.step[0], w.step[1]
-                    )
-                for objective, value in enumerate(w.values or ()):
-                    backend._set_trial_value_without_commit(session, row, objective, float(value))
+                )
+            for w in writes:
                 if w.state is not None:
-                    row.state = w.state
+                    rows[w.trial_id].state = w.state
                     if w.state.is_finished():
-                        row.datetime_complete = w.now
+                        rows[w.trial_id].datetime_complete = w.now
+
+    def _insert(self, table: Any) -> Any:
+        """An INSERT that can update on conflict, in the database's dialect."""
+        dialect = self.backend.engine.name
+        if dialect == "postgresql":
+            return sqlalchemy.dialects.postgresql.insert(table)
+        if dialect == "sqlite":
+            return sqlalchemy.dialects.sqlite.insert(table)
+        raise NotImplementedError(
+            f"SearchStorage writes PostgreSQL and SQLite studies, not {dialect}: use a "
+            "postgresql:// or sqlite:/// storage URL"
+        )
+
+    def _upsert(self, session: Any, model: Any, rows: dict[tuple[int, str], str]) -> None:
+        if not rows:
+            return
+        statement = self._insert(model.__table__).values(
+            [{"trial_id": t, "key": k, "value_json": v} for (t, k), v in rows.items()]
+        )
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=["trial_id", "key"],
+                set_={"value_json": statement.excluded.value_json},
+            )
+        )
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
         with self._lock:

@@ -138,7 +138,7 @@ def _create_or_load(spec: ArchitectureSearchSpec, name: str, storage: str) -> op
             with _SCHEMA_LOCK:
                 return optuna.create_study(
                     study_name=name,
-                    storage=SearchStorage(optuna.storages.RDBStorage(storage_url(storage))),
+                    storage=dispatcher_storage(storage),
                     sampler=build_sampler(spec.sampler),
                     pruner=study_pruner(spec),
                     directions=spec.objective.study_directions,
@@ -148,6 +148,15 @@ def _create_or_load(spec: ArchitectureSearchSpec, name: str, storage: str) -> op
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def dispatcher_storage(url: str) -> optuna.storages.BaseStorage:
+    """The storage a dispatcher writes its study through: :class:`SearchStorage` on
+    PostgreSQL and SQLite (the databases it writes in bulk), else Optuna's own."""
+    backend = optuna.storages.RDBStorage(storage_url(url))
+    if backend.engine.name in ("postgresql", "sqlite"):
+        return SearchStorage(backend)
+    return optuna.storages._CachedStorage(backend)
 
 
 def open_study(

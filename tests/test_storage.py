@@ -19,7 +19,7 @@ from mloptimizer.dispatch import Dispatcher, Inbound
 from mloptimizer.messages import ResultMessage, TrialMessage
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.storage import SearchStorage
-from mloptimizer.study import Attr, open_study, storage_url
+from mloptimizer.study import Attr, open_study, records, storage_url
 
 pytestmark = pytest.mark.services
 
@@ -163,11 +163,12 @@ def test_messages_received_together_are_told_in_one_transaction_and_acked_after_
     sqlalchemy.event.listen(storage.backend.engine, "commit", lambda _: commits.append(1))
     Dispatcher(study, spec, Acking(), search="ns.search").run()
     assert acked == ["COMPLETE"] * 8  # never acked before the database has the result
-    # Two waves of 4: each trial created on its own (Optuna numbers it under a lock), then
-    # per wave one transaction for the 4 trials' parameters, one for their epoch values
-    # (received together) and one for their results: 8 + 2 x 3, where one transaction a
-    # write would take 8 x 4.
-    assert len(commits) == 8 + 2 * 3
+    # Two waves of 4, each in four transactions: its 4 trials created together, their
+    # parameters once the broker confirmed them, their epoch values (received together)
+    # and their results; one transaction a write would take 8 x 4.
+    assert len(commits) == 2 * 4
+    numbers = [t.number for t in optuna.load_study(study_name="ns.search", storage=url).trials]
+    assert numbers == list(range(8))  # numbered as Optuna numbers them
 
 
 def test_a_lost_database_while_telling_acks_nothing_and_the_results_come_again(
@@ -213,3 +214,62 @@ def test_a_lost_database_while_telling_acks_nothing_and_the_results_come_again(
     reader = optuna.load_study(study_name="ns.search", storage=url)
     assert [t.state.name for t in reader.trials] == ["COMPLETE"] * 4
     assert again.sent == []  # told from the redelivered results, nothing trained twice
+
+
+def test_trials_created_for_a_wave_and_not_sent_are_ended_uncounted(url: str) -> None:
+    spec = make_spec(budget={"maxTrials": 8, "parallelism": 4})
+    transport = ScriptedTransport(mute=lambda trial: True)
+    d = Dispatcher(open_study(spec, "ns.search", url), spec, transport, search="ns.search")
+    # Exploration closes for refine after the wave's first trial (the timeout's rule).
+    answers = iter([False, False])
+    d._time_for_refine = lambda: next(answers, True)  # type: ignore[method-assign]
+    d._fill()
+    assert [m.number for m in transport.sent] == [0]
+    assert d.counts.explore_used == 1
+    stored = records(optuna.load_study(study_name="ns.search", storage=url))
+    assert [(r.number, r.state, r.interrupted) for r in stored] == [
+        (0, "running", False),
+        (1, "failed", True),
+        (2, "failed", True),
+        (3, "failed", True),
+    ]
+
+
+def test_trials_created_for_a_wave_when_the_dispatcher_died_are_interrupted_on_recovery(
+    url: str,
+) -> None:
+    spec = make_spec(budget={"maxTrials": 4, "parallelism": 4})
+    study = open_study(spec, "ns.search", url)
+    storage = study._storage
+    assert isinstance(storage, SearchStorage)
+    storage.reserve(study._study_id, 4)  # then the process dies before sending any
+    transport = ScriptedTransport(durable=True)
+    d = Dispatcher(open_study(spec, "ns.search", url), spec, transport, search="ns.search")
+    assert not d.in_flight
+    assert d.run().reason == "maxTrials"
+    stored = records(d.study)
+    assert [r.state for r in stored[:4]] == ["failed"] * 4
+    assert all(r.interrupted for r in stored[:4])
+    assert [r.state for r in stored[4:]] == ["complete"] * 4  # the budget is whole
+
+
+def test_a_batch_writing_a_trial_twice_keeps_the_last_values(url: str) -> None:
+    study = open_study(make_spec(), "ns.search", url)
+    storage = study._storage
+    assert isinstance(storage, SearchStorage)
+    trial = study.ask()
+    trial.suggest_int("units", 1, 8)
+    with storage.batch():
+        trial.set_user_attr("note", "first")
+        storage.persist(trial._trial_id)
+        trial.set_user_attr("note", "second")
+        trial.report(0.5, step=1)
+        # A step written again: the later value, as Optuna's own storage keeps it.
+        storage.set_trial_intermediate_value(trial._trial_id, 1, 0.6)
+        trial.report(0.7, step=2)
+        study.tell(trial, 0.9)
+    (stored,) = optuna.load_study(study_name="ns.search", storage=url).trials
+    assert stored.user_attrs["note"] == "second"
+    assert stored.intermediate_values == {1: 0.6, 2: 0.7}
+    assert stored.params["units"] == trial.params["units"]
+    assert stored.value == 0.9
