@@ -502,7 +502,7 @@ class Dispatcher:
         # Written once the broker confirmed the trial: a trial running without it was
         # never queued, and recovery sends it again instead of waiting for it.
         trial.set_user_attr(Attr.ARCHITECTURE, architecture.model_dump(mode="json"))
-        persist(self.study, trial_id_of(trial))  # with the parameters: one transaction
+        persist(self.study, trial_id_of(trial))  # with its parameters, in the wave's transaction
         self.last_dispatch_seconds = time.perf_counter() - began
         now = self.clock()
         self.in_flight[trial_id_of(trial)] = _InFlight(trial, message, rec, now, now)

@@ -1,25 +1,28 @@
-"""The Optuna storage a dispatcher writes its study through: three transactions a trial.
+"""The Optuna storage a dispatcher writes its study through: a few transactions a wave.
 
 Optuna's relational storage commits every write on its own and reads a running trial back
 from the database at each ask and tell: about 49 statements and 20 commits a trial in the
 seed's space (one per suggested parameter). A search's study has one writer, the dispatch
 loop of its search (the operator's, or ``mloptimizer run``'s), so :class:`SearchStorage`
-keeps the study in memory, answers every read from there, and writes a trial in three
-transactions, in Optuna's own tables (optuna-dashboard, ``mloptimizer report --storage``
-and ``optuna.load_study`` read it as any study):
+keeps the study in memory, answers every read from there, and writes a trial at three
+points, in Optuna's own tables (optuna-dashboard, ``mloptimizer report --storage`` and
+``optuna.load_study`` read it as any study):
 
-1. ``ask`` creates the trial (Optuna's own insert, numbered under its lock);
+1. ``ask`` creates the trial: Optuna's own insert, or one of the trials :meth:`reserve`
+   created together for a wave (numbered as Optuna numbers them);
 2. :func:`persist`, once the broker confirmed the trial, writes its parameters and the
    attributes set so far (the architecture);
 3. the tell writes the result attributes, constraint values, values and final state.
 
-What a crash loses is what the dispatcher can recover: a trial created but never persisted
-is a running trial without its architecture, which recovery interrupts and enqueues again
-(as before, when the broker had not confirmed it). Intermediate values (one per epoch) are
-written at once, with anything pending: the pruner of a restarted dispatcher reads them.
+Intermediate values (one per epoch) are written as they come, with anything pending.
+Inside :meth:`SearchStorage.batch` the writes of points 2 and 3 (and epoch values) wait for
+the end of the block and go in one transaction of a few statements: the dispatcher batches
+the trials of a wave and the messages received together, and acks those only after.
 
-Readers in other processes see a trial's parameters from step 2 on. A second writer of
-the same study (two dispatchers of one search) is not supported, as before.
+What a crash loses is what the dispatcher can recover: a trial created but never persisted
+is a running trial without its architecture, which recovery interrupts (uncounted) and
+replaces. Readers in other processes see a trial's parameters from point 2 on. A second
+writer of the same study (two dispatchers of one search) is not supported, as before.
 """
 
 from __future__ import annotations

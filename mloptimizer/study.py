@@ -138,7 +138,7 @@ def _create_or_load(spec: ArchitectureSearchSpec, name: str, storage: str) -> op
             with _SCHEMA_LOCK:
                 return optuna.create_study(
                     study_name=name,
-                    storage=dispatcher_storage(storage),
+                    storage=_dispatcher_storage(storage),
                     sampler=build_sampler(spec.sampler),
                     pruner=study_pruner(spec),
                     directions=spec.objective.study_directions,
@@ -150,7 +150,7 @@ def _create_or_load(spec: ArchitectureSearchSpec, name: str, storage: str) -> op
     raise AssertionError("unreachable")
 
 
-def dispatcher_storage(url: str) -> optuna.storages.BaseStorage:
+def _dispatcher_storage(url: str) -> optuna.storages.BaseStorage:
     """The storage a dispatcher writes its study through: :class:`SearchStorage` on
     PostgreSQL and SQLite (the databases it writes in bulk), else Optuna's own."""
     backend = optuna.storages.RDBStorage(storage_url(url))
@@ -165,7 +165,7 @@ def open_study(
     """Create the study, or load it when it exists and ``spec`` may continue it.
 
     The study is opened for its dispatcher, its one writer: through
-    :class:`~mloptimizer.storage.SearchStorage` (three transactions a trial).
+    :class:`~mloptimizer.storage.SearchStorage` (a few transactions a wave of trials).
 
     The study keeps the spec it runs under (a user attribute); a later spec may continue it
     only where :func:`~mloptimizer.changes.refusal` allows, the same rule as for a live
