@@ -224,9 +224,14 @@ class SearchStorage(BaseStorage):
             return [int(t._trial_id) for t in pool]
 
     def _add(self, study_id: int, trial: FrozenTrial) -> None:
+        """Keep a new trial, the trials staying in number order (samplers assume it): a
+        trial created while others were reserved has a higher number than theirs."""
         study = self._studies[study_id]
         self._where[trial._trial_id] = (study_id, trial.number)
+        last = next(reversed(study.trials), -1)
         study.trials[trial.number] = trial
+        if trial.number < last:
+            study.trials = dict(sorted(study.trials.items()))
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         with self._lock:
@@ -237,8 +242,7 @@ class SearchStorage(BaseStorage):
                 self._add(study_id, trial)
                 return int(trial._trial_id)
             created = self.backend._create_new_trial(study_id, template_trial)
-            self._where[created._trial_id] = (study_id, created.number)
-            study.trials[created.number] = created
+            self._add(study_id, created)
             for name, distribution in created.distributions.items():
                 study.distributions.setdefault(name, distribution)
             return int(created._trial_id)

@@ -273,3 +273,19 @@ def test_a_batch_writing_a_trial_twice_keeps_the_last_values(url: str) -> None:
     assert stored.intermediate_values == {1: 0.6, 2: 0.7}
     assert stored.params["units"] == trial.params["units"]
     assert stored.value == 0.9
+
+
+def test_trials_stay_in_number_order_when_one_is_enqueued_while_others_are_reserved(
+    url: str,
+) -> None:
+    study = open_study(make_spec(), "ns.search", url)
+    storage = study._storage
+    assert isinstance(storage, SearchStorage)
+    storage.reserve(study._study_id, 3)  # numbers 0-2
+    study.enqueue_trial({}, user_attrs={Attr.PHASE: "refine"})  # number 3
+    asked = [study.ask().number for _ in range(3)]
+    assert asked == [3, 0, 1]  # the enqueued one first, as Optuna hands them out
+    assert [t.number for t in study.get_trials()] == [0, 1, 3]  # samplers read them in order
+    assert storage.release(study._study_id) == [study.trials[2]._trial_id]
+    stored = optuna.load_study(study_name="ns.search", storage=url).trials
+    assert [t.number for t in study.trials] == [t.number for t in stored] == [0, 1, 2, 3]
