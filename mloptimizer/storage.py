@@ -32,9 +32,9 @@ import copy
 import datetime
 import json
 import threading
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import sqlalchemy.dialects.postgresql
@@ -287,23 +287,28 @@ class SearchStorage(BaseStorage):
             self._replace(trial)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        with self._lock:
-            if not self._known(trial_id):
-                self.backend.set_trial_user_attr(trial_id, key, value)
-                return
-            trial = copy.copy(self._updatable(trial_id))
-            trial.user_attrs = {**trial.user_attrs, key: value}
-            self._pending.setdefault(trial_id, _Pending()).user_attrs[key] = value
-            self._replace(trial)
+        self._set_attr(trial_id, "user_attrs", key, value, self.backend.set_trial_user_attr)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._set_attr(trial_id, "system_attrs", key, value, self.backend.set_trial_system_attr)
+
+    def _set_attr(
+        self,
+        trial_id: int,
+        kind: Literal["user_attrs", "system_attrs"],
+        key: str,
+        value: Any,
+        unknown: Callable[[int, str, Any], None],
+    ) -> None:
+        """Set a user or system attribute (``kind``: the name on the trial and in
+        :class:`_Pending`), pending; a trial not kept here goes to ``unknown`` at once."""
         with self._lock:
             if not self._known(trial_id):
-                self.backend.set_trial_system_attr(trial_id, key, value)
+                unknown(trial_id, key, value)
                 return
             trial = copy.copy(self._updatable(trial_id))
-            trial.system_attrs = {**trial.system_attrs, key: value}
-            self._pending.setdefault(trial_id, _Pending()).system_attrs[key] = value
+            setattr(trial, kind, {**getattr(trial, kind), key: value})
+            getattr(self._pending.setdefault(trial_id, _Pending()), kind)[key] = value
             self._replace(trial)
 
     def set_trial_intermediate_value(
