@@ -72,6 +72,7 @@ class AmqpTransport:
         self._received: list[Inbound] = []
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
+        self._closed = False
         self._connect()
 
     def _connect(self) -> None:
@@ -174,7 +175,10 @@ class AmqpTransport:
 
     def _trials_queue(self) -> Any:
         """The trials queue's counts now (``message_count``, ``consumer_count``), or None
-        when the broker went away (reconnected for the next call)."""
+        when the broker went away (reconnected for the next call) or the transport is closed
+        (never reopened: its consumers would hold results meant for whoever reads next)."""
+        if self._closed:
+            return None
         try:
             return self._channel.queue_declare(self.names.trials, passive=True).method
         except pika.exceptions.AMQPError as error:
@@ -193,6 +197,7 @@ class AmqpTransport:
         return None if counts is None else int(counts.consumer_count)
 
     def close(self) -> None:
+        self._closed = True
         if self._connection is not None and self._connection.is_open:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 self._connection.close()
