@@ -40,7 +40,7 @@ from mloptimizer.operator.delivery import (
 )
 from mloptimizer.operator.metrics import Metrics
 from mloptimizer.operator.progress import (
-    desired_replicas,
+    ReplicaPlan,
     now_rfc3339,
     set_condition,
     status_from_counts,
@@ -151,6 +151,7 @@ class StatusReporter:
     metrics: Metrics | None = None
     _dirty: bool = True
     _last_patch: float = -1e9
+    plan: ReplicaPlan = field(default_factory=ReplicaPlan)
     _replicas: int | None = None
     _best_number: int | None = None
     _refusal: str | None = None
@@ -200,13 +201,17 @@ class StatusReporter:
     def tick(self, dispatcher: Dispatcher) -> None:
         self.spec = dispatcher.spec
         self.note_refusal(dispatcher.refused)
-        replicas = desired_replicas(len(dispatcher.in_flight), self.spec.workers, ended=False)
+        replicas = self.plan.replicas(len(dispatcher.in_flight), self.spec.workers, self.clock())
         if replicas != self._replicas:
-            self.kube.scale(replicas)
-            self._replicas = replicas
-            self._dirty = True
+            self.scale(replicas)
         if self._dirty and self.clock() - self._last_patch >= self.interval:
             self.flush(dispatcher)
+
+    def scale(self, replicas: int) -> None:
+        """Set the trainer replicas (and show them in the next status patch)."""
+        self.kube.scale(replicas)
+        self._replicas = replicas
+        self._dirty = True
 
     def flush(self, dispatcher: Dispatcher, **extra: Any) -> None:
         """Patch the status now."""
@@ -561,8 +566,8 @@ def _finish(
     *,
     delivering: bool = False,
 ) -> None:
-    kube.scale(0)
-    reporter._replicas = 0
+    # The final job keeps one trainer, warm, rather than stop them all and start a cold one.
+    reporter.scale(1 if delivering else 0)
     conditions = reporter.conditions
     if delivering:  # set with the phase, so that a restart in between resumes the job
         conditions = set_condition(

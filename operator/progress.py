@@ -4,6 +4,8 @@ functions of the dispatcher's counts, so the daemon only decides *when* to patch
 from __future__ import annotations
 
 import datetime
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mloptimizer.dispatch import Counts
@@ -11,6 +13,8 @@ from mloptimizer.spec import ArchitectureSearchSpec, Workers
 from mloptimizer.study import pareto_front, size_of
 
 __all__ = [
+    "SCALE_DOWN_SECONDS",
+    "ReplicaPlan",
     "desired_replicas",
     "now_rfc3339",
     "progress_text",
@@ -33,6 +37,29 @@ def desired_replicas(work: int, workers: Workers, ended: bool) -> int:
     if workers.gpu_pool is not None and workers.gpu_pool.mode == "Direct":
         return workers.min_replicas  # the rented containers are the trainers
     return max(workers.min_replicas, min(workers.max_replicas, work))
+
+
+# How long a lower trainer count must hold before the Deployment shrinks (Kubernetes' HPA has
+# the same idea, stabilizationWindowSeconds): between two waves of trials the work in flight
+# dips for a moment, and shrinking then would stop a warm trainer and start a cold one (its
+# image, TensorFlow and its dataset) a second later.
+SCALE_DOWN_SECONDS = 30.0
+
+
+@dataclass
+class ReplicaPlan:
+    """Trainer replicas that follow the work without flapping: up at once, down only once
+    the lower count has held for ``settle`` seconds (the most wanted within that window)."""
+
+    settle: float = SCALE_DOWN_SECONDS
+    _wanted: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def replicas(self, work: int, workers: Workers, now: float) -> int:
+        """Replicas to run at ``now`` for ``work`` trials in flight."""
+        self._wanted.append((now, desired_replicas(work, workers, ended=False)))
+        while self._wanted and self._wanted[0][0] < now - self.settle:
+            self._wanted.popleft()
+        return max(count for _, count in self._wanted)
 
 
 def set_condition(

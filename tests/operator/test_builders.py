@@ -19,6 +19,7 @@ from mloptimizer.operator.builders import (
     trainers_per_machine,
 )
 from mloptimizer.operator.progress import (
+    ReplicaPlan,
     desired_replicas,
     progress_text,
     set_condition,
@@ -148,6 +149,21 @@ def test_names_are_valid_dns_labels_even_for_long_search_names() -> None:
 def test_replicas_follow_the_work_within_the_bounds(work: int, ended: bool, expected: int) -> None:
     workers = Workers.model_validate({"minReplicas": 1, "maxReplicas": 4})
     assert desired_replicas(work, workers, ended) == expected
+
+
+def test_replicas_grow_at_once_and_shrink_only_once_the_lower_count_has_held() -> None:
+    """Between two waves the work in flight dips: a warm trainer must not be stopped for it
+    (found running the operator's Deployments as real pods: 2 -> 1 -> 2 every trial)."""
+    workers = Workers.model_validate({"minReplicas": 0, "maxReplicas": 4})
+    plan = ReplicaPlan(settle=30)
+    assert plan.replicas(2, workers, now=0) == 2
+    assert plan.replicas(1, workers, now=1) == 2  # the dip between two waves
+    assert plan.replicas(2, workers, now=2) == 2
+    assert plan.replicas(0, workers, now=10) == 2
+    assert plan.replicas(0, workers, now=31.9) == 2  # 2 was wanted 29.9 s ago
+    assert plan.replicas(0, workers, now=32.1) == 0  # 0 held for 30 s
+    assert plan.replicas(3, workers, now=33) == 3  # up at once
+    assert plan.replicas(9, workers, now=34) == 4  # within the bounds
 
 
 def test_a_condition_keeps_its_transition_time_until_its_status_changes() -> None:
