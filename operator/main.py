@@ -8,6 +8,7 @@ import threading
 
 import kopf
 
+from mloptimizer.logs import configure_logging
 from mloptimizer.operator import handlers
 from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.metrics import Metrics
@@ -45,9 +46,7 @@ async def operate(
 
 def run_operator(config: OperatorConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     logging.getLogger("optuna").setLevel(logging.WARNING)
     metrics = Metrics()
     if config.metrics_port:

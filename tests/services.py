@@ -139,8 +139,8 @@ class TrainerProcess:
                 "1",
                 *extra,
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=self.log_path.open("w"),
+            stdout=self.log_path.open("w"),  # its log lines go to stdout
+            stderr=subprocess.STDOUT,
             env=env,
         )
         self.name = name

@@ -81,10 +81,11 @@ def _cmd_space(args: argparse.Namespace) -> int:
 
 
 def _cmd_trainer(args: argparse.Namespace) -> int:
-    import logging
     import signal
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from mloptimizer.logs import configure_logging
+
+    configure_logging()
     if not args.broker or not args.search:
         print(
             "mloptimizer trainer: --broker and --search are required (or set "
