@@ -27,6 +27,24 @@ def test_a_build_that_cannot_download_names_the_step_and_exits_3(tmp_path: Path)
     assert done.stdout == ""
 
 
+def test_a_machine_whose_apt_sources_name_no_archive_fails_saying_so(tmp_path: Path) -> None:
+    """No archive host is guessed: the sources are the machine's, or MLOPT_DEBIAN_MIRROR."""
+    if os.geteuid() != 0:
+        pytest.fail("this test hides /etc/apt in a mount namespace: run the suite as root")
+    empty = tmp_path / "apt"
+    empty.mkdir()
+    env = {k: v for k, v in offline(tmp_path).items() if k != "MLOPT_DEBIAN_MIRROR"}
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f'mount --bind "{empty}" /etc/apt && exec "$0" build',
+         str(SCRIPT)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "FAILED at step 'find the Debian archive'" in done.stderr
+    assert "MLOPT_DEBIAN_MIRROR" in done.stderr
+    assert done.stdout == ""
+
+
 def test_offline_with_a_cached_build_uses_it(tmp_path: Path) -> None:
     cached = tmp_path / "empty-cache" / "0123456789abcdef"
     cached.mkdir(parents=True)
