@@ -20,9 +20,12 @@ from mloptimizer.rules import Rule, SpecModel
 __all__ = [
     "API_VERSION",
     "BUILTIN_DATASETS",
+    "CPU_TRAINER_IMAGE",
+    "GPU_TRAINER_IMAGE",
     "GROUP",
     "KIND",
     "PLURAL",
+    "RELEASE",
     "VERSION",
     "ArchitectureSearchSpec",
     "Budget",
@@ -56,6 +59,11 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "ArchitectureSearch"
 PLURAL = "architecturesearches"  # the resource's name in API paths
+
+RELEASE = "0.1.0"  # the project's version (pyproject.toml), and the tag of its images
+# The trainer images scripts/images builds, TensorFlow's CPU and CUDA builds.
+CPU_TRAINER_IMAGE = f"ghcr.io/mloptimizer/trainer:{RELEASE}"
+GPU_TRAINER_IMAGE = f"ghcr.io/mloptimizer/trainer-gpu:{RELEASE}"
 
 BuiltinDataset = Literal["mnist", "fashion_mnist", "cifar10", "digits", "mnist_5k"]
 BUILTIN_DATASETS: tuple[str, ...] = get_args(BuiltinDataset)
@@ -779,9 +787,12 @@ class Workers(SpecModel):
         ),
     )
 
-    image: Annotated[str, Field(min_length=1, max_length=512)] = Field(
-        default="ghcr.io/mloptimizer/trainer:0.1.0",
-        description="Trainer image (runs `mloptimizer trainer`).",
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
+        default=None,
+        description="Trainer image (runs `mloptimizer trainer`). Default: "
+        f"{GPU_TRAINER_IMAGE} (TensorFlow's CUDA build) when the trainers use GPUs "
+        f"(resources.gpu above 0, or a gpuPool), else {CPU_TRAINER_IMAGE} (the CPU build); "
+        "scripts/images builds both.",
     )
     min_replicas: int = Field(
         default=0, ge=0, le=1000, description="Trainers kept while the search runs."
@@ -798,6 +809,15 @@ class Workers(SpecModel):
     tolerations: Annotated[list[Toleration], Field(max_length=64)] = Field(
         default_factory=list, description="Taints the trainer pods tolerate."
     )
+
+    @property
+    def trainer_image(self) -> str:
+        """The image the trainers run: ``image``, or the build that fits their devices."""
+        if self.image is not None:
+            return self.image
+        gpus = self.resources.gpu > 0 or self.gpu_pool is not None
+        return GPU_TRAINER_IMAGE if gpus else CPU_TRAINER_IMAGE
+
     price_per_hour: float | None = Field(
         default=None,
         ge=0.0,

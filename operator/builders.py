@@ -175,7 +175,7 @@ def build_trainer_deployment(
         env.append({"name": "MLOPT_KEEP_MODELS", "value": f"{OUTPUT_DIR}/{folder_path}/models"})
     container = {
         "name": "trainer",
-        "image": workers.image,
+        "image": workers.trainer_image,
         "imagePullPolicy": "IfNotPresent",
         "args": [
             "trainer",

@@ -256,7 +256,7 @@ def refused_by_admin(
 ) -> tuple[str, str] | None:
     """``(reason, message)`` when the admin's settings refuse the spec, else None: a trainer
     image outside ``allowedImages``, or a Secret not opened to searches."""
-    image = spec.workers.image
+    image = spec.workers.trainer_image
     if config.allowed_images and not image.startswith(config.allowed_images):
         allowed = ", ".join(config.allowed_images)
         return (
@@ -481,7 +481,7 @@ async def pool_rent_request(
     return lambda machine: direct_rent_request(
         pool,
         machine,
-        image=spec.workers.image,
+        image=spec.workers.trainer_image,
         broker_url=url,
         search=study_name(namespace, name),
         queue_prefix=shared.config.queue_prefix,

@@ -590,8 +590,7 @@ def test_the_kind_demo_script_parses_and_its_helm_settings_render(helm: Helm) ->
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     text = script.read_text()
     for used in (
-        "Dockerfile.operator",
-        "Dockerfile.trainer",
+        "scripts/images",
         "charts/mloptimizer",
         "examples/digits-quick.yaml",
     ):
@@ -604,10 +603,13 @@ def test_the_kind_demo_script_parses_and_its_helm_settings_render(helm: Helm) ->
         d for d in rendered if d["kind"] == "Deployment" and "operator" in d["metadata"]["name"]
     )
     assert operator["spec"]["template"]["spec"]["containers"][0]["image"] == "x:x"
-    # the trainer image the script builds is the one a search uses by default
-    from mloptimizer.spec import Workers
+    # the trainer image the script loads is the one the example's CPU trainers use by default
+    from mloptimizer.loading import load_search
+    from mloptimizer.spec import RELEASE
 
-    assert f'TRAINER_IMAGE="{Workers().image.replace(":0.1.0", ":${VERSION}")}"' in text
+    example = load_search(ROOT / "examples" / "digits-quick.yaml").spec.workers.trainer_image
+    assert f'TRAINER_IMAGE="{example.replace(RELEASE, "${VERSION}")}"' in text
+    assert f'VERSION="{RELEASE}"' in text
 
 
 def test_trainers_in_watched_namespaces_reach_only_dns_the_broker_and_public_https(

@@ -212,7 +212,7 @@ async def test_direct_pool_gives_rented_trainers_a_broker_user_of_their_own(
         # its own user on its own vhost, the same identity as in-cluster trainers
         assert env["MLOPT_BROKER_URL"].endswith(f"@broker.example.com:5671/mlopt-{uid}")
         assert env["MLOPT_SEARCH"] == f"default.{name}"
-        assert request["image"] == "ghcr.io/mloptimizer/trainer:0.1.0"
+        assert request["image"] == "ghcr.io/mloptimizer/trainer-gpu:0.1.0"  # the CUDA build
         assert request["args"][0] == "trainer"
         assert "vm" not in request
         assert postgres_dsn not in json.dumps(request)
