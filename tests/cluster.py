@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,28 @@ class Cluster:
                     if line.strip():
                         yield json.loads(line)
 
+    async def follow(
+        self, resource: str, namespace: str | None, name: str
+    ) -> AsyncGenerator[Body | None, None]:
+        """The object now (None when absent), then again after each change, for ever.
+
+        Lists it once, then follows a watch from that resourceVersion (listed again when the
+        server ends the watch or answers an ERROR such as 410 Gone).
+        """
+        path = self.path(resource, namespace)
+        selector = {"fieldSelector": f"metadata.name={name}"}
+        while True:
+            listed = await self.request("GET", path, params=selector)
+            items = listed.get("items") or []
+            yield items[0] if items else None
+            since = {"resourceVersion": listed["metadata"]["resourceVersion"]}
+            async for event in self._watch(path, {**selector, **since}):
+                if event["type"] == "ERROR":
+                    break
+                if event["type"] == "BOOKMARK":
+                    continue
+                yield None if event["type"] == "DELETED" else event["object"]
+
     async def wait_for(
         self,
         resource: str,
@@ -233,34 +255,24 @@ class Cluster:
     ) -> Body | None:
         """Await until the object (None when absent) satisfies ``predicate``; return it.
 
-        Lists it once, then follows a watch from that resourceVersion (listed again when the
-        server ends the watch). ``lambda obj: obj is None`` awaits its removal.
+        Follows the object (:meth:`follow`): no polling. ``lambda obj: obj is None`` awaits
+        its removal.
         """
-        path = self.path(resource, namespace)
-        selector = {"fieldSelector": f"metadata.name={name}"}
         last: Body | None = None
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    listed = await self.request("GET", path, params=selector)
-                    items = listed.get("items") or []
-                    last = items[0] if items else None
+            async with (
+                asyncio.timeout(timeout),
+                contextlib.aclosing(self.follow(resource, namespace, name)) as changes,
+            ):
+                async for last in changes:
                     if predicate(last):
                         return last
-                    since = {"resourceVersion": listed["metadata"]["resourceVersion"]}
-                    async for event in self._watch(path, {**selector, **since}):
-                        if event["type"] == "ERROR":  # e.g. 410 Gone: list again
-                            break
-                        if event["type"] == "BOOKMARK":
-                            continue
-                        last = None if event["type"] == "DELETED" else event["object"]
-                        if predicate(last):
-                            return last
         except TimeoutError:
             raise TimeoutError(
                 f"{resource} {namespace}/{name} did not become as awaited within {timeout}s; "
                 f"it is now: {last!r}"
             ) from None
+        raise AssertionError("unreachable: follow() never ends")
 
 
 async def ensure_crd(cluster: Cluster, crd: Mapping[str, Any], timeout: float = 30.0) -> Body:
@@ -286,7 +298,19 @@ async def ensure_crd(cluster: Cluster, crd: Mapping[str, Any], timeout: float = 
 
     found = await cluster.wait_for("customresourcedefinitions", None, name, established, timeout)
     assert found is not None
-    return found
+    # Established is not served yet: a real server answers 429 "storage is (re)initializing"
+    # for a moment after, with a Retry-After, which is all there is to wait on.
+    spec = found["spec"]
+    path = f"/apis/{spec['group']}/{spec['versions'][0]['name']}/{spec['names']['plural']}"
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                await cluster.request("GET", path, params={"limit": "1"})
+                return found
+            except KubeError as error:
+                if error.status != 429:
+                    raise
+                await asyncio.sleep(0.2)
 
 
 async def remove_searches(cluster: Cluster) -> None:

@@ -1,8 +1,12 @@
-"""Fixtures for the real services: a fresh PostgreSQL database per test, RabbitMQ names
-per test, and the Kubernetes API (a real API server behind the routing proxy, or the cluster
-``MLOPT_TEST_KUBECONFIG`` names). A missing PostgreSQL or RabbitMQ fails the test that needs
-it, with the command to start it; a real API server that cannot be built here skips its tests
-with the reason (shown in pytest's summary)."""
+"""Fixtures for the real parts: a fresh PostgreSQL database per test, RabbitMQ names per
+test, the Kubernetes API (a real API server behind the routing proxy, or the cluster
+``MLOPT_TEST_KUBECONFIG`` names), and the images built from the Dockerfiles with a kubelet
+that runs pods of them (``pods.py``).
+
+A missing PostgreSQL or RabbitMQ fails the test that needs it, with the command to start it.
+A real API server that cannot be built here, or containers that cannot run, skip their tests
+with the part and the reason (``realparts.py``), which fails a CI run unless allowed.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,19 @@ import yaml
 from cluster import Cluster, ensure_crd, remove_searches
 from k8s import start_emulator, write_kubeconfig
 from kubeproxy import RealApiServer, RealServerUnavailable, RoutingProxy, real_apiserver
+from pods import ContainersUnavailable, Images, built_images
+from realparts import (  # the hooks, too: this suite is the plugin's user
+    missing,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    skip_missing_part,
+)
 from services import RABBITMQ_URL, Broker, ServiceUnavailable, fresh_postgres_database
 
 CRD_FILE = Path(__file__).resolve().parent.parent / "crds" / "architecturesearch.yaml"
 REAL_CLUSTER = os.environ.get("MLOPT_TEST_KUBECONFIG")
+__all__ = ["pytest_runtest_logreport", "pytest_sessionfinish", "pytest_terminal_summary"]
 
 
 @pytest.fixture
@@ -43,20 +56,28 @@ def broker() -> Iterator[Broker]:
     found.cleanup()
 
 
-_unavailable: list[str] = []
-
-
 @pytest.fixture(scope="session")
 def real_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealApiServer]:
     """The real apiextensions-apiserver of ``scripts/kube-apiserver``, one for the session."""
-    if _unavailable:
-        pytest.skip(_unavailable[0])
+    if "apiserver" in missing:
+        skip_missing_part("apiserver", missing["apiserver"])
     try:
         with real_apiserver(tmp_path_factory.mktemp("kube-apiserver")) as server:
             yield server
     except RealServerUnavailable as error:
-        _unavailable.append(f"no real Kubernetes API server here: {error}")
-        pytest.skip(_unavailable[0])
+        skip_missing_part("apiserver", f"no real Kubernetes API server here: {error}")
+
+
+@pytest.fixture(scope="session")
+def images() -> Images:
+    """The operator and CPU trainer images, built from the Dockerfiles by ``scripts/images``
+    (once a session; cached layers make a rebuild take seconds)."""
+    if "containers" in missing:
+        skip_missing_part("containers", missing["containers"])
+    try:
+        return built_images()
+    except ContainersUnavailable as error:
+        skip_missing_part("containers", str(error))
 
 
 @pytest.fixture

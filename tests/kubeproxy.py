@@ -12,10 +12,13 @@ kopf, kubectl, helm and the ``kubernetes`` client one plain-HTTP endpoint:
   emulator of ``k8s.py``;
 * ``/apis`` answers both halves' API groups in one ``APIGroupList``.
 
-Bodies stream both ways unchanged, so watches work through it. Every status patch of a custom
-resource is also checked against the object the server answers with: a real server silently
-prunes status fields its schema does not declare, and ``pruned`` lists each field that was
-written but not kept (``spec.x`` paths), so that a test can prove the operator loses none.
+It also listens over HTTPS (``tls_url``, with the real server's own certificate for 127.0.0.1
+and CA ``ca_path``): what a pod's in-cluster configuration expects to find at
+``KUBERNETES_SERVICE_HOST``. Bodies stream both ways unchanged, so watches work through it.
+Every status patch of a custom resource is also checked against the object the server
+answers with: a real server silently prunes status fields its schema does not declare, and
+``pruned`` lists each field that was written but not kept (``spec.x`` paths), so that a test
+can prove the operator loses none.
 """
 
 from __future__ import annotations
@@ -144,6 +147,8 @@ class RoutingProxy:
         self.real = real
         self.emulator_url = str(emulator_url).rstrip("/")
         self.url = ""
+        self.tls_url = ""  # the same endpoint over HTTPS, for pods' in-cluster configuration
+        self.ca_path = real.folder / "ca.crt"  # the CA of tls_url's certificate
         self._ssl = real.ssl_context()
         self._session: aiohttp.ClientSession | None = None
         self._runner: aiohttp.web.AppRunner | None = None
@@ -163,6 +168,11 @@ class RoutingProxy:
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
+        serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        serving.load_cert_chain(self.real.folder / "server.crt", self.real.folder / "server.key")
+        secure = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=serving)
+        await secure.start()
+        self.tls_url = f"https://127.0.0.1:{self._runner.addresses[1][1]}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -126,3 +126,13 @@ def test_each_lock_pins_every_dependency_of_its_extras_within_pyproject(lock: st
         )
     build = PYPROJECT["build-system"]["requires"]
     assert all(canonicalize_name(Requirement(r).name) in pins for r in build)
+
+
+def test_the_images_are_tagged_with_the_release_the_specs_default_to() -> None:
+    from mloptimizer.spec import CPU_TRAINER_IMAGE, GPU_TRAINER_IMAGE, RELEASE, Workers
+
+    assert PYPROJECT["project"]["version"] == RELEASE  # scripts/images tags with pyproject's
+    assert Workers().trainer_image == CPU_TRAINER_IMAGE == f"ghcr.io/mloptimizer/trainer:{RELEASE}"
+    gpu = Workers.model_validate({"resources": {"gpu": 1}})
+    assert gpu.trainer_image == GPU_TRAINER_IMAGE == f"ghcr.io/mloptimizer/trainer-gpu:{RELEASE}"
+    assert Workers.model_validate({"image": "r.example/t:1"}).trainer_image == "r.example/t:1"
