@@ -1,0 +1,34 @@
+"""The services a search uses besides its trainers: the study's database and the broker."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from mloptimizer.rules import SpecModel
+from mloptimizer.spec.common import SecretKeyRef
+
+__all__ = ["Broker", "Storage"]
+
+
+class Storage(SpecModel):
+    """Where the Optuna study lives."""
+
+    secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key with a PostgreSQL URL (postgresql://...); defaults to the "
+        "operator's database.",
+    )
+    delete_study_on_delete: bool = Field(
+        default=False,
+        description="Delete the study from the database when the search is deleted; by "
+        "default it stays as history.",
+    )
+
+
+class Broker(SpecModel):
+    """How trials reach the trainers."""
+
+    secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key with an AMQP URL (amqp://...); defaults to the operator's broker.",
+    )

@@ -1,0 +1,134 @@
+"""How trials are chosen, stopped early and trained: sampler, pruner, training, refine."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mloptimizer.rules import Rule, SpecModel
+
+__all__ = ["Pruner", "Refine", "SamplerSpec", "Training"]
+
+
+class SamplerSpec(SpecModel):
+    """How the next architecture is chosen (Optuna samplers)."""
+
+    rules = (
+        Rule(
+            cel="!self.group || self.multivariate",
+            check=lambda s: not s.group or s.multivariate,
+            message="group needs multivariate: true; set group: false as well, or keep "
+            "multivariate",
+            field="group",
+        ),
+    )
+
+    type: Literal["tpe", "random"] = Field(
+        default="tpe",
+        description="tpe (Tree-structured Parzen Estimator) or random (the baseline).",
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**31 - 1,
+        description="Seed of the sampler; the same seed proposes the same first trials.",
+    )
+    n_startup_trials: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        alias="nStartupTrials",
+        description="TPE: random trials before TPE starts modelling.",
+    )
+    n_ei_candidates: int = Field(
+        default=24,
+        ge=1,
+        le=10_000,
+        alias="nEICandidates",
+        description="TPE: candidates scored by expected improvement per suggestion.",
+    )
+    multivariate: bool = Field(
+        default=True,
+        description="TPE: model parameters jointly rather than one by one.",
+    )
+    group: bool = Field(
+        default=True,
+        description="TPE (with multivariate): model each conditional branch (cnn, "
+        "inception, mlp) separately.",
+    )
+    constant_liar: bool = Field(
+        default=True,
+        description="TPE: treat running trials as bad results so parallel workers do not "
+        "all sample the same point.",
+    )
+
+
+class Pruner(SpecModel):
+    """Stop unpromising trials early, from their per-epoch progress."""
+
+    type: Literal["none", "median", "hyperband"] = Field(
+        default="median",
+        description="none, median (stop a trial below the median of earlier trials at "
+        "the same epoch) or hyperband.",
+    )
+    startup_trials: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description="median: trials that run to the end before any is pruned.",
+    )
+    warmup_epochs: int = Field(
+        default=1,
+        ge=0,
+        le=10_000,
+        description="median: epochs every trial runs before it can be pruned.",
+    )
+    min_epochs: int = Field(
+        default=1,
+        ge=1,
+        le=10_000,
+        description="hyperband: epochs of the smallest bracket (min_resource).",
+    )
+    reduction_factor: int = Field(
+        default=3,
+        ge=2,
+        le=100,
+        description="hyperband: 1/reductionFactor of the trials survive each rung.",
+    )
+
+
+class Refine(SpecModel):
+    """Second phase: retrain the best trials longer (the seed's two-phase optimisation)."""
+
+    top_k: int = Field(
+        default=3, ge=1, le=1000, description="How many of the best trials to retrain."
+    )
+    epochs: int = Field(default=30, ge=1, le=10_000, description="Epochs of each retraining.")
+
+
+class Training(SpecModel):
+    """How each trial trains."""
+
+    rules = (
+        Rule(
+            cel="!has(self.refine) || self.refine.epochs > self.epochs",
+            check=lambda s: s.refine is None or s.refine.epochs > s.epochs,
+            message="refine.epochs must exceed training.epochs: the refine phase retrains "
+            "the best trials for longer",
+            field="refine",
+        ),
+    )
+
+    epochs: int = Field(default=10, ge=1, le=10_000, description="Epochs per trial.")
+    batch_size: int = Field(default=64, ge=1, le=65_536, description="Images per training step.")
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="auto uses mixed_float16 only on a GPU of compute capability 7.0 or "
+        'newer; on forces it; off keeps float32. Quote on and off in YAML ("off"): '
+        "unquoted, YAML reads them as booleans.",
+    )
+    refine: Refine | None = Field(
+        default=None,
+        description="Retrain the top trials with more epochs after exploration; omit to skip.",
+    )

@@ -1,0 +1,227 @@
+"""Where trials train: the trainer pods, their resources and tolerations, rented GPU pools."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from mloptimizer.rules import Rule, SpecModel
+from mloptimizer.spec.common import RELEASE, Duration, Name, Quantity, SecretKeyRef
+
+__all__ = [
+    "CPU_TRAINER_IMAGE",
+    "GPU_TRAINER_IMAGE",
+    "GpuPool",
+    "JoinSecret",
+    "Resources",
+    "Toleration",
+    "Workers",
+]
+
+# The trainer images scripts/images builds, TensorFlow's CPU and CUDA builds.
+CPU_TRAINER_IMAGE = f"ghcr.io/mloptimizer/trainer:{RELEASE}"
+GPU_TRAINER_IMAGE = f"ghcr.io/mloptimizer/trainer-gpu:{RELEASE}"
+
+
+class Toleration(SpecModel):
+    """A Kubernetes toleration for the trainer pods."""
+
+    key: Annotated[str, Field(max_length=316)] | None = Field(
+        default=None, description="Taint key; omit with operator Exists to tolerate all."
+    )
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: Annotated[str, Field(max_length=63)] | None = Field(
+        default=None, description="Taint value, with operator Equal."
+    )
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; omit for all."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="NoExecute only: how long the pod stays bound."
+    )
+
+
+class Resources(SpecModel):
+    """What each trainer pod asks for (requests and limits are set equal)."""
+
+    gpu: int = Field(
+        default=0, ge=0, le=16, description="nvidia.com/gpu per trainer; 0 trains on CPU."
+    )
+    cpu: Quantity = Field(default="2", description="CPU cores, such as 2 or 1500m.")
+    memory: Quantity = Field(default="4Gi", description="Memory, such as 4Gi.")
+
+
+class JoinSecret(SpecModel):
+    """A Secret with what a rented VM needs to join the cluster as a k3s agent."""
+
+    name: Name = Field(
+        description="Name of the Secret, in the search's namespace (labelled "
+        "mloptimizer.io/usable-by-searches=true by an admin)."
+    )
+    server_key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="server",
+        description="Key holding the API server URL the agents join, such as "
+        "https://k3s.example.com:6443 (reachable from the internet or over a mesh VPN).",
+    )
+    token_key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="token", description="Key holding the k3s agent join token."
+    )
+
+
+class GpuPool(SpecModel):
+    """GPU machines rented from Vast.ai for this search, under a price cap and a spend cap."""
+
+    rules = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            check=lambda s: s.min_replicas <= s.max_replicas,
+            message="minReplicas must be <= maxReplicas",
+            field="minReplicas",
+        ),
+        Rule(
+            cel="self.interruptible == has(self.bidPricePerHour)",
+            check=lambda s: s.interruptible == (s.bid_price_per_hour is not None),
+            message="bidPricePerHour is required with interruptible: true, and only then",
+            field="bidPricePerHour",
+        ),
+        Rule(
+            cel="self.mode != 'Node' || has(self.joinSecretRef)",
+            check=lambda s: s.mode != "Node" or s.join_secret_ref is not None,
+            message="mode Node needs joinSecretRef: a Secret with the k3s server URL and join "
+            "token the rented VMs join with",
+            field="joinSecretRef",
+        ),
+        Rule(
+            cel="self.mode != 'Direct' || has(self.brokerEndpoint)",
+            check=lambda s: s.mode != "Direct" or s.broker_endpoint is not None,
+            message="mode Direct needs brokerEndpoint: the amqps:// address at which rented "
+            "machines reach the broker from the internet",
+            field="brokerEndpoint",
+        ),
+        Rule(
+            cel="!has(self.bidPricePerHour) || self.bidPricePerHour <= self.maxPricePerHour",
+            check=lambda s: (
+                s.bid_price_per_hour is None or s.bid_price_per_hour <= s.max_price_per_hour
+            ),
+            message="bidPricePerHour must not exceed maxPricePerHour",
+            field="bidPricePerHour",
+        ),
+    )
+
+    provider: Literal["vastai"] = Field(default="vastai", description="Only vastai for now.")
+    mode: Literal["Node", "Direct"] = Field(
+        default="Node",
+        description="Node: rent VMs that join the cluster as tainted GPU nodes. Direct: "
+        "rent containers that run the trainer image and reach the broker over TLS with "
+        "credentials scoped to this search.",
+    )
+    gpu_name: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        default="RTX 4090", description="GPU model as Vast.ai names it, such as RTX 3090."
+    )
+    num_gpus: int = Field(default=1, ge=1, le=16, description="GPUs per machine.")
+    min_replicas: int = Field(default=0, ge=0, le=1000, description="Machines kept rented.")
+    max_replicas: int = Field(default=2, ge=0, le=1000, description="Most machines rented.")
+    max_price_per_hour: float = Field(
+        default=0.5, gt=0.0, le=100.0, description="Highest price in USD/hour per machine."
+    )
+    max_spend_usd: float | None = Field(
+        default=None,
+        gt=0.0,
+        alias="maxSpendUSD",
+        description="No scale-up that would pass this total spend in USD.",
+    )
+    min_reliability: float = Field(
+        default=0.98, ge=0.0, le=1.0, description="Lowest host reliability score (0-1)."
+    )
+    min_cuda_version: Annotated[str, Field(pattern=r"^[0-9]+\.[0-9]+$", max_length=8)] = Field(
+        default="12.0", description="Lowest CUDA driver version, such as 12.2."
+    )
+    disk_gb: int = Field(default=40, ge=10, le=2000, description="Disk per machine in GB.")
+    verified_only: bool = Field(default=True, description="Rent verified hosts only.")
+    interruptible: bool = Field(default=False, description="Bid for interruptible (spot) machines.")
+    bid_price_per_hour: float | None = Field(
+        default=None, gt=0.0, description="Bid in USD/hour when interruptible."
+    )
+    provision_timeout: Duration = Field(
+        default="10m",
+        description="A machine not ready within this time is destroyed and its host avoided.",
+    )
+    api_key_secret_ref: SecretKeyRef = Field(description="Secret key holding the Vast.ai API key.")
+    join_secret_ref: JoinSecret | None = Field(
+        default=None,
+        description="Node mode: the Secret with the k3s server URL and join token.",
+    )
+    broker_endpoint: (
+        Annotated[str, Field(pattern=r"^amqps://[^/@\s]+/?$", max_length=512)] | None
+    ) = Field(
+        default=None,
+        description="Direct mode: the broker as rented machines reach it over TLS, "
+        "amqps://HOST:PORT, without credentials or vhost: the operator adds the search's own "
+        "user and vhost, the same identity as its in-cluster trainers.",
+    )
+    drain_timeout: Duration = Field(
+        default="60s",
+        description="How long a surplus machine's trainers get to hand back their trials "
+        "before the machine is destroyed.",
+    )
+
+
+class Workers(SpecModel):
+    """The trainer pods that consume trials."""
+
+    rules = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            check=lambda s: s.min_replicas <= s.max_replicas,
+            message="minReplicas must be <= maxReplicas",
+            field="minReplicas",
+        ),
+        Rule(
+            cel="!(has(self.gpuPool) && has(self.pricePerHour))",
+            check=lambda s: not (s.gpu_pool is not None and s.price_per_hour is not None),
+            message="pricePerHour is for GPUs the cluster already has; a gpuPool reports "
+            "real prices, so drop pricePerHour",
+            field="pricePerHour",
+        ),
+    )
+
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
+        default=None,
+        description="Trainer image (runs `mloptimizer trainer`). Default: "
+        f"{GPU_TRAINER_IMAGE} (TensorFlow's CUDA build) when the trainers use GPUs "
+        f"(resources.gpu above 0, or a gpuPool), else {CPU_TRAINER_IMAGE} (the CPU build); "
+        "scripts/images builds both.",
+    )
+    min_replicas: int = Field(
+        default=0, ge=0, le=1000, description="Trainers kept while the search runs."
+    )
+    max_replicas: int = Field(
+        default=4, ge=0, le=1000, description="Most trainers while the search runs."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Requests and limits of each trainer."
+    )
+    node_selector: Annotated[dict[str, str], Field(max_length=64)] = Field(
+        default_factory=dict, description="Node labels the trainer pods require."
+    )
+    tolerations: Annotated[list[Toleration], Field(max_length=64)] = Field(
+        default_factory=list, description="Taints the trainer pods tolerate."
+    )
+
+    @property
+    def trainer_image(self) -> str:
+        """The image the trainers run: ``image``, or the build that fits their devices."""
+        if self.image is not None:
+            return self.image
+        gpus = self.resources.gpu > 0 or self.gpu_pool is not None
+        return GPU_TRAINER_IMAGE if gpus else CPU_TRAINER_IMAGE
+
+    price_per_hour: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="USD per trainer-hour, used for cost when GPUs are not rented through gpuPool.",
+    )
+    gpu_pool: GpuPool | None = Field(
+        default=None, description="Rent GPU machines from Vast.ai for this search."
+    )
