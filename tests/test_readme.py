@@ -1,4 +1,7 @@
-"""README.md holds, command by command: a README that drifts from the code fails here.
+"""README.md and docs/*.md hold, command by command: documents that drift from the code fail here.
+
+Every check covers README.md and every docs/*.md; a block or table counts in whichever file
+holds it (each table is in exactly one).
 
 * Every ```bash block carries a ``<!-- readme-test: KIND -->`` comment on the line before it
   and runs as written, in a copy of the repository: ``run`` blocks with the test venv
@@ -10,7 +13,10 @@
 * Every ```yaml block is a search file that validates without errors or warnings.
 * Every flag, variable and default in the flags tables is what ``--help`` and the parser say,
   and every flag of the parser is in its table; every chart value in the values table is in
-  ``values.yaml`` with that default; every file the layout and run-folder tables name exists.
+  ``values.yaml`` with that default; every CRD field is in the spec reference; the live/fixed
+  table is ``mloptimizer.changes``; every file the layout and run-folder tables name exists.
+* Every link and ``#anchor`` resolves; every ``tests/...py::test_...`` named exists; every
+  benchmark row names its own script and a line that script prints.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ import yaml
 from services import RABBITMQ_URL
 
 from mloptimizer.app.cli import build_parser
+from mloptimizer.changes import FIXED, LIVE
 from mloptimizer.checks import space_issues
 from mloptimizer.loading import parse_search
 from mloptimizer.messages import QueueNames
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 VENV = Path(sys.prefix)
 
 KINDS = {"run", "setup", "main", "after-main", "until-stopped", "skip"}
@@ -52,13 +60,18 @@ class Block:
     line: int  # of the opening fence
     kind: str = ""  # from the readme-test comment before it
     detail: str = ""  # its parenthesised part: the reason to skip, the ready line
+    file: str = "README.md"  # relative to the repository
 
     def __str__(self) -> str:
-        return f"README.md:{self.line} ({self.lang or 'text'}, {self.kind or 'unmarked'})"
+        return f"{self.file}:{self.line} ({self.lang or 'text'}, {self.kind or 'unmarked'})"
 
 
-def blocks(text: str | None = None) -> list[Block]:
-    lines = (text if text is not None else README.read_text()).splitlines()
+def name_of(doc: Path) -> str:
+    return doc.relative_to(ROOT).as_posix()
+
+
+def blocks(text: str | None = None, doc: Path = README) -> list[Block]:
+    lines = (text if text is not None else doc.read_text()).splitlines()
     found: list[Block] = []
     index = 0
     while index < len(lines):
@@ -76,12 +89,18 @@ def blocks(text: str | None = None) -> list[Block]:
         previous = next((line for line in reversed(lines[:start]) if line.strip()), "")
         marker = re.match(r"<!-- readme-test: ([\w-]+)(?: \((.*)\))? -->", previous)
         kind, detail = (marker.group(1), marker.group(2) or "") if marker else ("", "")
-        found.append(Block(fence.group(1), "\n".join(body) + "\n", start + 1, kind, detail))
+        found.append(
+            Block(fence.group(1), "\n".join(body) + "\n", start + 1, kind, detail, name_of(doc))
+        )
     return found
 
 
 def of_lang(*langs: str) -> list[Block]:
-    return [b for b in blocks() if b.lang in langs]
+    return [b for doc in DOCS for b in blocks(doc=doc) if b.lang in langs]
+
+
+def block_id(block: Block) -> str:
+    return f"{block.file}:{block.line}"
 
 
 def repo_copy(where: Path) -> Path:
@@ -145,16 +164,14 @@ def test_every_shell_block_is_marked_and_every_skip_says_why() -> None:
 # --- commands that run with the test venv ----------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "block", [b for b in of_lang("bash") if b.kind == "run"], ids=lambda b: f"line{b.line}"
-)
+@pytest.mark.parametrize("block", [b for b in of_lang("bash") if b.kind == "run"], ids=block_id)
 def test_run_block_works_as_written(block: Block, tmp_path: Path) -> None:
     copy = repo_copy(tmp_path / "repo")
     (copy / ".venv").symlink_to(VENV)
     run_block(block, copy, timeout=300)
 
 
-@pytest.mark.parametrize("block", [b for b in of_lang("console")], ids=lambda b: f"line{b.line}")
+@pytest.mark.parametrize("block", [b for b in of_lang("console")], ids=block_id)
 def test_console_block_prints_what_readme_shows(block: Block, tmp_path: Path) -> None:
     copy = repo_copy(tmp_path / "repo")
     (copy / ".venv").symlink_to(VENV)
@@ -205,6 +222,7 @@ def test_until_stopped_blocks_start_and_stop_cleanly(tmp_path: Path) -> None:
 def test_a_newcomer_sets_up_runs_the_main_job_and_reads_the_results(tmp_path: Path) -> None:
     copy = repo_copy(tmp_path / "repo")
     ordered = {b.kind: b for b in of_lang("bash") if b.kind in ("setup", "main", "after-main")}
+    assert {b.file for b in ordered.values()} == {"README.md"}, "the newcomer's path is README's"
     run_block(ordered["setup"], copy, timeout=1200)
     assert (copy / ".venv" / "bin" / "mloptimizer").exists()
     main = run_block(ordered["main"], copy, timeout=1200)
@@ -237,7 +255,7 @@ def test_a_newcomer_sets_up_runs_the_main_job_and_reads_the_results(tmp_path: Pa
 # --- YAML -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block", of_lang("yaml"), ids=lambda b: f"line{b.line}")
+@pytest.mark.parametrize("block", of_lang("yaml"), ids=block_id)
 def test_yaml_block_is_a_clean_search_file(block: Block) -> None:
     search = parse_search(yaml.safe_load(block.text), str(block))
     assert space_issues(search.spec) == ([], []), block
@@ -247,12 +265,23 @@ def test_yaml_block_is_a_clean_search_file(block: Block) -> None:
 
 
 def section(title: str) -> str:
-    text = README.read_text()
-    start = re.search(rf"^#+ {re.escape(title)}\s*$", text, re.M)
-    assert start, f"README has no section {title!r}"
-    level = len(start.group(0).split()[0])
-    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, start.end())
-    return text[start.end() : end.start() if end else len(text)]
+    """The section under the one heading ``title`` of README.md or docs/*.md."""
+    found = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for start in re.finditer(rf"^#+ {re.escape(title)}\s*$", text, re.M):
+            level = len(start.group(0).split()[0])
+            end = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, start.end())
+            found.append(text[start.end() : end.start() if end else len(text)])
+    assert len(found) == 1, f"{len(found)} sections {title!r} in README.md and docs/*.md"
+    return found[0]
+
+
+def holding(header: str) -> str:
+    """The text of the one document holding a table whose header row starts with ``header``."""
+    docs = [d for d in DOCS if any(line.startswith(header) for line in d.read_text().splitlines())]
+    assert len(docs) == 1, f"{header!r} is a table of {[name_of(d) for d in docs]}"
+    return docs[0].read_text()
 
 
 def table(text: str, header: str) -> list[list[str]]:
@@ -280,7 +309,7 @@ def parser_of(command: str) -> Any:
     return commands.choices[command]
 
 
-@pytest.mark.parametrize(("command", "title"), [("operator", "The operator"),
+@pytest.mark.parametrize(("command", "title"), [("operator", "Operator flags"),
                                                  ("trainer", "The trainer")])  # fmt: skip
 def test_flag_tables_are_what_help_and_the_parser_say(command: str, title: str) -> None:
     parser = parser_of(command)
@@ -295,11 +324,11 @@ def test_flag_tables_are_what_help_and_the_parser_say(command: str, title: str) 
         flag = ticked(flag_cell)[0]
         listed.add(flag)
         action = actions.get(flag)
-        assert action is not None, f"{flag} is in README's table but not a flag of {command}"
+        assert action is not None, f"{flag} is in the flags table but not a flag of {command}"
         assert action.env == env, (flag, action.env, env)
         assert action.shown_default == default.strip("`"), (flag, action.shown_default, default)
         assert f"(env {env}; default {action.shown_default})" in help_text, flag
-    assert listed == set(actions), f"flags missing from README's table: {set(actions) - listed}"
+    assert listed == set(actions), f"flags missing from the table: {set(actions) - listed}"
 
 
 def test_every_flag_of_the_daemons_has_a_variable_in_help() -> None:
@@ -318,7 +347,7 @@ def test_every_flag_of_the_daemons_has_a_variable_in_help() -> None:
 def test_the_run_flags_table_names_the_flags_of_run() -> None:
     parser = parser_of("run")
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings}
-    rows = table(section("Run a search on this machine"), "| flag of `mloptimizer run` |")
+    rows = table(section("Run flags"), "| flag of `mloptimizer run` |")
     listed = {ticked(row[0])[0] for row in rows}
     assert listed == flags - {"-h"}
 
@@ -330,15 +359,25 @@ def run_folder_files() -> list[str]:
 
 def test_the_layout_table_names_files_that_exist_and_every_module() -> None:
     rows = table(section("Layout"), "| folder | import name |")
+    folders = {ROOT / ticked(row[0])[0] for row in rows}
     for row in rows:
         folder = ROOT / ticked(row[0])[0]
         assert folder.is_dir(), folder
         named = [n for n in ticked(row[2]) if n.endswith(".py")]
+        packages = [n for n in ticked(row[2]) if re.fullmatch(r"\w+/", n)]
         for name in named:
             assert (folder / name).is_file(), f"{folder.name}/{name} is named in Layout"
+        for name in packages:
+            assert (folder / name / "__init__.py").is_file(), f"{folder.name}/{name} in Layout"
         if folder.name in ("mloptimizer", "app", "operator", "trainer"):
             modules = {p.name for p in folder.glob("*.py") if p.name != "__init__.py"}
-            assert modules <= set(named), f"not in Layout: {sorted(modules - set(named))}"
+            modules |= {
+                f"{p.parent.name}/"
+                for p in folder.glob("*/__init__.py")
+                if p.parent not in folders  # a package with a row of its own
+            }
+            listed = set(named) | set(packages)
+            assert modules <= listed, f"not in Layout: {sorted(modules - listed)}"
 
 
 def _value(values: dict[str, Any], dotted: str) -> Any:
@@ -375,12 +414,89 @@ def test_the_spec_reference_covers_every_field_of_the_crd() -> None:
     rows = table(section("Spec reference"), "| field | meaning |")
     text = "\n".join(" | ".join(row) for row in rows)
     for name, field in spec["properties"].items():
-        assert f"`{name}." in text, f"spec.{name} is not in README's spec reference"
+        assert f"`{name}." in text, f"spec.{name} is not in the spec reference"
         for sub in field.get("properties", {}):
             assert re.search(rf"`{name}\.{sub}`|\b{sub}\b", text), f"spec.{name}.{sub}"
 
 
-def test_files_named_in_readme_exist() -> None:
-    text = README.read_text()
+def test_the_live_and_fixed_fields_are_those_of_the_rule() -> None:
+    rows = re.findall(r"^\| `spec\.(\w+)` \| (fixed|live) \|", holding("| field | while"), re.M)
+    assert {name for name, kind in rows if kind == "fixed"} == set(FIXED)
+    assert {name for name, kind in rows if kind == "live"} == set(LIVE)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=name_of)
+def test_files_named_exist(doc: Path) -> None:
+    text = doc.read_text()
     for path in set(re.findall(r"`((?:examples|bench|scripts|docs|crds|charts)/[\w./-]+)`", text)):
-        assert (ROOT / path).exists(), f"README names {path}"
+        assert (ROOT / path).exists(), f"{name_of(doc)} names {path}"
+
+
+# --- links, tests named, benchmarks ------------------------------------------------------
+
+
+def prose(text: str) -> str:
+    """``text`` without its fenced blocks (a link or heading there is code)."""
+    return re.sub(r"^```.*?^```$", "", text, flags=re.M | re.S)
+
+
+def anchors(doc: Path) -> set[str]:
+    """GitHub's anchors of ``doc``'s headings: lowercased, punctuation dropped, spaces to -."""
+    found: set[str] = set()
+    for heading in re.findall(r"^#+ (.+?)\s*$", prose(doc.read_text()), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in found:
+            n += 1
+            anchor = f"{slug}-{n}"
+        found.add(anchor)
+    return found
+
+
+def test_anchors_follow_github() -> None:
+    page = ROOT / "README.md"
+    assert {"1-images", "set-up", "change-a-running-search"} <= anchors(page)
+    assert "mloptimizer-run-in-detail" in anchors(ROOT / "docs" / "reference.md")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=name_of)
+def test_links_and_anchors_resolve(doc: Path) -> None:
+    targets = re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", prose(doc.read_text()))
+    assert targets or doc.suffix != ".md"
+    for target in targets:
+        if re.match(r"\w+://", target):
+            continue  # the web: not fetched here
+        path, _, anchor = target.partition("#")
+        linked = (doc.parent / path).resolve() if path else doc
+        assert linked.exists(), f"{name_of(doc)} links to {target}: no such file"
+        if anchor:
+            assert linked.suffix == ".md", f"{name_of(doc)} links to {target}"
+            assert anchor in anchors(linked), f"{name_of(doc)} links to {target}: no such heading"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=name_of)
+def test_tests_named_exist(doc: Path) -> None:
+    for path, name in set(re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", doc.read_text())):
+        assert (ROOT / path).is_file(), f"{name_of(doc)} names {path}"
+        if name:
+            source = (ROOT / path).read_text()
+            assert re.search(rf"^(async )?def {name}\(", source, re.M), f"{path}::{name}"
+
+
+def test_every_benchmark_row_names_its_own_script_and_a_line_it_prints() -> None:
+    header = "| what | ours | baseline | ratio | target | command | its line |"
+    rows = table(holding(header), header)
+    assert len(rows) >= 10
+    named = set()
+    for row in rows:
+        what, command, line = row[0], row[5], row[6]
+        scripts = set(re.findall(r"bench/\w+\.py", command))
+        assert len(scripts) == 1, f"{what[:40]}: name the one script of its figures, not {command}"
+        script = ROOT / scripts.pop()
+        assert script.is_file(), script
+        named.add(script.name)
+        printed = ticked(line)
+        assert len(printed) == 1, f"{what[:40]}: its line, in backticks"
+        assert printed[0] in script.read_text(), f"{script.name} prints no {printed[0]!r}"
+    scripts = {p.name for p in (ROOT / "bench").glob("*.py")}
+    assert scripts <= named, f"benchmarks with no row: {sorted(scripts - named)}"
