@@ -1,14 +1,21 @@
 """The message contract between the dispatcher (operator or local runner) and the trainers.
 
-Versioned JSON, validated on receipt, never pickle. Four messages travel:
+Versioned JSON, validated on receipt, never pickle. Six messages travel, each declared once
+in :data:`ROUTES` with its model, the queue it travels on, who sends it and who reads it:
 
 * ``trial`` (dispatcher -> trainers, queue ``<prefix>.trials``): what to train.
 * ``progress`` (trainer -> dispatcher, queue ``<prefix>.progress``): one per epoch, sent
   with ``reply_to``; the dispatcher answers ``progress-reply`` (continue or prune).
 * ``result`` (trainer -> dispatcher, queue ``<prefix>.results``): how the trial ended.
-* ``deliver`` (operator -> trainers, the trials queue): the search's final job — train (or
-  reuse) the best model, export it, score each artifact, write them where the operator says.
-* ``delivered`` (trainer -> operator, the results queue): what the final job wrote.
+* ``deliver`` (operator's final job -> trainers, the trials queue): train (or reuse) the
+  best model, export it, score each artifact, write them where the operator says.
+* ``delivered`` (trainer -> final job, the results queue): what the final job wrote.
+
+What the trials queue gives up on (the broker's delivery limit, a trainer's refusal) arrives
+again on ``<prefix>.dead``. Every receiver names the queues it reads and has a handler, or a
+refusal with its reason, for each kind that can arrive there (:func:`arriving`); a test holds
+each receiver's table against ROUTES. A new message type is a model here, a row of ROUTES,
+and a handler in its reader's table.
 
 A trial can be delivered more than once (a trainer died before acking), so every
 progress and result message carries the trial's identity and the delivery ``attempt``:
@@ -27,10 +34,11 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from mloptimizer.formats import FORMATS, REPORT_FILES, ExportFormat, delivered_files
 from mloptimizer.space import Architecture
-from mloptimizer.spec import Dataset, ExportFormat
+from mloptimizer.spec import Dataset
 
 __all__ = [
     "ARTIFACT_FILES",
@@ -40,20 +48,26 @@ __all__ = [
     "MAX_EPOCHS",
     "MAX_TEXT",
     "REPORT_FILES",
+    "ROUTES",
     "SCHEMA_VERSION",
     "ArtifactReport",
     "Decision",
     "DeliverMessage",
     "DeliveredMessage",
+    "Kind",
     "Message",
     "MessageError",
+    "Party",
     "ProgressMessage",
     "ProgressReply",
+    "Queue",
     "QueueNames",
     "ResultMessage",
+    "Route",
     "ToFolder",
     "ToUrls",
     "TrialMessage",
+    "arriving",
     "decode",
     "encode",
     "finite",
@@ -169,26 +183,19 @@ class ResultMessage(_Message):
 
 # --- the final job ---------------------------------------------------------------------
 
-# The file each export format is delivered as (a SavedModel folder travels as one archive),
-# and the files that describe them: the destination holds exactly these.
-ARTIFACT_FILES: Final[dict[str, str]] = {
-    "keras": "model.keras",
-    "savedmodel": "savedmodel.tar.gz",
-    "tflite-float32": "model-float32.tflite",
-    "tflite-float16": "model-float16.tflite",
-    "tflite-int8": "model-int8.tflite",
-}
-REPORT_FILES: Final = ("report.md", "artifacts.json")
+# The file each export format is delivered as (mloptimizer/formats.py) and the files that
+# describe them: the destination holds exactly these.
+ARTIFACT_FILES: Final[dict[str, str]] = {name: row.file for name, row in FORMATS.items()}
 MAX_ARTIFACTS: Final = len(ARTIFACT_FILES) + len(REPORT_FILES)
-FileName = Literal[
-    "model.keras",
-    "savedmodel.tar.gz",
-    "model-float32.tflite",
-    "model-float16.tflite",
-    "model-int8.tflite",
-    "report.md",
-    "artifacts.json",
-]
+
+
+def _known_file(name: str) -> str:
+    if name not in delivered_files():
+        raise ValueError(f"{name!r} is not a file a delivery holds")
+    return name
+
+
+FileName = Annotated[str, Field(max_length=64), AfterValidator(_known_file)]
 _URL = Annotated[str, Field(min_length=8, max_length=8192, pattern=r"^https?://")]
 
 
@@ -264,6 +271,37 @@ Message = Annotated[
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+Kind = Literal["trial", "progress", "progress-reply", "result", "deliver", "delivered"]
+# ``reply_to``: the private queue a progress message names; ``dead``: the dead-letter queue.
+Queue = Literal["trials", "progress", "results", "reply_to", "dead"]
+Party = Literal["dispatcher", "trainer", "final job"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one kind of message travels: its model, queue, sender and reader."""
+
+    model: type[BaseModel]
+    queue: Queue
+    sender: Party
+    reader: Party
+
+
+ROUTES: Final[dict[Kind, Route]] = {
+    "trial": Route(TrialMessage, "trials", "dispatcher", "trainer"),
+    "progress": Route(ProgressMessage, "progress", "trainer", "dispatcher"),
+    "progress-reply": Route(ProgressReply, "reply_to", "dispatcher", "trainer"),
+    "result": Route(ResultMessage, "results", "trainer", "dispatcher"),
+    "deliver": Route(DeliverMessage, "trials", "final job", "trainer"),
+    "delivered": Route(DeliveredMessage, "results", "trainer", "final job"),
+}
+
+
+def arriving(queues: tuple[Queue, ...] | frozenset[Queue]) -> frozenset[Kind]:
+    """The kinds that can arrive on ``queues`` (the dead-letter queue gets the trials')."""
+    read = set(queues) | ({"trials"} if "dead" in queues else set())
+    return frozenset(kind for kind, route in ROUTES.items() if route.queue in read)
 
 
 class MessageError(ValueError):

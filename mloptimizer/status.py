@@ -6,6 +6,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field
 
+from mloptimizer.formats import EXPORT_FORMATS
 from mloptimizer.rules import SpecModel
 
 __all__ = [
@@ -143,8 +144,7 @@ class Artifact(SpecModel):
 
     format: str = Field(
         max_length=32,
-        description="keras, savedmodel, tflite-float32, tflite-float16, tflite-int8, or "
-        "report (report.md and artifacts.json).",
+        description=f"{', '.join(EXPORT_FORMATS)}, or report (report.md and artifacts.json).",
     )
     uri: str | None = Field(
         default=None,

@@ -22,13 +22,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mloptimizer.spec import EXPORT_FORMATS
+from mloptimizer.formats import EXPORT_FORMATS, FORMATS, Converter, Format, Runtime
+from mloptimizer.logs import native_quiet
 from mloptimizer.trainer.data import Splits
 from mloptimizer.trainer.litert import litert
 
-__all__ = ["FORMATS", "Artifact", "export_model"]
+__all__ = ["CONVERTERS", "RUNTIMES", "Artifact", "export_model"]
 
-FORMATS = EXPORT_FORMATS
 _LATENCY_RUNS = 50
 
 
@@ -57,8 +57,9 @@ def _interpreter(path: Path) -> Any:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:  # pragma: no cover - the run extra installs ai-edge-litert
         Interpreter = tf.lite.Interpreter
-    interpreter = Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
+    with native_quiet():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+        interpreter = Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
     return interpreter
 
 
@@ -118,28 +119,51 @@ def _saved_predict(path: Path) -> Callable[[np.ndarray], int]:
     return predict
 
 
+def _keras_save(model: keras.Model, path: Path, splits: Splits, row: Format) -> None:
+    model.save(path)
+
+
+def _saved_model_export(model: keras.Model, path: Path, splits: Splits, row: Format) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        model.export(str(path), verbose=False)
+
+
+def _litert_write(model: keras.Model, path: Path, splits: Splits, row: Format) -> None:
+    assert row.quantization is not None, "a LiteRT format names its quantization"
+    path.write_bytes(litert(model, row.quantization, splits.x_train))
+
+
+# What writes each converter of mloptimizer/formats.py and what runs each runtime there:
+# a format is a row of that table, and a converter or runtime is written once, here.
+CONVERTERS: dict[Converter, Callable[[keras.Model, Path, Splits, Format], None]] = {
+    "keras-save": _keras_save,
+    "saved-model-export": _saved_model_export,
+    "litert": _litert_write,
+}
+RUNTIMES: dict[Runtime, Callable[[keras.Model, Path], Callable[[np.ndarray], int]]] = {
+    "keras": lambda model, path: _keras_predict(model),
+    "tensorflow": lambda model, path: _saved_predict(path),
+    "litert": lambda model, path: _litert_predict(path),
+}
+
+
+_ROWS: dict[str, Format] = {name: row for name, row in FORMATS.items()}
+
+
 def _write(
     kind: str, model: keras.Model, splits: Splits, out: Path
 ) -> tuple[Path, Callable[[np.ndarray], int]]:
     """Write one format; returns its path and how to run it on one image."""
-    if kind == "keras":
-        path = out / "model.keras"
-        model.save(path)
-        return path, _keras_predict(model)
-    if kind == "savedmodel":
-        path = out / "savedmodel"
-        with contextlib.redirect_stdout(io.StringIO()):
-            model.export(str(path), verbose=False)
-        return path, _saved_predict(path)
-    if kind.startswith("tflite-") and kind in FORMATS:
-        path = out / f"model-{kind.removeprefix('tflite-')}.tflite"
-        path.write_bytes(litert(model, kind.removeprefix("tflite-"), splits.x_train))
-        return path, _litert_predict(path)
-    raise ValueError(f"unknown format {kind!r}; known: {', '.join(FORMATS)}")
+    row = _ROWS.get(kind)
+    if row is None:
+        raise ValueError(f"unknown format {kind!r}; known: {', '.join(FORMATS)}")
+    path = out / row.written
+    CONVERTERS[row.converter](model, path, splits, row)
+    return path, RUNTIMES[row.runtime](model, path)
 
 
 def export_model(
-    model: keras.Model, splits: Splits, out: Path, formats: tuple[str, ...] = FORMATS
+    model: keras.Model, splits: Splits, out: Path, formats: tuple[str, ...] = EXPORT_FORMATS
 ) -> list[Artifact]:
     """Write ``model`` in each of ``formats`` under ``out``; score and time each one.
 

@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mloptimizer.logs import native_quiet
+
 __all__ = ["LITERT_KINDS", "REPRESENTATIVE_IMAGES", "int8_litert", "litert", "multiply_adds"]
 
 LITERT_KINDS = ("float32", "float16", "int8")
@@ -60,7 +62,8 @@ def litert(model: keras.Model, kind: str, images: np.ndarray) -> bytes:
         converter.inference_output_type = tf.int8
     # Keras prints the temporary SavedModel's signature, TensorFlow warns about input
     # statistics: noise on a trainer's console, once per trial.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    # Its C++ side logs each quantization step to file descriptor 2 (native_quiet).
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), native_quiet():
         warnings.simplefilter("ignore")
         flatbuffer: bytes = converter.convert()
     return flatbuffer

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mloptimizer.flags import env_flag
+from mloptimizer.formats import DEFAULT_FORMATS, formats_help
+from mloptimizer.logs import set_verbose
 
 __all__ = ["main"]
 
@@ -288,6 +290,15 @@ def _cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_verbose(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the native libraries' own log lines (TensorFlow, LiteRT, absl), "
+        "which are kept off the console by default",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -429,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default: runs/<metadata.name>)")
     run.add_argument("--cache-dir", help="dataset download cache (default: <out>/cache)")
     run.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    _add_verbose(run)
     run.set_defaults(func=_cmd_run)
 
     report = commands.add_parser(
@@ -440,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("dir", help="the output folder of `mloptimizer run`")
     report.add_argument("--storage", help="the study's storage URL, when the run used --storage")
+    _add_verbose(report)
     report.set_defaults(func=_cmd_report)
 
     export = commands.add_parser(
@@ -456,10 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         action="append",
         metavar="FORMAT",
-        help="keras, savedmodel, tflite-float32, tflite-float16 or tflite-int8 (full-integer "
-        "quantization, calibrated on training images); repeatable (default: the search's "
-        "output.formats, which default to keras and tflite-int8)",
+        help=f"{formats_help()}; repeatable (default: the search's output.formats, which "
+        f"default to {' and '.join(DEFAULT_FORMATS)})",
     )
+    _add_verbose(export)
     export.set_defaults(func=_cmd_export)
 
     fetch = commands.add_parser(
@@ -512,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        set_verbose()
     code: int = args.func(args)
     return code
 

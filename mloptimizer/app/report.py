@@ -170,11 +170,27 @@ def plot_history(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_importances(study: optuna.Study, path: Path) -> bool:
-    """fANOVA importance of the parameters every completed trial shares; False if too few."""
+# fANOVA fits a random forest to (parameters -> value). With a handful of points each tree
+# sees one or two splits and the importances follow whichever trials happened to be drawn:
+# a bar chart from 2-5 trials reads as a finding and is noise. Below this many complete
+# trials the report says so instead of drawing one.
+IMPORTANCE_MIN_TRIALS = 10
+
+
+def plot_importances(study: optuna.Study, path: Path) -> str | None:
+    """Draw the fANOVA importance of the parameters every completed trial shares to ``path``.
+
+    Returns None when drawn, else why not (one sentence for the report); a stale picture
+    from an earlier report of the same folder is removed then.
+    """
+    path.unlink(missing_ok=True)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(complete) < 2:
-        return False
+    if len(complete) < IMPORTANCE_MIN_TRIALS:
+        return (
+            f"Not estimated: {len(complete)} complete trials, and an importance estimate "
+            f"needs at least {IMPORTANCE_MIN_TRIALS} (with fewer, fANOVA's forest follows "
+            "whichever trials happened to be drawn)."
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -184,10 +200,10 @@ def plot_importances(study: optuna.Study, path: Path) -> bool:
                 # of the metric, also under a tradeoff (two objectives)
                 target=(lambda t: t.values[0]) if len(study.directions) > 1 else None,
             )
-        except (RuntimeError, ValueError):
-            return False
+        except (RuntimeError, ValueError) as error:
+            return f"Not estimated: fANOVA failed ({error})."
     if not importances:
-        return False
+        return "Not estimated: the complete trials share no parameter."
     plt = _pyplot()
     names = list(importances)[::-1]
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(names) + 1.2))
@@ -197,7 +213,7 @@ def plot_importances(study: optuna.Study, path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return None
 
 
 def plot_space(summary: dict[str, Any], path: Path) -> None:
@@ -345,7 +361,10 @@ def _export_lines(artifacts: list[dict[str, Any]], evaluation: dict[str, Any] | 
     return [*lines, ""]
 
 
-def _page(summary: dict[str, Any], evaluation: dict[str, Any] | None, importances: bool) -> str:
+def _page(
+    summary: dict[str, Any], evaluation: dict[str, Any] | None, importances: str | None
+) -> str:
+    """The report's text; ``importances`` is None when importances.png was drawn, else why not."""
     best = summary["best"]
     c = summary["counts"]
     lines = [f"# Search {summary['search']}", ""]
@@ -403,8 +422,8 @@ def _page(summary: dict[str, Any], evaluation: dict[str, Any] | None, importance
     if summary["tradeoff"]:
         lines += _front_lines(summary)
     lines += ["## Optimisation history", "", "![history](history.png)", ""]
-    if importances:
-        lines += ["## Parameter importances", "", "![importances](importances.png)", ""]
+    lines += ["## Parameter importances", ""]
+    lines += [importances or "![importances](importances.png)", ""]
     lines += ["## The space sampled", "", "![space](space.png)", ""]
     lines += [
         "## Every trial",

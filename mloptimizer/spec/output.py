@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated
 
 from pydantic import Field
 
+from mloptimizer.formats import DEFAULT_FORMATS, EXPORT_FORMATS, ExportFormat, formats_help
 from mloptimizer.rules import Rule, SpecModel
 from mloptimizer.spec.common import Name
 
@@ -75,12 +76,8 @@ class ObjectStore(SpecModel):
     secret_ref: S3Secret = Field(description="The Secret with the access key.")
 
 
-ExportFormat = Literal["keras", "savedmodel", "tflite-float32", "tflite-float16", "tflite-int8"]
-EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
-
-
 def _default_formats() -> list[ExportFormat]:
-    return ["keras", "tflite-int8"]
+    return list(DEFAULT_FORMATS)
 
 
 class Output(SpecModel):
@@ -106,10 +103,9 @@ class Output(SpecModel):
         min_length=1,
         max_length=len(EXPORT_FORMATS),
         description="Formats the best model is exported in, each run on the test split to "
-        "measure its accuracy, size and one-image latency: keras, savedmodel, "
-        "tflite-float32, tflite-float16, tflite-int8 (full-integer, calibrated on training "
-        "images). mloptimizer run writes them to export/; in a cluster, the final job "
-        "delivers them to pvc or s3.",
+        f"measure its accuracy, size and one-image latency: {formats_help()}. "
+        "mloptimizer run writes them to export/; in a cluster, the final job delivers them "
+        "to pvc or s3.",
     )
     pvc: OutputVolume | None = Field(
         default=None,

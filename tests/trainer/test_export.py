@@ -11,6 +11,7 @@ import pytest
 from dispatch import digits_trial
 
 from mloptimizer.app.cli import main
+from mloptimizer.formats import EXPORT_FORMATS, FORMATS
 from mloptimizer.messages import Decision
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.trainer.data import DatasetCache
@@ -46,7 +47,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_each_format_is_written_measured_by_running_it_and_a_bad_one_named(
     run_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    formats = ["keras", "tflite-float32", "tflite-int8", "savedmodel", "onnx"]
+    formats = [*EXPORT_FORMATS, "onnx"]  # every row of the table, and one it lacks
     code = main(["export", str(run_dir), *(a for f in formats for a in ("--format", f))])
     assert code == 1  # one format failed; the others are still written
     printed = capsys.readouterr().out
@@ -59,12 +60,15 @@ def test_each_format_is_written_measured_by_running_it_and_a_bad_one_named(
     for name in formats[:-1]:
         artifact = found[name]
         assert artifact["error"] is None, artifact["error"]
+        assert Path(artifact["path"]).name == FORMATS[name].written  # type: ignore[index]
         assert Path(artifact["path"]).exists()
         assert artifact["latency_ms"] > 0
     keras_accuracy = found["keras"]["accuracy"]
     assert keras_accuracy > 0.8  # a trained model, scored on the held-out digits
     assert found["tflite-float32"]["accuracy"] == pytest.approx(keras_accuracy, abs=0.01)
     assert found["savedmodel"]["accuracy"] == pytest.approx(keras_accuracy, abs=0.01)
+    assert found["tflite-float16"]["accuracy"] == pytest.approx(keras_accuracy, abs=0.01)
+    assert found["tflite-float16"]["bytes"] < 0.6 * found["tflite-float32"]["bytes"]
     # int8: a quarter of the float file, and (nearly) the same answers
     assert found["tflite-int8"]["bytes"] < 0.4 * found["tflite-float32"]["bytes"]
     assert found["tflite-int8"]["accuracy"] == pytest.approx(keras_accuracy, abs=0.03)
