@@ -40,10 +40,10 @@ import pika
 import psycopg2
 from psycopg2 import sql
 
-from mloptimizer import dispatch
 from mloptimizer.amqp import AmqpTransport
 from mloptimizer.broker import declare_queues
 from mloptimizer.dispatch import Dispatcher
+from mloptimizer.dispatch import loop as dispatch  # where the dispatcher samples
 from mloptimizer.messages import QueueNames, ResultMessage, TrialMessage, decode, encode
 from mloptimizer.space import build_sampler, sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec

@@ -34,6 +34,7 @@ __all__ = [
     "best_of",
     "cached_frozen",
     "end_open_trials",
+    "end_trial",
     "open_study",
     "pareto_front",
     "record",
@@ -221,13 +222,38 @@ def end_open_trials(study: optuna.Study, why: str) -> int:
     """
     ended = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        trial_id = trial_id_of(trial)
-        storage = study._storage
-        storage.set_trial_user_attr(trial_id, Attr.ERROR, f"interrupted: {why}")
-        storage.set_trial_user_attr(trial_id, Attr.INTERRUPTED, True)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        end_trial(study, trial, f"interrupted: {why}", interrupted=True)
         ended += 1
     return ended
+
+
+def end_trial(
+    study: optuna.Study,
+    trial: optuna.trial.Trial | FrozenTrial,
+    error: str,
+    *,
+    interrupted: bool = False,
+    attrs: dict[str, Any] | None = None,
+) -> None:
+    """Fail ``trial`` with ``error``: the one write of every trial that ends without a result.
+
+    ``interrupted``: it failed only because its run or search stopped, so it uses no budget
+    (not counted toward ``maxFailedTrials``); ``attrs`` are written with it. A live trial
+    is told (the sampler hears of it); a frozen one, which may still be waiting and cannot
+    be told, is failed through the storage.
+    """
+    written = {**(attrs or {}), Attr.ERROR: error}
+    if interrupted:
+        written[Attr.INTERRUPTED] = True
+    if isinstance(trial, optuna.trial.Trial):
+        for key, value in written.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    trial_id = trial_id_of(trial)
+    for key, value in written.items():
+        study._storage.set_trial_user_attr(trial_id, key, value)
+    study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def remember_spec(study: optuna.Study, spec: ArchitectureSearchSpec) -> None:

@@ -1,0 +1,187 @@
+"""The phases of a search: explore, then refine, then the end.
+
+*Explore* samples ``budget.maxTrials`` architectures with ``training.epochs``; *refine*
+retrains the ``training.refine.topK`` best for ``refine.epochs``; the search then ends with
+an :class:`Outcome` saying what it found. These rules decide from the counts and paces the
+ledger keeps; the loop acts on them. A new rule about when a phase opens or closes goes
+here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections.abc import Callable
+from typing import Literal
+
+import optuna
+
+from mloptimizer.dispatch.contract import Counts, Outcome
+from mloptimizer.dispatch.ledger import Ledger
+from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
+from mloptimizer.study import Attr, TrialRecord, best_of, pareto_front, records
+
+__all__ = ["Phases", "end_outcome", "exploration_closes", "refine_ranked"]
+
+log = logging.getLogger(__name__)
+
+
+class Phases(Ledger):
+    """The ledger under the phase rules: how many trials to ask for, when exploration
+    closes, when refine opens, how the search ends."""
+
+    def __init__(
+        self, study: optuna.Study, spec: ArchitectureSearchSpec, clock: Callable[[], float]
+    ) -> None:
+        super().__init__(study, spec, clock)
+        self.explore_closed: str | None = None  # why exploration closed early for refine
+        self._started_at: float | None = None  # the study's start (Unix time)
+
+    def _explore_left(self) -> int:
+        return self.spec.budget.max_trials - self.counts.explore_used
+
+    def _fresh_to_ask(self) -> int:
+        """How many new trials the next fill asks for (enqueued ones go first)."""
+        free = self.spec.budget.parallelism - len(self.in_flight) - self.waiting
+        if free <= 0 or self.refine_started or self._time_for_refine():
+            return 0
+        return min(free, self._explore_left())
+
+    def _time_for_refine(self) -> bool:
+        """Whether exploring on would leave too little of ``budget.timeout`` for refine
+        (:func:`~mloptimizer.dispatch.phases.exploration_closes`); once true, it stays."""
+        if self.explore_closed is None:
+            self.explore_closed = exploration_closes(
+                self.spec, self._epoch_seconds, self._explored_pace, self._elapsed
+            )
+            if self.explore_closed is not None:
+                log.info("%s", self.explore_closed)
+        return self.explore_closed is not None
+
+    def _next_phase(self) -> bool:
+        """After exploration, enqueue the refine trials once; False when nothing is left."""
+        refine = self.spec.training.refine
+        if self.waiting > 0:
+            return True
+        if refine is None or self.refine_started:
+            return False
+        explored = [r for r in records(self.study) if r.phase == "explore"]
+        ranked = refine_ranked(self.spec, explored, self._direction)
+        if not ranked:
+            return False
+        for rec in ranked:
+            attrs = {Attr.PHASE: "refine", Attr.REFINES: rec.number}
+            self.study.enqueue_trial(rec.params, user_attrs=attrs)
+            self.waiting += 1
+        self.refine_started = True
+        log.info(
+            "refine: retraining the top %d%s for %d epochs",
+            len(ranked),
+            " of the Pareto front" if self.spec.objective.tradeoff else "",
+            refine.epochs,
+        )
+        return True
+
+    def _elapsed(self) -> float:
+        """Seconds since the study began (its creation, whichever dispatcher made it)."""
+        if self._started_at is None:  # read once: set when the study was made, never after
+            self._started_at = float(self.study.user_attrs.get(Attr.STARTED_AT, self.clock()))
+        return self.clock() - self._started_at
+
+    def _end(self) -> Outcome:
+        return end_outcome(self.spec, self.counts, self.explore_closed)
+
+
+def exploration_closes(
+    spec: ArchitectureSearchSpec,
+    epoch_seconds: list[float],
+    explored_pace: list[tuple[float, float]],
+    elapsed: Callable[[], float],
+) -> str | None:
+    """Why exploring on would leave too little of ``budget.timeout`` for refine, or None.
+
+    The refine phase is what turns the explored best into the model delivered, so under
+    a timeout exploration closes early enough for it: when the time left is no more than
+    the refine trials' estimated time (``topK`` trials of ``refine.epochs``, in waves of
+    ``parallelism``, at the pace the slowest of the current top ``topK`` trained) plus
+    one explore trial's at the median pace (those in flight finish first). Never before
+    the sampler's start-up trials (and ``topK``) completed: refining the best of a few
+    random trials is worth less than exploring. When even the refine trials no longer
+    fit (a slow model became the best late), the search explores to the end instead,
+    as without refine.
+
+    ``epoch_seconds``: seconds per epoch of the explored trials that trained;
+    ``explored_pace``: (value, seconds per epoch) of the complete feasible ones;
+    ``elapsed``: seconds since the study began.
+    """
+    refine, timeout = spec.training.refine, spec.budget.timeout
+    if refine is None or timeout is None or not epoch_seconds:
+        return None
+    if len(explored_pace) < max(refine.top_k, spec.sampler.n_startup_trials):
+        return None  # too little explored for a best worth refining: explore on
+    explore_pace = statistics.median(epoch_seconds)
+    sign = -1.0 if spec.objective.study_direction == "maximize" else 1.0
+    top = sorted(explored_pace, key=lambda p: sign * p[0])[: refine.top_k]
+    refine_pace = max((pace for _, pace in top), default=explore_pace)
+    waves = math.ceil(refine.top_k / spec.budget.parallelism)
+    refine_needs = refine_pace * refine.epochs * waves
+    reserve = refine_needs + explore_pace * spec.training.epochs
+    left = parse_duration(timeout) - elapsed()
+    if left > reserve or left < refine_needs:
+        return None  # time to explore more; or refine no longer fits: explore to the end
+    return (
+        f"exploration closed at {elapsed():.0f} s of budget.timeout {timeout} to "
+        f"leave about {reserve:.0f} s for refine ({refine_pace:.1f} s an epoch for the "
+        f"top {refine.top_k}, {explore_pace:.1f} for a trial in flight)"
+    )
+
+
+def refine_ranked(
+    spec: ArchitectureSearchSpec,
+    explored: list[TrialRecord],
+    direction: Literal["maximize", "minimize"],
+) -> list[TrialRecord]:
+    """The explored trials to refine, best first: the ``topK`` best (the earliest of equal
+    values first), or under a tradeoff the Pareto front's most accurate members."""
+    refine = spec.training.refine
+    assert refine is not None
+    tradeoff = spec.objective.tradeoff
+    if tradeoff:
+        return pareto_front(explored, direction, tradeoff)[: refine.top_k]
+    left = list(explored)
+    ranked: list[TrialRecord] = []
+    while len(ranked) < refine.top_k and (best := best_of(left, direction)):
+        ranked.append(best)
+        left.remove(best)
+    return ranked
+
+
+def end_outcome(
+    spec: ArchitectureSearchSpec, counts: Counts, explore_closed: str | None
+) -> Outcome:
+    """How a search that ran out of trials ends: what it explored and its best trial.
+
+    ``explore_closed`` (why exploration closed early for refine) makes it a timeout.
+    """
+    c, metric = counts, spec.objective.metric
+    if explore_closed is not None:  # refine done within budget.timeout
+        best = (
+            f"best trial {c.best.number}: {metric} {c.best.value:.4f}"
+            if c.best is not None and c.best.value is not None
+            else "no trial completed"
+        )
+        return Outcome(
+            "timeout",
+            f"{c.explore_used} trials explored, then refined within budget.timeout "
+            f"{spec.budget.timeout}; {best}",
+            failed=False,
+        )
+    best = (
+        f"best trial {c.best.number}: {metric} {c.best.value:.4f}"
+        if c.best is not None and c.best.value is not None
+        else "no feasible trial completed"
+        if c.infeasible
+        else "no trial completed"
+    )
+    return Outcome("maxTrials", f"{c.explore_used} trials explored; {best}", failed=False)
