@@ -1,0 +1,403 @@
+"""The dispatch loop's pure judgements, alone: no study, no broker, no database.
+
+Each verdict the loop acts on (a message refused, a model too large or over a device
+constraint, the values told, a budget limit met, when exploration closes, what refine
+retrains, which trials are overdue) is judged here from plain values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pytest
+
+from mloptimizer.dispatch import Counts, DeadTrial, trial_message
+from mloptimizer.dispatch.deadlines import Deadlines
+from mloptimizer.dispatch.judgements import (
+    budget_stop,
+    claim_of,
+    objective_values,
+    reached,
+    refusal,
+    result_attrs,
+    too_large,
+    violations,
+    worst_value,
+)
+from mloptimizer.dispatch.ledger import InFlight
+from mloptimizer.dispatch.phases import end_outcome, exploration_closes, refine_ranked
+from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.sizing import ModelSize, memory_bytes
+from mloptimizer.space import sample_architecture
+from mloptimizer.spec import ArchitectureSearchSpec, Constraints
+from mloptimizer.study import Attr, TrialRecord
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SEARCH = "ns.search"
+
+
+def make_spec(**overrides: Any) -> ArchitectureSearchSpec:
+    spec: dict[str, Any] = {
+        "dataset": {"builtin": "digits"},
+        "budget": {"maxTrials": 6, "parallelism": 2},
+        "sampler": {"seed": 3, "nStartupTrials": 2},
+        "pruner": {"type": "none"},
+        "training": {"epochs": 3},
+        "searchSpace": {"architectures": ["cnn"]},
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return ArchitectureSearchSpec.model_validate(spec)
+
+
+def sent(number: int = 4, trial_id: int = 40, phase: str = "explore") -> TrialMessage:
+    """What the loop sent for a trial (an in-memory study samples its architecture)."""
+    spec = make_spec(training={"refine": {"topK": 1, "epochs": 5}})
+    architecture = sample_architecture(optuna.create_study().ask(), spec.search_space)
+    return trial_message(
+        spec,
+        search=SEARCH,
+        number=number,
+        trial_id=trial_id,
+        phase=phase,  # type: ignore[arg-type]
+        architecture=architecture,
+    )
+
+
+def progress(trial: TrialMessage, **changes: Any) -> ProgressMessage:
+    fields: dict[str, Any] = {
+        "search": trial.search,
+        "trial_id": trial.trial_id,
+        "number": trial.number,
+        "attempt": 1,
+        "worker_id": "w",
+        "epoch": 1,
+        "metrics": {"val_accuracy": 0.5},
+    }
+    return ProgressMessage(**{**fields, **changes})
+
+
+def result(trial: TrialMessage, **changes: Any) -> ResultMessage:
+    fields: dict[str, Any] = {
+        "search": trial.search,
+        "trial_id": trial.trial_id,
+        "number": trial.number,
+        "phase": trial.phase,
+        "attempt": 1,
+        "worker_id": "w",
+        "state": "complete",
+        "value": 0.9,
+        "epochs_run": trial.epochs,
+    }
+    return ResultMessage(**{**fields, **changes})
+
+
+def rec(number: int, value: float | None, **changes: Any) -> TrialRecord:
+    fields: dict[str, Any] = {
+        "number": number,
+        "trial_id": 100 + number,
+        "phase": "explore",
+        "state": "complete",
+        "value": value,
+        "architecture": None,
+        "params": {"n": number},
+        "interrupted": False,
+        "refines": None,
+        "error": None,
+        "seconds": 0.0,
+        "cost_usd": 0.0,
+        "attrs": {},
+    }
+    return TrialRecord(**{**fields, **changes})
+
+
+# --- refusals of a received message ----------------------------------------------------
+
+
+def test_a_message_about_the_trial_sent_is_accepted() -> None:
+    trial = sent()
+    last_epoch = progress(trial, epoch=trial.epochs)
+    for message in (progress(trial), last_epoch, result(trial), DeadTrial(trial, "gave up")):
+        assert refusal(message, search=SEARCH, sent=trial, told=False) is None
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        (lambda t: result(t, search="ns.attacker"), "it claims search 'ns.attacker', not"),
+        (lambda t: result(t, number=t.number + 7), "trial id 40 is trial 4, not 11"),
+        (lambda t: result(t, phase="refine"), "a refine result for a explore trial"),
+        (lambda t: result(t, epochs_run=t.epochs + 1), "more epochs than the trial's 3"),
+        (
+            lambda t: result(t, history=[{"val_accuracy": 0.5}] * (t.epochs + 1)),
+            "more epochs than the trial's 3",
+        ),
+        (lambda t: progress(t, epoch=t.epochs + 1), "epoch 4 of a trial of 3 epochs"),
+        (lambda t: progress(t, search="other.search"), "it claims search 'other.search'"),
+        (
+            lambda t: DeadTrial(t.model_copy(update={"search": "x.y"}), "r"),
+            "it claims search 'x.y'",
+        ),
+    ],
+)
+def test_a_message_not_matching_the_trial_sent_is_refused(forge: Any, reason: str) -> None:
+    trial = sent()
+    why = refusal(forge(trial), search=SEARCH, sent=trial, told=False)
+    assert why is not None
+    assert why.startswith(reason)
+
+
+def test_a_message_about_no_trial_in_flight_is_refused_unless_that_trial_was_told() -> None:
+    trial = sent()
+    message = result(trial)
+    why = refusal(message, search=SEARCH, sent=None, told=False)
+    assert why == "no trial with id 40 is in flight in this search"
+    # a copy of a finished trial is not refused: the loop drops it (or answers prune)
+    assert refusal(message, search=SEARCH, sent=None, told=True) is None
+
+
+def test_the_claim_of_a_dead_lettered_trial_is_the_trial_sent() -> None:
+    trial = sent()
+    assert claim_of(DeadTrial(trial, "gave up")) is trial
+    message = progress(trial)
+    assert claim_of(message) is message
+
+
+# --- models judged before training ---------------------------------------------------
+
+
+def test_a_model_too_large_for_the_memory_budget_says_by_how_much_and_what_to_do() -> None:
+    size = ModelSize(parameters=50_000_000, activations=100_000)
+    need = memory_bytes(size, 32)
+    assert too_large(size, 32, None) is None
+    assert too_large(size, 32, need) is None  # exactly fits
+    why = too_large(size, 32, need - 1)
+    assert why is not None
+    assert why.startswith("too_large: 50.0 M parameters")
+    assert "batches of 32" in why
+    assert "narrow the search space or raise the memory" in why
+
+
+def test_no_constraints_judge_nothing() -> None:
+    assert violations(None, 10**9, 1e6, 1e6, trained=True) == ({}, None)
+
+
+def test_constraints_give_each_excess_and_why_the_model_breaks_them() -> None:
+    limits = Constraints.model_validate({"maxParams": 1000, "maxMFLOPs": 2.0})
+    excess, why = violations(limits, 1500, 1.5, None, trained=True)
+    assert excess == {"params": 500.0, "mflops": -0.5}
+    assert why == "params 1,500 > maxParams 1,000"
+    excess, why = violations(limits, 800, 3.0, None, trained=True)
+    assert excess == {"params": -200.0, "mflops": 1.0}
+    assert why == "mflops 3 > maxMFLOPs 2"
+
+
+def test_before_training_only_a_model_whose_weights_alone_break_max_model_kb_is_judged() -> None:
+    limits = Constraints.model_validate({"maxModelKB": 10.0})
+    # 20,480 weights are at least 20 KB as int8: over the limit whatever the converter does
+    excess, why = violations(limits, 20_480, None, None, trained=False)
+    assert excess == {"model_kb": 10.0}
+    assert why == "model_kb >= 20 (a byte per weight) > maxModelKB 10"
+    # 5,120 weights may fit: not judged until measured
+    assert violations(limits, 5_120, None, None, trained=False) == ({"model_kb": 0.0}, None)
+
+
+def test_after_training_a_size_not_measured_breaks_its_constraint() -> None:
+    limits = Constraints.model_validate({"maxModelKB": 10.0, "maxMFLOPs": 5.0})
+    excess, why = violations(limits, 100, None, None, trained=True)
+    assert excess == {"mflops": 1.0, "model_kb": 1.0}
+    assert why == "mflops not measured (maxMFLOPs 5); model_kb not measured (maxModelKB 10)"
+    # a pruned trial (not trained to the end) is not blamed for a missing measure
+    assert violations(limits, 100, None, None, trained=False)[1] is None
+
+
+# --- what the study is told ----------------------------------------------------------
+
+
+def test_the_values_told_are_the_value_and_under_a_tradeoff_the_size_figure() -> None:
+    assert objective_values(None, 0.9, 100, 1.0, 2.0) == 0.9
+    assert objective_values("params", 0.9, 100, 1.0, 2.0) == [0.9, 100.0]
+    assert objective_values("mflops", 0.9, 100, 1.0, 2.0) == [0.9, 1.0]
+    assert objective_values("modelKB", 0.9, 100, 1.0, 2.0) == [0.9, 2.0]
+    assert objective_values("modelKB", 0.9, 100, 1.0, None) is None  # not measured
+    assert objective_values("params", None, 100, 1.0, 2.0) is None
+
+
+def test_an_infeasible_trial_is_told_the_worst_value() -> None:
+    assert worst_value("maximize") == 0.0
+    assert worst_value("minimize") == 1e9
+
+
+def test_a_result_writes_who_trained_it_how_long_what_it_cost_and_its_error() -> None:
+    trial = sent()
+    message = result(trial, train_seconds=3000.0, dataset_load_seconds=600.0, device="GPU")
+    attrs = result_attrs(message, 2.0, "val_accuracy")
+    assert attrs[Attr.SECONDS] == 3600.0
+    assert attrs[Attr.COST] == pytest.approx(2.0)
+    assert attrs[Attr.DEVICE] == "GPU"
+    assert Attr.ERROR not in attrs
+    failed = result_attrs(result(trial, state="failed", error="OOM"), 0.0, "val_accuracy")
+    assert failed[Attr.ERROR] == "OOM"
+    silent = result_attrs(result(trial, value=None), 0.0, "val_loss")
+    assert silent[Attr.ERROR] == "the trainer sent no val_loss"
+
+
+# --- budget ------------------------------------------------------------------------------
+
+
+def test_a_target_is_reached_in_the_objective_direction() -> None:
+    assert reached("maximize", 0.9, rec(1, 0.9))
+    assert not reached("maximize", 0.9, rec(1, 0.89))
+    assert reached("minimize", 0.1, rec(1, 0.05))
+    assert not reached("minimize", 0.1, rec(1, 0.2))
+
+
+def test_budget_limits_end_the_search_in_order_and_the_clock_is_read_only_for_a_timeout() -> None:
+    spec = make_spec(
+        budget={"maxFailedTrials": 2, "timeout": "1m", "maxCostUSD": 1.0},
+        objective={"target": 0.95},
+    )
+    asked: list[bool] = []
+
+    def elapsed() -> float:
+        asked.append(True)
+        return 10.0
+
+    assert budget_stop(spec, Counts(), elapsed) is None
+    failed = budget_stop(spec, Counts(failed=2, best=rec(3, 0.99)), elapsed)
+    assert failed is not None
+    assert (failed.reason, failed.failed) == ("maxFailedTrials", True)
+    assert failed.message == "2 trials failed (budget.maxFailedTrials 2)"
+    target = budget_stop(spec, Counts(best=rec(3, 0.99), cost_usd=5.0), elapsed)
+    assert target is not None
+    assert (target.reason, target.failed) == ("target", False)
+    assert target.message == "trial 3 reached val_accuracy 0.9900 (objective.target 0.95)"
+    cost = budget_stop(spec, Counts(cost_usd=1.0), elapsed)
+    assert cost is not None
+    assert cost.message == "spent $1.00 of budget.maxCostUSD $1.00"
+    timeout = budget_stop(spec, Counts(cost_usd=5.0), lambda: 60.0)
+    assert timeout is not None
+    assert timeout.message == "budget.timeout 1m has passed"
+    asked.clear()
+    budget_stop(make_spec(), Counts(), elapsed)
+    assert asked == []  # no timeout set: the study's start is never read
+
+
+def test_zero_max_failed_trials_stops_at_the_first_failure() -> None:
+    spec = make_spec(budget={"maxFailedTrials": 0})
+    assert budget_stop(spec, Counts(), lambda: 0.0) is None
+    stop = budget_stop(spec, Counts(failed=1), lambda: 0.0)
+    assert stop is not None
+    assert stop.reason == "maxFailedTrials"
+
+
+# --- phases --------------------------------------------------------------------------------
+
+
+def refine_spec(**budget: Any) -> ArchitectureSearchSpec:
+    return make_spec(
+        budget={"maxTrials": 20, "parallelism": 2, "timeout": "10m", **budget},
+        training={"epochs": 3, "refine": {"topK": 2, "epochs": 6}},
+    )
+
+
+def test_exploration_closes_when_the_time_left_just_holds_refine() -> None:
+    spec = refine_spec()
+    paces = [10.0, 10.0, 10.0]
+    explored = [(0.9, 10.0), (0.8, 10.0), (0.7, 10.0)]
+    # refine: 10 s x 6 epochs x 1 wave = 60 s; plus one explore trial, 30 s: reserve 90 s
+    assert exploration_closes(spec, paces, explored, lambda: 500.0) is None  # 100 s left
+    why = exploration_closes(spec, paces, explored, lambda: 520.0)  # 80 s left
+    assert why is not None
+    assert "leave about 90 s for refine" in why
+    # when refine itself no longer fits, the search explores to the end
+    assert exploration_closes(spec, paces, explored, lambda: 560.0) is None  # 40 s left
+
+
+def test_exploration_never_closes_before_enough_trials_completed() -> None:
+    spec = refine_spec()
+    assert exploration_closes(spec, [10.0], [(0.9, 10.0)], lambda: 520.0) is None
+    assert exploration_closes(spec, [], [], lambda: 520.0) is None
+    untimed = make_spec(training={"refine": {"topK": 1, "epochs": 6}})
+    assert exploration_closes(untimed, [10.0] * 3, [(0.9, 10.0)] * 3, lambda: 1e9) is None
+
+
+def test_refine_retrains_the_best_first_the_earliest_of_equal_values_first() -> None:
+    spec = refine_spec()
+    explored = [rec(0, 0.5), rec(1, 0.9), rec(2, 0.7), rec(3, 0.9), rec(4, None, state="failed")]
+    ranked = refine_ranked(spec, explored, "maximize")
+    assert [r.number for r in ranked] == [1, 3]
+    assert len(explored) == 5  # the caller's list is left as it was
+    ranked = refine_ranked(spec, explored, "minimize")
+    assert [r.number for r in ranked] == [0, 2]
+
+
+def test_the_end_says_what_was_explored_and_the_best() -> None:
+    spec = refine_spec()
+    best = rec(3, 0.875)
+    outcome = end_outcome(spec, Counts(explore_used=5, best=best), None)
+    assert (outcome.reason, outcome.failed) == ("maxTrials", False)
+    assert outcome.message == "5 trials explored; best trial 3: val_accuracy 0.8750"
+    assert "no feasible trial completed" in end_outcome(spec, Counts(infeasible=2), None).message
+    assert "no trial completed" in end_outcome(spec, Counts(), None).message
+    closed = end_outcome(spec, Counts(explore_used=5, best=best), "closed")
+    assert closed.reason == "timeout"
+    assert closed.message.startswith("5 trials explored, then refined within budget.timeout 10m")
+
+
+# --- deadlines -------------------------------------------------------------------------
+
+
+def flight(trial_id: int, *, heard: bool, at: float, retries: int = 0) -> InFlight:
+    trial = sent(number=trial_id, trial_id=trial_id)
+    attrs = {Attr.RETRIES: retries} if retries else {}
+    return InFlight(
+        trial=None,  # type: ignore[arg-type]  # the deadlines never touch the study
+        message=trial,
+        record=rec(trial_id, None, state="running", trial_id=trial_id, attrs=attrs),
+        sent_at=at,
+        last_heard=at,
+        heard=heard,
+    )
+
+
+def test_a_trial_silent_since_its_last_progress_is_stale() -> None:
+    deadlines = Deadlines(stale_after=60.0, first_progress_grace=900.0, max_retries=2)
+    flights = {1: flight(1, heard=True, at=0.0), 2: flight(2, heard=True, at=30.0)}
+    flights[3] = flight(3, heard=False, at=0.0)  # never heard: the first-progress deadline's
+    assert [t for t, _ in deadlines.stale(flights, 60.0)] == [1]
+    assert deadlines.stale(flights, 60.0)[0][1].startswith("no progress for 60 s")
+    assert Deadlines(None, 900.0, 2).stale(flights, 1e9) == []
+
+
+def test_the_first_progress_deadline_starts_once_the_queue_is_empty() -> None:
+    deadlines = Deadlines(stale_after=None, first_progress_grace=60.0, max_retries=2)
+    flights = {1: flight(1, heard=False, at=0.0)}
+    assert deadlines.unheard(flights, 100.0, True, lambda: 1) == []  # still queued
+    assert deadlines.unheard(flights, 110.0, True, lambda: 0) == []  # taken now
+    assert flights[1].taken_at == 110.0
+    assert deadlines.unheard(flights, 112.0, True, lambda: 0) == []  # asked too soon again
+    overdue = deadlines.unheard(flights, 170.0, True, lambda: 0)
+    assert overdue == [(1, "no first progress 60 s after a trainer took it")]
+    assert Deadlines(None, 60.0, 2).unheard(flights, 1e9, False, lambda: 0) == []
+
+
+def test_a_slow_first_epoch_lengthens_the_first_progress_deadline() -> None:
+    deadlines = Deadlines(stale_after=None, first_progress_grace=60.0, max_retries=2)
+    slow = flight(1, heard=False, at=0.0)
+    deadlines.heard(slow, 50.0)
+    assert slow.heard
+    assert deadlines.first_progress == 150.0  # three times the slowest first epoch
+    deadlines.heard(slow, 500.0)  # later progress does not count as a first epoch
+    assert deadlines.first_progress == 150.0
+
+
+def test_a_lost_trial_is_retried_at_most_max_retries_times() -> None:
+    deadlines = Deadlines(stale_after=60.0, first_progress_grace=60.0, max_retries=2)
+    assert deadlines.may_retry(flight(1, heard=True, at=0.0))
+    assert deadlines.may_retry(flight(1, heard=True, at=0.0, retries=1))
+    given_up = flight(1, heard=True, at=0.0, retries=2)
+    assert not deadlines.may_retry(given_up)
+    assert deadlines.retries(given_up) == 2
