@@ -12,22 +12,28 @@ or that the dispatcher refuses, goes to the rejected queue with its reason.
 
 Memory stays bounded whatever is queued: bodies are capped (``MAX_BODY_BYTES``) and at
 most ``prefetch`` messages are held unacknowledged at once.
+
+:class:`SearchChannel` is what the dispatcher's transport and the operator's final job
+(:class:`~mloptimizer.operator.delivery.FinalJobChannel`) share: the dial, confirms, the
+declaration, the consumers and the rejected queue.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import pika
 import pika.exceptions
 
-from mloptimizer.broker import PERSISTENT, dead_letter, death_reason, declare_queues
+from mloptimizer.broker import PERSISTENT, dead_letter, death_reason, declare_queues, dial
 from mloptimizer.dispatch import DeadTrial, Inbound, Malformed
+from mloptimizer.faults import Resume, transient
 from mloptimizer.messages import (
     Decision,
+    DeliverMessage,
     MessageError,
     ProgressMessage,
     ProgressReply,
@@ -38,12 +44,16 @@ from mloptimizer.messages import (
     encode,
 )
 
-__all__ = ["AmqpTransport", "prefetch_for"]
+__all__ = ["AmqpTransport", "Consumer", "SearchChannel", "prefetch_for"]
 
 log = logging.getLogger(__name__)
 
 
 SERVER_NAMED = "amq.gen-"  # the prefix of queues the broker names (a trainer's reply queue)
+
+Received = TypeVar("Received")
+# A consumer callback of a blocking channel: (channel, method, properties, body).
+Consumer = Callable[[Any, Any, Any, bytes], None]
 
 
 def prefetch_for(parallelism: int) -> int:
@@ -51,10 +61,15 @@ def prefetch_for(parallelism: int) -> int:
     return min(64, 2 * parallelism + 4)
 
 
-class AmqpTransport:
-    """The dispatcher's connection to one search's queues."""
+class SearchChannel(Generic[Received]):
+    """One blocking channel on a search's queues, for the operator's side of them.
 
-    durable = True
+    Dialled with patience (a broker away for ``max_backoff`` s or less is waited for; 0:
+    dial once), publisher confirms on, the queues declared, the subclass's consumers
+    (:meth:`_consumers`: results and dead letters, and what else it reads) fed with manual
+    acks; what they make of the messages is collected for :meth:`receive`. A message
+    refused goes to the rejected queue with its reason (:meth:`_reject`).
+    """
 
     def __init__(
         self,
@@ -69,38 +84,75 @@ class AmqpTransport:
         self.names = QueueNames(search, prefix)
         self.max_backoff = max_backoff
         self.prefetch = prefetch
-        self._received: list[Inbound] = []
+        self._received: list[Received] = []
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._closed = False
         self._connect()
 
+    def _consumers(self) -> dict[str, Consumer]:
+        """Queue -> callback: what this side reads."""
+        raise NotImplementedError
+
     def _connect(self) -> None:
-        backoff = 0.5
+        dialling = Resume(first=0.5, cap=self.max_backoff, give_up_at_cap=True, say=log.warning)
         while True:
             try:
-                self._connection = pika.BlockingConnection(pika.URLParameters(self.url))
+                self._connection = dial(self.url)
                 break
-            except pika.exceptions.AMQPConnectionError as error:
-                if backoff > self.max_backoff:
+            except pika.exceptions.AMQPError as error:
+                if not dialling.retry(error):
                     raise
-                log.warning("broker unreachable (%r); retrying in %.1fs", error, backoff)
-                time.sleep(backoff)
-                backoff *= 2
         channel = self._connection.channel()
         channel.confirm_delivery()
         declare_queues(channel, self.names)
         channel.basic_qos(prefetch_count=self.prefetch)
-        channel.basic_consume(self.names.progress, self._on_message)
-        channel.basic_consume(self.names.results, self._on_message)
-        channel.basic_consume(self.names.dead_letters, self._on_dead)
+        for queue, callback in self._consumers().items():
+            channel.basic_consume(queue, callback)
         self._channel = channel
         self._received = []  # unacked deliveries of the old channel come again
 
+    def _reject(self, channel: Any, method: Any, properties: Any, body: bytes, why: str) -> None:
+        """Keep a message aside in the rejected queue with ``why``, and ack it."""
+        dead_letter(channel, self.names.rejected, body, properties.headers, why)
+        channel.basic_ack(method.delivery_tag)
+
+    def _publish(self, message: TrialMessage | DeliverMessage) -> None:
+        """Put ``message`` on the trials queue, persistent; returns once confirmed."""
+        self._channel.basic_publish("", self.names.trials, encode(message), PERSISTENT)
+
+    def _process(self, timeout: float) -> None:
+        assert self._connection is not None
+        self._connection.process_data_events(time_limit=timeout)
+
+    def receive(self, timeout: float) -> list[Received]:
+        """What arrived within ``timeout`` seconds."""
+        self._process(timeout)
+        received, self._received = self._received, []
+        return received
+
+    def close(self) -> None:
+        self._closed = True
+        if self._connection is not None and self._connection.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                self._connection.close()
+
+
+class AmqpTransport(SearchChannel[Inbound]):
+    """The dispatcher's connection to one search's queues."""
+
+    durable = True
+
+    def _consumers(self) -> dict[str, Consumer]:
+        return {
+            self.names.progress: self._on_message,
+            self.names.results: self._on_message,
+            self.names.dead_letters: self._on_dead,
+        }
+
     def _rejecter(self, channel: Any, method: Any, properties: Any, body: bytes) -> Any:
         def reject(reason: str) -> None:
-            dead_letter(channel, self.names.rejected, body, properties.headers, reason)
-            channel.basic_ack(method.delivery_tag)
+            self._reject(channel, method, properties, body, reason)
 
         return reject
 
@@ -153,23 +205,28 @@ class AmqpTransport:
 
         self._received.append(Inbound(message, reply=reply, settle=settle, reject=reject))
 
+    def _reconnect(self, error: pika.exceptions.AMQPError) -> None:
+        """A pika error mid-use: a lost broker is dialled again, anything else raised."""
+        if not transient(error):
+            raise error
+        log.warning("lost the broker (%r); reconnecting", error)
+        self._connect()
+
     def send(self, trial: TrialMessage) -> None:
         for _ in range(5):
             try:
-                self._channel.basic_publish("", self.names.trials, encode(trial), PERSISTENT)
+                self._publish(trial)
                 return
             except pika.exceptions.AMQPError as error:
-                log.warning("publishing trial %d failed (%r); reconnecting", trial.number, error)
-                self._connect()
+                log.warning("publishing trial %d failed (%r)", trial.number, error)
+                self._reconnect(error)
         raise ConnectionError(f"could not publish trial {trial.number} to {self.names.trials}")
 
     def receive(self, timeout: float) -> list[Inbound]:
         try:
-            assert self._connection is not None
-            self._connection.process_data_events(time_limit=timeout)
+            self._process(timeout)
         except pika.exceptions.AMQPError as error:
-            log.warning("lost the broker (%r); reconnecting", error)
-            self._connect()
+            self._reconnect(error)
         received, self._received = self._received, []
         return received
 
@@ -182,8 +239,7 @@ class AmqpTransport:
         try:
             return self._channel.queue_declare(self.names.trials, passive=True).method
         except pika.exceptions.AMQPError as error:
-            log.warning("lost the broker (%r); reconnecting", error)
-            self._connect()
+            self._reconnect(error)
             return None
 
     def queued(self) -> int | None:
@@ -195,9 +251,3 @@ class AmqpTransport:
         """Trainers consuming the trials queue now; None if unknown now."""
         counts = self._trials_queue()
         return None if counts is None else int(counts.consumer_count)
-
-    def close(self) -> None:
-        self._closed = True
-        if self._connection is not None and self._connection.is_open:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                self._connection.close()

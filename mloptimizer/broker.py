@@ -7,7 +7,8 @@ trial that keeps killing its trainers after ``DELIVERY_LIMIT`` deliveries, so a 
 trial cannot crash-loop the workers; the dispatcher reads that dead-letter queue and fails
 the trial with the reason. Progress and results the dispatcher refuses go to a separate
 ``rejected`` queue for a person to read, capped at ``REJECTED_KEPT`` messages (the oldest
-dropped) so that a flood of bad messages cannot fill the broker.
+dropped) so that a flood of bad messages cannot fill the broker. A search's queues are
+dialled (:func:`dial`) and deleted (:func:`delete_queues`) here too.
 """
 
 from __future__ import annotations
@@ -30,10 +31,20 @@ __all__ = [
     "dead_letter",
     "death_reason",
     "declare_queues",
+    "delete_queues",
+    "dial",
 ]
 
 REASON_HEADER = "x-mlopt-reason"
 REJECTED_KEPT = 1000
+
+
+def dial(url: str, *, heartbeat: int | None = None) -> pika.BlockingConnection:
+    """One connection to the broker at ``url`` (pika's errors when it does not answer)."""
+    parameters = pika.URLParameters(url)
+    if heartbeat is not None:
+        parameters.heartbeat = heartbeat
+    return pika.BlockingConnection(parameters)
 
 
 def declare_queues(channel: BlockingChannel, names: QueueNames) -> None:
@@ -54,6 +65,18 @@ def declare_queues(channel: BlockingChannel, names: QueueNames) -> None:
     )
     channel.queue_declare(queue=names.progress, durable=True)
     channel.queue_declare(queue=names.results, durable=True)
+
+
+def delete_queues(url: str, names: QueueNames) -> None:
+    """Delete every queue of a search (absent ones too: deleting is idempotent)."""
+    connection = dial(url)
+    try:
+        channel = connection.channel()
+        for queue in names.all:
+            channel.queue_delete(queue)
+    finally:
+        if connection.is_open:
+            connection.close()
 
 
 PERSISTENT = pika.BasicProperties(

@@ -1,13 +1,16 @@
 """Pure builders of the Kubernetes objects a search owns: the trainer Deployment and the
-Secret that carries the broker URL to it. No API calls here; the handlers adopt and apply.
+Secret that carries the broker URL to it; and of what its GPU pool rents on Vast.ai (a
+Node-mode VM that joins the cluster, a Direct-mode trainer container). No API calls here;
+the handlers adopt and apply.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Any
 
-from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef
+from mloptimizer.spec import ArchitectureSearchSpec, GpuPool, SecretKeyRef
 
 __all__ = [
     "BROKER_PASSWORD_KEY",
@@ -15,13 +18,18 @@ __all__ = [
     "CACHE_DIR",
     "DATA_DIR",
     "GRACE_SECONDS",
+    "K3S_VERSION",
     "OUTPUT_DIR",
     "POOL_LABEL",
     "TRAINER_UID",
+    "VM_IMAGE",
     "broker_secret_name",
     "build_broker_secret",
     "build_trainer_deployment",
     "deployment_name",
+    "direct_rent_request",
+    "node_onstart",
+    "node_rent_request",
     "trainer_labels",
     "trainers_per_machine",
 ]
@@ -232,5 +240,76 @@ def build_trainer_deployment(
             # A trainer being replaced requeues its trial; never run fewer than asked.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0}},
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+# --- what a GPU pool rents -----------------------------------------------------------
+
+# The k3s agent a rented VM installs: pinned, so that what joins the cluster is what was
+# tested, not whatever get.k3s.io serves that day. Keep it within a minor of the servers'.
+K3S_VERSION = "v1.33.5+k3s1"
+
+
+def node_onstart(name: str, uid: str) -> str:
+    """The start-up script of a Node-mode VM: join the cluster as a tainted k3s agent."""
+    flags = [
+        "agent",
+        f"--node-name={name}",
+        f"--node-label={POOL_LABEL}={uid}",
+        f"--node-taint={POOL_LABEL}={uid}:NoSchedule",
+    ]
+    return (
+        "#!/bin/sh\nset -eu\n"
+        "# K3S_URL and K3S_TOKEN come in the instance's environment.\n"
+        "curl -sfL https://get.k3s.io | "
+        f"INSTALL_K3S_VERSION={shlex.quote(K3S_VERSION)} "
+        f"INSTALL_K3S_EXEC={shlex.quote(' '.join(flags))} sh -s -\n"
+    )
+
+
+VM_IMAGE = "docker.io/vastai/kvm:ubuntu_cli_22.04"  # Vast.ai's VM template image
+
+
+def node_rent_request(
+    pool: GpuPool, name: str, uid: str, server_url: str, token: str
+) -> dict[str, Any]:
+    """``PUT /asks/`` body of a Node-mode VM: it boots, installs k3s and joins the cluster."""
+    return {
+        "client_id": "me",
+        "image": VM_IMAGE,
+        "disk": pool.disk_gb,
+        "runtype": "ssh",
+        "vm": True,
+        "env": {"K3S_URL": server_url, "K3S_TOKEN": token},
+        "onstart": node_onstart(name, uid),
+    }
+
+
+def direct_rent_request(
+    pool: GpuPool,
+    name: str,
+    *,
+    image: str,
+    broker_url: str,
+    search: str,
+    queue_prefix: str,
+    grace_seconds: int,
+    cache_dir: str,
+) -> dict[str, Any]:
+    """``PUT /asks/`` body of a Direct-mode container: the trainer image itself, with the
+    broker URL of a user scoped to this search and nothing else (no database, no cluster)."""
+    return {
+        "client_id": "me",
+        "image": image,
+        "disk": pool.disk_gb,
+        "runtype": "args",
+        "args": ["trainer", "--grace-period", str(grace_seconds), "--queue-prefix", queue_prefix],
+        "env": {
+            "MLOPT_BROKER_URL": broker_url,
+            "MLOPT_SEARCH": search,
+            "MLOPT_WORKER_ID": name,
+            "MLOPT_CACHE_DIR": cache_dir,
+            "KERAS_HOME": cache_dir,
         },
     }

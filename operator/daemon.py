@@ -7,11 +7,12 @@ The study in PostgreSQL is the truth: after a restart the loop reads it back and
 trials still in RabbitMQ, so no trial is told twice.
 
 Errors by kind: a lost broker or database, or a Kubernetes API that is not there yet or
-overloaded (:func:`retried`), is retried with backoff and shown as
-``Degraded``/``ConnectionLost``; a study made from another search cannot succeed
-and ends the search as ``Failed``; anything else is a bug: it is logged once with its
-traceback, shown as ``Degraded``/``InternalError``, and the daemon stops (an operator
-restart tries again) instead of retrying it forever.
+overloaded (:func:`mloptimizer.faults.lost_service` with
+:func:`~mloptimizer.operator.kube.kube_outage`), is waited out with backoff
+(:class:`~mloptimizer.faults.Resume`) and shown as ``Degraded``/``ConnectionLost``; a
+study made from another search cannot succeed and ends the search as ``Failed``; anything
+else is a bug: it is logged once with its traceback, shown as ``Degraded``/``InternalError``,
+and the daemon stops (an operator restart tries again) instead of retrying it forever.
 """
 
 from __future__ import annotations
@@ -21,23 +22,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-import kubernetes
 import optuna
-import pika.exceptions
-import sqlalchemy.exc
 
 from mloptimizer.amqp import AmqpTransport, prefetch_for
 from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome, trial_message
-from mloptimizer.messages import ARTIFACT_FILES, REPORT_FILES, DeliverMessage, TrialMessage
-from mloptimizer.operator.delivery import (
-    ROUNDS,
-    Destination,
-    FinalJobChannel,
-    artifacts_status,
-    run_final_job,
-)
+from mloptimizer.faults import Resume, StopFlag
+from mloptimizer.messages import TrialMessage
+from mloptimizer.operator.delivery import FinalJobChannel, Where, deliver_best
+from mloptimizer.operator.kube import kube_outage
 from mloptimizer.operator.metrics import Metrics
 from mloptimizer.operator.progress import (
     ReplicaPlan,
@@ -58,49 +52,15 @@ from mloptimizer.study import (
 )
 
 __all__ = [
-    "RETRIED",
     "Kube",
     "SearchConfig",
     "StatusReporter",
     "StopFlag",
-    "deliver_best",
     "resume_delivery",
-    "retried",
     "run_search",
 ]
 
-# Where a search's best model goes (None: nowhere); may raise when a Secret is unusable.
-Where = Callable[[], Destination | None]
-
 log = logging.getLogger(__name__)
-
-# What a lost broker or database raises: worth retrying. Everything else is not.
-RETRIED: tuple[type[BaseException], ...] = (
-    pika.exceptions.AMQPError,
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    optuna.exceptions.StorageInternalError,
-    ConnectionError,
-    TimeoutError,
-)
-# Kubernetes API answers that pass: a child object not created yet (the create handler and
-# the daemon start together), a conflict, throttling, a server in trouble.
-_RETRIED_STATUS = {404, 409, 429, 500, 502, 503, 504}
-
-
-def retried(error: BaseException) -> bool:
-    """Whether ``error`` is worth retrying (the rest is a bug, or a setting to fix)."""
-    if isinstance(error, RETRIED):
-        return True
-    return isinstance(error, kubernetes.client.ApiException) and error.status in _RETRIED_STATUS
-
-
-class StopFlag(Protocol):
-    """A threading.Event, or kopf's ``stopped`` flag of a sync daemon."""
-
-    def is_set(self) -> bool: ...
-
-    def wait(self, timeout: float | None = None) -> Any: ...
 
 
 class Kube(Protocol):
@@ -252,76 +212,31 @@ def run_search(
     ``Degraded``, reason ``SpecChangeRefused``.
     ``price_of`` gives the USD/hour of the machine a worker id runs on (a GPU pool's).
     ``destination``: where the best model is delivered when the search succeeds
-    (:func:`deliver_best`).
+    (:func:`~mloptimizer.operator.delivery.deliver_best`).
     """
     reporter = StatusReporter(kube, spec, config.status_interval, generation, metrics=metrics)
     reporter.conditions = set_condition(
         [], "Ready", "True", "Dispatching", "the search is dispatching trials"
     )
-    backoff = 0.5
+    resume = Resume(
+        stop,
+        (kube_outage,),
+        cap=config.max_backoff,
+        say=lambda line: log.warning("search %s: %s", config.study, line),
+        on_wait=lambda _what, error: _degraded(reporter, kube, error),
+    )
     while not stop.is_set():
         try:
-            study, in_force = _open(spec, config)
-            transport = AmqpTransport(
-                config.broker_url,
-                config.study,
-                prefix=config.queue_prefix,
-                max_backoff=2.0,
-                prefetch=prefetch_for(in_force.budget.parallelism),
-            )
-            dispatcher = Dispatcher(
-                study,
-                in_force,
-                transport,
-                search=config.study,
-                observer=reporter,
-                stale_after=config.stale_after,
-                price_of=price_of,
-                memory_budget=trainer_budget(in_force),
-            )
+            dispatcher = _start(config, spec, kube, reporter, resume, price_of)
+            outcome = dispatcher.run(should_stop=stop.is_set, latest_spec=latest_spec)
         except StudyMismatch as error:  # cannot succeed: the search ends
             _mismatch(reporter, kube, error)
             return None
         except Exception as error:
-            if not retried(error):
-                _internal(reporter, kube, error)
-                return None
-            # broker, database or API unreachable: degrade, retry
-            backoff = _degraded(reporter, kube, error, backoff, config.max_backoff, stop)
-            continue
-        if _is_degraded(reporter):  # back: say so (the next flush writes it)
-            reporter.conditions = set_condition(
-                reporter.conditions,
-                "Degraded",
-                "False",
-                "Connected",
-                "broker and database reachable",
-            )
-            backoff = 0.5
-        resumed = bool(study.get_trials(deepcopy=False))
-        kube.event(
-            "Normal",
-            "Resumed" if resumed else "Started",
-            f"study {config.study}: "
-            + ("resumed from the database" if resumed else "dispatching the first trials"),
-        )
-        reporter.flush(
-            dispatcher,
-            studyName=config.study,
-            startTime=_rfc3339(study.user_attrs.get(Attr.STARTED_AT)),
-            conditions=set_condition(
-                reporter.conditions, "Progressing", "True", "Dispatching", "trials in flight"
-            ),
-        )
-        try:
-            outcome = dispatcher.run(should_stop=stop.is_set, latest_spec=latest_spec)
-        except Exception as error:
-            if not retried(error):
-                _internal(reporter, kube, error)
-                return None
-            # lost mid-run: the study keeps what was told
-            backoff = _degraded(reporter, kube, error, backoff, config.max_backoff, stop)
-            continue
+            if resume.retry(error):  # broker, database or API away: degraded, then again
+                continue  # the study keeps what was told
+            _internal(reporter, kube, error)
+            return None
         if outcome.reason == "interrupted":
             return None
         best = dispatcher.counts.best
@@ -344,110 +259,82 @@ def run_search(
                 architecture=best.architecture,
             )
             assert destination is not None
-            deliver_best(config, dispatcher.spec, message, kube, reporter, stop, destination)
+            _deliver(config, dispatcher.spec, message, kube, reporter.conditions, stop, destination)
         return outcome
     return None
 
 
-def deliver_best(
+def _start(
+    config: SearchConfig,
+    spec: ArchitectureSearchSpec,
+    kube: Kube,
+    reporter: StatusReporter,
+    resume: Resume,
+    price_of: Callable[[str], float | None] | None,
+) -> Dispatcher:
+    """The search's dispatcher over its study and queues, said in the status and Events."""
+    study, in_force = _open(spec, config)
+    transport = AmqpTransport(
+        config.broker_url,
+        config.study,
+        prefix=config.queue_prefix,
+        max_backoff=2.0,
+        prefetch=prefetch_for(in_force.budget.parallelism),
+    )
+    dispatcher = Dispatcher(
+        study,
+        in_force,
+        transport,
+        search=config.study,
+        observer=reporter,
+        stale_after=config.stale_after,
+        price_of=price_of,
+        memory_budget=trainer_budget(in_force),
+    )
+    resume.back()
+    if _is_degraded(reporter):  # back: say so (the next flush writes it)
+        reporter.conditions = set_condition(
+            reporter.conditions, "Degraded", "False", "Connected", "broker and database reachable"
+        )
+    resumed = bool(study.get_trials(deepcopy=False))
+    kube.event(
+        "Normal",
+        "Resumed" if resumed else "Started",
+        f"study {config.study}: "
+        + ("resumed from the database" if resumed else "dispatching the first trials"),
+    )
+    reporter.flush(
+        dispatcher,
+        studyName=config.study,
+        startTime=_rfc3339(study.user_attrs.get(Attr.STARTED_AT)),
+        conditions=set_condition(
+            reporter.conditions, "Progressing", "True", "Dispatching", "trials in flight"
+        ),
+    )
+    return dispatcher
+
+
+def _deliver(
     config: SearchConfig,
     spec: ArchitectureSearchSpec,
     best: TrialMessage,
     kube: Kube,
-    reporter: StatusReporter,
+    conditions: list[dict[str, Any]],
     stop: StopFlag,
     where: Where,
 ) -> None:
-    """The final job: ``best`` delivered to the search's output; the ``Delivered`` condition
-    and ``status.artifacts`` say how it went. A lost broker is waited for; a stop leaves
-    the condition Unknown, so that the next operator resumes it."""
-    silence = config.stale_after or 3600.0
-    formats = list(spec.output.formats)
-    files = [ARTIFACT_FILES[f] for f in formats] + list(REPORT_FILES)
-
-    def say(
-        status: Literal["True", "False", "Unknown"], reason: str, detail: str, **extra: Any
-    ) -> None:
-        reporter.conditions = set_condition(
-            reporter.conditions, "Delivered", status, reason, detail
-        )
-        kube.patch_status({"conditions": reporter.conditions, **extra})
-
-    try:
-        destination = where()
-    except Exception as error:  # a Secret gone or refused: nothing to retry by waiting
-        say("False", "DestinationUnusable", f"spec.output: {error}"[:4000])
-        kube.event("Warning", "DeliveryFailed", f"spec.output: {error}"[:1024])
-        return
-    if destination is None:  # the output was edited away meanwhile
-        say("False", "NoDestination", "spec.output names no pvc or s3")
-        return
-
-    def job(round_: int) -> DeliverMessage:
-        return DeliverMessage(
-            search=config.study,
-            trial_id=best.trial_id,
-            number=best.number,
-            round=round_,
-            best=best,
-            formats=formats,
-            to=destination.to(files, expires=silence + 600),
-        )
-
-    def on_round(round_: int, why: str | None) -> None:
-        kube.scale(1)  # one trainer for the job (it takes the message whichever it is)
-        text = (
-            f"round {round_} of {ROUNDS}: a trainer reuses or retrains trial {best.number}, "
-            f"exports {', '.join(formats)} and writes them to {destination.uri('')}"
-        )
-        if why:
-            text += f"; round {round_ - 1} failed: {why}"
-            kube.event("Warning", "DeliveryRetried", f"final job: {why}"[:1024])
-        say("Unknown", "Delivering", text[:4000], message=text[:4000])
-
-    backoff = 0.5
-    while not stop.is_set():
-        try:
-            channel = FinalJobChannel(config.broker_url, config.study, config.queue_prefix)
-            try:
-                outcome = run_final_job(
-                    channel, job, destination, silence=silence, stop=stop.is_set,
-                    on_round=on_round,
-                )  # fmt: skip
-            finally:
-                channel.close()
-        except Exception as error:
-            if not retried(error):
-                raise
-            log.warning("final job: %s; retrying in %.1fs", error, backoff)
-            stop.wait(backoff)
-            backoff = min(backoff * 2, config.max_backoff)
-            continue
-        if outcome.stopped:
-            return  # the next operator resumes it (Delivered stays Unknown)
-        kube.scale(0)
-        delivered = outcome.delivered
-        if delivered is None:
-            text = f"the final job failed {outcome.rounds} times; last: {outcome.error}"
-            say("False", "DeliveryFailed", text[:4000], message=text[:4000])
-            kube.event("Warning", "DeliveryFailed", text[:1024])
-            return
-        made = [a.format for a in delivered.artifacts if not a.error]
-        failed = [f"{a.format} ({a.error})" for a in delivered.artifacts if a.error]
-        text = (
-            f"trial {best.number} ({delivered.model} weights) delivered to "
-            f"{destination.uri('')}: {', '.join(made) or 'no format'}"
-            + (f"; not made: {'; '.join(failed)}" if failed else "")
-        )
-        say(
-            "True",
-            "Delivered",
-            text[:4000],
-            artifacts=artifacts_status(delivered, destination),
-            message=text[:4000],
-        )
-        kube.event("Normal", "Delivered", text[:1024])
-        return
+    """The final job of ``best`` (:func:`~mloptimizer.operator.delivery.deliver_best`)."""
+    deliver_best(
+        best,
+        list(spec.output.formats),
+        where,
+        kube,
+        stop,
+        channel=lambda: FinalJobChannel(config.broker_url, config.study, config.queue_prefix),
+        conditions=conditions,
+        silence=config.stale_after or 3600.0,
+        max_backoff=config.max_backoff,
+    )
 
 
 def resume_delivery(
@@ -462,8 +349,6 @@ def resume_delivery(
     study = open_study(spec, config.study, config.storage_url, owner=config.uid)
     objective = spec.objective
     best = best_of(records(study), objective.study_direction, objective.tradeoff)
-    reporter = StatusReporter(kube, spec, config.status_interval)
-    reporter.conditions = list(conditions)
     if best is None or best.architecture is None:
         return
     message = trial_message(
@@ -474,7 +359,7 @@ def resume_delivery(
         phase=best.phase,
         architecture=best.architecture,
     )
-    deliver_best(config, spec, message, kube, reporter, stop, where)
+    _deliver(config, spec, message, kube, list(conditions), stop, where)
 
 
 def _open(
@@ -537,16 +422,9 @@ def _internal(reporter: StatusReporter, kube: Kube, error: Exception) -> None:
     return None
 
 
-def _degraded(
-    reporter: StatusReporter,
-    kube: Kube,
-    error: BaseException,
-    backoff: float,
-    max_backoff: float,
-    stop: StopFlag,
-) -> float:
+def _degraded(reporter: StatusReporter, kube: Kube, error: BaseException) -> None:
+    """While a service is away: ``Degraded``/``ConnectionLost``, with the error."""
     message = f"{type(error).__name__}: {error}"[:500]
-    log.warning("search degraded (%s); retrying in %.1fs", message, backoff)
     reporter.conditions = set_condition(
         reporter.conditions, "Degraded", "True", "ConnectionLost", message
     )
@@ -554,8 +432,6 @@ def _degraded(
         kube.patch_status({"conditions": reporter.conditions, "message": f"retrying: {message}"})
     except Exception as patch_error:  # the API may be down too; the next patch will say it
         log.warning("could not patch the status: %s", patch_error)
-    stop.wait(backoff)
-    return min(backoff * 2, max_backoff)
 
 
 def _finish(

@@ -12,23 +12,22 @@ with fresh upload URLs. What comes back is checked like a trial's result: it mus
 search, its best trial and a round sent; its formats must be ones asked; and on S3 every
 file it claims is looked up (HEAD) and must have the size it claims.
 
-Nothing here knows kopf: :func:`~mloptimizer.operator.daemon.run_search` drives
-:func:`run_final_job` with a :class:`FinalJobChannel` and a :class:`Destination`.
+Nothing here knows kopf: :func:`~mloptimizer.operator.daemon.run_search` calls
+:func:`deliver_best`, which drives :func:`run_final_job` with a :class:`FinalJobChannel`
+and a :class:`Destination` and says how it went in the search's status.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
-import pika
-import pika.exceptions
-
-from mloptimizer.broker import PERSISTENT, dead_letter, death_reason, declare_queues
+from mloptimizer.amqp import Consumer, SearchChannel
+from mloptimizer.broker import death_reason
+from mloptimizer.faults import Resume, StopFlag
 from mloptimizer.messages import (
     ARTIFACT_FILES,
     REPORT_FILES,
@@ -36,14 +35,15 @@ from mloptimizer.messages import (
     DeliverMessage,
     MessageError,
     ProgressMessage,
-    QueueNames,
     ResultMessage,
     ToFolder,
     ToUrls,
+    TrialMessage,
     decode,
-    encode,
 )
+from mloptimizer.operator.kube import kube_outage
 from mloptimizer.operator.objectstore import Bucket
+from mloptimizer.operator.progress import set_condition
 
 __all__ = [
     "ROUNDS",
@@ -51,7 +51,10 @@ __all__ = [
     "Destination",
     "FinalJobChannel",
     "FinalOutcome",
+    "JobKube",
+    "Where",
     "artifacts_status",
+    "deliver_best",
     "run_final_job",
 ]
 
@@ -118,31 +121,29 @@ class Dead:
 Received = DeliveredMessage | Dead | str  # str: why a message was refused
 
 
-class FinalJobChannel:
-    """The operator's side of the queues for the final job (one blocking pika channel)."""
+class FinalJobChannel(SearchChannel[Received]):
+    """The operator's side of the queues for the final job: results and dead letters.
 
-    def __init__(self, url: str, search: str, prefix: str = "mlopt") -> None:
-        self.names = QueueNames(search, prefix)
-        self._connection = pika.BlockingConnection(pika.URLParameters(url))
-        channel = self._connection.channel()
-        channel.confirm_delivery()
-        declare_queues(channel, self.names)
-        channel.basic_qos(prefetch_count=16)
-        channel.basic_consume(self.names.results, self._on_result)
-        channel.basic_consume(self.names.dead_letters, self._on_dead)
-        self._channel = channel
-        self._received: list[Received] = []
+    ``max_backoff`` 0: one dial; :func:`deliver_best` waits out a broker away.
+    """
 
-    def _reject(self, method: Any, properties: Any, body: bytes, why: str) -> None:
-        dead_letter(self._channel, self.names.rejected, body, properties.headers, why)
-        self._channel.basic_ack(method.delivery_tag)
+    def __init__(
+        self, url: str, search: str, prefix: str = "mlopt", *, max_backoff: float = 0.0
+    ) -> None:
+        super().__init__(url, search, prefix=prefix, max_backoff=max_backoff, prefetch=16)
+
+    def _consumers(self) -> dict[str, Consumer]:
+        return {self.names.results: self._on_result, self.names.dead_letters: self._on_dead}
+
+    def _refuse(self, channel: Any, method: Any, properties: Any, body: bytes, why: str) -> None:
+        self._reject(channel, method, properties, body, why)
         self._received.append(why)
 
     def _on_result(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         try:
             message = decode(body)
         except MessageError as error:
-            self._reject(method, properties, body, error.reason)
+            self._refuse(channel, method, properties, body, error.reason)
             return
         if isinstance(message, DeliveredMessage):
             self._received.append(message)
@@ -150,7 +151,8 @@ class FinalJobChannel:
             log.info("a late %s of trial %d after the search ended: dropped", message.kind,
                      message.number)  # fmt: skip
         else:
-            self._reject(method, properties, body, f"a {message.kind} in the results queue")
+            why = f"a {message.kind} in the results queue"
+            self._refuse(channel, method, properties, body, why)
             return
         channel.basic_ack(method.delivery_tag)
 
@@ -158,7 +160,8 @@ class FinalJobChannel:
         try:
             message = decode(body)
         except MessageError as error:
-            self._reject(method, properties, body, f"in the dead-letter queue: {error.reason}")
+            why = f"in the dead-letter queue: {error.reason}"
+            self._refuse(channel, method, properties, body, why)
             return
         if isinstance(message, DeliverMessage):
             self._received.append(Dead(message, death_reason(properties.headers)))
@@ -166,17 +169,7 @@ class FinalJobChannel:
         channel.basic_ack(method.delivery_tag)
 
     def send(self, message: DeliverMessage) -> None:
-        self._channel.basic_publish("", self.names.trials, encode(message), PERSISTENT)
-
-    def receive(self, timeout: float) -> list[Received]:
-        self._connection.process_data_events(time_limit=timeout)
-        received, self._received = self._received, []
-        return received
-
-    def close(self) -> None:
-        if self._connection.is_open:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                self._connection.close()
+        self._publish(message)
 
 
 @dataclass
@@ -282,3 +275,128 @@ def artifacts_status(delivered: DeliveredMessage, destination: Destination) -> l
             entry["bytes"] = size
         entries.append(entry)
     return entries
+
+
+# Where a search's best model goes (None: nowhere); may raise when a Secret is unusable.
+Where = Callable[[], Destination | None]
+
+
+class JobKube(Protocol):
+    """The Kubernetes side of a final job (the search daemon's ``Kube`` is one)."""
+
+    def patch_status(self, patch: dict[str, Any]) -> None: ...
+
+    def scale(self, replicas: int) -> None: ...
+
+    def event(self, type_: str, reason: str, message: str) -> None: ...
+
+
+def deliver_best(
+    best: TrialMessage,
+    formats: list[str],
+    where: Where,
+    kube: JobKube,
+    stop: StopFlag,
+    *,
+    channel: Callable[[], FinalJobChannel],
+    conditions: list[dict[str, Any]],
+    silence: float,
+    max_backoff: float = 30.0,
+) -> None:
+    """The final job: ``best`` delivered to the search's output; the ``Delivered`` condition
+    (set among ``conditions``) and ``status.artifacts`` say how it went. ``channel`` opens
+    the search's queues; a lost broker is waited for; a stop leaves the condition Unknown,
+    so that the next operator resumes it."""
+    files = [ARTIFACT_FILES[f] for f in formats] + list(REPORT_FILES)
+
+    def say(
+        status: Literal["True", "False", "Unknown"], reason: str, detail: str, **extra: Any
+    ) -> None:
+        conditions[:] = set_condition(conditions, "Delivered", status, reason, detail)
+        kube.patch_status({"conditions": conditions, **extra})
+
+    try:
+        destination = where()
+    except Exception as error:  # a Secret gone or refused: nothing to retry by waiting
+        say("False", "DestinationUnusable", f"spec.output: {error}"[:4000])
+        kube.event("Warning", "DeliveryFailed", f"spec.output: {error}"[:1024])
+        return
+    if destination is None:  # the output was edited away meanwhile
+        say("False", "NoDestination", "spec.output names no pvc or s3")
+        return
+
+    def job(round_: int) -> DeliverMessage:
+        return DeliverMessage(
+            search=best.search,
+            trial_id=best.trial_id,
+            number=best.number,
+            round=round_,
+            best=best,
+            formats=formats,
+            to=destination.to(files, expires=silence + 600),
+        )
+
+    def on_round(round_: int, why: str | None) -> None:
+        kube.scale(1)  # one trainer for the job (it takes the message whichever it is)
+        text = (
+            f"round {round_} of {ROUNDS}: a trainer reuses or retrains trial {best.number}, "
+            f"exports {', '.join(formats)} and writes them to {destination.uri('')}"
+        )
+        if why:
+            text += f"; round {round_ - 1} failed: {why}"
+            kube.event("Warning", "DeliveryRetried", f"final job: {why}"[:1024])
+        say("Unknown", "Delivering", text[:4000], message=text[:4000])
+
+    resume = Resume(
+        stop, (kube_outage,), cap=max_backoff, say=lambda line: log.warning("final job: %s", line)
+    )
+    while not stop.is_set():
+        try:
+            opened = channel()
+            try:
+                outcome = run_final_job(
+                    opened, job, destination, silence=silence, stop=stop.is_set,
+                    on_round=on_round,
+                )  # fmt: skip
+            finally:
+                opened.close()
+        except Exception as error:
+            if not resume.retry(error):
+                raise
+            continue
+        if outcome.stopped:
+            return  # the next operator resumes it (Delivered stays Unknown)
+        kube.scale(0)
+        _said(outcome, best, destination, say, kube)
+        return
+
+
+def _said(
+    outcome: FinalOutcome,
+    best: TrialMessage,
+    destination: Destination,
+    say: Callable[..., None],
+    kube: JobKube,
+) -> None:
+    """The end of a final job in the status and the Events."""
+    delivered = outcome.delivered
+    if delivered is None:
+        text = f"the final job failed {outcome.rounds} times; last: {outcome.error}"
+        say("False", "DeliveryFailed", text[:4000], message=text[:4000])
+        kube.event("Warning", "DeliveryFailed", text[:1024])
+        return
+    made = [a.format for a in delivered.artifacts if not a.error]
+    failed = [f"{a.format} ({a.error})" for a in delivered.artifacts if a.error]
+    text = (
+        f"trial {best.number} ({delivered.model} weights) delivered to "
+        f"{destination.uri('')}: {', '.join(made) or 'no format'}"
+        + (f"; not made: {'; '.join(failed)}" if failed else "")
+    )
+    say(
+        "True",
+        "Delivered",
+        text[:4000],
+        artifacts=artifacts_status(delivered, destination),
+        message=text[:4000],
+    )
+    kube.event("Normal", "Delivered", text[:1024])

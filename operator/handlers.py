@@ -1,7 +1,8 @@
 """kopf glue: each handler passes what kopf hands it to one plain function.
 
 The functions live in :mod:`~mloptimizer.operator.lifecycle` (create, update, the search's
-daemon, its GPU pool, deletion, the orphan sweep) and know nothing of kopf's decorators;
+daemon, deletion) and :mod:`~mloptimizer.operator.poolwiring` (its GPU pool, the orphan
+sweep) and know nothing of kopf's decorators;
 kopf's settings are :func:`configure`.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 import kopf
 import kubernetes
 
-from mloptimizer.operator import lifecycle
+from mloptimizer.operator import lifecycle, poolwiring
 from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.lifecycle import FINISHED, Shared
 from mloptimizer.spec import GROUP, PLURAL, VERSION
@@ -53,12 +54,12 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=os.environ.get("KUBECONFIG")
         )
-    lifecycle.start_sweeper(_shared(memo))
+    poolwiring.start_sweeper(_shared(memo))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
-    await lifecycle.stop_sweeper(_shared(memo))
+    await poolwiring.stop_sweeper(_shared(memo))
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
@@ -91,7 +92,7 @@ def search_daemon(
 # the dispatcher refuses, and leave the machines running.
 @kopf.daemon(GROUP, VERSION, PLURAL, id="gpu-pool", cancellation_timeout=30.0)
 async def pool_daemon(*, stopped: kopf.DaemonStopped, body: Any, memo: Any, **_: Any) -> None:
-    await lifecycle.serve_pool(body, _shared(memo), stopped)
+    await poolwiring.serve_pool(body, _shared(memo), stopped)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

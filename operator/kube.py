@@ -7,6 +7,9 @@
   its status and the Nodes rented VMs join as (cordon, drain, delete); the ``kubernetes``
   client is synchronous, so each call runs in a worker thread and the pool's event loop
   (kopf's) keeps serving.
+
+:func:`kube_outage` is the operator's hook into :func:`mloptimizer.faults.lost_service`:
+which API answers mean "not now" rather than "never".
 """
 
 from __future__ import annotations
@@ -19,12 +22,24 @@ from typing import Any
 import kopf
 import kubernetes
 
+from mloptimizer.faults import BUSY_STATUSES
 from mloptimizer.operator.builders import deployment_name
 from mloptimizer.spec import GROUP, PLURAL, VERSION
 
-__all__ = ["ApiKube", "ApiPoolKube"]
+__all__ = ["KUBE_PASSING", "ApiKube", "ApiPoolKube", "kube_outage"]
 
 log = logging.getLogger(__name__)
+
+# Kubernetes API answers that pass: a child object not created yet (the create handler and
+# the daemon start together), a conflict, throttling, a server in trouble.
+KUBE_PASSING = frozenset({404, 409, *BUSY_STATUSES})
+
+
+def kube_outage(error: BaseException) -> str | None:
+    """ "the Kubernetes API" when ``error`` is one of its answers that pass, else None."""
+    if isinstance(error, kubernetes.client.ApiException) and error.status in KUBE_PASSING:
+        return "the Kubernetes API"
+    return None
 
 
 class ApiKube:

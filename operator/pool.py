@@ -9,7 +9,9 @@ what it rented, rents nothing twice and leaks nothing; :func:`sweep_orphans` des
 a search that no longer exists left behind.
 
 Pure functions choose offers, size the pool and count money; :class:`PoolController` does
-one reconcile pass at a time against a :class:`VastClient` and a :class:`PoolKube`.
+one reconcile pass at a time against a :class:`VastClient` and a :class:`PoolKube`; its
+loop and wiring to the operator are :mod:`~mloptimizer.operator.poolwiring`'s, the
+machines' rent requests :mod:`~mloptimizer.operator.builders`'.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import logging
 import math
 import re
 import secrets
-import shlex
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,34 +35,24 @@ __all__ = [
     "FAILED_STATUSES",
     "LABEL_PREFIX",
     "POOL_LABEL",
-    "POOL_RETRIED",
-    "VM_IMAGE",
     "PoolController",
     "PoolKube",
     "Work",
     "acceptable",
     "burn_rate",
     "choose_offers",
-    "direct_rent_request",
     "instance_label",
     "machine_cost",
     "machine_id_of_worker",
     "machine_name",
     "machines_wanted",
-    "node_onstart",
-    "node_rent_request",
     "offer_query",
     "parse_label",
     "rent_price",
-    "run_pool",
     "spent_usd",
     "sweep_orphans",
     "work_from_status",
 ]
-
-# The k3s agent a rented VM installs: pinned, so that what joins the cluster is what was
-# tested, not whatever get.k3s.io serves that day. Keep it within a minor of the servers'.
-K3S_VERSION = "v1.33.5+k3s1"
 
 LABEL_PREFIX = "mlopt:"
 FAILED_STATUSES = frozenset({"exited", "offline", "stopped", "unknown"})
@@ -580,113 +571,3 @@ async def sweep_orphans(
             await vast.destroy(instance.id)
             destroyed.append(instance.id)
     return destroyed
-
-
-def node_onstart(name: str, uid: str) -> str:
-    """The start-up script of a Node-mode VM: join the cluster as a tainted k3s agent."""
-    flags = [
-        "agent",
-        f"--node-name={name}",
-        f"--node-label={POOL_LABEL}={uid}",
-        f"--node-taint={POOL_LABEL}={uid}:NoSchedule",
-    ]
-    return (
-        "#!/bin/sh\nset -eu\n"
-        "# K3S_URL and K3S_TOKEN come in the instance's environment.\n"
-        "curl -sfL https://get.k3s.io | "
-        f"INSTALL_K3S_VERSION={shlex.quote(K3S_VERSION)} "
-        f"INSTALL_K3S_EXEC={shlex.quote(' '.join(flags))} sh -s -\n"
-    )
-
-
-VM_IMAGE = "docker.io/vastai/kvm:ubuntu_cli_22.04"  # Vast.ai's VM template image
-
-
-def node_rent_request(
-    pool: GpuPool, name: str, uid: str, server_url: str, token: str
-) -> dict[str, Any]:
-    """``PUT /asks/`` body of a Node-mode VM: it boots, installs k3s and joins the cluster."""
-    return {
-        "client_id": "me",
-        "image": VM_IMAGE,
-        "disk": pool.disk_gb,
-        "runtype": "ssh",
-        "vm": True,
-        "env": {"K3S_URL": server_url, "K3S_TOKEN": token},
-        "onstart": node_onstart(name, uid),
-    }
-
-
-def direct_rent_request(
-    pool: GpuPool,
-    name: str,
-    *,
-    image: str,
-    broker_url: str,
-    search: str,
-    queue_prefix: str,
-    grace_seconds: int,
-    cache_dir: str,
-) -> dict[str, Any]:
-    """``PUT /asks/`` body of a Direct-mode container: the trainer image itself, with the
-    broker URL of a user scoped to this search and nothing else (no database, no cluster)."""
-    return {
-        "client_id": "me",
-        "image": image,
-        "disk": pool.disk_gb,
-        "runtype": "args",
-        "args": ["trainer", "--grace-period", str(grace_seconds), "--queue-prefix", queue_prefix],
-        "env": {
-            "MLOPT_BROKER_URL": broker_url,
-            "MLOPT_SEARCH": search,
-            "MLOPT_WORKER_ID": name,
-            "MLOPT_CACHE_DIR": cache_dir,
-            "KERAS_HOME": cache_dir,
-        },
-    }
-
-
-# --- the pool's loop --------------------------------------------------------------------
-
-
-class Stopped(Protocol):
-    """kopf's ``stopped`` flag of an async daemon."""
-
-    def __bool__(self) -> bool: ...
-
-    def wait(self, timeout: float | None = None) -> Awaitable[Any]: ...
-
-
-# What an unreachable Vast.ai or Kubernetes API raises: the next pass retries.
-POOL_RETRIED: tuple[type[BaseException], ...] = (VastError, ConnectionError, TimeoutError, OSError)
-
-
-async def run_pool(
-    controller: PoolController,
-    *,
-    stopped: Stopped,
-    interval: float,
-    work: Callable[[], Work],
-    pool: Callable[[], GpuPool | None],
-    after_pass: Callable[[PoolController], None] = lambda _: None,
-    retried: tuple[type[BaseException], ...] = POOL_RETRIED,
-) -> None:
-    """Keep a search's machines in line with its work, pass after pass, until the search
-    has ended and every machine it rented is destroyed (or ``stopped`` is set).
-
-    ``pool`` gives the pool in force (its bounds and caps may be edited live), ``work`` the
-    trials in flight and the time left, ``after_pass`` publishes prices and metrics. An
-    unreachable API (``retried``) is logged and retried on the next pass; anything else is
-    a bug and raises.
-    """
-    while not stopped:
-        controller.pool = pool() or controller.pool
-        now_work = work()
-        try:
-            await controller.reconcile(now_work)
-        except retried as error:
-            log.warning("pool of %s: %s: %s", controller.uid, type(error).__name__, error)
-        after_pass(controller)
-        if now_work.ended and all(m.state == "Destroyed" for m in controller.status.machines):
-            return
-        await stopped.wait(interval)

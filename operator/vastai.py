@@ -18,6 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from mloptimizer.faults import BUSY_STATUSES
+
 __all__ = [
     "DEFAULT_URL",
     "Instance",
@@ -25,10 +27,11 @@ __all__ = [
     "OfferUnavailable",
     "VastClient",
     "VastError",
+    "vast_outage",
 ]
 
 DEFAULT_URL = "https://console.vast.ai"
-RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRIED_STATUSES = BUSY_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,15 @@ class VastError(Exception):
 
 class OfferUnavailable(VastError):
     """The offer was rented by someone else (or withdrawn) before our rent call."""
+
+
+def vast_outage(error: BaseException) -> str | None:
+    """The GPU pool's hook into :func:`mloptimizer.faults.lost_service`: "Vast.ai" when
+    ``error`` is its API refusing or unreachable (after the client's own retries) or a
+    socket's error, else None. A pool pass that meets one is tried again the next pass."""
+    if isinstance(error, VastError | aiohttp.ClientError | OSError):
+        return "Vast.ai"
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The walls between the parts (DESIGN.md), checked on every import statement — lazy ones
-inside functions included, and through any chain of the project's own modules:
+"""The walls between the parts (docs/development.md, its section on the import walls),
+checked on every import statement — lazy ones inside functions included, and through any
+chain of the project's own modules:
 
 * the core (``mloptimizer/`` but ``app/``) imports neither the trainer, the operator, the
   application layer, kopf nor TensorFlow;

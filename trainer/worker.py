@@ -28,7 +28,6 @@ import contextlib
 import logging
 import os
 import queue
-import random
 import socket
 import threading
 import time
@@ -41,7 +40,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from mloptimizer.broker import PERSISTENT, attempt_of, dead_letter, declare_queues
+from mloptimizer.broker import PERSISTENT, attempt_of, dead_letter, declare_queues, dial
+from mloptimizer.faults import Resume, transient
 from mloptimizer.messages import (
     Decision,
     DeliveredMessage,
@@ -151,21 +151,22 @@ class Worker:
 
     def run(self) -> int:
         """Serve until stopped; returns the process exit code (0)."""
-        backoff = 0.5
+        resume = Resume(
+            self._stop, first=0.5, cap=self.config.max_backoff, jitter=0.2, say=log.warning
+        )
         while not self._stop.is_set() and not self._finished():
             try:
-                parameters = pika.URLParameters(self.config.broker_url)
-                parameters.heartbeat = self.config.heartbeat
-                connection = pika.BlockingConnection(parameters)
+                connection = dial(self.config.broker_url, heartbeat=self.config.heartbeat)
             except pika.exceptions.AMQPError as error:
-                log.warning("broker unreachable (%r); retrying in %.1fs", error, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self.config.max_backoff) * random.uniform(0.8, 1.2)
+                if not resume.retry(error):
+                    raise
                 continue
-            backoff = 0.5
+            resume.back()
             try:
                 self._serve(connection)
             except pika.exceptions.AMQPError as error:
+                if not transient(error):
+                    raise
                 log.warning("lost the broker channel (%r); reconnecting", error)
                 if self._job is not None:
                     self._job.delivery_tag = None  # the broker requeued it with the channel

@@ -29,7 +29,7 @@ import optuna
 
 from mloptimizer.app.export import RUN_FILE
 from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome, Transport
-from mloptimizer.faults import transient, waiting_for
+from mloptimizer.faults import Resume
 from mloptimizer.loading import SearchFile
 from mloptimizer.sizing import trainer_budget
 from mloptimizer.study import Attr, TrialRecord, open_study, study_name
@@ -285,7 +285,8 @@ def _dispatch(
     own_trainers: bool,
 ) -> Outcome:
     """Run the dispatch loop; wait out a lost database or broker, then resume from the study."""
-    delay, first, waited = 1.0, True, ""
+    resume = Resume(interrupt.requested, first=1.0, say=display._print, hint=" (Ctrl-C to stop)")
+    first = True
     while True:
         transport: Transport | None = None
         try:
@@ -300,27 +301,21 @@ def _dispatch(
                 observer=display,
                 memory_budget=memory_budget(search, options),
             )
+            waited = resume.back()
             if first:
                 _say_where(dispatcher, display, options, name, own_trainers)
             elif waited:
                 display._print(f"{waited} is back; resuming the search")
-            first, delay, waited = False, 1.0, ""
+            first = False
             return dispatcher.run(should_stop=interrupt.requested.is_set)
         except Exception as error:
             study = None
             if transport is not None:
                 transport.close()
-            if not transient(error) or interrupt.requested.is_set():
+            if interrupt.requested.is_set() or not resume.retry(error):
                 raise
-            waited = waiting_for(error)
-            display._print(
-                f"waiting for {waited} ({type(error).__name__}); "
-                f"retrying in {delay:.0f} s (Ctrl-C to stop)"
-            )
-            interrupt.requested.wait(delay)
             if interrupt.requested.is_set():
                 raise KeyboardInterrupt from error
-            delay = min(delay * 2, 30.0)
 
 
 def _say_where(

@@ -277,7 +277,7 @@ def test_trainer_scratch_volumes_are_bounded() -> None:
 
 
 def test_a_rented_node_installs_a_pinned_k3s() -> None:
-    from mloptimizer.operator.pool import K3S_VERSION, node_onstart
+    from mloptimizer.operator.builders import K3S_VERSION, node_onstart
 
     script = node_onstart("mlopt-machine-1", "uid-1")
     assert f"INSTALL_K3S_VERSION={K3S_VERSION}" in script.replace("'", "")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from k8s import Emulator, kubernetes_configuration, start_emulator
 from vastmock import API_KEY, VastMock
 
-from mloptimizer.operator.builders import trainer_labels
+from mloptimizer.operator.builders import node_rent_request, trainer_labels
 from mloptimizer.operator.kube import ApiPoolKube
 from mloptimizer.operator.pool import (
     POOL_LABEL,
@@ -28,7 +28,6 @@ from mloptimizer.operator.pool import (
     instance_label,
     machine_id_of_worker,
     machines_wanted,
-    node_rent_request,
     offer_query,
     sweep_orphans,
     work_from_status,

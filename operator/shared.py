@@ -1,0 +1,125 @@
+"""What the handlers of every search share: kopf's memo (:class:`Shared`), the typed spec
+of a resource body, adopted children and the search's broker identity.
+
+Both :mod:`~mloptimizer.operator.lifecycle` (a search's life) and
+:mod:`~mloptimizer.operator.poolwiring` (its GPU pool) stand on these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+import kubernetes
+
+from mloptimizer.checks import space_issues
+from mloptimizer.loading import SpecError, parse_search
+from mloptimizer.operator.brokeradmin import (
+    BrokerAdmin,
+    admin_url_for,
+    scoped_url,
+    search_user,
+    search_vhost,
+)
+from mloptimizer.operator.builders import (
+    BROKER_PASSWORD_KEY,
+    broker_secret_name,
+    build_broker_secret,
+)
+from mloptimizer.operator.config import OperatorConfig
+from mloptimizer.operator.metrics import Metrics
+from mloptimizer.operator.pool import machine_id_of_worker
+from mloptimizer.spec import API_VERSION, KIND, ArchitectureSearchSpec
+
+__all__ = ["Key", "Shared", "broker_identity", "create_adopted", "parse"]
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclass
+class Shared:
+    """What the handlers of all searches share (kopf's ``memo``)."""
+
+    config: OperatorConfig
+    metrics: Metrics | None = None
+    # The spec in force per search (an edit may have been refused), and the one last asked
+    # for (or why it could not be read), which the search's dispatcher follows.
+    in_force: dict[Key, ArchitectureSearchSpec] = field(default_factory=dict)
+    requested: dict[Key, ArchitectureSearchSpec | str] = field(default_factory=dict)
+    # GPU pools: machine name -> USD/hour per search, and the Vast.ai keys seen (by search
+    # uid), so deletion and the orphan sweep work even once a search's Secret is gone
+    prices: dict[Key, dict[str, float]] = field(default_factory=dict)
+    vast_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    sweeper: asyncio.Task[None] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def broker_admin(self) -> BrokerAdmin:
+        """The RabbitMQ management API, for the searches' broker identities."""
+        return BrokerAdmin(self.config.broker_admin_url or admin_url_for(self.config.broker_url))
+
+    def price_of(self, key: Key, worker_id: str) -> float | None:
+        """USD/hour of the rented machine ``worker_id`` runs on, if it is one."""
+        machine = machine_id_of_worker(worker_id)
+        with self.lock:
+            return self.prices.get(key, {}).get(machine) if machine else None
+
+    def spec_in_force(self, key: Key, default: ArchitectureSearchSpec) -> ArchitectureSearchSpec:
+        with self.lock:
+            return self.in_force.get(key, default)
+
+
+def parse(body: Any) -> ArchitectureSearchSpec:
+    """The typed spec of a resource body, or SpecError with every problem (space included)."""
+    meta = body["metadata"]
+    document = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": meta["name"]},
+        "spec": dict(body.get("spec") or {}),
+    }
+    source = f"{meta.get('namespace')}/{meta['name']}"
+    spec = parse_search(document, source=source).spec
+    errors = space_issues(spec)[0]
+    if errors:
+        raise SpecError(source, errors)
+    return spec
+
+
+def create_adopted(body: dict[str, Any], owner: Any, create: Any) -> None:
+    """Create ``body`` as a child of ``owner``; one already there is fine (idempotent)."""
+    kopf.adopt(body, owner=owner)
+    try:
+        create(body)
+    except kubernetes.client.ApiException as error:
+        if error.status != 409:  # already there: creating is idempotent
+            raise
+
+
+def broker_identity(body: Any, shared: Shared) -> str:
+    """Make (or re-make) the search's broker vhost and user; returns the user's password.
+
+    The password is made once and kept in the search's ``<name>-broker`` Secret with the
+    trainers' URL (its user on its vhost, at the operator's broker host), so that every
+    call after the first, from an operator restart too, sets the same one.
+    """
+    meta = body["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    user, vhost = search_user(uid), search_vhost(uid)
+    core = kubernetes.client.CoreV1Api()
+    password = secrets.token_urlsafe(24)
+    url = scoped_url(shared.config.broker_url, user, password, vhost)
+    # 409 (it exists) keeps the password the trainers already use
+    create_adopted(
+        build_broker_secret(name, url, password),
+        body,
+        lambda b: core.create_namespaced_secret(namespace, b),
+    )
+    found = core.read_namespaced_secret(broker_secret_name(name), namespace)
+    password = base64.b64decode((found.data or {})[BROKER_PASSWORD_KEY]).decode()
+    asyncio.run(shared.broker_admin().ensure_identity(vhost, user, password))
+    return password
