@@ -1010,7 +1010,7 @@ def test_a_tradeoff_search_finds_optunas_pareto_front_and_refines_its_most_accur
     assert summary["front"] == [t.number for t in front]
     plot_front(summary, tmp_path / "front.png")
     assert (tmp_path / "front.png").stat().st_size > 0
-    page = _page(summary, None, importances=False)
+    page = _page(summary, None, importances=None)
     assert "## Pareto front" in page
     for t in front:
         assert f"| {t.number} | {t.phase} | `{t.architecture.summary()}` |" in page  # type: ignore[union-attr]

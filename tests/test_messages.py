@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import pytest
 
 from mloptimizer.broker import attempt_of
 from mloptimizer.messages import (
+    ROUTES,
+    Kind,
+    Message,
     MessageError,
     ProgressReply,
     QueueNames,
     ResultMessage,
     TrialMessage,
+    arriving,
     decode,
     encode,
 )
@@ -165,3 +170,19 @@ def test_trainers_send_only_finite_numbers() -> None:
     assert finite(float("inf")) is None
     assert finite(0.5) == 0.5
     assert finite_metrics({"loss": float("nan"), "val_accuracy": 0.5}) == {"val_accuracy": 0.5}
+
+
+def test_routes_declare_every_message_once_under_its_kind() -> None:
+    union = get_args(get_args(Message)[0])  # Annotated[Union[...], discriminator]
+    assert {route.model for route in ROUTES.values()} == set(union)
+    for kind, route in ROUTES.items():
+        assert route.model.model_fields["kind"].default == kind
+        assert route.sender != route.reader, kind
+    assert set(ROUTES) == set(get_args(Kind))
+
+
+def test_what_arrives_where() -> None:
+    assert arriving(("trials",)) == {"trial", "deliver"}
+    assert arriving(("dead",)) == arriving(("trials",))  # what the trials queue gave up on
+    assert arriving(("progress", "results")) == {"progress", "result", "delivered"}
+    assert arriving(("reply_to",)) == {"progress-reply"}
