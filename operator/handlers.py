@@ -2,8 +2,7 @@
 
 The functions live in :mod:`~mloptimizer.operator.lifecycle` (create, update, the search's
 daemon, deletion) and :mod:`~mloptimizer.operator.poolwiring` (its GPU pool, the orphan
-sweep) and know nothing of kopf's decorators;
-kopf's settings are :func:`configure`.
+sweep) and know nothing of kopf's decorators; kopf's settings are :func:`configure`.
 """
 
 from __future__ import annotations
