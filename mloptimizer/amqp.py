@@ -21,6 +21,7 @@ declaration, the consumers and the rejected queue.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -30,6 +31,7 @@ import pika.exceptions
 
 from mloptimizer.broker import PERSISTENT, dead_letter, death_reason, declare_queues, dial
 from mloptimizer.dispatch import DeadTrial, Inbound, Malformed
+from mloptimizer.dispatch.loop import RECEIVER
 from mloptimizer.faults import Resume, transient
 from mloptimizer.messages import (
     Decision,
@@ -37,7 +39,9 @@ from mloptimizer.messages import (
     MessageError,
     ProgressMessage,
     ProgressReply,
+    Queue,
     QueueNames,
+    Refuse,
     ResultMessage,
     TrialMessage,
     decode,
@@ -145,8 +149,8 @@ class AmqpTransport(SearchChannel[Inbound]):
 
     def _consumers(self) -> dict[str, Consumer]:
         return {
-            self.names.progress: self._on_message,
-            self.names.results: self._on_message,
+            self.names.progress: functools.partial(self._on_message, "progress"),
+            self.names.results: functools.partial(self._on_message, "results"),
             self.names.dead_letters: self._on_dead,
         }
 
@@ -160,8 +164,9 @@ class AmqpTransport(SearchChannel[Inbound]):
         reject = self._rejecter(channel, method, properties, body)
         try:
             message = decode(body)
-            if not isinstance(message, TrialMessage):
-                raise MessageError(f"a {message.kind} message")
+            if isinstance(refused := RECEIVER.route(message, "dead"), Refuse):
+                raise MessageError(refused.reason)
+            assert isinstance(message, TrialMessage)  # the only kind the table takes there
         except MessageError as error:
             why = f"in the dead-letter queue, not a trial: {error.reason}"
             self._received.append(Inbound(Malformed(why), reject=reject))
@@ -174,13 +179,16 @@ class AmqpTransport(SearchChannel[Inbound]):
             )
         )
 
-    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+    def _on_message(
+        self, queue: Queue, channel: Any, method: Any, properties: Any, body: bytes
+    ) -> None:
         tag = method.delivery_tag
         reject = self._rejecter(channel, method, properties, body)
         try:
             message = decode(body)
-            if not isinstance(message, ProgressMessage | ResultMessage):
-                raise MessageError(f"expected progress or result, got {message.kind!r}")
+            if isinstance(refused := RECEIVER.route(message, queue), Refuse):
+                raise MessageError(refused.reason)
+            assert isinstance(message, ProgressMessage | ResultMessage)  # what the table takes
             reply_to = properties.reply_to or ""
             if reply_to and not reply_to.startswith(SERVER_NAMED):
                 # Only a trainer's own server-named queue: the reply must not be a way to

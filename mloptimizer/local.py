@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from mloptimizer.dispatch import DeadTrial, Inbound
 from mloptimizer.messages import (
@@ -32,6 +32,8 @@ from mloptimizer.messages import (
     MessageError,
     ProgressMessage,
     ProgressReply,
+    Receiver,
+    Refuse,
     ResultMessage,
     TrialMessage,
     decode,
@@ -178,17 +180,11 @@ class LocalTransport:
         except MessageError as error:  # our own child wrote it: a bug, not user input
             log.error("local trainer %s sent a bad message: %s", worker_id, error.reason)
             return None
-        if isinstance(message, ResultMessage):
-            trainer.trial = None
-            return Inbound(message)
-        if isinstance(message, ProgressMessage):
-
-            def reply(decision: Decision, trainer: _Trainer = trainer) -> None:
-                answer = ProgressReply(trial_id=message.trial_id, decision=decision)
-                trainer.replies.put(encode(answer))
-
-            return Inbound(message, reply=reply)
-        return None
+        handler = _RECEIVER.route(message)
+        if isinstance(handler, Refuse):
+            log.error("local trainer %s sent a message refused: %s", worker_id, handler.reason)
+            return None
+        return handler(trainer, message)
 
     def close(self) -> None:
         for trainer in self._trainers:
@@ -199,3 +195,28 @@ class LocalTransport:
             if trainer.process.is_alive():
                 trainer.process.kill()
                 trainer.process.join()
+
+
+def _result_in(trainer: _Trainer, message: ResultMessage) -> Inbound:
+    trainer.trial = None
+    return Inbound(message)
+
+
+def _progress_in(trainer: _Trainer, message: ProgressMessage) -> Inbound:
+    def reply(decision: Decision) -> None:
+        trainer.replies.put(encode(ProgressReply(trial_id=message.trial_id, decision=decision)))
+
+    return Inbound(message, reply=reply)
+
+
+# What a local trainer process can send over its pipe (messages.ROUTES: the progress and
+# results queues, carried together), and what becomes of it.
+_RECEIVER: Final[Receiver[Callable[[_Trainer, Any], Inbound]]] = Receiver(
+    party="dispatcher",
+    reads=("progress", "results"),
+    handlers={
+        "progress": _progress_in,
+        "result": _result_in,
+        "delivered": Refuse("no final job runs on this machine"),
+    },
+)

@@ -31,8 +31,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -300,8 +301,51 @@ ROUTES: Final[dict[Kind, Route]] = {
 
 def arriving(queues: tuple[Queue, ...] | frozenset[Queue]) -> frozenset[Kind]:
     """The kinds that can arrive on ``queues`` (the dead-letter queue gets the trials')."""
-    read = set(queues) | ({"trials"} if "dead" in queues else set())
-    return frozenset(kind for kind, route in ROUTES.items() if route.queue in read)
+    return frozenset(kind for kind in ROUTES if _travels_on(kind, queues))
+
+
+def _travels_on(kind: Kind, queues: tuple[Queue, ...] | frozenset[Queue]) -> bool:
+    queue = ROUTES[kind].queue
+    return queue in queues or (queue == "trials" and "dead" in queues)
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A receiver's answer to a kind that can arrive where it reads but is not for it."""
+
+    reason: str
+
+
+H = TypeVar("H")
+
+
+@dataclass(frozen=True)
+class Receiver(Generic[H]):
+    """One receiver's table: for each kind that can arrive on the queues it reads, its
+    handler or its refusal. Checked when built, so a receiver that lacks a kind fails at
+    import (and in tests/test_messages.py), not at the first such message."""
+
+    party: Party
+    reads: tuple[Queue, ...]
+    handlers: Mapping[Kind, H | Refuse]
+
+    def __post_init__(self) -> None:
+        missing = arriving(self.reads) - set(self.handlers)
+        if missing:
+            raise TypeError(
+                f"the {self.party} reads {', '.join(self.reads)} but has no handler or refusal "
+                f"for {', '.join(sorted(missing))}"
+            )
+
+    def route(self, message: Message, queue: Queue | None = None) -> H | Refuse:
+        """The handler for ``message`` as it arrived on ``queue`` (None: a channel that
+        carries all the receiver reads), or why it is refused. A kind that does not travel
+        there is refused whatever the table says: a sender may not pick its queue."""
+        kind = message.kind
+        where = self.reads if queue is None else (queue,)
+        if not _travels_on(kind, where):
+            return Refuse(f"a {kind} message does not travel on {' or '.join(where)}")
+        return self.handlers[kind]
 
 
 class MessageError(ValueError):

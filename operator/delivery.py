@@ -19,11 +19,12 @@ and a :class:`Destination` and says how it went in the search's status.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from mloptimizer.amqp import Consumer, SearchChannel
 from mloptimizer.broker import death_reason
@@ -34,7 +35,9 @@ from mloptimizer.messages import (
     DeliveredMessage,
     DeliverMessage,
     MessageError,
-    ProgressMessage,
+    Queue,
+    Receiver,
+    Refuse,
     ResultMessage,
     ToFolder,
     ToUrls,
@@ -133,43 +136,54 @@ class FinalJobChannel(SearchChannel[Received]):
         super().__init__(url, search, prefix=prefix, max_backoff=max_backoff, prefetch=16)
 
     def _consumers(self) -> dict[str, Consumer]:
-        return {self.names.results: self._on_result, self.names.dead_letters: self._on_dead}
+        return {
+            self.names.results: functools.partial(self._on, "results"),
+            self.names.dead_letters: functools.partial(self._on, "dead"),
+        }
 
     def _refuse(self, channel: Any, method: Any, properties: Any, body: bytes, why: str) -> None:
         self._reject(channel, method, properties, body, why)
         self._received.append(why)
 
-    def _on_result(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+    def _on(self, queue: Queue, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         try:
             message = decode(body)
         except MessageError as error:
-            self._refuse(channel, method, properties, body, error.reason)
+            self._refuse(channel, method, properties, body, f"in the {queue} queue: {error.reason}")
             return
-        if isinstance(message, DeliveredMessage):
-            self._received.append(message)
-        elif isinstance(message, ResultMessage | ProgressMessage):
-            log.info("a late %s of trial %d after the search ended: dropped", message.kind,
-                     message.number)  # fmt: skip
-        else:
-            why = f"a {message.kind} in the results queue"
-            self._refuse(channel, method, properties, body, why)
+        handler = RECEIVER.route(message, queue)
+        if isinstance(handler, Refuse):
+            self._refuse(channel, method, properties, body, handler.reason)
             return
+        handler(self, message, properties)
         channel.basic_ack(method.delivery_tag)
 
-    def _on_dead(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        try:
-            message = decode(body)
-        except MessageError as error:
-            why = f"in the dead-letter queue: {error.reason}"
-            self._refuse(channel, method, properties, body, why)
-            return
-        if isinstance(message, DeliverMessage):
-            self._received.append(Dead(message, death_reason(properties.headers)))
-        # a dead trial after the search ended has nothing left to fail
-        channel.basic_ack(method.delivery_tag)
+    def _delivered(self, message: DeliveredMessage, properties: Any) -> None:
+        self._received.append(message)
+
+    def _late(self, message: ResultMessage | TrialMessage, properties: Any) -> None:
+        log.info("a late %s of trial %d after the search ended: dropped", message.kind,
+                 message.number)  # fmt: skip
+
+    def _round_dead(self, message: DeliverMessage, properties: Any) -> None:
+        self._received.append(Dead(message, death_reason(properties.headers)))
 
     def send(self, message: DeliverMessage) -> None:
         self._publish(message)
+
+
+# What the final job does with each kind that can arrive on the queues it reads
+# (messages.ROUTES): the search's own messages may still come after it ended.
+RECEIVER: Final[Receiver[Callable[[FinalJobChannel, Any, Any], None]]] = Receiver(
+    party="final job",
+    reads=("results", "dead"),
+    handlers={
+        "delivered": FinalJobChannel._delivered,
+        "deliver": FinalJobChannel._round_dead,  # a round the trials queue gave up on
+        "result": FinalJobChannel._late,
+        "trial": FinalJobChannel._late,  # a dead trial after the search has nothing to fail
+    },
+)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 
@@ -15,6 +15,8 @@ from mloptimizer.messages import (
     MessageError,
     ProgressReply,
     QueueNames,
+    Receiver,
+    Refuse,
     ResultMessage,
     TrialMessage,
     arriving,
@@ -186,3 +188,49 @@ def test_what_arrives_where() -> None:
     assert arriving(("dead",)) == arriving(("trials",))  # what the trials queue gave up on
     assert arriving(("progress", "results")) == {"progress", "result", "delivered"}
     assert arriving(("reply_to",)) == {"progress-reply"}
+
+
+def receivers() -> dict[str, Receiver[Any]]:
+    """Every receiver of the contract, by where it lives."""
+    from mloptimizer.dispatch.loop import RECEIVER as dispatcher
+    from mloptimizer.local import _RECEIVER as local_transport
+    from mloptimizer.operator.delivery import RECEIVER as final_job
+    from mloptimizer.trainer.local import RECEIVER as local_trainer
+    from mloptimizer.trainer.worker import RECEIVER as trainer
+
+    return {
+        "dispatch/loop.py (and amqp.py's transport)": dispatcher,
+        "local.py": local_transport,
+        "operator/delivery.py": final_job,
+        "trainer/worker.py": trainer,
+        "trainer/local.py": local_trainer,
+    }
+
+
+def test_every_receiver_answers_each_kind_that_can_arrive_where_it_reads() -> None:
+    for where, receiver in receivers().items():
+        assert arriving(receiver.reads) <= set(receiver.handlers), where
+
+
+def test_every_message_type_has_a_handler_at_its_reader() -> None:
+    for kind, route in ROUTES.items():
+        handlers = [
+            r.handlers.get(kind)
+            for r in receivers().values()
+            if r.party == route.reader and kind in arriving(r.reads)
+        ]
+        assert any(h is not None and not isinstance(h, Refuse) for h in handlers), kind
+
+
+def test_a_receiver_lacking_a_kind_fails_when_built() -> None:
+    with pytest.raises(TypeError, match="no handler or refusal for deliver"):
+        Receiver(party="trainer", reads=("trials",), handlers={"trial": print})
+
+
+def test_a_kind_on_a_queue_it_does_not_travel_on_is_refused_whatever_the_table() -> None:
+    from mloptimizer.dispatch.loop import RECEIVER as dispatcher
+
+    on_results = dispatcher.route(trial(), "results")
+    assert isinstance(on_results, Refuse)
+    assert on_results.reason == "a trial message does not travel on results"
+    assert not isinstance(dispatcher.route(trial(), "dead"), Refuse)  # given up on: failed

@@ -101,7 +101,7 @@ def poison(trial: TrialMessage) -> list[tuple[str, bytes, str]]:
         ("results", raw(good, value="high"), "result.value"),
         ("results", raw(good, trial_id=trial.trial_id + 1000), "no trial with id"),
         ("results", encode(result_of(trial, search="ns.attacker", value=1.0)), "ns.attacker"),
-        ("results", encode(trial), "expected progress or result, got 'trial'"),
+        ("results", encode(trial), "a trial message does not travel on results"),
         ("results", b"\xff\xfe not json", "not JSON"),
         ("progress-to-results", json.dumps({**progress, "epoch": 1}).encode(), "reply_to"),
     ]

@@ -17,11 +17,15 @@ import threading
 from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 from pathlib import Path
+from typing import Any, Final
 
 from mloptimizer.messages import (
     Decision,
     ProgressMessage,
     ProgressReply,
+    Receiver,
+    Refuse,
+    ResultMessage,
     TrialMessage,
     decode,
     encode,
@@ -69,8 +73,9 @@ def serve(
     while (task := tasks.get()) is not None:
         attempt, body = task
         trial = decode(body)
-        assert isinstance(trial, TrialMessage)
-        result = session.run(trial, attempt, _asker(trial, worker_id, events, replies), _NEVER)
+        run = RECEIVER.route(trial, "trials")
+        assert not isinstance(run, Refuse), run.reason  # the runner sends trials only
+        result = run(session, trial, attempt, (worker_id, events, replies))
         done += 1
         leaving = session.restart_due(done)
         if leaving:
@@ -93,9 +98,11 @@ def _asker(trial: TrialMessage, worker_id: str, events: Connection, replies: Que
             reply = decode(replies.get(timeout=trial.progress_timeout_seconds))
         except queue.Empty:
             return "continue"
-        if isinstance(reply, ProgressReply) and reply.trial_id == trial.trial_id:
-            return reply.decision
-        return "continue"
+        decide = RECEIVER.route(reply, "reply_to")
+        if isinstance(decide, Refuse) or reply.trial_id != trial.trial_id:
+            return "continue"
+        decision: Decision = decide(reply)
+        return decision
 
     return ask
 
@@ -104,3 +111,29 @@ def _drain(replies: Queue[bytes]) -> None:
     with contextlib.suppress(queue.Empty):
         while True:
             replies.get_nowait()
+
+
+def _run(
+    session: TrialSession,
+    trial: TrialMessage,
+    attempt: int,
+    pipes: tuple[str, Connection, Queue[bytes]],
+) -> ResultMessage:
+    return session.run(trial, attempt, _asker(trial, *pipes), _NEVER)
+
+
+def _decision(reply: ProgressReply) -> Decision:
+    return reply.decision
+
+
+# What a local trainer process takes from the runner (messages.ROUTES: the trials queue and
+# its reply queue, over pipes): trials and the answers to its progress.
+RECEIVER: Final[Receiver[Any]] = Receiver(
+    party="trainer",
+    reads=("trials", "reply_to"),
+    handlers={
+        "trial": _run,
+        "deliver": Refuse("no final job runs on this machine: mloptimizer run exports itself"),
+        "progress-reply": _decision,
+    },
+)

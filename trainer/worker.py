@@ -35,7 +35,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pika
 import pika.exceptions
@@ -50,6 +50,8 @@ from mloptimizer.messages import (
     ProgressMessage,
     ProgressReply,
     QueueNames,
+    Receiver,
+    Refuse,
     ResultMessage,
     TrialMessage,
     decode,
@@ -58,7 +60,7 @@ from mloptimizer.messages import (
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.kept import KeptModels
 from mloptimizer.trainer.memory import DEFAULT_RECYCLE_MB
-from mloptimizer.trainer.session import TrialSession
+from mloptimizer.trainer.session import Ask, TrialSession
 from mloptimizer.trainer.training import TrialInterrupted
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -231,8 +233,10 @@ class Worker:
     def _on_trial(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         try:
             message = decode(body)
-            if not isinstance(message, TrialMessage | DeliverMessage):
-                raise MessageError(f"expected a trial message, got {message.kind!r}")
+            handler = RECEIVER.route(message, "trials")
+            if isinstance(handler, Refuse):
+                raise MessageError(handler.reason)
+            assert isinstance(message, TrialMessage | DeliverMessage)  # what the table takes
             if message.search != self.config.search:
                 raise MessageError(
                     f"a trial of search {message.search!r} in the queue of {self.config.search!r}"
@@ -273,8 +277,9 @@ class Worker:
             reply = decode(body)
         except MessageError:
             reply = None
-        if isinstance(reply, ProgressReply) and reply.decision == "prune":
-            request.decision = "prune"
+        handler = RECEIVER.route(reply, "reply_to") if reply is not None else None
+        if handler is not None and not isinstance(handler, Refuse):
+            request.decision = handler(reply)
         request.decided.set()
 
     # --- the training thread ------------------------------------------------------------
@@ -292,10 +297,7 @@ class Worker:
             return request.decision
 
         try:
-            if isinstance(job.trial, DeliverMessage):
-                job.result = self.session.deliver(job.trial, job.attempt, job.stop)
-            else:
-                job.result = self.session.run(job.trial, job.attempt, ask, job.stop)
+            job.result = RECEIVER.handlers[job.trial.kind](self, job, ask)  # type: ignore[operator]
         except TrialInterrupted:
             pass
         finally:
@@ -303,6 +305,14 @@ class Worker:
             self._wake()
 
     # --- the main thread's side of a job ----------------------------------------------
+
+    def _run_trial(self, job: _Job, ask: Ask) -> ResultMessage:
+        assert isinstance(job.trial, TrialMessage)
+        return self.session.run(job.trial, job.attempt, ask, job.stop)
+
+    def _run_final_job(self, job: _Job, ask: Ask) -> DeliveredMessage:
+        assert isinstance(job.trial, DeliverMessage)
+        return self.session.deliver(job.trial, job.attempt, job.stop)
 
     def _pump(self) -> None:
         """Main thread: publish the job's progress, and its result once it ended."""
@@ -396,6 +406,24 @@ class Worker:
             channel.basic_nack(job.delivery_tag, requeue=True)
         self._job = None
         log.info("requeued trial %d on shutdown", job.trial.number)
+
+
+def _decision(reply: ProgressReply) -> Decision:
+    return reply.decision
+
+
+# What a trainer does with each kind that can arrive on the queues it reads (messages.ROUTES):
+# a trial or the final job from the trials queue, the dispatcher's answer on its own reply
+# queue (any other kind there is ignored: the epoch goes on).
+RECEIVER: Final[Receiver[Any]] = Receiver(
+    party="trainer",
+    reads=("trials", "reply_to"),
+    handlers={
+        "trial": Worker._run_trial,
+        "deliver": Worker._run_final_job,
+        "progress-reply": _decision,
+    },
+)
 
 
 def _key(

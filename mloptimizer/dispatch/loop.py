@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any, Final
 
 import optuna
 
@@ -33,7 +34,14 @@ from mloptimizer.dispatch.deadlines import Deadlines
 from mloptimizer.dispatch.ledger import InFlight
 from mloptimizer.dispatch.phases import Phases
 from mloptimizer.faults import transient
-from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.messages import (
+    Decision,
+    ProgressMessage,
+    Receiver,
+    Refuse,
+    ResultMessage,
+    TrialMessage,
+)
 from mloptimizer.sizing import input_shape, model_size
 from mloptimizer.space import sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec
@@ -48,7 +56,7 @@ from mloptimizer.study import (
     trial_id_of,
 )
 
-__all__ = ["Dispatcher"]
+__all__ = ["RECEIVER", "Dispatcher"]
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +256,10 @@ class Dispatcher(Phases):
             self._reject(inbound, message.reason or "malformed")
             return False
         claimed = judgements.claim_of(message)
+        handler = RECEIVER.route(claimed)  # the transport checked the queue it came on
+        if isinstance(handler, Refuse):
+            self._reject(inbound, handler.reason)
+            return False
         flight = self.in_flight.get(claimed.trial_id)
         why = judgements.refusal(
             message,
@@ -259,12 +271,7 @@ class Dispatcher(Phases):
             self._reject(inbound, why)
             return False
         try:
-            if isinstance(message, ProgressMessage):
-                inbound.reply(self._progress(message))
-            elif isinstance(message, DeadTrial):
-                self._dead(message)
-            else:
-                self._result(message)
+            handler(self, message, inbound)
         except Exception as error:
             if transient(error):
                 raise  # the caller waits for the service; the message comes again
@@ -280,6 +287,15 @@ class Dispatcher(Phases):
         log.warning("rejected a message: %s", why)
         self.counts.rejected += 1
         inbound.reject(why)
+
+    def _on_progress(self, message: ProgressMessage, inbound: Inbound) -> None:
+        inbound.reply(self._progress(message))
+
+    def _on_result(self, message: ResultMessage, inbound: Inbound) -> None:
+        self._result(message)
+
+    def _on_dead(self, message: DeadTrial, inbound: Inbound) -> None:
+        self._dead(message)
 
     def _dead(self, dead: DeadTrial) -> None:
         flight = self.in_flight.get(dead.message.trial_id)
@@ -353,3 +369,18 @@ class Dispatcher(Phases):
             self._interrupt(trial_id, why, retries=retries + 1)
             return
         self._fail(flight, f"{why}; given up after {retries} retries")
+
+
+# What the dispatcher does with each kind that can arrive on the queues it reads
+# (messages.ROUTES); the transports refuse with the same table before a message gets here.
+RECEIVER: Final[Receiver[Callable[[Dispatcher, Any, Inbound], None]]] = Receiver(
+    party="dispatcher",
+    reads=("progress", "results", "dead"),
+    handlers={
+        "progress": Dispatcher._on_progress,
+        "result": Dispatcher._on_result,
+        "trial": Dispatcher._on_dead,  # a trial the trials queue gave up on
+        "deliver": Refuse("a final job's request: only the operator's final job sends it"),
+        "delivered": Refuse("a final job's answer: the final job reads it after the search"),
+    },
+)
