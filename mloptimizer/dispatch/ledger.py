@@ -1,5 +1,5 @@
 """The ledger of a study's trials as the dispatch loop keeps them, and every write that
-ends one without a result.
+ends one: its result told, or failed, interrupted (and enqueued again) or cancelled.
 
 Which trials are in flight, which were told (their copies are dropped), how many wait in
 the queue the study hands out first, and the finished ones counted by state
@@ -21,7 +21,6 @@ from optuna.trial import TrialState
 
 from mloptimizer.dispatch import judgements
 from mloptimizer.dispatch.contract import Counts
-from mloptimizer.dispatch.judgements import objective_values, worst_value
 from mloptimizer.faults import transient
 from mloptimizer.messages import ResultMessage, TrialMessage
 from mloptimizer.sizing import ModelSize
@@ -155,7 +154,7 @@ class Ledger:
         c.explore_used = explore_used
         self._finished(rec)
 
-    # --- ends without a result --------------------------------------------------------
+    # --- ends without a trainer's result ----------------------------------------------
 
     def _fail(self, flight: InFlight, why: str) -> None:
         """Tell ``flight``'s trial failed with ``why``; it counts toward maxFailedTrials."""
@@ -200,7 +199,7 @@ class Ledger:
         """Tell a trial over a device constraint without training it: the sampler learns
         from its constraint values; its value is the worst, and it is never the best."""
         assert rec.architecture is not None
-        worst = worst_value(self._direction)
+        worst = judgements.worst_value(self._direction)
         attrs = {
             Attr.ARCHITECTURE: rec.architecture.model_dump(mode="json"),
             Attr.INFEASIBLE: why,
@@ -214,7 +213,9 @@ class Ledger:
         # under a modelKB tradeoff, the int8 size estimated as one byte per weight
         tradeoff = self.spec.objective.tradeoff
         kb = size.parameters / 1024
-        self.study.tell(trial, objective_values(tradeoff, worst, size.parameters, size.mflops, kb))
+        self.study.tell(
+            trial, judgements.objective_values(tradeoff, worst, size.parameters, size.mflops, kb)
+        )
         self._told.add(trial_id_of(trial))
         done = dataclasses.replace(rec, state="complete", value=worst, attrs={**rec.attrs, **attrs})
         log.info("trial %d not sent: infeasible (%s)", trial.number, why)
