@@ -113,7 +113,15 @@ class BrokerAdmin:
         quoted = urllib.parse.quote(vhost, safe="")
         name = urllib.parse.quote(user, safe="")
         await self._request("PUT", f"/api/vhosts/{quoted}", {})
-        await self._request("PUT", f"/api/users/{name}", {"password": password, "tags": ""})
+        for attempt in range(3):
+            try:
+                await self._request("PUT", f"/api/users/{name}", {"password": password, "tags": ""})
+                break
+            except RuntimeError as error:
+                # Another handler of the search made the user this instant (with the same
+                # password, from its Secret): RabbitMQ refuses the racing PUT; again updates.
+                if "user_already_exists" not in str(error) or attempt == 2:
+                    raise
         await self._request("PUT", f"/api/permissions/{quoted}/{name}", ALL)
         own = urllib.parse.quote(self.user, safe="")
         await self._request("PUT", f"/api/permissions/{quoted}/{own}", ALL)

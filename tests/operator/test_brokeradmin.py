@@ -3,6 +3,7 @@ a search's user reaches its own search's traffic and nothing else, whatever it t
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -147,3 +148,20 @@ async def test_a_deleted_search_identity_cannot_log_in_and_its_queues_are_gone()
         pika.BlockingConnection(pika.URLParameters(search.url))
     with pytest.raises(pika.exceptions.AMQPConnectionError):  # the vhost went too
         pika.BlockingConnection(pika.URLParameters(search.operator_url))
+
+
+async def test_handlers_making_the_same_identity_at_once_all_succeed() -> None:
+    """The create handler, the search daemon and the pool daemon make a search's identity
+    at the same moment: RabbitMQ refused all but one first PUT of the user
+    (``user_already_exists``) and the refused daemon waited kopf's 60 s to try again."""
+    uid = str(uuid.uuid4())
+    admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))
+    vhost, user = search_vhost(uid), search_user(uid)
+    try:
+        for _ in range(5):
+            await asyncio.gather(
+                *(admin.ensure_identity(vhost, user, "same-password") for _ in range(8))
+            )
+            await admin.delete_user(user)
+    finally:
+        await admin.delete_identity(vhost, user)
