@@ -6,6 +6,10 @@ that runs pods of them (``pods.py``).
 A missing PostgreSQL or RabbitMQ fails the test that needs it, with the command to start it.
 A real API server that cannot be built here, or containers that cannot run, skip their tests
 with the part and the reason (``realparts.py``), which fails a CI run unless allowed.
+
+``scripts/test`` runs the suite in two phases: ``--phase parallel`` on several xdist workers,
+then ``--phase alone`` for the tests marked ``alone``: they restart or reconfigure a service
+every other test shares, so nothing else may run beside them. Plain ``pytest`` runs both.
 """
 
 from __future__ import annotations
@@ -32,6 +36,46 @@ from services import RABBITMQ_URL, Broker, ServiceUnavailable, fresh_postgres_da
 CRD_FILE = Path(__file__).resolve().parent.parent / "crds" / "architecturesearch.yaml"
 REAL_CLUSTER = os.environ.get("MLOPT_TEST_KUBECONFIG")
 __all__ = ["pytest_runtest_logreport", "pytest_sessionfinish", "pytest_terminal_summary"]
+
+# Test files whose every test must run alone, and why (single tests: @pytest.mark.alone).
+ALONE_FILES = {
+    "test_fault_drill.py": "kills and restarts RabbitMQ and PostgreSQL",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--phase",
+        choices=("all", "parallel", "alone"),
+        default="all",
+        help="run every test (all), all but those marked alone (parallel), or only those",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "alone(why): restarts or reconfigures a shared service: scripts/test runs it after "
+        "the parallel phase, with nothing beside it",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in ALONE_FILES:
+            item.add_marker(pytest.mark.alone(ALONE_FILES[item.path.name]))
+    phase = config.getoption("--phase")
+    if phase == "all":
+        return
+    wanted = phase == "alone"
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        alone = item.get_closest_marker("alone") is not None
+        (keep if alone == wanted else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture

@@ -201,6 +201,7 @@ def short_consumer_timeout() -> Iterator[None]:
     set_env("channel_tick_interval", "60000")
 
 
+@pytest.mark.alone("sets RabbitMQ's consumer timeout to 3 s for every channel opened meanwhile")
 @pytest.mark.usefixtures("short_consumer_timeout")
 def test_consumer_timeout_mid_trial_reports_once_and_reconnects(
     dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
