@@ -107,7 +107,7 @@ def _write_urls(files: dict[str, Path], to: ToUrls) -> None:
     if missing:
         raise DeliveryError(f"no upload URL for {', '.join(missing)}")
     for name, source in files.items():
-        put_file(to.urls[name], source)  # type: ignore[index]
+        put_file(to.urls[name], source)
 
 
 def _archive(folder: Path, out: Path) -> Path:
