@@ -218,6 +218,12 @@ def test_until_stopped_blocks_start_and_stop_cleanly(tmp_path: Path) -> None:
 # --- the newcomer's path: a fresh venv, the main job, its results --------------------------
 
 
+def shape(line: str) -> str:
+    """A printed line with its architecture and numbers blanked: what does not vary by run."""
+    line = re.sub(r"(cnn|inception)\[\S*\] (gap|mlp\d+) drop\S+ lr\S+", "ARCH", line)
+    return " ".join(re.sub(r"\d+(\.\d+)?", "N", line).split())
+
+
 @pytest.mark.slow
 def test_a_newcomer_sets_up_runs_the_main_job_and_reads_the_results(tmp_path: Path) -> None:
     copy = repo_copy(tmp_path / "repo")
@@ -226,7 +232,25 @@ def test_a_newcomer_sets_up_runs_the_main_job_and_reads_the_results(tmp_path: Pa
     run_block(ordered["setup"], copy, timeout=1200)
     assert (copy / ".venv" / "bin" / "mloptimizer").exists()
     main = run_block(ordered["main"], copy, timeout=1200)
-    assert re.search(r"search ended \((maxTrials|target)\)", main.stdout), main.stdout
+    printed = main.stdout
+    # what the first search promises: TPE past its start-up trials, a pruned trial, refine
+    assert "search ended (maxTrials)" in printed, printed
+    startup = yaml.safe_load((copy / "examples" / "digits-quick.yaml").read_text())["spec"][
+        "sampler"
+    ]["nStartupTrials"]
+    assert len(re.findall(r"^trial +\d+ explore ", printed, re.M)) > startup, printed
+    assert re.search(r"^trial +\d+ explore .* pruned$", printed, re.M), printed
+    assert re.search(r"^trial +\d+ refine ", printed, re.M), printed
+    # README's sample output is what it prints: every line's shape, and the start-up trials
+    # (the sampler's seed's) word for word
+    sample = next(b for b in blocks() if b.lang == "text" and b.line > ordered["main"].line)
+    shapes = {shape(line) for line in printed.splitlines()}
+    for line in sample.text.splitlines():
+        if line != "...":
+            assert shape(line) in shapes, f"README's sample line {line!r} is not printed"
+        started = re.match(r"trial +(\d+) started \(explore\)", line)
+        if started and int(started.group(1)) < startup:
+            assert line in printed.splitlines(), line
     out = copy / "runs" / "digits-quick"
     for name in run_folder_files():
         written = (out / name).is_dir() if name.endswith("/") else (out / name).is_file()
