@@ -30,78 +30,44 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import json
 import threading
 from collections.abc import Callable, Container, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import optuna
-import sqlalchemy.dialects.postgresql
-import sqlalchemy.dialects.sqlite
-from optuna.distributions import (
-    BaseDistribution,
-    check_distribution_compatibility,
-    distribution_to_json,
-)
+from optuna.distributions import BaseDistribution, check_distribution_compatibility
 from optuna.storages import BaseStorage, RDBStorage
-from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
+
+from mloptimizer import storage_sql
+from mloptimizer.storage_sql import Pending, Write
 
 __all__ = ["SearchStorage", "batched", "persist"]
 
 
 @dataclass
-class _Pending:
-    """Writes of one trial not in the database yet."""
-
-    params: dict[str, tuple[float, BaseDistribution]] = field(default_factory=dict)
-    user_attrs: dict[str, Any] = field(default_factory=dict)
-    system_attrs: dict[str, Any] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.params or self.user_attrs or self.system_attrs)
-
-
-@dataclass
 class _Study:
-    """A study's trials as this process last wrote them (the database lags by _Pending)."""
+    """A study's trials as this process last wrote them (the database lags by Pending)."""
 
     trials: dict[int, FrozenTrial]  # by number, in number order
     distributions: dict[str, BaseDistribution]  # each parameter's, for Optuna's check
 
 
-@dataclass
-class _Write:
-    """One trial's writes for one transaction: what was pending, and a step or its end."""
-
-    trial_id: int
-    pending: _Pending
-    state: TrialState | None = None
-    values: Sequence[float] | None = None
-    now: datetime.datetime | None = None
-    step: tuple[int, float] | None = None
-
-
-class SearchStorage(BaseStorage):
-    """Optuna's relational storage for a study with one writer; see the module docstring.
-
-    Study-level data (names, attributes, directions) goes straight to ``backend``; the
-    trials of a study are read from the database once, on first use.
-    """
+class _Reads(BaseStorage):
+    """The reading side of :class:`SearchStorage`: Optuna's reads of trials answered from
+    the trials kept here (a study's read from the database once, on first use); study-level
+    data (names, attributes, directions) straight from ``backend``. The writes are
+    :class:`SearchStorage`'s."""
 
     def __init__(self, backend: RDBStorage) -> None:
         self.backend = backend
         self._studies: dict[int, _Study] = {}
         self._where: dict[int, tuple[int, int]] = {}  # trial id -> (study id, number)
-        self._pending: dict[int, _Pending] = {}
         self._directions: dict[int, list[StudyDirection]] = {}
         self._lock = threading.RLock()
-        self._batch: list[_Write] | None = None  # inside batch(): written at its end
-        self._reserved: dict[int, list[FrozenTrial]] = {}  # created for the next asks
 
     # --- studies: the database's --------------------------------------------------------
 
@@ -109,14 +75,6 @@ class SearchStorage(BaseStorage):
         self, directions: Sequence[StudyDirection], study_name: str | None = None
     ) -> int:
         return self.backend.create_new_study(directions, study_name)
-
-    def delete_study(self, study_id: int) -> None:
-        with self._lock:
-            study = self._studies.pop(study_id, None)
-            for trial in study.trials.values() if study else ():
-                self._where.pop(trial._trial_id, None)
-                self._pending.pop(trial._trial_id, None)
-        self.backend.delete_study(study_id)
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
         self.backend.set_study_user_attr(study_id, key, value)
@@ -147,7 +105,7 @@ class SearchStorage(BaseStorage):
     def remove_session(self) -> None:
         self.backend.remove_session()
 
-    # --- trials: kept here, written at the three points ---------------------------------
+    # --- trials: kept here ----------------------------------------------------------------
 
     def _study(self, study_id: int) -> _Study:
         study = self._studies.get(study_id)
@@ -170,6 +128,71 @@ class SearchStorage(BaseStorage):
         study_id, number = self._where[trial._trial_id]
         self._studies[study_id].trials[number] = trial
 
+    def _add(self, study_id: int, trial: FrozenTrial) -> None:
+        """Keep a new trial, the trials staying in number order (samplers assume it): a
+        trial created while others were reserved has a higher number than theirs."""
+        study = self._studies[study_id]
+        self._where[trial._trial_id] = (study_id, trial.number)
+        last = next(reversed(study.trials), -1)
+        study.trials[trial.number] = trial
+        if trial.number < last:
+            study.trials = dict(sorted(study.trials.items()))
+
+    def _known(self, trial_id: int) -> bool:
+        return trial_id in self._where
+
+    def _updatable(self, trial_id: int) -> FrozenTrial:
+        trial = self._trial(trial_id)
+        self.check_trial_is_updatable(trial_id, trial.state)
+        return trial
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        with self._lock:
+            trial = self._study(study_id).trials.get(trial_number)
+            if trial is None:
+                raise KeyError(f"no trial {trial_number} in study {study_id}")
+            return int(trial._trial_id)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        with self._lock:
+            if not self._known(trial_id):
+                return self.backend.get_trial(trial_id)
+            return _detached(self._trial(trial_id))
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        with self._lock:
+            trials = list(self._study(study_id).trials.values())
+        if states is not None:
+            trials = [t for t in trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+
+class SearchStorage(_Reads):
+    """Optuna's relational storage for a study with one writer; see the module docstring.
+
+    The reads are :class:`_Reads`'s; here, the writes of trials: kept pending, written at
+    the three points, together inside :meth:`batch` (the statements: :mod:`storage_sql`).
+    """
+
+    def __init__(self, backend: RDBStorage) -> None:
+        super().__init__(backend)
+        self._pending: dict[int, Pending] = {}
+        self._batch: list[Write] | None = None  # inside batch(): written at its end
+        self._reserved: dict[int, list[FrozenTrial]] = {}  # created for the next asks
+
+    def delete_study(self, study_id: int) -> None:
+        with self._lock:
+            study = self._studies.pop(study_id, None)
+            for trial in study.trials.values() if study else ():
+                self._where.pop(trial._trial_id, None)
+                self._pending.pop(trial._trial_id, None)
+        self.backend.delete_study(study_id)
+
     def reserve(self, study_id: int, count: int) -> None:
         """Create ``count`` running trials in one transaction for the next asks: a wave of
         trials costs one commit, not one each. Numbered as Optuna numbers them (in order
@@ -182,37 +205,7 @@ class SearchStorage(BaseStorage):
             if missing <= 0:
                 return
             first = len(study.trials) + len(pool)
-            now = datetime.datetime.now()
-            with _create_scoped_session(self.backend.scoped_session) as session:
-                models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-                rows = [
-                    models.TrialModel(
-                        study_id=study_id,
-                        number=first + i,
-                        state=TrialState.RUNNING,
-                        datetime_start=now,
-                    )
-                    for i in range(missing)
-                ]
-                session.add_all(rows)
-                session.flush()
-                pool += [
-                    FrozenTrial(
-                        number=int(row.number),
-                        state=TrialState.RUNNING,
-                        value=None,
-                        values=None,
-                        datetime_start=now,
-                        datetime_complete=None,
-                        params={},
-                        distributions={},
-                        user_attrs={},
-                        system_attrs={},
-                        intermediate_values={},
-                        trial_id=int(row.trial_id),
-                    )
-                    for row in rows
-                ]
+            pool += storage_sql.create_running(self.backend, study_id, first, missing)
 
     def release(self, study_id: int) -> list[int]:
         """The trials reserved and not asked for, handed over (running) for the caller to
@@ -222,16 +215,6 @@ class SearchStorage(BaseStorage):
             for trial in pool:
                 self._add(study_id, trial)
             return [int(t._trial_id) for t in pool]
-
-    def _add(self, study_id: int, trial: FrozenTrial) -> None:
-        """Keep a new trial, the trials staying in number order (samplers assume it): a
-        trial created while others were reserved has a higher number than theirs."""
-        study = self._studies[study_id]
-        self._where[trial._trial_id] = (study_id, trial.number)
-        last = next(reversed(study.trials), -1)
-        study.trials[trial.number] = trial
-        if trial.number < last:
-            study.trials = dict(sorted(study.trials.items()))
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         with self._lock:
@@ -246,14 +229,6 @@ class SearchStorage(BaseStorage):
             for name, distribution in created.distributions.items():
                 study.distributions.setdefault(name, distribution)
             return int(created._trial_id)
-
-    def _known(self, trial_id: int) -> bool:
-        return trial_id in self._where
-
-    def _updatable(self, trial_id: int) -> FrozenTrial:
-        trial = self._trial(trial_id)
-        self.check_trial_is_updatable(trial_id, trial.state)
-        return trial
 
     def set_trial_param(
         self,
@@ -280,7 +255,7 @@ class SearchStorage(BaseStorage):
                 param_name: distribution.to_external_repr(param_value_internal),
             }
             trial.distributions = {**trial.distributions, param_name: distribution}
-            self._pending.setdefault(trial_id, _Pending()).params[param_name] = (
+            self._pending.setdefault(trial_id, Pending()).params[param_name] = (
                 param_value_internal,
                 distribution,
             )
@@ -301,14 +276,14 @@ class SearchStorage(BaseStorage):
         unknown: Callable[[int, str, Any], None],
     ) -> None:
         """Set a user or system attribute (``kind``: the name on the trial and in
-        :class:`_Pending`), pending; a trial not kept here goes to ``unknown`` at once."""
+        :class:`Pending`), pending; a trial not kept here goes to ``unknown`` at once."""
         with self._lock:
             if not self._known(trial_id):
                 unknown(trial_id, key, value)
                 return
             trial = copy.copy(self._updatable(trial_id))
             setattr(trial, kind, {**getattr(trial, kind), key: value})
-            getattr(self._pending.setdefault(trial_id, _Pending()), kind)[key] = value
+            getattr(self._pending.setdefault(trial_id, Pending()), kind)[key] = value
             self._replace(trial)
 
     def set_trial_intermediate_value(
@@ -367,9 +342,7 @@ class SearchStorage(BaseStorage):
         Pending writes are dropped only once committed (or queued): after a lost database
         the next write still has them; a dispatcher that lost one reopens the study.
         """
-        write = _Write(
-            trial_id, self._pending.get(trial_id) or _Pending(), state, values, now, step
-        )
+        write = Write(trial_id, self._pending.get(trial_id) or Pending(), state, values, now, step)
         if self._batch is not None:
             self._batch.append(write)
         else:
@@ -398,137 +371,9 @@ class SearchStorage(BaseStorage):
             if queued:
                 self._commit(queued)
 
-    def _commit(self, writes: list[_Write]) -> None:
-        """One transaction, a few statements whatever the number of writes: the trials
-        locked and checked at once, then each table's rows in one statement."""
-        ids = sorted({w.trial_id for w in writes})
-        params: list[models.TrialParamModel] = []
-        user_attrs: dict[tuple[int, str], str] = {}
-        system_attrs: dict[tuple[int, str], str] = {}
-        steps: dict[tuple[int, int], tuple[float | None, Any]] = {}
-        values: list[models.TrialValueModel] = []
-        for w in writes:  # later writes of a trial override earlier ones, as one by one
-            params += [
-                models.TrialParamModel(
-                    trial_id=w.trial_id,
-                    param_name=name,
-                    param_value=value,
-                    distribution_json=distribution_to_json(distribution),
-                )
-                for name, (value, distribution) in w.pending.params.items()
-            ]
-            for key, value in w.pending.user_attrs.items():
-                user_attrs[(w.trial_id, key)] = json.dumps(value)
-            for key, value in w.pending.system_attrs.items():
-                system_attrs[(w.trial_id, key)] = json.dumps(value)
-            if w.step is not None:
-                stored = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
-                    w.step[1]
-                )
-                steps[(w.trial_id, w.step[0])] = stored
-            for objective, value in enumerate(w.values or ()):
-                stored_value, value_type = models.TrialValueModel.value_to_stored_repr(float(value))
-                values.append(
-                    models.TrialValueModel(
-                        trial_id=w.trial_id,
-                        objective=objective,
-                        value=stored_value,
-                        value_type=value_type,
-                    )
-                )
-        with _create_scoped_session(self.backend.scoped_session) as session:
-            rows: dict[int, Any] = {
-                int(row.trial_id): row
-                for row in session.query(models.TrialModel)
-                .filter(models.TrialModel.trial_id.in_(ids))
-                .with_for_update()
-            }
-            for trial_id in ids:
-                if trial_id not in rows:
-                    raise KeyError(f"no trial with id {trial_id}")
-                self.check_trial_is_updatable(trial_id, rows[trial_id].state)
-            session.add_all(params)
-            session.add_all(values)  # a trial's values are written once, when it ends
-            session.flush()
-            self._upsert(session, models.TrialUserAttributeModel, user_attrs)
-            self._upsert(session, models.TrialSystemAttributeModel, system_attrs)
-            if steps:
-                table = models.TrialIntermediateValueModel.__table__
-                statement = self._insert(table).values(
-                    [
-                        {
-                            "trial_id": trial_id,
-                            "step": step,
-                            "intermediate_value": value,
-                            "intermediate_value_type": kind,
-                        }
-                        for (trial_id, step), (value, kind) in steps.items()
-                    ]
-                )
-                session.execute(
-                    statement.on_conflict_do_update(
-                        index_elements=["trial_id", "step"],
-                        set_={
-                            "intermediate_value": statement.excluded.intermediate_value,
-                            "intermediate_value_type": statement.excluded.intermediate_value_type,
-                        },
-                    )
-                )
-            for w in writes:
-                if w.state is not None:
-                    rows[w.trial_id].state = w.state
-                    if w.state.is_finished():
-                        rows[w.trial_id].datetime_complete = w.now
-
-    def _insert(self, table: Any) -> Any:
-        """An INSERT that can update on conflict, in the database's dialect."""
-        dialect = self.backend.engine.name
-        if dialect == "postgresql":
-            return sqlalchemy.dialects.postgresql.insert(table)
-        if dialect == "sqlite":
-            return sqlalchemy.dialects.sqlite.insert(table)
-        raise NotImplementedError(
-            f"SearchStorage writes PostgreSQL and SQLite studies, not {dialect}: use a "
-            "postgresql:// or sqlite:/// storage URL"
-        )
-
-    def _upsert(self, session: Any, model: Any, rows: dict[tuple[int, str], str]) -> None:
-        if not rows:
-            return
-        statement = self._insert(model.__table__).values(
-            [{"trial_id": t, "key": k, "value_json": v} for (t, k), v in rows.items()]
-        )
-        session.execute(
-            statement.on_conflict_do_update(
-                index_elements=["trial_id", "key"],
-                set_={"value_json": statement.excluded.value_json},
-            )
-        )
-
-    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
-        with self._lock:
-            trial = self._study(study_id).trials.get(trial_number)
-            if trial is None:
-                raise KeyError(f"no trial {trial_number} in study {study_id}")
-            return int(trial._trial_id)
-
-    def get_trial(self, trial_id: int) -> FrozenTrial:
-        with self._lock:
-            if not self._known(trial_id):
-                return self.backend.get_trial(trial_id)
-            return _detached(self._trial(trial_id))
-
-    def get_all_trials(
-        self,
-        study_id: int,
-        deepcopy: bool = True,
-        states: Container[TrialState] | None = None,
-    ) -> list[FrozenTrial]:
-        with self._lock:
-            trials = list(self._study(study_id).trials.values())
-        if states is not None:
-            trials = [t for t in trials if t.state in states]
-        return copy.deepcopy(trials) if deepcopy else trials
+    def _commit(self, writes: list[Write]) -> None:
+        """Write ``writes`` in one transaction (:func:`storage_sql.commit`)."""
+        storage_sql.commit(self.backend, writes, self.check_trial_is_updatable)
 
 
 def _detached(trial: FrozenTrial) -> FrozenTrial:
