@@ -288,15 +288,6 @@ class Dispatcher(Phases):
         self.counts.rejected += 1
         inbound.reject(why)
 
-    def _on_progress(self, message: ProgressMessage, inbound: Inbound) -> None:
-        inbound.reply(self._progress(message))
-
-    def _on_result(self, message: ResultMessage, inbound: Inbound) -> None:
-        self._result(message)
-
-    def _on_dead(self, message: DeadTrial, inbound: Inbound) -> None:
-        self._dead(message)
-
     def _dead(self, dead: DeadTrial) -> None:
         flight = self.in_flight.get(dead.message.trial_id)
         if flight is None:
@@ -377,9 +368,9 @@ RECEIVER: Final[Receiver[Callable[[Dispatcher, Any, Inbound], None]]] = Receiver
     party="dispatcher",
     reads=("progress", "results", "dead"),
     handlers={
-        "progress": Dispatcher._on_progress,
-        "result": Dispatcher._on_result,
-        "trial": Dispatcher._on_dead,  # a trial the trials queue gave up on
+        "progress": lambda d, message, inbound: inbound.reply(d._progress(message)),
+        "result": lambda d, message, inbound: d._result(message),
+        "trial": lambda d, message, inbound: d._dead(message),  # given up on by the queue
         "deliver": Refuse("a final job's request: only the operator's final job sends it"),
         "delivered": Refuse("a final job's answer: the final job reads it after the search"),
     },
