@@ -10,6 +10,10 @@ chain of the project's own modules:
 
 (import-linter would say the same, but it cannot see ``mloptimizer.operator``: a namespace
 package, so that no ``operator`` package ever shadows the standard library's.)
+
+And the sizes: no product module (``mloptimizer/``, ``operator/``, ``trainer/``) over
+:data:`MODULE_LINES` lines, no class there over :data:`CLASS_LINES` (the rule is ~600 and
+~300: past that a module or class holds more than one thing, and is split along its seams).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ WALLS = {
     "trainer": ("mloptimizer.operator", "mloptimizer.app", "kopf"),
     "operator": ("mloptimizer.trainer", "mloptimizer.app", *TF),
 }
+
+MODULE_LINES = 600
+CLASS_LINES = 320
 
 
 def modules() -> dict[str, Path]:
@@ -113,3 +120,40 @@ def test_the_check_sees_lazy_imports_and_chains(tmp_path: Path) -> None:
 @pytest.mark.parametrize("part", ["core", "trainer", "operator", "app"])
 def test_every_part_has_modules(part: str) -> None:
     assert any(part_of(name) == part for name in modules())
+
+
+def oversized(found: dict[str, Path]) -> list[str]:
+    """Each module over :data:`MODULE_LINES` lines and each class over :data:`CLASS_LINES`
+    (from its ``class`` line to its last), named with its size and the limit."""
+    problems = []
+    for name, path in sorted(found.items()):
+        source = path.read_text()
+        lines = len(source.splitlines())
+        if lines > MODULE_LINES:
+            problems.append(f"module {name} has {lines} lines, over the limit of {MODULE_LINES}")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                size = node.end_lineno - node.lineno + 1
+                if size > CLASS_LINES:
+                    problems.append(
+                        f"class {name}.{node.name} has {size} lines, over the limit of "
+                        f"{CLASS_LINES}: split it along its seams"
+                    )
+    return problems
+
+
+def test_no_module_or_class_is_over_its_size_limit() -> None:
+    assert oversized(modules()) == []
+
+
+def test_the_size_check_names_what_is_too_long_and_the_limit(tmp_path: Path) -> None:
+    body = "".join(f"    x{i} = {i}\n" for i in range(CLASS_LINES - 1))
+    (tmp_path / "fits.py").write_text(f"class Fits:\n{body}")  # exactly CLASS_LINES
+    (tmp_path / "big.py").write_text(f"class Big:\n{body}    last = 0\n\n\ndef f():\n    pass\n")
+    (tmp_path / "long.py").write_text("x = 1\n" * (MODULE_LINES + 1))
+    found = {f"mloptimizer.{p.stem}": p for p in tmp_path.glob("*.py")}
+    assert oversized(found) == [
+        f"class mloptimizer.big.Big has {CLASS_LINES + 1} lines, over the limit of "
+        f"{CLASS_LINES}: split it along its seams",
+        f"module mloptimizer.long has {MODULE_LINES + 1} lines, over the limit of {MODULE_LINES}",
+    ]
