@@ -119,3 +119,33 @@ class Dispatcher:
         for queue in self.names.all:
             self.channel.queue_delete(queue)
         self.connection.close()
+
+
+def progress_of(trial: TrialMessage, **changes: Any) -> ProgressMessage:
+    """A trainer's first progress report of ``trial``, with ``changes``."""
+    fields: dict[str, Any] = {
+        "search": trial.search,
+        "trial_id": trial.trial_id,
+        "number": trial.number,
+        "attempt": 1,
+        "worker_id": "w",
+        "epoch": 1,
+        "metrics": {"val_accuracy": 0.5},
+    }
+    return ProgressMessage(**{**fields, **changes})
+
+
+def result_of(trial: TrialMessage, **changes: Any) -> ResultMessage:
+    """A trainer's complete result of ``trial``, with ``changes``."""
+    fields: dict[str, Any] = {
+        "search": trial.search,
+        "trial_id": trial.trial_id,
+        "number": trial.number,
+        "phase": trial.phase,
+        "attempt": 1,
+        "worker_id": "w",
+        "state": "complete",
+        "value": 0.9,
+        "epochs_run": trial.epochs,
+    }
+    return ResultMessage(**{**fields, **changes})

@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 import pytest
+from dispatch import progress_of, result_of
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 from services import fresh_postgres_database
@@ -609,34 +610,6 @@ def test_a_trial_silent_on_every_retry_fails_after_the_limit(storage: str) -> No
 # --- every trial ends, no message poisons the loop ------------------------------------------
 
 
-def _progress(trial: TrialMessage, **changes: Any) -> ProgressMessage:
-    fields: dict[str, Any] = {
-        "search": trial.search,
-        "trial_id": trial.trial_id,
-        "number": trial.number,
-        "attempt": 1,
-        "worker_id": "w",
-        "epoch": 1,
-        "metrics": {"val_accuracy": 0.5},
-    }
-    return ProgressMessage(**{**fields, **changes})
-
-
-def _result(trial: TrialMessage, **changes: Any) -> ResultMessage:
-    fields: dict[str, Any] = {
-        "search": trial.search,
-        "trial_id": trial.trial_id,
-        "number": trial.number,
-        "phase": trial.phase,
-        "attempt": 1,
-        "worker_id": "w",
-        "state": "complete",
-        "value": 0.9,
-        "epochs_run": trial.epochs,
-    }
-    return ResultMessage(**{**fields, **changes})
-
-
 def _rejecting(message: Any, rejected: list[str], settled: list[bool]) -> Inbound:
     return Inbound(message, reject=rejected.append, settle=lambda: settled.append(True))
 
@@ -644,13 +617,13 @@ def _rejecting(message: Any, rejected: list[str], settled: list[bool]) -> Inboun
 @pytest.mark.parametrize(
     ("forge", "reason"),
     [
-        (lambda t: _result(t, search="ns.attacker", value=1.0), "claims search 'ns.attacker'"),
-        (lambda t: _result(t, trial_id=t.trial_id + 999), "no trial with id"),
-        (lambda t: _result(t, number=t.number + 7), "is trial"),
-        (lambda t: _result(t, phase="refine"), "a refine result for a explore trial"),
-        (lambda t: _result(t, epochs_run=t.epochs + 1), "more epochs than"),
-        (lambda t: _progress(t, epoch=t.epochs + 1), "epoch 4 of a trial of 3 epochs"),
-        (lambda t: _progress(t, search="other.search"), "claims search"),
+        (lambda t: result_of(t, search="ns.attacker", value=1.0), "claims search 'ns.attacker'"),
+        (lambda t: result_of(t, trial_id=t.trial_id + 999), "no trial with id"),
+        (lambda t: result_of(t, number=t.number + 7), "is trial"),
+        (lambda t: result_of(t, phase="refine"), "a refine result for a explore trial"),
+        (lambda t: result_of(t, epochs_run=t.epochs + 1), "more epochs than"),
+        (lambda t: progress_of(t, epoch=t.epochs + 1), "epoch 4 of a trial of 3 epochs"),
+        (lambda t: progress_of(t, search="other.search"), "claims search"),
     ],
 )
 def test_a_message_not_about_a_trial_in_flight_is_rejected_and_changes_nothing(
@@ -682,7 +655,7 @@ def test_a_message_whose_handling_raises_is_rejected_and_its_trial_failed(storag
 
     d._result = broken  # type: ignore[method-assign,assignment]
     rejected: list[str] = []
-    d._handle(_rejecting(_result(trial), rejected, []))
+    d._handle(_rejecting(result_of(trial), rejected, []))
     assert rejected
     assert "handling it failed: KeyError" in rejected[0]
     failed = records(d.study)[0]
@@ -710,7 +683,7 @@ def test_a_lost_database_during_handling_propagates_for_the_caller_to_wait_out(
     d._result = lost  # type: ignore[method-assign,assignment]
     rejected: list[str] = []
     with pytest.raises(optuna.exceptions.StorageInternalError):
-        d._handle(_rejecting(_result(trial), rejected, []))
+        d._handle(_rejecting(result_of(trial), rejected, []))
     assert rejected == []
     assert trial.trial_id in d.in_flight
 

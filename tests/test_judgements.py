@@ -11,6 +11,7 @@ from typing import Any
 
 import optuna
 import pytest
+from dispatch import progress_of, result_of
 
 from mloptimizer.dispatch import Counts, DeadTrial, trial_message
 from mloptimizer.dispatch.deadlines import Deadlines
@@ -27,7 +28,7 @@ from mloptimizer.dispatch.judgements import (
 )
 from mloptimizer.dispatch.ledger import InFlight
 from mloptimizer.dispatch.phases import end_outcome, exploration_closes, refine_ranked
-from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.messages import TrialMessage
 from mloptimizer.sizing import ModelSize, memory_bytes
 from mloptimizer.space import sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec, Constraints
@@ -66,34 +67,6 @@ def sent(number: int = 4, trial_id: int = 40, phase: str = "explore") -> TrialMe
     )
 
 
-def progress(trial: TrialMessage, **changes: Any) -> ProgressMessage:
-    fields: dict[str, Any] = {
-        "search": trial.search,
-        "trial_id": trial.trial_id,
-        "number": trial.number,
-        "attempt": 1,
-        "worker_id": "w",
-        "epoch": 1,
-        "metrics": {"val_accuracy": 0.5},
-    }
-    return ProgressMessage(**{**fields, **changes})
-
-
-def result(trial: TrialMessage, **changes: Any) -> ResultMessage:
-    fields: dict[str, Any] = {
-        "search": trial.search,
-        "trial_id": trial.trial_id,
-        "number": trial.number,
-        "phase": trial.phase,
-        "attempt": 1,
-        "worker_id": "w",
-        "state": "complete",
-        "value": 0.9,
-        "epochs_run": trial.epochs,
-    }
-    return ResultMessage(**{**fields, **changes})
-
-
 def rec(number: int, value: float | None, **changes: Any) -> TrialRecord:
     fields: dict[str, Any] = {
         "number": number,
@@ -118,24 +91,24 @@ def rec(number: int, value: float | None, **changes: Any) -> TrialRecord:
 
 def test_a_message_about_the_trial_sent_is_accepted() -> None:
     trial = sent()
-    last_epoch = progress(trial, epoch=trial.epochs)
-    for message in (progress(trial), last_epoch, result(trial), DeadTrial(trial, "gave up")):
+    last_epoch = progress_of(trial, epoch=trial.epochs)
+    for message in (progress_of(trial), last_epoch, result_of(trial), DeadTrial(trial, "gave up")):
         assert refusal(message, search=SEARCH, sent=trial, told=False) is None
 
 
 @pytest.mark.parametrize(
     ("forge", "reason"),
     [
-        (lambda t: result(t, search="ns.attacker"), "it claims search 'ns.attacker', not"),
-        (lambda t: result(t, number=t.number + 7), "trial id 40 is trial 4, not 11"),
-        (lambda t: result(t, phase="refine"), "a refine result for a explore trial"),
-        (lambda t: result(t, epochs_run=t.epochs + 1), "more epochs than the trial's 3"),
+        (lambda t: result_of(t, search="ns.attacker"), "it claims search 'ns.attacker', not"),
+        (lambda t: result_of(t, number=t.number + 7), "trial id 40 is trial 4, not 11"),
+        (lambda t: result_of(t, phase="refine"), "a refine result for a explore trial"),
+        (lambda t: result_of(t, epochs_run=t.epochs + 1), "more epochs than the trial's 3"),
         (
-            lambda t: result(t, history=[{"val_accuracy": 0.5}] * (t.epochs + 1)),
+            lambda t: result_of(t, history=[{"val_accuracy": 0.5}] * (t.epochs + 1)),
             "more epochs than the trial's 3",
         ),
-        (lambda t: progress(t, epoch=t.epochs + 1), "epoch 4 of a trial of 3 epochs"),
-        (lambda t: progress(t, search="other.search"), "it claims search 'other.search'"),
+        (lambda t: progress_of(t, epoch=t.epochs + 1), "epoch 4 of a trial of 3 epochs"),
+        (lambda t: progress_of(t, search="other.search"), "it claims search 'other.search'"),
         (
             lambda t: DeadTrial(t.model_copy(update={"search": "x.y"}), "r"),
             "it claims search 'x.y'",
@@ -151,7 +124,7 @@ def test_a_message_not_matching_the_trial_sent_is_refused(forge: Any, reason: st
 
 def test_a_message_about_no_trial_in_flight_is_refused_unless_that_trial_was_told() -> None:
     trial = sent()
-    message = result(trial)
+    message = result_of(trial)
     why = refusal(message, search=SEARCH, sent=None, told=False)
     assert why == "no trial with id 40 is in flight in this search"
     # a copy of a finished trial is not refused: the loop drops it (or answers prune)
@@ -161,7 +134,7 @@ def test_a_message_about_no_trial_in_flight_is_refused_unless_that_trial_was_tol
 def test_the_claim_of_a_dead_lettered_trial_is_the_trial_sent() -> None:
     trial = sent()
     assert claim_of(DeadTrial(trial, "gave up")) is trial
-    message = progress(trial)
+    message = progress_of(trial)
     assert claim_of(message) is message
 
 
@@ -232,15 +205,15 @@ def test_an_infeasible_trial_is_told_the_worst_value() -> None:
 
 def test_a_result_writes_who_trained_it_how_long_what_it_cost_and_its_error() -> None:
     trial = sent()
-    message = result(trial, train_seconds=3000.0, dataset_load_seconds=600.0, device="GPU")
+    message = result_of(trial, train_seconds=3000.0, dataset_load_seconds=600.0, device="GPU")
     attrs = result_attrs(message, 2.0, "val_accuracy")
     assert attrs[Attr.SECONDS] == 3600.0
     assert attrs[Attr.COST] == pytest.approx(2.0)
     assert attrs[Attr.DEVICE] == "GPU"
     assert Attr.ERROR not in attrs
-    failed = result_attrs(result(trial, state="failed", error="OOM"), 0.0, "val_accuracy")
+    failed = result_attrs(result_of(trial, state="failed", error="OOM"), 0.0, "val_accuracy")
     assert failed[Attr.ERROR] == "OOM"
-    silent = result_attrs(result(trial, value=None), 0.0, "val_loss")
+    silent = result_attrs(result_of(trial, value=None), 0.0, "val_loss")
     assert silent[Attr.ERROR] == "the trainer sent no val_loss"
 
 
