@@ -22,7 +22,6 @@ from typing import Any, Final
 from mloptimizer.messages import (
     Decision,
     ProgressMessage,
-    ProgressReply,
     Receiver,
     Refuse,
     ResultMessage,
@@ -34,7 +33,7 @@ from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import configure_threads
 from mloptimizer.trainer.kept import KeptModels
 from mloptimizer.trainer.memory import recycle_limit_from_env
-from mloptimizer.trainer.session import Ask, TrialSession
+from mloptimizer.trainer.session import Ask, TrialSession, decision_of
 
 __all__ = ["serve"]
 
@@ -122,10 +121,6 @@ def _run(
     return session.run(trial, attempt, _asker(trial, *pipes), _NEVER)
 
 
-def _decision(reply: ProgressReply) -> Decision:
-    return reply.decision
-
-
 # What a local trainer process takes from the runner (messages.ROUTES: the trials queue and
 # its reply queue, over pipes): trials and the answers to its progress.
 RECEIVER: Final[Receiver[Any]] = Receiver(
@@ -134,6 +129,6 @@ RECEIVER: Final[Receiver[Any]] = Receiver(
     handlers={
         "trial": _run,
         "deliver": Refuse("no final job runs on this machine: mloptimizer run exports itself"),
-        "progress-reply": _decision,
+        "progress-reply": decision_of,
     },
 )

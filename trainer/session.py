@@ -22,6 +22,7 @@ from mloptimizer.messages import (
     DeliveredMessage,
     DeliverMessage,
     ProgressMessage,
+    ProgressReply,
     ResultMessage,
     TrialMessage,
     finite_metrics,
@@ -32,12 +33,17 @@ from mloptimizer.trainer.kept import KeptModels
 from mloptimizer.trainer.memory import MemoryWatch
 from mloptimizer.trainer.training import Outcome, result_message, train_trial
 
-__all__ = ["Ask", "TrialSession"]
+__all__ = ["Ask", "TrialSession", "decision_of"]
 
 log = logging.getLogger("mloptimizer.trainer")
 
 # Send one progress message and return the dispatcher's decision ("continue" if none came).
 Ask = Callable[[ProgressMessage], Decision]
+
+
+def decision_of(reply: ProgressReply) -> Decision:
+    """What the dispatcher's answer to a progress report says: go on or prune."""
+    return reply.decision
 
 
 @dataclass

@@ -48,7 +48,6 @@ from mloptimizer.messages import (
     DeliverMessage,
     MessageError,
     ProgressMessage,
-    ProgressReply,
     QueueNames,
     Receiver,
     Refuse,
@@ -60,7 +59,7 @@ from mloptimizer.messages import (
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.kept import KeptModels
 from mloptimizer.trainer.memory import DEFAULT_RECYCLE_MB
-from mloptimizer.trainer.session import Ask, TrialSession
+from mloptimizer.trainer.session import Ask, TrialSession, decision_of
 from mloptimizer.trainer.training import TrialInterrupted
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -408,10 +407,6 @@ class Worker:
         log.info("requeued trial %d on shutdown", job.trial.number)
 
 
-def _decision(reply: ProgressReply) -> Decision:
-    return reply.decision
-
-
 # What a trainer does with each kind that can arrive on the queues it reads (messages.ROUTES):
 # a trial or the final job from the trials queue, the dispatcher's answer on its own reply
 # queue (any other kind there is ignored: the epoch goes on).
@@ -421,7 +416,7 @@ RECEIVER: Final[Receiver[Any]] = Receiver(
     handlers={
         "trial": Worker._run_trial,
         "deliver": Worker._run_final_job,
-        "progress-reply": _decision,
+        "progress-reply": decision_of,
     },
 )
 
