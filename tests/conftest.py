@@ -42,6 +42,22 @@ ALONE_FILES = {
     "test_fault_drill.py": "kills and restarts RabbitMQ and PostgreSQL",
 }
 
+# Files of tests that take minutes each (measured with --durations on 2 cores), the slowest
+# first: the parallel phase starts them first, so that none is left running alone at the
+# end while the other workers idle.
+SLOW_FILES = (
+    "test_run.py",
+    "test_readme.py",
+    "test_delivery.py",
+    "test_containers.py",
+    "test_edge_example.py",
+    "test_operator.py",
+    "test_daemon.py",
+    "test_local.py",
+    "test_trainer_worker.py",
+    "test_examples.py",
+)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -75,7 +91,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         (keep if alone == wanted else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = keep
+    if phase == "parallel":  # the slow ones first (a stable sort: the rest keep their order)
+        keep.sort(key=_slowness)
+    items[:] = keep
+
+
+def _slowness(item: pytest.Item) -> tuple[bool, int]:
+    """Sort key: tests marked slow, then the SLOW_FILES in order, then everything else."""
+    name = item.path.name
+    return item.get_closest_marker("slow") is None, (
+        SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+    )
 
 
 @pytest.fixture
