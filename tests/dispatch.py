@@ -20,7 +20,7 @@ from mloptimizer.messages import (
     encode,
 )
 from mloptimizer.space import Architecture
-from mloptimizer.spec import Dataset
+from mloptimizer.spec import ArchitectureSearchSpec, Dataset
 
 Decide = Callable[[ProgressMessage], Literal["continue", "prune"] | None]  # None: do not answer
 
@@ -149,3 +149,18 @@ def result_of(trial: TrialMessage, **changes: Any) -> ResultMessage:
         "epochs_run": trial.epochs,
     }
     return ResultMessage(**{**fields, **changes})
+
+
+def make_spec(**overrides: Any) -> ArchitectureSearchSpec:
+    """A small digits search, with each of ``overrides`` merged over its section."""
+    spec: dict[str, Any] = {
+        "dataset": {"builtin": "digits"},
+        "budget": {"maxTrials": 6, "parallelism": 2},
+        "sampler": {"seed": 3, "nStartupTrials": 2},
+        "pruner": {"type": "none"},
+        "training": {"epochs": 3},
+        "searchSpace": {"architectures": ["cnn"]},
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return ArchitectureSearchSpec.model_validate(spec)

@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 import pytest
-from dispatch import progress_of, result_of
+from dispatch import make_spec, progress_of, result_of
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 from services import fresh_postgres_database
@@ -42,20 +42,6 @@ from mloptimizer.study import (
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def make_spec(**overrides: Any) -> ArchitectureSearchSpec:
-    spec: dict[str, Any] = {
-        "dataset": {"builtin": "digits"},
-        "budget": {"maxTrials": 6, "parallelism": 2},
-        "sampler": {"seed": 3, "nStartupTrials": 2},
-        "pruner": {"type": "none"},
-        "training": {"epochs": 3},
-        "searchSpace": {"architectures": ["cnn"]},
-    }
-    for key, value in overrides.items():
-        spec[key] = {**spec.get(key, {}), **value}
-    return ArchitectureSearchSpec.model_validate(spec)
 
 
 def accuracy(trial: TrialMessage, epoch: int) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 import pytest
-from dispatch import progress_of, result_of
+from dispatch import make_spec, progress_of, result_of
 
 from mloptimizer.dispatch import Counts, DeadTrial, trial_message
 from mloptimizer.dispatch.deadlines import Deadlines
@@ -37,20 +37,6 @@ from mloptimizer.study import Attr, TrialRecord
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 SEARCH = "ns.search"
-
-
-def make_spec(**overrides: Any) -> ArchitectureSearchSpec:
-    spec: dict[str, Any] = {
-        "dataset": {"builtin": "digits"},
-        "budget": {"maxTrials": 6, "parallelism": 2},
-        "sampler": {"seed": 3, "nStartupTrials": 2},
-        "pruner": {"type": "none"},
-        "training": {"epochs": 3},
-        "searchSpace": {"architectures": ["cnn"]},
-    }
-    for key, value in overrides.items():
-        spec[key] = {**spec.get(key, {}), **value}
-    return ArchitectureSearchSpec.model_validate(spec)
 
 
 def sent(number: int = 4, trial_id: int = 40, phase: str = "explore") -> TrialMessage:

@@ -12,8 +12,9 @@ import optuna
 import optuna_dashboard
 import pytest
 import sqlalchemy
+from dispatch import make_spec
 from optuna.trial import FrozenTrial
-from test_dispatch import ScriptedTransport, make_spec
+from test_dispatch import ScriptedTransport
 
 from mloptimizer.dispatch import Dispatcher, Inbound
 from mloptimizer.messages import ResultMessage, TrialMessage

@@ -69,16 +69,20 @@ class JoinSecret(SpecModel):
     )
 
 
+# A pool's machines and the trainer pods are both counted in a min..max range.
+REPLICA_RANGE = Rule(
+    cel="self.minReplicas <= self.maxReplicas",
+    check=lambda s: s.min_replicas <= s.max_replicas,
+    message="minReplicas must be <= maxReplicas",
+    field="minReplicas",
+)
+
+
 class GpuPool(SpecModel):
     """GPU machines rented from Vast.ai for this search, under a price cap and a spend cap."""
 
     rules = (
-        Rule(
-            cel="self.minReplicas <= self.maxReplicas",
-            check=lambda s: s.min_replicas <= s.max_replicas,
-            message="minReplicas must be <= maxReplicas",
-            field="minReplicas",
-        ),
+        REPLICA_RANGE,
         Rule(
             cel="self.interruptible == has(self.bidPricePerHour)",
             check=lambda s: s.interruptible == (s.bid_price_per_hour is not None),
@@ -171,12 +175,7 @@ class Workers(SpecModel):
     """The trainer pods that consume trials."""
 
     rules = (
-        Rule(
-            cel="self.minReplicas <= self.maxReplicas",
-            check=lambda s: s.min_replicas <= s.max_replicas,
-            message="minReplicas must be <= maxReplicas",
-            field="minReplicas",
-        ),
+        REPLICA_RANGE,
         Rule(
             cel="!(has(self.gpuPool) && has(self.pricePerHour))",
             check=lambda s: not (s.gpu_pool is not None and s.price_per_hour is not None),
