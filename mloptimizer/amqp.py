@@ -29,7 +29,14 @@ from typing import Any, Generic, TypeVar
 import pika
 import pika.exceptions
 
-from mloptimizer.broker import PERSISTENT, dead_letter, death_reason, declare_queues, dial
+from mloptimizer.broker import (
+    PERSISTENT,
+    dead_letter,
+    dead_lettered,
+    death_reason,
+    declare_queues,
+    dial,
+)
 from mloptimizer.dispatch import DeadTrial, Inbound, Malformed
 from mloptimizer.dispatch.loop import RECEIVER
 from mloptimizer.faults import Resume, transient
@@ -163,6 +170,8 @@ class AmqpTransport(SearchChannel[Inbound]):
     def _on_dead(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         reject = self._rejecter(channel, method, properties, body)
         try:
+            if (forged := dead_lettered(properties.headers, self.names)) is not None:
+                raise MessageError(forged)
             message = decode(body)
             if isinstance(refused := RECEIVER.route(message, "dead"), Refuse):
                 raise MessageError(refused.reason)

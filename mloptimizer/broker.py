@@ -6,9 +6,17 @@ deliveries (``x-delivery-count``, which results carry as ``attempt``) and dead-l
 trial that keeps killing its trainers after ``DELIVERY_LIMIT`` deliveries, so a poison
 trial cannot crash-loop the workers; the dispatcher reads that dead-letter queue and fails
 the trial with the reason. Progress and results the dispatcher refuses go to a separate
-``rejected`` queue for a person to read, capped at ``REJECTED_KEPT`` messages (the oldest
-dropped) so that a flood of bad messages cannot fill the broker. A search's queues are
-dialled (:func:`dial`) and deleted (:func:`delete_queues`) here too.
+``rejected`` queue for a person to read, capped at ``REJECTED_KEPT`` messages and
+``REJECTED_BYTES`` bytes (the oldest dropped) so that a flood of bad messages cannot fill
+the broker. A search's queues are dialled (:func:`dial`) and deleted
+(:func:`delete_queues`) here too.
+
+Only the operator's side declares: trainers hold a login that may consume the trials queue
+and its own reply queue and publish to the search's inbox exchange, nothing else
+(:mod:`mloptimizer.operator.brokeradmin`). So trainers reach the progress and results
+queues through that exchange (:func:`to_dispatcher`), a trainer refuses a trial by
+rejecting it (the broker dead-letters it), and a message in the dead-letter queue counts
+only when the broker put it there from the trials queue (:func:`dead_lettered`).
 """
 
 from __future__ import annotations
@@ -26,17 +34,21 @@ __all__ = [
     "DELIVERY_LIMIT",
     "PERSISTENT",
     "REASON_HEADER",
+    "REJECTED_BYTES",
     "REJECTED_KEPT",
     "attempt_of",
     "dead_letter",
+    "dead_lettered",
     "death_reason",
     "declare_queues",
     "delete_queues",
     "dial",
+    "to_dispatcher",
 ]
 
 REASON_HEADER = "x-mlopt-reason"
 REJECTED_KEPT = 1000
+REJECTED_BYTES = 64 * 1024 * 1024  # a flood of large refused bodies is capped by size too
 
 
 def dial(url: str, *, heartbeat: int | None = None) -> pika.BlockingConnection:
@@ -48,10 +60,13 @@ def dial(url: str, *, heartbeat: int | None = None) -> pika.BlockingConnection:
 
 
 def declare_queues(channel: BlockingChannel, names: QueueNames) -> None:
-    """Declare the search's queues (idempotent)."""
+    """Declare the search's queues and its inbox exchange (idempotent); the operator's side
+    only (a trainer's login may not declare)."""
     channel.queue_declare(queue=names.dead_letters, durable=True)
     channel.queue_declare(
-        queue=names.rejected, durable=True, arguments={"x-max-length": REJECTED_KEPT}
+        queue=names.rejected,
+        durable=True,
+        arguments={"x-max-length": REJECTED_KEPT, "x-max-length-bytes": REJECTED_BYTES},
     )
     channel.queue_declare(
         queue=names.trials,
@@ -65,6 +80,21 @@ def declare_queues(channel: BlockingChannel, names: QueueNames) -> None:
     )
     channel.queue_declare(queue=names.progress, durable=True)
     channel.queue_declare(queue=names.results, durable=True)
+    channel.exchange_declare(names.inbox, exchange_type="direct", durable=True)
+    for queue in (names.progress, names.results):
+        channel.queue_bind(queue, names.inbox, routing_key=queue)
+
+
+def to_dispatcher(
+    channel: BlockingChannel,
+    names: QueueNames,
+    queue: str,
+    body: bytes,
+    properties: pika.BasicProperties,
+) -> None:
+    """A trainer's publish of progress or a result: through the search's inbox exchange,
+    the one place its login may write."""
+    channel.basic_publish(names.inbox, queue, body, properties)
 
 
 def delete_queues(url: str, names: QueueNames) -> None:
@@ -74,6 +104,7 @@ def delete_queues(url: str, names: QueueNames) -> None:
         channel = connection.channel()
         for queue in names.all:
             channel.queue_delete(queue)
+        channel.exchange_delete(names.inbox)
     finally:
         if connection.is_open:
             connection.close()
@@ -111,14 +142,30 @@ def attempt_of(headers: dict[str, Any] | None) -> int:
     return int(count) + 1
 
 
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
+def dead_lettered(headers: dict[str, Any] | None, names: QueueNames) -> str | None:
+    """Why a message in the dead-letter queue does not count, or None when the broker itself
+    dead-lettered it from the search's trials queue (its ``x-first-death-queue``).
+
+    A publisher cannot be told apart by its headers alone, so this holds only because no
+    login but the operator's may publish there; the check keeps a mistake (or the
+    operator's own test tools) from failing a trial without the broker's say.
+    """
+    queue = _text((headers or {}).get("x-first-death-queue"))
+    if queue != names.trials:
+        shown = repr(queue[:64]) if queue else "no x-first-death-queue header"
+        return f"not dead-lettered by the broker from {names.trials} ({shown})"
+    return None
+
+
 def death_reason(headers: dict[str, Any] | None) -> str:
-    """Why a message was dead-lettered: our reason header, or the broker's own."""
-    headers = headers or {}
-    if REASON_HEADER in headers:
-        return str(headers[REASON_HEADER])[:1024]
-    reason = headers.get("x-first-death-reason")
-    if isinstance(reason, bytes):
-        reason = reason.decode(errors="replace")
+    """Why the broker dead-lettered a message (its ``x-first-death-reason``)."""
+    reason = _text((headers or {}).get("x-first-death-reason"))
+    if reason == "rejected":
+        return "a trainer refused it (it could not read the message, or it was not for it)"
     if reason == "delivery_limit":
         return (
             f"no trainer finished it in {DELIVERY_LIMIT + 1} deliveries (each one died or "

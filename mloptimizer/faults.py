@@ -8,7 +8,8 @@ The rule (:func:`lost_service`): an error is a lost service when it, or anything
 cause chain, is a class named in :data:`TRANSIENT` (matched by name, so the core needs
 neither pika nor a database driver), or when one of the caller's :data:`Outage` hooks
 says so: the operator adds its Kubernetes API (:func:`~mloptimizer.operator.kube.kube_outage`),
-the GPU pool its Vast.ai (:func:`~mloptimizer.operator.vastai.vast_outage`). Optuna's
+the GPU pool its Vast.ai (:func:`~mloptimizer.operator.vastai.vast_outage`). A broker that
+answers with a refusal (:data:`REFUSALS`) is not lost, whatever the exception's class. Optuna's
 ``StorageInternalError`` is deliberately not named: it is a lost service only when a lost
 connection caused it (Optuna raises it ``from`` SQLAlchemy's error), not when it wraps a
 refused write. :class:`Resume` is the one resume loop.
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "BUSY_STATUSES",
+    "REFUSALS",
     "TRANSIENT",
     "Outage",
     "Resume",
@@ -57,6 +59,18 @@ TRANSIENT = frozenset(
         "NackError",
     }
 )
+
+# AMQP replies of a broker that is up and refuses (a channel closed with them is not a
+# lost broker): 403 ACCESS_REFUSED (the login lacks the right), and 406 PRECONDITION_FAILED
+# when a queue is not as declared (someone re-declared or reshaped it: "inequivalent arg").
+# Reported, not awaited. A 406 for a consumer timeout is a closed channel, dialled again.
+REFUSALS = {403: "", 406: "inequivalent arg"}
+
+
+def _refused(link: BaseException) -> bool:
+    code = getattr(link, "reply_code", None)
+    return code in REFUSALS and REFUSALS[code] in str(getattr(link, "reply_text", ""))
+
 
 # HTTP answers of a service throttling us or in trouble: worth another try later.
 BUSY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -92,6 +106,8 @@ def lost_service(error: BaseException, *outages: Outage) -> str | None:
     """What ``error`` says is lost for a while ("the broker", "the study's database", or
     what an ``outages`` hook names), or None when it is a bug or bad data."""
     chain = _chain(error)
+    if any(_refused(link) for link in chain):
+        return None  # the broker is there and says no: waiting will not change its mind
     if any(_named(link) for link in chain):
         return _service(chain)
     for link in chain:

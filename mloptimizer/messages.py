@@ -436,6 +436,13 @@ class QueueNames:
         return f"{self.base}.rejected"
 
     @property
+    def inbox(self) -> str:
+        """The exchange trainers publish progress and results to (routing key: the queue's
+        name): the one thing their broker login may write to, so that they can reach
+        neither the dead-letter nor the rejected queue."""
+        return f"{self.base}.in"
+
+    @property
     def all(self) -> tuple[str, ...]:
         """Every queue of the search, as deleted with it."""
         return (self.trials, self.progress, self.results, self.dead_letters, self.rejected)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 from mloptimizer.amqp import Consumer, SearchChannel
-from mloptimizer.broker import death_reason
+from mloptimizer.broker import dead_lettered, death_reason
 from mloptimizer.faults import Resume, StopFlag
 from mloptimizer.messages import (
     ARTIFACT_FILES,
@@ -147,6 +147,8 @@ class FinalJobChannel(SearchChannel[Received]):
 
     def _on(self, queue: Queue, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         try:
+            if queue == "dead" and (forged := dead_lettered(properties.headers, self.names)):
+                raise MessageError(forged)
             message = decode(body)
         except MessageError as error:
             self._refuse(channel, method, properties, body, f"in the {queue} queue: {error.reason}")

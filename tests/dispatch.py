@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import pika
 
-from mloptimizer.broker import REASON_HEADER, declare_queues
+from mloptimizer.broker import declare_queues
 from mloptimizer.messages import (
     ProgressMessage,
     ProgressReply,
@@ -108,7 +108,8 @@ class Dispatcher:
             method, props, body = self.channel.basic_get(self.names.dead_letters, auto_ack=True)
             if method is None:
                 return found
-            found.append((body, (props.headers or {}).get(REASON_HEADER, "")))
+            reason = (props.headers or {}).get("x-first-death-reason", b"")
+            found.append((body, reason.decode() if isinstance(reason, bytes) else str(reason)))
 
     def queued_trials(self) -> int:
         declared = self.channel.queue_declare(self.names.trials, passive=True)

@@ -53,6 +53,11 @@ NO_HOOK: tuple[Outage, ...] = ()
 OPERATOR = (kube_outage,)
 POOL = (kube_outage, vast_outage)
 
+# RabbitMQ's texts: a consumer timeout closes the channel (dialled again); a queue declared
+# otherwise than ours, or a right the login lacks, is a refusal (reported, not awaited).
+TIMED_OUT = "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out"
+RESHAPED = "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost 'v'"
+
 TABLE: list[tuple[str, BaseException, tuple[Outage, ...], str | None]] = [
     # the database
     ("a lost database", lost_db(), NO_HOOK, DATABASE),
@@ -66,6 +71,9 @@ TABLE: list[tuple[str, BaseException, tuple[Outage, ...], str | None]] = [
     ("the stream lost", pika.exceptions.StreamLostError("reset"), NO_HOOK, BROKER),
     ("the broker closed it", pika.exceptions.ConnectionClosedByBroker(320, "x"), NO_HOOK, BROKER),
     ("a channel closed", pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND"), NO_HOOK, BROKER),
+    ("a consumer timeout", pika.exceptions.ChannelClosedByBroker(406, TIMED_OUT), NO_HOOK, BROKER),
+    ("a queue reshaped", pika.exceptions.ChannelClosedByBroker(406, RESHAPED), NO_HOOK, None),
+    ("a right refused", pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED"), (), None),
     ("a consumer cancelled", pika.exceptions.ConsumerCancelled(), NO_HOOK, BROKER),
     ("a publish unconfirmed", pika.exceptions.NackError([]), NO_HOOK, BROKER),
     ("a duplicate consumer tag", pika.exceptions.DuplicateConsumerTag("t"), OPERATOR, None),

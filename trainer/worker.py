@@ -13,8 +13,10 @@ Guarantees:
 * a redelivered trial carries ``attempt`` > 1; results carry the trial id and attempt,
   so the dispatcher tells each trial once. A trial this worker already reported (its
   ack was lost with the channel) is acked at once instead of trained again.
-* malformed messages, and trials of another search, go to the dead-letter queue with the
-  reason (the dispatcher fails such a trial); the worker goes on.
+* malformed messages, and trials of another search, are rejected: the broker
+  dead-letters them (the dispatcher fails such a trial); the worker goes on. Its login
+  may consume the trials queue and its reply queue and publish to the search's inbox
+  exchange, nothing more (:func:`~mloptimizer.broker.to_dispatcher`).
 * SIGTERM: cancel the consumer first (so no redelivery reaches a worker that would only
   give it back, using up one of the trial's delivery attempts), stop the trial in hand,
   requeue it, exit 0; a trial waiting for a prune decision stops waiting at once.
@@ -40,7 +42,7 @@ from typing import Any, Final
 import pika
 import pika.exceptions
 
-from mloptimizer.broker import PERSISTENT, attempt_of, dead_letter, declare_queues, dial
+from mloptimizer.broker import PERSISTENT, attempt_of, dial, to_dispatcher
 from mloptimizer.faults import Resume, transient
 from mloptimizer.messages import (
     Decision,
@@ -204,7 +206,8 @@ class Worker:
     def _serve(self, connection: pika.BlockingConnection) -> None:
         channel = connection.channel()
         channel.confirm_delivery()
-        declare_queues(channel, self.names)
+        # No declaring: the operator's side made the queues, and this login may not. Until
+        # it has, consuming fails with 404 (a closed channel) and the worker dials again.
         channel.basic_qos(prefetch_count=1)
         self._reply_queue = channel.queue_declare(
             queue="", exclusive=True, auto_delete=True
@@ -241,9 +244,10 @@ class Worker:
                     f"a trial of search {message.search!r} in the queue of {self.config.search!r}"
                 )
         except MessageError as error:
-            log.error("dead-lettering a message: %s", error.reason)
-            dead_letter(channel, self.names.dead_letters, body, properties.headers, error.reason)
-            channel.basic_ack(method.delivery_tag)
+            # Rejected, not requeued: the broker dead-letters it (this login may not
+            # publish there itself), and the dispatcher fails a trial it can read.
+            log.error("refusing a message (dead-lettered by the broker): %s", error.reason)
+            channel.basic_nack(method.delivery_tag, requeue=False)
             return
         if self._finished() or self._stop.is_set():
             channel.basic_nack(method.delivery_tag, requeue=True)
@@ -328,8 +332,9 @@ class Worker:
                 continue
             correlation = uuid.uuid4().hex
             self._pending[correlation] = request
-            channel.basic_publish(
-                "",
+            to_dispatcher(
+                channel,
+                self.names,
                 self.names.progress,
                 encode(request.message),
                 pika.BasicProperties(
@@ -343,7 +348,7 @@ class Worker:
         if job.result is None:  # interrupted: _shutdown requeues it
             return
         result = job.result
-        channel.basic_publish("", self.names.results, encode(result), PERSISTENT)
+        to_dispatcher(channel, self.names, self.names.results, encode(result), PERSISTENT)
         self._remember(result)
         self._done += 1
         if not self._finished() and self.session.restart_due(self._done):
