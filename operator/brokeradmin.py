@@ -9,39 +9,72 @@ separate namespace of queues and exchanges, so publishing through the default ex
 ``amq.topic`` or ``amq.direct``, naming a neighbour's queue (``a`` vs ``a.v2``) or declaring
 queues can only ever touch this search's own traffic. The operator's user is given the
 vhost too, to dispatch there. Deleting the vhost deletes the search's queues.
+
+Each vhost is bounded (:data:`LIMITS`: connections and queues), so that one search's
+trainers cannot exhaust the broker every search shares. No identity outlives its search:
+the finalizer deletes it, and :func:`sweep_identities` deletes those of searches deleted
+while no operator ran (or whose finalizer was removed by hand).
 """
 
 from __future__ import annotations
 
 import base64
+import logging
+import re
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
 __all__ = [
     "ALL",
+    "LIMITS",
     "BrokerAdmin",
     "admin_url_for",
     "in_vhost",
     "scoped_url",
     "search_user",
     "search_vhost",
+    "sweep_identities",
+    "uid_of",
     "vhost_of",
 ]
+
+log = logging.getLogger(__name__)
 
 # Every right, on the search's own vhost only (a vhost is the unit of isolation).
 ALL = {"configure": ".*", "write": ".*", "read": ".*"}
 
+# Per-vhost limits. Connections: every trainer of a search holds one (at most the CRD's
+# 1000 workers.maxReplicas), twice over because a replaced trainer's connection lingers
+# until the broker notices it gone, plus the operator's own (dispatcher, final job,
+# deletion, a reconnect in flight). Queues: the search's five plus one reply queue per
+# trainer connection. A search past them is refused more, its neighbours are not.
+MOST_TRAINERS = 1000  # workers.maxReplicas' maximum in the CRD (tests hold it to the model)
+OPERATOR_CONNECTIONS = 8
+MAX_CONNECTIONS = 2 * MOST_TRAINERS + OPERATOR_CONNECTIONS
+LIMITS = {"max-connections": MAX_CONNECTIONS, "max-queues": 5 + MAX_CONNECTIONS}
+
+_PREFIX = "mlopt-"
+_UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
 
 def search_user(uid: str) -> str:
     """The broker user of the search with ``uid``."""
-    return f"mlopt-{uid}"
+    return f"{_PREFIX}{uid}"
 
 
 def search_vhost(uid: str) -> str:
     """The broker vhost of the search with ``uid``."""
     return f"mlopt-{uid}"
+
+
+def uid_of(name: str) -> str | None:
+    """The search uid in a vhost or user name ``mlopt-<uid>``, or None for any other name."""
+    uid = name.removeprefix(_PREFIX)
+    return uid if name.startswith(_PREFIX) and _UID.fullmatch(uid) else None
 
 
 def in_vhost(url: str, vhost: str) -> str:
@@ -87,7 +120,8 @@ class BrokerAdmin:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         return f"{parts.scheme}://{host}", {"Authorization": f"Basic {token}"}
 
-    async def _request(self, method: str, path: str, body: object = None) -> int:
+    async def _request(self, method: str, path: str, body: object = None) -> Any:
+        """The answer's JSON (None when it has none); a DELETE of what is gone is done."""
         root, headers = self._root_and_headers()
         async with (
             aiohttp.ClientSession(
@@ -100,7 +134,9 @@ class BrokerAdmin:
                 raise RuntimeError(
                     f"RabbitMQ management {method} {path}: HTTP {response.status}: {text}"
                 )
-            return response.status
+            if response.content_type != "application/json":
+                return None
+            return await response.json()
 
     @property
     def user(self) -> str:
@@ -122,9 +158,36 @@ class BrokerAdmin:
                 # password, from its Secret): RabbitMQ refuses the racing PUT; again updates.
                 if "user_already_exists" not in str(error) or attempt == 2:
                     raise
+        for limit, value in LIMITS.items():
+            await self._request("PUT", f"/api/vhost-limits/{quoted}/{limit}", {"value": value})
         await self._request("PUT", f"/api/permissions/{quoted}/{name}", ALL)
         own = urllib.parse.quote(self.user, safe="")
         await self._request("PUT", f"/api/permissions/{quoted}/{own}", ALL)
+
+    async def limits(self, vhost: str) -> dict[str, int]:
+        """The limits set on ``vhost`` (``{}`` when none)."""
+        found = await self._request(
+            "GET", f"/api/vhost-limits/{urllib.parse.quote(vhost, safe='')}"
+        )
+        return dict(found[0]["value"]) if found else {}
+
+    async def identities(self) -> set[str]:
+        """The uids of the search identities (``mlopt-<uid>``) this operator answers for:
+        the vhosts its own login was given, and the users whose vhost is gone.
+
+        A vhost the operator's login holds no rights on was made by another operator (with
+        its own login) sharing this broker: its searches are not in this one's cluster. A
+        user alone reaches nothing, but its password would log in again were its vhost
+        made again.
+        """
+        own = urllib.parse.quote(self.user, safe="")
+        granted = await self._request("GET", f"/api/users/{own}/permissions")
+        vhosts = await self._request("GET", "/api/vhosts?columns=name")
+        users = await self._request("GET", "/api/users?columns=name")
+        ours = {uid_of(p["vhost"]) for p in granted}
+        present = {uid_of(v["name"]) for v in vhosts}
+        alone = {uid_of(u["name"]) for u in users} - present
+        return {uid for uid in ours | alone if uid is not None}
 
     async def delete_identity(self, vhost: str, user: str) -> None:
         """Delete the user (its connections are closed) and the vhost with its queues."""
@@ -136,3 +199,21 @@ class BrokerAdmin:
     async def delete_user(self, user: str) -> None:
         """Delete ``user`` (its connections are closed by the broker); gone is done."""
         await self._request("DELETE", f"/api/users/{urllib.parse.quote(user, safe='')}")
+
+
+async def sweep_identities(
+    admin: BrokerAdmin, live_uids: Callable[[], Awaitable[set[str]]]
+) -> list[str]:
+    """Delete the broker identities (vhost and user) of searches that no longer exist;
+    returns their uids.
+
+    Identities are listed before the searches: one made by a search created meanwhile is
+    then sure to find its search in the list.
+    """
+    found = await admin.identities()
+    live = await live_uids()
+    gone = sorted(found - live)
+    for uid in gone:
+        log.warning("deleting the broker identity of search %s, which no longer exists", uid)
+        await admin.delete_identity(search_vhost(uid), search_user(uid))
+    return gone

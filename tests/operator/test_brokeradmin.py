@@ -4,6 +4,11 @@ a search's user reaches its own search's traffic and nothing else, whatever it t
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,14 +21,19 @@ from services import RABBITMQ_URL
 from mloptimizer.broker import PERSISTENT, declare_queues
 from mloptimizer.messages import QueueNames
 from mloptimizer.operator.brokeradmin import (
+    LIMITS,
+    MOST_TRAINERS,
     BrokerAdmin,
     admin_url_for,
     in_vhost,
     scoped_url,
     search_user,
     search_vhost,
+    sweep_identities,
+    uid_of,
     vhost_of,
 )
+from mloptimizer.spec.workers import Workers
 
 pytestmark = pytest.mark.services
 
@@ -45,6 +55,10 @@ def test_urls() -> None:
     assert in_vhost("amqp://admin:secret@rabbit:5672/%2F", "mlopt-3") == (
         "amqp://admin:secret@rabbit:5672/mlopt-3"
     )
+    uid = str(uuid.uuid4())
+    assert uid_of(search_vhost(uid)) == uid == uid_of(search_user(uid))
+    for other in ("/", "guest", "mlopt-", "mlopt-x", f"mlopt-{uid}-v2", f"team-{uid}"):
+        assert uid_of(other) is None  # never someone else's vhost or user
 
 
 @dataclass
@@ -165,3 +179,77 @@ async def test_handlers_making_the_same_identity_at_once_all_succeed() -> None:
             await admin.delete_user(user)
     finally:
         await admin.delete_identity(vhost, user)
+
+
+async def test_a_search_vhost_is_bounded_past_the_most_trainers_the_crd_allows() -> None:
+    """One search's trainers cannot take every connection and queue of the shared broker,
+    and the bounds leave room for the most trainers a search may have."""
+    (most,) = (b.le for b in Workers.model_fields["max_replicas"].metadata if hasattr(b, "le"))
+    assert most == MOST_TRAINERS
+    assert LIMITS["max-connections"] > 2 * most
+    assert LIMITS["max-queues"] == 5 + LIMITS["max-connections"]
+    admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))
+    uid = str(uuid.uuid4())
+    await admin.ensure_identity(search_vhost(uid), search_user(uid), "pw")
+    try:
+        assert await admin.limits(search_vhost(uid)) == LIMITS
+    finally:
+        await admin.delete_identity(search_vhost(uid), search_user(uid))
+
+
+def management(method: str, path: str, body: object = None) -> None:
+    """One call to the management API as the operator's login (guest)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:15672{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={
+            "Authorization": "Basic " + base64.b64encode(b"guest:guest").decode(),
+            "Content-Type": "application/json",
+        },
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+def exists(kind: str, name: str) -> bool:
+    try:
+        management("GET", f"/api/{kind}/{urllib.parse.quote(name, safe='')}")
+    except urllib.error.HTTPError as error:
+        if error.code != 404:
+            raise
+        return False
+    return True
+
+
+async def test_the_sweep_deletes_the_identities_of_searches_gone_and_only_those() -> None:
+    """A search deleted while no operator ran (or whose finalizer was removed by hand) left
+    its vhost and user, whose password still logged in: the sweep deletes them. It leaves
+    live searches' identities, and those of another operator sharing the broker (its vhost
+    was never given to this operator's login)."""
+    admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))
+    live, gone, user_alone, foreign = (str(uuid.uuid4()) for _ in range(4))
+    for uid in (live, gone, user_alone, foreign):
+        await admin.ensure_identity(search_vhost(uid), search_user(uid), "pw")
+    management("DELETE", f"/api/vhosts/{search_vhost(user_alone)}")  # its user was left
+    management("DELETE", f"/api/permissions/{search_vhost(foreign)}/guest")
+    try:
+
+        async def searches() -> set[str]:  # every identity there is, but the two gone
+            return (await admin.identities()) - {gone, user_alone}
+
+        swept = await sweep_identities(admin, searches)
+        assert {gone, user_alone} <= set(swept)
+        assert not {live, foreign} & set(swept)
+        for uid in (gone, user_alone):
+            assert not exists("users", search_user(uid))
+            assert not exists("vhosts", search_vhost(uid))
+        for uid in (live, foreign):
+            assert exists("users", search_user(uid))
+            assert exists("vhosts", search_vhost(uid))
+        with pytest.raises(pika.exceptions.AMQPConnectionError):
+            pika.BlockingConnection(pika.URLParameters(scoped_url(
+                RABBITMQ_URL, search_user(gone), "pw", search_vhost(gone)
+            )))  # fmt: skip
+    finally:
+        for uid in (live, gone, user_alone, foreign):
+            await admin.delete_identity(search_vhost(uid), search_user(uid))
