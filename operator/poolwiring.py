@@ -1,6 +1,7 @@
 """A search's GPU pool wired to the operator: its controller built from the search, the
 rented machines' requests with their secrets, the pool's loop (:func:`run_pool`) in kopf's
-event loop, its destruction, and the orphan sweep.
+event loop, its destruction, and the orphan sweep (Vast.ai instances and broker identities
+whose search is gone).
 
 The pure parts (offers, sizing, money, one reconcile pass) are :mod:`~mloptimizer.operator.pool`'s;
 the requests' bodies are :mod:`~mloptimizer.operator.builders`'.
@@ -14,12 +15,18 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import aiohttp
 import kopf
 import kubernetes
 
 from mloptimizer.faults import Outage, lost_service
 from mloptimizer.loading import SpecError
-from mloptimizer.operator.brokeradmin import scoped_url, search_user, search_vhost
+from mloptimizer.operator.brokeradmin import (
+    scoped_url,
+    search_user,
+    search_vhost,
+    sweep_identities,
+)
 from mloptimizer.operator.builders import (
     CACHE_DIR,
     GRACE_SECONDS,
@@ -255,24 +262,44 @@ async def live_search_uids(config: OperatorConfig) -> set[str]:
 
 
 async def sweep_forever(shared: Shared) -> None:
-    """Destroy, now and then, instances whose search is gone, with every key known."""
+    """Now and then, destroy the Vast.ai instances (with every key known) and delete the
+    broker identities whose search is gone.
+
+    Identities are first swept one interval after the start: they are told apart by the
+    operator's broker login only, and a short-lived operator sharing that login (a test's)
+    would otherwise sweep at once the identities of searches in another cluster.
+    """
+    passes = 0
     while True:
-        with shared.lock:
-            keys = set(shared.vast_keys.values())
-        if shared.config.vastai_api_key:
-            keys.add(shared.config.vastai_api_key)
-        for api_key in keys:
+        if shared.config.gpu_pools:
+            await _sweep_instances(shared)
+        if passes > 0:
             try:
-                async with VastClient(api_key, url=shared.config.vastai_url) as vast:
-                    await sweep_orphans(vast, lambda: live_search_uids(shared.config))
-            except (VastError, kubernetes.client.ApiException) as error:
-                log.warning("orphan sweep: %s", error)
+                await sweep_identities(
+                    shared.broker_admin(), lambda: live_search_uids(shared.config)
+                )
+            except (RuntimeError, aiohttp.ClientError, kubernetes.client.ApiException) as error:
+                log.warning("orphan sweep of broker identities: %s", error)
+        passes += 1
         await asyncio.sleep(shared.config.orphan_sweep_interval)
+
+
+async def _sweep_instances(shared: Shared) -> None:
+    with shared.lock:
+        keys = set(shared.vast_keys.values())
+    if shared.config.vastai_api_key:
+        keys.add(shared.config.vastai_api_key)
+    for api_key in keys:
+        try:
+            async with VastClient(api_key, url=shared.config.vastai_url) as vast:
+                await sweep_orphans(vast, lambda: live_search_uids(shared.config))
+        except (VastError, kubernetes.client.ApiException) as error:
+            log.warning("orphan sweep: %s", error)
 
 
 def start_sweeper(shared: Shared) -> None:
     """Start the orphan sweep in the operator's loop (unless its interval is 0)."""
-    if shared.config.gpu_pools and shared.config.orphan_sweep_interval > 0:
+    if shared.config.orphan_sweep_interval > 0:
         shared.sweeper = asyncio.create_task(sweep_forever(shared))
 
 

@@ -12,7 +12,8 @@ import base64
 import dataclasses
 import json
 import urllib.request
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +22,13 @@ from services import RABBITMQ_URL
 from test_operator import name, operator_config, search  # noqa: F401 (fixtures)
 from vastmock import API_KEY, VastMock
 
+from mloptimizer.operator.brokeradmin import (
+    BrokerAdmin,
+    admin_url_for,
+    scoped_url,
+    search_user,
+    search_vhost,
+)
 from mloptimizer.operator.builders import POOL_LABEL
 from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.main import shared_memo
@@ -55,9 +63,24 @@ async def vast(cluster: Cluster) -> AsyncIterator[VastMock]:
         yield mock
 
 
-def config(dsn: str, vast: VastMock, **changes: Any) -> OperatorConfig:
+@pytest.fixture
+def operator_login() -> Iterator[str]:
+    """A broker login for this test's operator alone (an administrator, as an operator's
+    must be). The orphan sweep only deletes identities whose vhost its operator's login was
+    given; with a login of its own, this test's sweep (every 0.5 s) cannot touch the
+    identities of the tests beside it, which all use guest's."""
+    user, password = f"mlopt-test-operator-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    management("PUT", f"/api/users/{user}", {"password": password, "tags": "administrator"})
+    try:
+        yield scoped_url(RABBITMQ_URL, user, password, "/")
+    finally:
+        management("DELETE", f"/api/users/{user}")
+
+
+def config(dsn: str, vast: VastMock, login: str, **changes: Any) -> OperatorConfig:
     return dataclasses.replace(
         operator_config(dsn),
+        broker_url=login,
         vastai_url=vast.url,
         pool_interval=0.2,
         orphan_sweep_interval=0.5,
@@ -104,6 +127,7 @@ async def test_node_pool_rents_joins_survives_a_restart_and_is_destroyed_with_th
     cluster: Cluster,
     vast: VastMock,
     postgres_dsn: str,
+    operator_login: str,
     name: str,  # noqa: F811
 ) -> None:
     await cluster.create("secrets", secret("vastai", **{"api-key": API_KEY}), "default")
@@ -126,7 +150,7 @@ async def test_node_pool_rents_joins_survives_a_restart_and_is_destroyed_with_th
             "forced": True,
         }
         vast.instances[1] = orphan
-    memo = shared_memo(config(postgres_dsn, vast, vastai_api_key=API_KEY))
+    memo = shared_memo(config(postgres_dsn, vast, operator_login, vastai_api_key=API_KEY))
     async with run_operator(cluster, memo=memo):
         created = await cluster.create("archsearch", pool_search(name))
         uid = created["metadata"]["uid"]
@@ -141,7 +165,7 @@ async def test_node_pool_rents_joins_survives_a_restart_and_is_destroyed_with_th
     rents = [c for c in vast.calls if c[0] == "PUT"]
     assert len(rents) == 2
     # the operator is gone; the machines boot and join meanwhile; a new operator adopts them
-    memo = shared_memo(config(postgres_dsn, vast))
+    memo = shared_memo(config(postgres_dsn, vast, operator_login))
     async with run_operator(cluster, memo=memo):
         ready = await cluster.wait_for(
             "archsearch", "default", name, lambda o: pool_of(o).get("ready") == 2, timeout=60
@@ -188,10 +212,17 @@ async def test_direct_pool_gives_rented_trainers_a_broker_user_of_their_own(
     cluster: Cluster,
     vast: VastMock,
     postgres_dsn: str,
+    operator_login: str,
     name: str,  # noqa: F811
 ) -> None:
+    """... and no broker login outlives its search: the identity of a search deleted while
+    no operator ran (or whose finalizer was removed by hand) is swept, the live one kept."""
     await cluster.create("secrets", secret("vastai", **{"api-key": API_KEY}), "default")
-    memo = shared_memo(config(postgres_dsn, vast))
+    orphan = str(uuid.uuid4())
+    await BrokerAdmin(admin_url_for(operator_login)).ensure_identity(
+        search_vhost(orphan), search_user(orphan), "its password still works"
+    )
+    memo = shared_memo(config(postgres_dsn, vast, operator_login))
     async with run_operator(cluster, memo=memo):
         created = await cluster.create(
             "archsearch",
@@ -222,6 +253,9 @@ async def test_direct_pool_gives_rented_trainers_a_broker_user_of_their_own(
         deployment = await cluster.get("deployments", "default", f"{name}-trainer")
         assert deployment is not None
         assert deployment["spec"]["replicas"] == 0  # the rented containers are the trainers
+        await until(lambda: rabbitmq_user(search_user(orphan)) is None, timeout=30)
+        assert management("GET", f"/api/vhosts/{search_vhost(orphan)}") is None
+        assert rabbitmq_user(f"mlopt-{uid}") is not None  # the live search's identity stays
 
         await cluster.delete("archsearch", "default", name)
         await cluster.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
@@ -229,20 +263,36 @@ async def test_direct_pool_gives_rented_trainers_a_broker_user_of_their_own(
     assert rabbitmq_user(f"mlopt-{uid}") is None
 
 
-def rabbitmq_user(user: str) -> dict[str, Any] | None:
-    """The user as the management API shows it, or None."""
-    from mloptimizer.operator.brokeradmin import admin_url_for
-
-    url = admin_url_for(RABBITMQ_URL)
+def management(method: str, path: str, body: object = None) -> dict[str, Any] | None:
+    """One call to the machine's RabbitMQ management API as guest; None when not found."""
+    url = admin_url_for(RABBITMQ_URL).replace("guest:guest@", "")
     request = urllib.request.Request(
-        url.replace("guest:guest@", "") + f"/api/users/{user}",
-        headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
+        url + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={
+            "Authorization": "Basic " + base64.b64encode(b"guest:guest").decode(),
+            "Content-Type": "application/json",
+        },
     )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            found: dict[str, Any] = json.load(response)
-            return found
+            text = response.read()
     except urllib.error.HTTPError as error:
         if error.code == 404:
             return None
         raise
+    found: dict[str, Any] = json.loads(text) if text else {}
+    return found
+
+
+def rabbitmq_user(user: str) -> dict[str, Any] | None:
+    """The user as the management API shows it, or None."""
+    return management("GET", f"/api/users/{user}")
+
+
+async def until(condition: Any, timeout: float) -> None:
+    """Wait for ``condition()`` (a state of the broker, which has no watch), or fail."""
+    async with asyncio.timeout(timeout):
+        while not await asyncio.to_thread(condition):
+            await asyncio.sleep(0.2)
