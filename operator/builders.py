@@ -6,6 +6,7 @@ the handlers adopt and apply.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 from typing import Any
@@ -28,6 +29,9 @@ __all__ = [
     "build_trainer_deployment",
     "deployment_name",
     "direct_rent_request",
+    "label_value",
+    "name_hash",
+    "network_policy_name",
     "node_onstart",
     "node_rent_request",
     "trainer_labels",
@@ -46,10 +50,31 @@ TRAINER_UID = 1000
 POOL_LABEL = "mloptimizer.io/pool"  # node label and taint of machines rented for a search
 
 
+def name_hash(text: str) -> str:
+    """8 hex digits of the full ``text``: what tells apart two names cut or changed alike."""
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def _dns_label(text: str, suffix: str) -> str:
-    """``text-suffix`` cut to a valid 63-character DNS label."""
+    """``text-suffix`` as a valid 63-character DNS label, unique per ``text``.
+
+    A search name may hold dots and be 253 characters long: when it had to be changed
+    (``a.x`` -> ``a-x``) or cut, a hash of the full name goes in, so that ``a.x`` and
+    ``a-x``, or two names sharing their first 60 characters, never name the same object.
+    """
     base = re.sub(r"[^a-z0-9-]", "-", text.lower()).strip("-")
-    return f"{base[: 63 - len(suffix) - 1].rstrip('-')}-{suffix}"
+    room = 63 - len(suffix) - 1
+    if base == text and len(base) <= room:
+        return f"{base}-{suffix}"
+    tag = name_hash(text)
+    return f"{base[: room - len(tag) - 1].rstrip('-')}-{tag}-{suffix}".lstrip("-")
+
+
+def label_value(search: str) -> str:
+    """``search`` as a label value (at most 63 characters), unique per search name."""
+    if len(search) <= 63:
+        return search
+    return f"{search[:54].rstrip('.-')}-{name_hash(search)}"
 
 
 def deployment_name(search: str) -> str:
@@ -62,13 +87,18 @@ def broker_secret_name(search: str) -> str:
     return _dns_label(search, "broker")
 
 
+def network_policy_name(search: str) -> str:
+    """The NetworkPolicy of the search's trainer pods."""
+    return _dns_label(search, "trainers")
+
+
 def trainer_labels(search: str) -> dict[str, str]:
     """Labels of the trainer pods (and the Deployment's selector)."""
     return {
         "app.kubernetes.io/name": "mloptimizer-trainer",
-        "app.kubernetes.io/instance": search[:63],
+        "app.kubernetes.io/instance": label_value(search),
         "app.kubernetes.io/managed-by": "mloptimizer",
-        "mloptimizer.io/search": search[:63],
+        "mloptimizer.io/search": label_value(search),
     }
 
 

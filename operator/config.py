@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ class OperatorConfig:
     broker_admin_url: str | None = field(default=None, repr=False)
     gpu_pools: bool = False  # let searches rent GPUs (the chart's vastai.enabled)
     allowed_images: tuple[str, ...] = ()  # trainer image prefixes; empty: any image
+    # NetworkPolicy egress rules added to every search's trainer policy (the broker by
+    # name, dataset downloads), and to S3 searches' (the object store by name)
+    trainer_egress: tuple[dict[str, Any], ...] = ()
+    object_store_egress: tuple[dict[str, Any], ...] = ()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +93,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with another image fails (ImageNotAllowed)",
     )  # fmt: skip
     env_flag(
+        parser, "--trainer-egress", env="MLOPT_TRAINER_EGRESS", default=(), type=_rules,
+        shown="none", metavar="JSON",
+        help="NetworkPolicy egress rules (a JSON list) added to every search's trainer "
+        "policy, which otherwise opens DNS and the broker's IP only: the broker by Service "
+        "or name, dataset downloads",
+    )  # fmt: skip
+    env_flag(
+        parser, "--object-store-egress", env="MLOPT_OBJECT_STORE_EGRESS", default=(),
+        type=_rules, shown="none", metavar="JSON",
+        help="NetworkPolicy egress rules (a JSON list) to the object store, added to the "
+        "trainer policy of searches with spec.output.s3 (without them: the endpoint's IP, "
+        "or public addresses on its port)",
+    )  # fmt: skip
+    env_flag(
         parser, "--vastai-url", env="MLOPT_VASTAI_URL", default="https://console.vast.ai",
         help="root of the Vast.ai API",
     )  # fmt: skip
@@ -125,6 +144,19 @@ def _switch(text: str) -> bool:
     if text.strip().lower() not in words:
         raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
     return words[text.strip().lower()]
+
+
+def _rules(text: str) -> tuple[dict[str, Any], ...]:
+    """A JSON list of NetworkPolicy egress rules (objects)."""
+    if isinstance(text, tuple):
+        return text
+    try:
+        rules = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from error
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise argparse.ArgumentTypeError("expected a JSON list of egress rules (objects)")
+    return tuple(rules)
 
 
 def _namespaces(text: str) -> list[str]:
@@ -177,4 +209,6 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         broker_admin_url=args.broker_admin_url,
         gpu_pools=bool(args.gpu_pools),
         allowed_images=tuple(args.allowed_images or ()),
+        trainer_egress=tuple(args.trainer_egress or ()),
+        object_store_egress=tuple(args.object_store_egress or ()),
     )

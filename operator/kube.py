@@ -2,7 +2,8 @@
 
 * :class:`ApiKube` is :class:`~mloptimizer.operator.daemon.Kube` for the search's daemon:
   its status, its trainer Deployment's replicas, its Events (synchronous: the daemon runs
-  in kopf's worker thread).
+  in kopf's worker thread). A Deployment under the trainers' name that does not name the
+  search's uid as owner is someone else's: never scaled, never counted.
 * :class:`ApiPoolKube` is :class:`~mloptimizer.operator.pool.PoolKube` for its GPU pool:
   its status and the Nodes rented VMs join as (cordon, drain, delete); the ``kubernetes``
   client is synchronous, so each call runs in a worker thread and the pool's event loop
@@ -55,9 +56,24 @@ class ApiKube:
             GROUP, VERSION, self.namespace, PLURAL, self.name, {"status": patch}
         )
 
+    @property
+    def uid(self) -> str | None:
+        return (self.body.get("metadata") or {}).get("uid")
+
+    def _owned(self, deployment: Any) -> bool:
+        refs = (deployment.metadata and deployment.metadata.owner_references) or []
+        return self.uid is not None and any(ref.uid == self.uid for ref in refs)
+
     def scale(self, replicas: int) -> None:
-        kubernetes.client.AppsV1Api().patch_namespaced_deployment_scale(
-            deployment_name(self.name), self.namespace, {"spec": {"replicas": replicas}}
+        apps = kubernetes.client.AppsV1Api()
+        name = deployment_name(self.name)
+        # read first: the scale subresource carries no owner references
+        deployment = apps.read_namespaced_deployment(name, self.namespace)
+        if not self._owned(deployment):
+            log.warning("Deployment %s/%s is not this search's: not scaled", self.namespace, name)
+            return
+        apps.patch_namespaced_deployment_scale(
+            name, self.namespace, {"spec": {"replicas": replicas}}
         )
 
     def event(self, type_: str, reason: str, message: str) -> None:
@@ -72,6 +88,8 @@ class ApiKube:
             if error.status == 404:
                 return 0
             raise
+        if not self._owned(deployment):
+            return 0
         return int((deployment.status and deployment.status.ready_replicas) or 0)
 
 

@@ -1,19 +1,21 @@
 """A search's life in the operator, as plain functions the kopf handlers call one each.
 
 * :func:`start_search` (create/resume): check the spec (a bad one ends the search as
-  Failed, with the message), create the broker Secret and the trainer Deployment (adopted,
-  so they go with it);
+  Failed, with the message), create the broker Secret, the trainers' NetworkPolicy and the
+  trainer Deployment (owned by the search's uid, so they go with it; a name taken by an
+  object the search does not own fails it with ``NameConflict``, that object untouched);
 * :func:`update_search`: note the edited spec for the search's daemon, which applies what
-  may change (:func:`mloptimizer.changes.refusal`); the Deployment template follows an
-  accepted edit at once;
+  may change (:func:`mloptimizer.changes.refusal`); the Deployment's whole pod template
+  (and the NetworkPolicy) is replaced by what an accepted edit implies, at once;
 * :func:`serve_search`: the search's daemon, :func:`~mloptimizer.operator.daemon.run_search`
   in kopf's worker thread, stopped on deletion or operator shutdown;
 * :func:`~mloptimizer.operator.poolwiring.serve_pool`: for a search with
   ``workers.gpuPool``, its pool's loop (in :mod:`~mloptimizer.operator.poolwiring`, with
   the orphan sweep of Vast.ai instances whose search is gone);
 * :func:`delete_search` (finalizer): rented machines are destroyed (and a Direct pool's
-  broker user deleted, whatever else fails); queues, Deployment and Secrets go; the study
-  stays unless ``storage.deleteStudyOnDelete``.
+  broker user deleted, whatever else fails); queues go, and the Deployment, broker Secret
+  and NetworkPolicy when they are the search's own (never an object it does not own);
+  the study stays unless ``storage.deleteStudyOnDelete``.
 
 What every handler shares (kopf's memo, the spec parse, the broker identity) is
 :mod:`~mloptimizer.operator.shared`'s.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -38,19 +41,39 @@ from mloptimizer.messages import QueueNames
 from mloptimizer.operator.brokeradmin import in_vhost, search_user, search_vhost
 from mloptimizer.operator.builders import (
     BROKER_SECRET_KEY,
+    POOL_LABEL,
     broker_secret_name,
     build_trainer_deployment,
     deployment_name,
+    network_policy_name,
 )
 from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.daemon import SearchConfig, StopFlag, resume_delivery, run_search
 from mloptimizer.operator.delivery import Destination
 from mloptimizer.operator.kube import ApiKube
+from mloptimizer.operator.netpolicy import build_trainer_policy
 from mloptimizer.operator.objectstore import Bucket
 from mloptimizer.operator.poolwiring import destroy_pool
 from mloptimizer.operator.progress import now_rfc3339, set_condition
-from mloptimizer.operator.secretrefs import SecretNotUsable, read_secret, secret_or, secret_refs
-from mloptimizer.operator.shared import Shared, broker_identity, create_adopted, parse
+from mloptimizer.operator.secretrefs import (
+    FOR_TRAINERS,
+    ClaimNotUsable,
+    SecretNotUsable,
+    check_claim,
+    claim_refs,
+    purpose_of,
+    read_secret,
+    secret_or,
+    secret_refs,
+)
+from mloptimizer.operator.shared import (
+    NameConflict,
+    Shared,
+    broker_identity,
+    create_owned,
+    owned_by,
+    parse,
+)
 from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef
 from mloptimizer.study import end_open_trials, storage_url, study_name
 
@@ -60,6 +83,8 @@ __all__ = [
     "delete_search",
     "delivery_pending",
     "destination",
+    "image_allowed",
+    "placement_refusal",
     "serve_search",
     "start_search",
     "update_search",
@@ -137,34 +162,146 @@ def start_search(body: Any, status: Any, shared: Shared) -> dict[str, Any]:
         return _failed(status, message, reason=reason)
     with shared.lock:
         shared.in_force.setdefault((namespace, name), spec)
-    apps = kubernetes.client.AppsV1Api()
-    if spec.broker.secret_ref is None:
-        broker_identity(body, shared)
-    deployment = trainer_deployment(body, spec, shared.config)
-    create_adopted(deployment, body, lambda b: apps.create_namespaced_deployment(namespace, b))
+    try:
+        create_children(body, spec, shared)
+    except NameConflict as error:
+        kopf.warn(body, reason="NameConflict", message=str(error))
+        return _failed(status, str(error), reason="NameConflict")
     if status.get("phase"):
         return {}
     return {"phase": "Pending", "studyName": study_name(namespace, name)}
+
+
+def create_children(body: Any, spec: ArchitectureSearchSpec, shared: Shared) -> None:
+    """The broker Secret (when the operator makes the identity), the trainers'
+    NetworkPolicy and the trainer Deployment, each owned by the search; NameConflict when a
+    name is taken by an object it does not own."""
+    namespace = body["metadata"]["namespace"]
+    if spec.broker.secret_ref is None:
+        broker_identity(body, shared)
+    policy = trainer_policy(body, spec, shared.config)
+    networking = kubernetes.client.NetworkingV1Api()
+    try:
+        create_owned(
+            policy,
+            body,
+            lambda b: networking.create_namespaced_network_policy(namespace, b),
+            lambda: networking.read_namespaced_network_policy(
+                policy["metadata"]["name"], namespace
+            ),
+        )
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+        # no networking.k8s.io API served: said, not hidden (every real cluster serves it)
+        message = "NetworkPolicies are not served by this API server: trainers are not fenced"
+        kopf.warn(body, reason="NetworkPolicyUnavailable", message=message)
+    deployment = trainer_deployment(body, spec, shared.config)
+    apps = kubernetes.client.AppsV1Api()
+    create_owned(
+        deployment,
+        body,
+        lambda b: apps.create_namespaced_deployment(namespace, b),
+        lambda: apps.read_namespaced_deployment(deployment["metadata"]["name"], namespace),
+    )
+
+
+def trainer_policy(
+    body: Any, spec: ArchitectureSearchSpec, config: OperatorConfig
+) -> dict[str, Any]:
+    """The NetworkPolicy of the search's trainers (the broker's address from the URL they
+    get: the operator's broker, or the search's own)."""
+    broker_url = config.broker_url
+    if spec.broker.secret_ref is not None:
+        with contextlib.suppress(kopf.TemporaryError):
+            broker_url = read_secret(
+                body["metadata"]["namespace"], spec.broker.secret_ref, FOR_TRAINERS
+            )
+    return build_trainer_policy(
+        body["metadata"]["name"],
+        spec,
+        broker_url=broker_url,
+        trainer_egress=config.trainer_egress,
+        object_store_egress=config.object_store_egress,
+    )
+
+
+def image_allowed(image: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``image`` is one of the admin's ``prefixes``, anchored: the prefix is the
+    whole repository or ends at ``/``, ``:`` or ``@`` (``registry.example.com`` admits
+    ``registry.example.com/x``, never ``registry.example.com.evil.io/x``)."""
+    if not prefixes:
+        return True
+    for prefix in prefixes:
+        if not image.startswith(prefix):
+            continue
+        rest = image[len(prefix) :]
+        if prefix.endswith(("/", ":", "@")) or not rest or rest[0] in "/:@":
+            return True
+    return False
+
+
+# Node labels and taints no search may select or tolerate: the control plane's, and those
+# of the machines rented for a search (each pool's own are added by the operator).
+RESERVED_NODE_KEYS = (
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+    POOL_LABEL,
+)
+
+
+def placement_refusal(spec: ArchitectureSearchSpec) -> str | None:
+    """Why ``workers.nodeSelector``/``tolerations`` could land trainers on a control-plane
+    node or another search's rented node, or None."""
+    for key in spec.workers.node_selector:
+        if key in RESERVED_NODE_KEYS:
+            return (
+                f"spec.workers.nodeSelector: key {key!r} selects control-plane or rented "
+                "nodes, where no trainer may run; remove it"
+            )
+    for index, toleration in enumerate(spec.workers.tolerations):
+        key = toleration.key or ""
+        if key in RESERVED_NODE_KEYS:
+            return (
+                f"spec.workers.tolerations[{index}]: tolerating {key!r} lets trainers onto "
+                "control-plane or rented nodes; remove it"
+            )
+        if not key and toleration.operator == "Exists":
+            return (
+                f"spec.workers.tolerations[{index}]: an empty key with operator Exists "
+                "tolerates every taint, control-plane and rented nodes included; name the "
+                "taint's key"
+            )
+    return None
 
 
 def refused_by_admin(
     namespace: str, spec: ArchitectureSearchSpec, config: OperatorConfig
 ) -> tuple[str, str] | None:
     """``(reason, message)`` when the admin's settings refuse the spec, else None: a trainer
-    image outside ``allowedImages``, or a Secret not opened to searches."""
+    image outside ``allowedImages``, a placement on reserved nodes, or a Secret or claim not
+    opened to searches for its use."""
     image = spec.workers.trainer_image
-    if config.allowed_images and not image.startswith(config.allowed_images):
+    if not image_allowed(image, config.allowed_images):
         allowed = ", ".join(config.allowed_images)
         return (
             "ImageNotAllowed",
             f"spec.workers.image: {image!r} is not allowed in this cluster; use an image "
-            f"starting with one of: {allowed}",
+            f"from one of: {allowed}",
         )
+    placement = placement_refusal(spec)
+    if placement is not None:
+        return "PlacementNotAllowed", placement
     for field_path, ref in secret_refs(spec):
         try:
-            read_secret(namespace, ref)
+            read_secret(namespace, ref, purpose_of(field_path))
         except SecretNotUsable as error:
             return "SecretNotUsable", f"{field_path}: {error}"
+    for field_path, claim in claim_refs(spec):
+        try:
+            check_claim(namespace, claim)
+        except ClaimNotUsable as error:
+            return "ClaimNotUsable", f"{field_path}: {error}"
     return None
 
 
@@ -199,10 +336,57 @@ def update_search(body: Any, status: Any, shared: Shared) -> None:
             shared.in_force[key] = spec
     if not accepted:
         return
-    # the template follows the spec; replicas stay the daemon's
+    # The whole pod template the spec implies replaces the old (a strategic merge would
+    # keep a removed nodeSelector key, toleration or GPU limit); replicas stay the daemon's.
+    uid = body["metadata"]["uid"]
+    apps = kubernetes.client.AppsV1Api()
     template = trainer_deployment(body, spec, shared.config)["spec"]["template"]
-    kubernetes.client.AppsV1Api().patch_namespaced_deployment(
-        deployment_name(name), namespace, {"spec": {"template": template}}
+    _replace_owned(
+        uid,
+        lambda: apps.read_namespaced_deployment(deployment_name(name), namespace),
+        lambda ops: apps.patch_namespaced_deployment(deployment_name(name), namespace, ops),
+        "/spec/template",
+        template,
+    )
+    networking = kubernetes.client.NetworkingV1Api()
+    policy = trainer_policy(body, spec, shared.config)
+    with _absent_is_fine():
+        _replace_owned(
+            uid,
+            lambda: networking.read_namespaced_network_policy(network_policy_name(name), namespace),
+            lambda ops: networking.patch_namespaced_network_policy(
+                network_policy_name(name), namespace, ops
+            ),
+            "/spec",
+            policy["spec"],
+        )
+
+
+def _replace_owned(
+    uid: str,
+    read: Callable[[], Any],
+    patch: Callable[[list[dict[str, Any]]], Any],
+    path: str,
+    value: Any,
+) -> None:
+    """Replace ``path`` of an object the search owns with ``value``, whole (a JSON patch,
+    tested against the resourceVersion read, so the object checked is the one changed).
+    An object not there yet is left to the create handler; one not owned is left alone."""
+    try:
+        found = read()
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            return
+        raise
+    if not owned_by(found, uid):
+        log.warning("%s is not this search's: left untouched", found.metadata.name)
+        return
+    version = found.metadata.resource_version
+    patch(
+        [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+            {"op": "replace", "path": path, "value": value},
+        ]
     )
 
 
@@ -258,11 +442,16 @@ def serve_search(body: Any, status: Any, shared: Shared, stopped: StopFlag) -> N
         return  # start_search marks it Failed: nothing may run for it
     key = (namespace, name)
     spec = shared.spec_in_force(key, spec)
+    try:
+        foreign_trainers(namespace, name, meta["uid"])
+        broker_url = dispatcher_broker(body, spec, shared)
+    except NameConflict:
+        return  # start_search marks it Failed: a child's name is taken
     config = SearchConfig(
         namespace=namespace,
         name=name,
         storage_url=secret_or(namespace, spec.storage.secret_ref, shared.config.database_url),
-        broker_url=dispatcher_broker(body, spec, shared),
+        broker_url=broker_url,
         queue_prefix=shared.config.queue_prefix,
         status_interval=shared.config.status_interval,
         stale_after=shared.config.trial_silence_timeout,
@@ -293,12 +482,22 @@ def serve_search(body: Any, status: Any, shared: Shared, stopped: StopFlag) -> N
     )
 
 
+def foreign_trainers(namespace: str, name: str, uid: str) -> None:
+    """NameConflict when a Deployment under the trainers' name is not this search's (the
+    daemon may start before the create handler has found that out)."""
+    apps = kubernetes.client.AppsV1Api()
+    with _absent_is_fine():
+        found = apps.read_namespaced_deployment(deployment_name(name), namespace)
+        if not owned_by(found, uid):
+            raise NameConflict("Deployment", namespace, deployment_name(name))
+
+
 def dispatcher_broker(body: Any, spec: ArchitectureSearchSpec, shared: Shared) -> str:
     """The broker URL the search's dispatcher uses: the search's own broker Secret, or the
     operator's login on the search's vhost (made first, should the daemon come first)."""
     namespace = body["metadata"]["namespace"]
     if spec.broker.secret_ref is not None:
-        return read_secret(namespace, spec.broker.secret_ref)
+        return read_secret(namespace, spec.broker.secret_ref, FOR_TRAINERS)
     broker_identity(body, shared)
     return in_vhost(shared.config.broker_url, search_vhost(body["metadata"]["uid"]))
 
@@ -334,11 +533,7 @@ def delete_search(body: Any, shared: Shared) -> None:
             # vhost goes with its queues).
             uid = meta["uid"]
             asyncio.run(shared.broker_admin().delete_identity(search_vhost(uid), search_user(uid)))
-    apps, core = kubernetes.client.AppsV1Api(), kubernetes.client.CoreV1Api()
-    with _absent_is_fine():
-        apps.delete_namespaced_deployment(deployment_name(name), namespace)
-    with _absent_is_fine():
-        core.delete_namespaced_secret(broker_secret_name(name), namespace)
+    delete_children(namespace, name, meta["uid"])
     storage = storage_url(
         secret_or(namespace, spec.storage.secret_ref if spec else None, config.database_url)
     )
@@ -352,13 +547,49 @@ def delete_search(body: Any, shared: Shared) -> None:
             end_open_trials(study, "its search was deleted")
 
 
+def delete_children(namespace: str, name: str, uid: str) -> None:
+    """Delete the search's Deployment, broker Secret and NetworkPolicy: each only when it
+    names this uid as its owner (a Secret the operator did not make, or another's object
+    under that name, stays), with the uid read as a precondition."""
+    apps, core = kubernetes.client.AppsV1Api(), kubernetes.client.CoreV1Api()
+    networking = kubernetes.client.NetworkingV1Api()
+    children: list[tuple[Callable[[], Any], Callable[[Any], Any]]] = [
+        (
+            lambda: apps.read_namespaced_deployment(deployment_name(name), namespace),
+            lambda options: apps.delete_namespaced_deployment(
+                deployment_name(name), namespace, body=options
+            ),
+        ),
+        (
+            lambda: core.read_namespaced_secret(broker_secret_name(name), namespace),
+            lambda options: core.delete_namespaced_secret(
+                broker_secret_name(name), namespace, body=options
+            ),
+        ),
+        (
+            lambda: networking.read_namespaced_network_policy(network_policy_name(name), namespace),
+            lambda options: networking.delete_namespaced_network_policy(
+                network_policy_name(name), namespace, body=options
+            ),
+        ),
+    ]
+    for read, delete in children:
+        with _absent_is_fine():
+            found = read()
+            if not owned_by(found, uid):
+                log.warning("%s is not this search's: not deleted", found.metadata.name)
+                continue
+            preconditions = kubernetes.client.V1Preconditions(uid=found.metadata.uid)
+            delete(kubernetes.client.V1DeleteOptions(preconditions=preconditions))
+
+
 def _delete_queues(
     namespace: str, name: str, spec: ArchitectureSearchSpec | None, config: OperatorConfig
 ) -> None:
     broker = config.broker_url
     if spec is not None and spec.broker.secret_ref is not None:
         with contextlib.suppress(kopf.TemporaryError):
-            broker = read_secret(namespace, spec.broker.secret_ref)
+            broker = read_secret(namespace, spec.broker.secret_ref, FOR_TRAINERS)
     try:
         delete_queues(broker, QueueNames(study_name(namespace, name), config.queue_prefix))
     except pika.exceptions.AMQPError as error:

@@ -1,5 +1,10 @@
 """What the handlers of every search share: kopf's memo (:class:`Shared`), the typed spec
-of a resource body, adopted children and the search's broker identity.
+of a resource body, owned children and the search's broker identity.
+
+Objects are the search's by owner uid, never by name: a child found under its name without
+an owner reference to this search's uid is someone else's (another search's, a user's, an
+attacker's), so it is neither adopted, patched, scaled nor deleted; the search fails with a
+``NameConflict`` naming it (:class:`NameConflict`).
 
 Both :mod:`~mloptimizer.operator.lifecycle` (a search's life) and
 :mod:`~mloptimizer.operator.poolwiring` (its GPU pool) stand on these.
@@ -36,7 +41,15 @@ from mloptimizer.operator.metrics import Metrics
 from mloptimizer.operator.pool import machine_id_of_worker
 from mloptimizer.spec import API_VERSION, KIND, ArchitectureSearchSpec
 
-__all__ = ["Key", "Shared", "broker_identity", "create_adopted", "parse"]
+__all__ = [
+    "Key",
+    "NameConflict",
+    "Shared",
+    "broker_identity",
+    "create_owned",
+    "owned_by",
+    "parse",
+]
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -90,14 +103,47 @@ def parse(body: Any) -> ArchitectureSearchSpec:
     return spec
 
 
-def create_adopted(body: dict[str, Any], owner: Any, create: Any) -> None:
-    """Create ``body`` as a child of ``owner``; one already there is fine (idempotent)."""
+class NameConflict(kopf.PermanentError):
+    """A child's name is taken by an object this search does not own."""
+
+    def __init__(self, kind: str, namespace: str, name: str) -> None:
+        super().__init__(
+            f"{kind} {namespace}/{name} exists and is not this search's (no owner reference "
+            f"to its uid): the operator leaves it untouched; delete or rename that {kind}, or "
+            "give the search another name"
+        )
+
+
+def owned_by(obj: Any, uid: str) -> bool:
+    """Whether ``obj`` (a dict or a ``kubernetes`` model) names ``uid`` among its owners."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else obj.metadata
+    if meta is None:
+        return False
+    refs = meta.get("ownerReferences") if isinstance(meta, dict) else meta.owner_references
+    for ref in refs or []:
+        ref_uid = ref.get("uid") if isinstance(ref, dict) else ref.uid
+        if ref_uid == uid:
+            return True
+    return False
+
+
+def create_owned(body: dict[str, Any], owner: Any, create: Any, read: Any) -> Any:
+    """Create ``body`` as a child of ``owner``; returns the object there (``read()``).
+
+    Idempotent for our own: a 409 is success only when the object there names the owner's
+    uid; otherwise :class:`NameConflict`, and that object is left as it is.
+    """
     kopf.adopt(body, owner=owner)
     try:
         create(body)
     except kubernetes.client.ApiException as error:
-        if error.status != 409:  # already there: creating is idempotent
+        if error.status != 409:
             raise
+    found = read()
+    if not owned_by(found, owner["metadata"]["uid"]):
+        meta = body["metadata"]
+        raise NameConflict(body["kind"], owner["metadata"]["namespace"], meta["name"])
+    return found
 
 
 def broker_identity(body: Any, shared: Shared) -> str:
@@ -113,13 +159,14 @@ def broker_identity(body: Any, shared: Shared) -> str:
     core = kubernetes.client.CoreV1Api()
     password = secrets.token_urlsafe(24)
     url = scoped_url(shared.config.broker_url, user, password, vhost)
-    # 409 (it exists) keeps the password the trainers already use
-    create_adopted(
+    # 409 (it exists, and is ours) keeps the password the trainers already use; a Secret
+    # of that name the operator did not make is never adopted (NameConflict)
+    found = create_owned(
         build_broker_secret(name, url, password),
         body,
         lambda b: core.create_namespaced_secret(namespace, b),
+        lambda: core.read_namespaced_secret(broker_secret_name(name), namespace),
     )
-    found = core.read_namespaced_secret(broker_secret_name(name), namespace)
     password = base64.b64decode((found.data or {})[BROKER_PASSWORD_KEY]).decode()
     asyncio.run(shared.broker_admin().ensure_identity(vhost, user, password))
     return password

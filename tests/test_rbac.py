@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
 
 _CALL = re.compile(
-    r"(?:\bcore|\bcustom|\bapps|\bapi|Api\([^)]*\))\."
+    r"(?:\bcore|\bcustom|\bapps|\bnetworking|\bapi|Api\([^)]*\))\."
     r"(read|list|create|patch|delete|replace)_(?:namespaced_|cluster_)?(\w+?)\b(?!_)"
 )
 _VERB = {
@@ -35,6 +35,8 @@ _RESOURCE = {
     "event": ("", "events"),
     "pod": ("", "pods"),
     "node": ("", "nodes"),
+    "persistent_volume_claim": ("", "persistentvolumeclaims"),
+    "network_policy": ("networking.k8s.io", "networkpolicies"),
     "deployment": ("apps", "deployments"),
     "deployment_scale": ("apps", "deployments/scale"),
     "deployment_status": ("apps", "deployments/status"),
@@ -77,6 +79,9 @@ def test_the_source_scan_finds_the_calls_it_should() -> None:
     assert ("", "secrets", "create") in calls  # each search's broker Secret
     assert ("apps", "deployments/scale", "patch") in calls  # scaling trainers
     assert ("", "nodes", "delete") in calls  # a destroyed machine's Node
+    assert ("apps", "deployments", "get") in calls  # ownership read before acting
+    assert ("networking.k8s.io", "networkpolicies", "create") in calls  # trainers' policy
+    assert ("", "persistentvolumeclaims", "get") in calls  # a claim's opt-in label
 
 
 def operator_grants(docs: Manifests) -> set[Grant]:

@@ -12,9 +12,12 @@ from mloptimizer.dispatch import Counts
 from mloptimizer.operator.builders import (
     GRACE_SECONDS,
     POOL_LABEL,
+    broker_secret_name,
     build_broker_secret,
     build_trainer_deployment,
     deployment_name,
+    label_value,
+    network_policy_name,
     trainer_labels,
     trainers_per_machine,
 )
@@ -137,9 +140,32 @@ def test_names_are_valid_dns_labels_even_for_long_search_names() -> None:
     name = deployment_name("a" * 253)
     assert len(name) <= 63
     assert name.endswith("-trainer")
+    assert name != deployment_name("a" * 252)  # a cut name carries a hash of the whole
     secret = build_broker_secret("s", "amqp://mlopt-1:pw@mq/mlopt-1", "pw")
     assert secret["stringData"] == {"url": "amqp://mlopt-1:pw@mq/mlopt-1", "password": "pw"}
     assert secret["metadata"]["name"] == "s-broker"
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("victim.x", "victim-x"),  # a dot becomes a dash
+        ("a" * 60 + "1", "a" * 60 + "2"),  # the same first 60 characters
+        ("x" * 70, "x" * 71),
+        ("team.a.b", "team-a.b"),
+    ],
+)
+def test_two_search_names_never_share_a_child_name_or_trainer_labels(one: str, other: str) -> None:
+    for child in (deployment_name, broker_secret_name, network_policy_name, label_value):
+        assert child(one) != child(other), child.__name__
+        for name in (child(one), child(other)):
+            assert len(name) <= 63
+            assert name[0].isalnum()
+            assert name[-1].isalnum()
+    assert trainer_labels(one) != trainer_labels(other)
+    # a name used as it is keeps its plain children
+    assert deployment_name("victim-x") == "victim-x-trainer"
+    assert label_value("victim.x") == "victim.x"
 
 
 @pytest.mark.parametrize(

@@ -129,10 +129,11 @@ seccompProfile:
 - apiGroups: ["mloptimizer.io"]
   resources: ["architecturesearches/finalizers"]
   verbs: ["update"]
-# the trainer Deployment of each search, scaled with the trials in flight
+# the trainer Deployment of each search, scaled with the trials in flight; read first, as
+# it is acted on only when it names the search's uid as owner
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["create", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
   verbs: ["patch"]
@@ -143,6 +144,14 @@ seccompProfile:
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create", "delete"]
+# the claims a search mounts (dataset.imageFolder, output.pvc): read for their opt-in label
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
+# each search's trainer NetworkPolicy (DNS and the broker only), owned by the search
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch", "delete"]
 # Events on the searches (kopf's and its own)
 - apiGroups: [""]
   resources: ["events"]
