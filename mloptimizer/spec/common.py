@@ -62,8 +62,10 @@ class SecretKeyRef(SpecModel):
 
     name: Name = Field(
         description="Name of the Secret, in the search's namespace. The operator uses it only "
-        "when an admin labelled it mloptimizer.io/usable-by-searches=true; otherwise the "
-        "search fails (SecretNotUsable)."
+        "when an admin opened it to searches for that use, with the label "
+        "mloptimizer.io/usable-by-searches: true for what the operator alone reads "
+        "(storage, S3 keys, Vast.ai key, join token), trainers for what reaches trainer "
+        "pods (broker.secretRef); otherwise the search fails (SecretNotUsable)."
     )
     key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
         description="Key inside the Secret whose value is used."

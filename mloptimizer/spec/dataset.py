@@ -31,8 +31,9 @@ class ImageFolder(SpecModel):
     claim_name: Name | None = Field(
         default=None,
         description="PersistentVolumeClaim holding the images, mounted read-only into the "
-        "trainers. Omit it for `mloptimizer run`, or when the trainer image already has "
-        "the folder.",
+        "trainers once an admin labelled it mloptimizer.io/usable-by-searches=true "
+        "(otherwise the search fails, ClaimNotUsable). Omit it for `mloptimizer run`, or "
+        "when the trainer image already has the folder.",
     )
     path: Annotated[str, Field(min_length=1, max_length=4096)] = Field(
         description="Folder with one sub-folder per class: inside the claim when claimName "

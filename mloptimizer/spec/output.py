@@ -31,7 +31,9 @@ class OutputVolume(SpecModel):
     claim_name: Name = Field(
         description="PersistentVolumeClaim (ReadWriteOnce is enough when one node runs the "
         "trainers, ReadWriteMany otherwise), mounted read-write on this search's trainers "
-        "only. They also keep their best models in it, so the final job reuses them."
+        "only, once an admin labelled it mloptimizer.io/usable-by-searches=true (otherwise "
+        "the search fails, ClaimNotUsable). They also keep their best models in it, so the "
+        "final job reuses them."
     )
     path: Annotated[str, Field(max_length=1024, pattern=FOLDER_PATTERN)] = Field(
         default="",

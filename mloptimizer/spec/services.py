@@ -15,8 +15,9 @@ class Storage(SpecModel):
 
     secret_ref: SecretKeyRef | None = Field(
         default=None,
-        description="Secret key with a PostgreSQL URL (postgresql://...); defaults to the "
-        "operator's database.",
+        description="Secret key with a PostgreSQL URL (postgresql://...), read by the "
+        "operator alone (the Secret labelled mloptimizer.io/usable-by-searches=true); "
+        "defaults to the operator's database.",
     )
     delete_study_on_delete: bool = Field(
         default=False,
@@ -30,5 +31,8 @@ class Broker(SpecModel):
 
     secret_ref: SecretKeyRef | None = Field(
         default=None,
-        description="Secret key with an AMQP URL (amqp://...); defaults to the operator's broker.",
+        description="Secret key with an AMQP URL (amqp://...), which reaches the trainer pods: "
+        "the Secret must be labelled mloptimizer.io/usable-by-searches=trainers (a Secret "
+        "labelled true, for the operator's use, is refused). Defaults to a broker identity "
+        "the operator makes for this search alone.",
     )

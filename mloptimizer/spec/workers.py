@@ -190,7 +190,8 @@ class Workers(SpecModel):
         description="Trainer image (runs `mloptimizer trainer`). Default: "
         f"{GPU_TRAINER_IMAGE} (TensorFlow's CUDA build) when the trainers use GPUs "
         f"(resources.gpu above 0, or a gpuPool), else {CPU_TRAINER_IMAGE} (the CPU build); "
-        "scripts/images builds both.",
+        "scripts/images builds both. An operator with allowed images takes only images of "
+        "those repositories (a prefix ends at /, : or @, or is the whole repository).",
     )
     min_replicas: int = Field(
         default=0, ge=0, le=1000, description="Trainers kept while the search runs."
@@ -202,10 +203,16 @@ class Workers(SpecModel):
         default_factory=Resources, description="Requests and limits of each trainer."
     )
     node_selector: Annotated[dict[str, str], Field(max_length=64)] = Field(
-        default_factory=dict, description="Node labels the trainer pods require."
+        default_factory=dict,
+        description="Node labels the trainer pods require. The control plane's "
+        "(node-role.kubernetes.io/control-plane, .../master) and rented pools' "
+        "(mloptimizer.io/pool) are refused (PlacementNotAllowed).",
     )
     tolerations: Annotated[list[Toleration], Field(max_length=64)] = Field(
-        default_factory=list, description="Taints the trainer pods tolerate."
+        default_factory=list,
+        description="Taints the trainer pods tolerate. Tolerating the control plane's or a "
+        "rented pool's taints, or every taint (no key, operator Exists), is refused "
+        "(PlacementNotAllowed).",
     )
 
     @property
