@@ -28,6 +28,7 @@ __all__ = [
     "NEVER",
     "address_rules",
     "build_trainer_policy",
+    "egress_admits",
     "trainer_selector",
 ]
 
@@ -133,3 +134,29 @@ def build_trainer_policy(
             "egress": egress,
         },
     }
+
+
+def egress_admits(policy: dict[str, Any], address: str, port: int) -> bool:
+    """Whether a NetworkPolicy's egress rules let its pods reach ``address:port``, an
+    address outside the cluster's pods (pod and namespace selectors never match it): the
+    check the tests make of every rendered trainer policy."""
+    spec = policy["spec"]
+    if "Egress" not in spec.get("policyTypes", []):
+        return True
+    ip = ipaddress.ip_address(address)
+    for rule in spec.get("egress") or []:
+        ports = rule.get("ports")
+        if ports and not any(p.get("port") in (None, port) for p in ports):
+            continue
+        peers = rule.get("to")
+        if not peers:
+            return True
+        for peer in peers:
+            block = peer.get("ipBlock")
+            if block is None:
+                continue
+            if ip in ipaddress.ip_network(block["cidr"]) and not any(
+                ip in ipaddress.ip_network(cut) for cut in block.get("except") or []
+            ):
+                return True
+    return False

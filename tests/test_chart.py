@@ -322,8 +322,11 @@ def test_cluster_wide_mode_uses_one_cluster_role_with_what_kopf_and_the_operator
     assert grants["mloptimizer.io", "architecturesearches"] == {"list", "watch", "patch"}
     assert grants["mloptimizer.io", "architecturesearches/status"] == {"patch"}
     assert grants["mloptimizer.io", "architecturesearches/finalizers"] == {"update"}
-    assert grants["apps", "deployments"] == {"create", "patch", "delete"}
+    # read before acting: a Deployment is acted on only when the search owns it
+    assert grants["apps", "deployments"] == {"get", "create", "patch", "delete"}
     assert grants["apps", "deployments/scale"] == {"patch"}
+    assert grants["networking.k8s.io", "networkpolicies"] == {"get", "create", "patch", "delete"}
+    assert grants["", "persistentvolumeclaims"] == {"get"}  # a claim's opt-in label
     assert grants["apps", "deployments/status"] == {"get"}
     assert grants["", "secrets"] == {"get", "create", "delete"}  # no list/watch of Secrets
     assert grants["", "events"] == {"create"}
@@ -389,6 +392,11 @@ def test_rabbitmq_runs_the_official_image_with_a_long_consumer_timeout_and_a_vol
     name = f"{RELEASE}-mloptimizer-rabbitmq"
     config = one(docs, "ConfigMap", name)["data"]["20-mloptimizer.conf"]
     assert re.search(r"^consumer_timeout = 86400000$", config, re.M), config
+    # twice the message contract's body limit: no search pushes more into the operator
+    from mloptimizer.messages import MAX_BODY_BYTES
+
+    (limit,) = re.findall(r"^max_message_size = (\d+)$", config, re.M)
+    assert int(limit) == 524288 == 2 * MAX_BODY_BYTES
     broker = one(docs, "StatefulSet", name)
     main = container(broker)
     assert main["image"] == "rabbitmq:4.1-management"
@@ -494,8 +502,12 @@ def test_dashboard_is_off_by_default_and_reads_the_study_url_from_the_secret(hel
     dashboard = one(docs, "Deployment", name)
     main = container(dashboard)
     assert main["image"].startswith("ghcr.io/optuna/optuna-dashboard:")
-    assert main["command"] == ["optuna-dashboard"]
-    assert main["args"] == ["$(OPTUNA_STORAGE)", "--host", "0.0.0.0", "--port", "8080"]
+    # the database URL is read from the variable inside the process, never put in argv
+    assert main["command"] == ["python", "-c"]
+    (code,) = main["args"]
+    assert "os.environ['OPTUNA_STORAGE']" in code
+    assert "$(OPTUNA_STORAGE)" not in json.dumps(main)
+    assert env_of(dashboard)["DASHBOARD_PORT"] == "8080"
     assert env_of(dashboard)["OPTUNA_STORAGE"] == {
         "secretKeyRef": {"name": f"{RELEASE}-mloptimizer-postgresql", "key": "url"}
     }
@@ -542,7 +554,10 @@ def test_network_policies_admit_only_the_operator_trainers_and_dashboard(helm: H
     any_namespace = [p for p in peers if "namespaceSelector" in p]
     assert [selects(p["podSelector"], operator) for p in same_namespace] == [True]
     assert not selects(same_namespace[0]["podSelector"], trainer)
-    assert [p["namespaceSelector"] for p in any_namespace] == [{}]
+    # cluster-wide: the trainer label counts only in namespaces labelled for searches
+    assert [p["namespaceSelector"] for p in any_namespace] == [
+        {"matchLabels": {"mloptimizer.io/searches": "enabled"}}
+    ]
     assert any_namespace[0]["podSelector"] == {
         "matchLabels": {"app.kubernetes.io/name": TRAINER_NAME}
     }
@@ -612,85 +627,59 @@ def test_the_kind_demo_script_parses_and_its_helm_settings_render(helm: Helm) ->
     assert f'VERSION="{RELEASE}"' in text
 
 
-def test_trainers_in_watched_namespaces_reach_only_dns_the_broker_and_public_https(
+def test_trainer_policies_are_the_operators_and_it_is_told_what_trainers_reach(
     helm: Helm,
 ) -> None:
-    docs = helm.template("--set", "operator.watchNamespaces={team-a,team-b}")
-    policies = [
-        p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-trainers")
-    ]
-    assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
-    for policy in policies:
-        kubernetes_validate.validate(policy, "1.34.0", strict=True)
-        spec = policy["spec"]
-        assert spec["podSelector"]["matchLabels"] == {
-            "app.kubernetes.io/name": "mloptimizer-trainer"
+    """The chart makes no trainer policy (the operator makes one per search, owned by it, in
+    every namespace); it passes the operator the egress rules that need names."""
+    from mloptimizer.operator.netpolicy import build_trainer_policy
+    from mloptimizer.operator.netpolicy import egress_admits as reaches
+    from mloptimizer.spec import ArchitectureSearchSpec
+
+    for args in ((), ("--set", "operator.watchNamespaces={team-a,team-b}")):
+        docs = helm.template(*args)
+        names = [p["metadata"]["name"] for p in find(docs, "NetworkPolicy")]
+        assert not [n for n in names if n.endswith("-trainers")]
+        env = env_of(one(docs, "Deployment", f"{RELEASE}-mloptimizer-operator"))
+        (broker,) = json.loads(env["MLOPT_TRAINER_EGRESS"])
+        assert broker["ports"] == [{"protocol": "TCP", "port": 5672}]
+        (peer,) = broker["to"]
+        assert peer["namespaceSelector"] == {
+            "matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}
         }
-        assert spec["policyTypes"] == ["Ingress", "Egress"]
-        assert "ingress" not in spec  # nothing reaches a trainer
-        (public,) = [rule for rule in spec["egress"] if "ipBlock" in str(rule)]
-        block = public["to"][0]["ipBlock"]
-        assert block["cidr"] == "0.0.0.0/0"
-        assert "169.254.0.0/16" in block["except"]  # the cloud metadata address
-        assert "10.0.0.0/8" in block["except"]
-        assert {p["port"] for p in public["ports"]} == {80, 443}
-        broker = [r for r in spec["egress"] if "podSelector" in str(r.get("to", ""))]
-        assert broker[0]["ports"] == [{"protocol": "TCP", "port": 5672}]
+        broker_pod = pod_labels(one(docs, "StatefulSet", f"{RELEASE}-mloptimizer-rabbitmq"))
+        assert selects(peer["podSelector"], broker_pod)
+        assert json.loads(env["MLOPT_OBJECT_STORE_EGRESS"]) == []
+
+    # downloads opened on request: public HTTP(S), still never the metadata address
+    docs = helm.template("--set", "networkPolicy.trainerDownloads=true")
+    env = env_of(one(docs, "Deployment", f"{RELEASE}-mloptimizer-operator"))
+    rules = json.loads(env["MLOPT_TRAINER_EGRESS"])
+    spec = ArchitectureSearchSpec.model_validate({"dataset": {"builtin": "digits"}})
+    policy = build_trainer_policy("s", spec, trainer_egress=rules)
+    kubernetes_validate.validate(
+        {**policy, "metadata": {**policy["metadata"], "namespace": "team-a"}}, "1.34.0", strict=True
+    )
+    assert reaches(policy, "52.95.1.4", 443)
+    for port in (80, 443):
+        assert not reaches(policy, "169.254.169.254", port)
+        assert not reaches(policy, "10.96.0.1", port)
 
 
-def test_an_in_cluster_object_store_is_opened_to_operator_and_trainers_only_when_named(
+def test_the_operator_ports_admit_only_the_peers_named_to_probe_or_scrape_them(
     helm: Helm,
 ) -> None:
-    def ports(docs: list[dict[str, Any]], suffix: str) -> set[int]:
-        (policy,) = [
-            p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith(suffix)
-        ]
-        kubernetes_validate.validate(policy, "1.34.0", strict=True)
-        return {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
-
-    assert 9000 not in ports(helm.template(), "-operator")
+    name = f"{RELEASE}-mloptimizer-operator"
+    policy = one(helm.template(), "NetworkPolicy", name)
+    assert policy["spec"]["ingress"] == []  # no pod reaches 8080 or 9090 by default
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    nodes = {"ipBlock": {"cidr": "10.0.0.0/24"}}
     docs = helm.template(
-        "--set", "operator.watchNamespaces={team-a}",
-        "--set", "networkPolicy.objectStorageEgress[0].ports[0].port=9000",
-        "--set", "networkPolicy.objectStorageEgress[0].to[0].namespaceSelector.matchLabels"
-        ".kubernetes\\.io/metadata\\.name=storage",
+        "--set-json", f"networkPolicy.metricsFrom=[{json.dumps(prometheus)}]",
+        "--set-json", f"networkPolicy.probesFrom=[{json.dumps(nodes)}]",
     )  # fmt: skip
-    assert 9000 in ports(docs, "-operator")  # it checks each uploaded object (HEAD)
-    assert 9000 in ports(docs, "-trainers")  # they PUT through pre-signed URLs
-
-
-def test_the_dashboard_is_off_by_default_and_no_pod_reaches_it_when_on(helm: Helm) -> None:
-    assert not [
-        d for d in find(helm.template(), "Deployment") if "dashboard" in d["metadata"]["name"]
+    ingress = one(docs, "NetworkPolicy", name)["spec"]["ingress"]
+    assert ingress == [
+        {"from": [nodes], "ports": [{"protocol": "TCP", "port": 8080}]},
+        {"from": [prometheus], "ports": [{"protocol": "TCP", "port": 9090}]},
     ]
-    docs = helm.template("--set", "dashboard.enabled=true")
-    (policy,) = [p for p in find(docs, "NetworkPolicy") if "dashboard" in p["metadata"]["name"]]
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    assert "ingress" not in policy["spec"]
-    services = [s for s in find(docs, "Service") if "dashboard" in s["metadata"]["name"]]
-    assert all(s["spec"].get("type", "ClusterIP") == "ClusterIP" for s in services)
-
-
-def test_the_operator_is_reached_on_its_ports_only_and_reaches_only_what_it_calls(
-    helm: Helm,
-) -> None:
-    docs = helm.template()
-    (policy,) = [
-        p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-operator")
-    ]
-    kubernetes_validate.validate(policy, "1.34.0", strict=True)
-    spec = policy["spec"]
-    assert spec["policyTypes"] == ["Ingress", "Egress"]
-    assert {p["port"] for rule in spec["ingress"] for p in rule["ports"]} == {8080, 9090}
-    reached = {p["port"] for rule in spec["egress"] for p in rule["ports"]}
-    assert reached == {53, 5672, 15672, 5432, 443, 6443}
-    external = helm.template(
-        "-f", str(CHART / "ci" / "external-database-values.yaml"),
-        "--set", "networkPolicy.operatorEgress[0].ports[0].port=5433",
-    )  # fmt: skip
-    (policy,) = [
-        p for p in find(external, "NetworkPolicy") if p["metadata"]["name"].endswith("-operator")
-    ]
-    reached = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
-    assert 5432 not in reached  # no bundled database
-    assert 5433 in reached

@@ -20,6 +20,7 @@ from test_operator import condition, finished, operator_config, search
 
 from mloptimizer.operator.builders import broker_secret_name, deployment_name
 from mloptimizer.operator.main import shared_memo
+from mloptimizer.operator.netpolicy import egress_admits
 from mloptimizer.operator.secretrefs import FOR_OPERATOR, FOR_TRAINERS, USABLE_LABEL
 
 # The emulator serves core and apps; the networking API is served here, as a cluster does.
@@ -303,30 +304,7 @@ async def test_secrets_and_claims_reach_trainers_only_when_opened_for_that(
 
 
 def reaches(policy: dict[str, Any], address: str, port: int) -> bool:
-    """Whether a NetworkPolicy's egress rules let its pods reach ``address:port`` (an address
-    outside the cluster: pod and namespace selectors never match it)."""
-    import ipaddress
-
-    spec = policy["spec"]
-    if "Egress" not in spec.get("policyTypes", []):
-        return True
-    ip = ipaddress.ip_address(address)
-    for rule in spec.get("egress") or []:
-        ports = rule.get("ports")
-        if ports and not any(p.get("port") in (None, port) for p in ports):
-            continue
-        peers = rule.get("to")
-        if not peers:
-            return True
-        for peer in peers:
-            block = peer.get("ipBlock")
-            if block is None:
-                continue
-            if ip in ipaddress.ip_network(block["cidr"]) and not any(
-                ip in ipaddress.ip_network(cut) for cut in block.get("except") or []
-            ):
-                return True
-    return False
+    return egress_admits(policy, address, port)
 
 
 @pytest.mark.parametrize(

@@ -173,4 +173,27 @@ consumer_timeout = {{ int64 .Values.rabbitmq.consumerTimeoutMs }}
 loopback_users.guest = true
 listeners.tcp.default = 5672
 management.tcp.port = 15672
+# Largest message body the broker accepts: twice the message contract's 256 KiB body limit
+# (mloptimizer.messages), so that no search can push a body the operator would read whole.
+max_message_size = 524288
+{{- end -}}
+
+{{/* The egress rules (JSON) the operator adds to every search's trainer NetworkPolicy
+(MLOPT_TRAINER_EGRESS): the bundled broker, networkPolicy.trainerEgress, and public
+HTTP(S) for dataset downloads when networkPolicy.trainerDownloads. */}}
+{{- define "mloptimizer.trainerEgress" -}}
+{{- $rules := list -}}
+{{- if .Values.rabbitmq.enabled -}}
+{{- $broker := include "mloptimizer.selectorLabels" (dict "root" . "component" "rabbitmq") | fromYaml -}}
+{{- $peer := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" $broker) -}}
+{{- $rules = append $rules (dict "to" (list $peer) "ports" (list (dict "protocol" "TCP" "port" 5672))) -}}
+{{- end -}}
+{{- range .Values.networkPolicy.trainerEgress -}}
+{{- $rules = append $rules . -}}
+{{- end -}}
+{{- if .Values.networkPolicy.trainerDownloads -}}
+{{- $public := dict "cidr" "0.0.0.0/0" "except" (list "10.0.0.0/8" "172.16.0.0/12" "192.168.0.0/16" "100.64.0.0/10" "127.0.0.0/8" "169.254.0.0/16") -}}
+{{- $rules = append $rules (dict "to" (list (dict "ipBlock" $public)) "ports" (list (dict "protocol" "TCP" "port" 443) (dict "protocol" "TCP" "port" 80))) -}}
+{{- end -}}
+{{- toJson $rules -}}
 {{- end -}}
