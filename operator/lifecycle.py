@@ -44,6 +44,7 @@ from mloptimizer.operator.builders import (
     POOL_LABEL,
     broker_secret_name,
     build_trainer_deployment,
+    build_trainer_policy,
     deployment_name,
     network_policy_name,
 )
@@ -51,7 +52,6 @@ from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.daemon import SearchConfig, StopFlag, resume_delivery, run_search
 from mloptimizer.operator.delivery import Destination
 from mloptimizer.operator.kube import ApiKube
-from mloptimizer.operator.netpolicy import build_trainer_policy
 from mloptimizer.operator.objectstore import Bucket
 from mloptimizer.operator.poolwiring import destroy_pool
 from mloptimizer.operator.progress import now_rfc3339, set_condition

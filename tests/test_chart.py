@@ -632,8 +632,8 @@ def test_trainer_policies_are_the_operators_and_it_is_told_what_trainers_reach(
 ) -> None:
     """The chart makes no trainer policy (the operator makes one per search, owned by it, in
     every namespace); it passes the operator the egress rules that need names."""
-    from mloptimizer.operator.netpolicy import build_trainer_policy
-    from mloptimizer.operator.netpolicy import egress_admits as reaches
+    from mloptimizer.operator.builders import build_trainer_policy
+    from mloptimizer.operator.builders import egress_admits as reaches
     from mloptimizer.spec import ArchitectureSearchSpec
 
     for args in ((), ("--set", "operator.watchNamespaces={team-a,team-b}")):

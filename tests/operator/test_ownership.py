@@ -18,9 +18,8 @@ from k8s import Kind
 from services import RABBITMQ_URL
 from test_operator import condition, finished, operator_config, search
 
-from mloptimizer.operator.builders import broker_secret_name, deployment_name
+from mloptimizer.operator.builders import broker_secret_name, deployment_name, egress_admits
 from mloptimizer.operator.main import shared_memo
-from mloptimizer.operator.netpolicy import egress_admits
 from mloptimizer.operator.secretrefs import FOR_OPERATOR, FOR_TRAINERS, USABLE_LABEL
 
 # The emulator serves core and apps; the networking API is served here, as a cluster does.
@@ -320,7 +319,7 @@ def reaches(policy: dict[str, Any], address: str, port: int) -> bool:
 def test_the_rendered_trainer_policy_never_reaches_the_metadata_address_nor_the_api(
     broker_url: str, output: dict[str, Any]
 ) -> None:
-    from mloptimizer.operator.netpolicy import build_trainer_policy
+    from mloptimizer.operator.builders import build_trainer_policy
     from mloptimizer.spec import ArchitectureSearchSpec
 
     if output:
