@@ -240,3 +240,40 @@ def test_runner_trainers_get_the_broker_url_in_env_not_argv_and_images_beside_th
         # each keeps its best model in the run folder, for the report
         assert args[args.index("--keep-models") + 1] == str(tmp_path / "models")
         assert env["MLOPT_BROKER_URL"] == "amqp://u:s3cret@mq/%2F"
+
+
+def test_run_takes_its_database_and_broker_urls_from_variables_kept_out_of_ps(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mloptimizer.app import runner
+
+    storage, broker = "postgresql://p:pw9@db/x", "amqp://u:s3cret@mq/%2F"
+    monkeypatch.setenv("MLOPT_STORAGE", storage)
+    monkeypatch.setenv("MLOPT_BROKER", broker)
+    seen: list[runner.RunOptions] = []
+
+    def run_search(search: object, options: runner.RunOptions) -> object:
+        seen.append(options)
+        raise KeyboardInterrupt  # stop there: nothing to train
+
+    monkeypatch.setattr(runner, "run_search", run_search)
+    argv = ["run", str(ROOT / "examples" / "digits-quick.yaml"), "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["mloptimizer", *argv])
+    assert main(argv) == 130
+    (options,) = seen
+    assert (options.storage, options.broker) == (storage, broker)
+    assert options.workers == 0  # a broker: trainers run elsewhere
+    # the resume command needs no URL: the variables still hold them
+    out = capsys.readouterr().out
+    assert "s3cret" not in out
+    assert "pw9" not in out
+    # the flags still work, and win over the variables; --help says why the variables
+    parser_help = mloptimizer("run", "--help").stdout
+    help_text = " ".join(parser_help.split())
+    assert "(env MLOPT_STORAGE;" in help_text
+    assert "(env MLOPT_BROKER;" in help_text
+    assert "`ps`" in help_text
+    from mloptimizer.app.cli import build_parser
+
+    flagged = build_parser().parse_args(["run", "s.yaml", "--storage", "sqlite:///x.db"])
+    assert (flagged.storage, flagged.broker) == ("sqlite:///x.db", broker)

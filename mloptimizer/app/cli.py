@@ -428,15 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="local trainer processes (default: budget.parallelism; with --broker: 0, "
         "trainers run elsewhere)",
     )
-    run.add_argument(
-        "--storage",
-        help="Optuna storage URL, such as postgresql://user@host/db (default: SQLite in "
-        "the output folder)",
-    )
-    run.add_argument(
-        "--broker",
-        help="AMQP URL: send trials through RabbitMQ to `mloptimizer trainer` workers",
-    )
+    env_flag(
+        run, "--storage", env="MLOPT_STORAGE", shown="SQLite in the output folder",
+        help="Optuna storage URL, such as postgresql://user@host/db; prefer the variable "
+        "for a URL with a password: argv is visible to every user in `ps`",
+    )  # fmt: skip
+    env_flag(
+        run, "--broker", env="MLOPT_BROKER", shown="none",
+        help="AMQP URL: send trials through RabbitMQ to `mloptimizer trainer` workers; "
+        "prefer the variable for a URL with a password: argv is visible in `ps`",
+    )  # fmt: skip
     run.add_argument("--out", help="output folder (default: runs/<metadata.name>)")
     run.add_argument("--cache-dir", help="dataset download cache (default: <out>/cache)")
     run.add_argument("--no-report", action="store_true", help="skip the report at the end")
@@ -451,7 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
         "held-out test split.",
     )
     report.add_argument("dir", help="the output folder of `mloptimizer run`")
-    report.add_argument("--storage", help="the study's storage URL, when the run used --storage")
+    env_flag(
+        report, "--storage", env="MLOPT_STORAGE", shown="the run folder's SQLite",
+        help="the study's storage URL, when the run used one (the variable keeps its "
+        "password out of `ps`)",
+    )  # fmt: skip
     _add_verbose(report)
     report.set_defaults(func=_cmd_report)
 
