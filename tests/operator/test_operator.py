@@ -419,6 +419,19 @@ async def test_what_the_admin_did_not_allow_fails_the_search_naming_the_field(
             "ImageNotAllowed",
             "spec.workers.image: 'docker.io/evil/miner:latest' is not allowed",
         ),
+        f"{name}-cp": (
+            search(
+                f"{name}-cp",
+                workers={
+                    **allowed,
+                    "tolerations": [
+                        {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}
+                    ],
+                },
+            ),
+            "PlacementNotAllowed",
+            "spec.workers.tolerations[0]: tolerating 'node-role.kubernetes.io/control-plane'",
+        ),
         f"{name}-pool": (
             search(
                 f"{name}-pool",
@@ -450,4 +463,6 @@ async def test_what_the_admin_did_not_allow_fails_the_search_naming_the_field(
             deployment = await cluster.get("deployments", "default", f"{search_name}-trainer")
             assert deployment is None  # nothing was started for it
     reasons = {e["reason"] for e in await cluster.list("events", "default")}
-    assert {"SecretNotUsable", "ImageNotAllowed", "GpuPoolsDisabled"} <= reasons
+    assert {"SecretNotUsable", "ImageNotAllowed", "PlacementNotAllowed", "GpuPoolsDisabled"} <= (
+        reasons
+    )

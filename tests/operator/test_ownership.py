@@ -340,3 +340,66 @@ def test_the_rendered_trainer_policy_never_reaches_the_metadata_address_nor_the_
     if output.get("s3", {}).get("endpoint") == "https://s3.example.com":
         assert reaches(policy, "52.95.1.4", 443)  # an endpoint by name: public, its port
         assert not reaches(policy, "52.95.1.4", 80)
+
+
+@pytest.mark.parametrize(
+    ("image", "allowed"),
+    [
+        ("registry.example.com/ml/trainer:1", True),
+        ("registry.example.com:5000/x", True),
+        ("registry.example.com", True),
+        ("registry.example.com.evil.io/x", False),
+        ("registry.example.comx/x", False),
+        ("evil.io/registry.example.com/x", False),
+    ],
+)
+def test_allowed_image_prefixes_are_anchored(image: str, allowed: bool) -> None:
+    from mloptimizer.operator.lifecycle import image_allowed
+
+    assert image_allowed(image, ("registry.example.com",)) is allowed
+    assert image_allowed(image, ()) is True  # no list: any image
+    # a prefix ending at a separator is taken as it is
+    assert image_allowed("registry.example.com/ml/x", ("registry.example.com/ml/",))
+    assert not image_allowed("registry.example.com/mlx/x", ("registry.example.com/ml",))
+    assert image_allowed("r.io/t@sha256:ab", ("r.io/t",))
+
+
+@pytest.mark.parametrize(
+    ("workers", "field"),
+    [
+        ({"nodeSelector": {"node-role.kubernetes.io/control-plane": ""}}, "nodeSelector"),
+        ({"nodeSelector": {"mloptimizer.io/pool": "another-search-uid"}}, "nodeSelector"),
+        (
+            {"tolerations": [{"key": "node-role.kubernetes.io/master", "operator": "Exists"}]},
+            "tolerations[0]",
+        ),
+        (
+            {
+                "tolerations": [
+                    {"key": "nvidia.com/gpu", "operator": "Exists"},
+                    {"key": "mloptimizer.io/pool", "operator": "Equal", "value": "u"},
+                ]
+            },
+            "tolerations[1]",
+        ),
+        ({"tolerations": [{"operator": "Exists"}]}, "tolerations[0]"),  # every taint
+        ({"nodeSelector": {"gpu": "a100"}}, None),
+        ({"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}, None),
+    ],
+)
+def test_placements_on_control_plane_or_rented_nodes_are_refused_naming_the_field(
+    workers: dict[str, Any], field: str | None
+) -> None:
+    from mloptimizer.operator.lifecycle import placement_refusal
+    from mloptimizer.spec import ArchitectureSearchSpec
+
+    spec = ArchitectureSearchSpec.model_validate(
+        {"dataset": {"builtin": "digits"}, "workers": workers}
+    )
+    refusal = placement_refusal(spec)
+    if field is None:
+        assert refusal is None
+    else:
+        assert refusal is not None
+        assert refusal.startswith(f"spec.workers.{field}: ")
+        assert "remove it" in refusal or "name the taint's key" in refusal
