@@ -28,6 +28,8 @@ from typing import Any
 
 import aiohttp
 
+from mloptimizer.messages import QueueNames
+
 __all__ = [
     "ALL",
     "LIMITS",
@@ -38,14 +40,17 @@ __all__ = [
     "search_user",
     "search_vhost",
     "sweep_identities",
+    "trainer_rights",
     "uid_of",
     "vhost_of",
 ]
 
 log = logging.getLogger(__name__)
 
-# Every right, on the search's own vhost only (a vhost is the unit of isolation).
+# Every right on a search's vhost: the operator's own login's (a vhost is the unit of
+# isolation between searches; within one, trainers get :func:`trainer_rights`).
 ALL = {"configure": ".*", "write": ".*", "read": ".*"}
+SERVER_NAMED = r"amq\.gen-.*"  # the queues the broker names: a trainer's reply queue
 
 # Per-vhost limits. Connections: every trainer of a search holds one (at most the CRD's
 # 1000 workers.maxReplicas), twice over because a replaced trainer's connection lingers
@@ -69,6 +74,26 @@ def search_user(uid: str) -> str:
 def search_vhost(uid: str) -> str:
     """The broker vhost of the search with ``uid``."""
     return f"mlopt-{uid}"
+
+
+def trainer_rights(names: QueueNames) -> dict[str, str]:
+    """What a search's trainers may do on its vhost, and nothing more (RabbitMQ's access
+    control: each operation needs configure, write or read on the queue or exchange named).
+
+    * configure: only the queues the broker names, so a trainer makes its own reply queue
+      and can declare, bind, purge or delete none of the search's queues;
+    * write: only the search's inbox exchange, which routes to the progress and results
+      queues alone: the default exchange and ``amq.*`` (hence the dead-letter and rejected
+      queues) are out of reach, and no queue can be bound (that needs write on the queue);
+    * read: only the trials queue and its reply queue: results, progress, dead letters and
+      refusals cannot be consumed. Reading the trials queue also lets a trainer purge it:
+      RabbitMQ ties ``queue.purge`` to read, so it is no more than taking every trial.
+    """
+    return {
+        "configure": f"^{SERVER_NAMED}$",
+        "write": f"^{re.escape(names.inbox)}$",
+        "read": f"^({re.escape(names.trials)}|{SERVER_NAMED})$",
+    }
 
 
 def uid_of(name: str) -> str | None:
@@ -143,9 +168,16 @@ class BrokerAdmin:
         """The management API's own user (the operator's broker login)."""
         return urllib.parse.unquote(urllib.parse.urlsplit(self.url).username or "guest")
 
-    async def ensure_identity(self, vhost: str, user: str, password: str) -> None:
-        """Create (or reset) ``vhost`` and ``user`` with every right on it and nothing else;
-        the operator's own user gets the vhost too. Idempotent."""
+    async def ensure_identity(
+        self, vhost: str, user: str, password: str, names: QueueNames | None = None
+    ) -> None:
+        """Create (or reset) ``vhost``, bounded (:data:`LIMITS`), and ``user`` with the
+        trainers' rights on the search's queues ``names`` (:func:`trainer_rights`) and
+        nothing else; the operator's own user gets every right on the vhost. Idempotent.
+
+        Without ``names``, the user gets every right on the vhost, as before trainers
+        published through the inbox exchange: the callers pass them.
+        """
         quoted = urllib.parse.quote(vhost, safe="")
         name = urllib.parse.quote(user, safe="")
         await self._request("PUT", f"/api/vhosts/{quoted}", {})
@@ -160,7 +192,8 @@ class BrokerAdmin:
                     raise
         for limit, value in LIMITS.items():
             await self._request("PUT", f"/api/vhost-limits/{quoted}/{limit}", {"value": value})
-        await self._request("PUT", f"/api/permissions/{quoted}/{name}", ALL)
+        rights = ALL if names is None else trainer_rights(names)
+        await self._request("PUT", f"/api/permissions/{quoted}/{name}", rights)
         own = urllib.parse.quote(self.user, safe="")
         await self._request("PUT", f"/api/permissions/{quoted}/{own}", ALL)
 

@@ -82,7 +82,9 @@ class Search:
 
 @pytest.fixture
 async def two_searches() -> AsyncIterator[tuple[Search, Search]]:
-    """Search ``a`` and its dotted neighbour ``a.v2``, each with its identity."""
+    """Search ``a`` and its dotted neighbour ``a.v2``, each with an identity holding every
+    right on its vhost (no queue names given): the vhost alone keeps searches apart. What a
+    trainer may do within its own search is ``test_broker_rights.py``'s."""
     admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))
     tag = uuid.uuid4().hex[:8]
     made = [
@@ -113,7 +115,7 @@ async def test_a_search_identity_works_within_its_own_search(
     mine, _ = two_searches
     connection = pika.BlockingConnection(pika.URLParameters(mine.url))
     channel = connection.channel()
-    declare_queues(channel, mine.names)  # what `mloptimizer trainer` does first
+    declare_queues(channel, mine.names)  # every right: even declaring
     reply = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
     assert reply.startswith("amq.gen-")
     channel.basic_publish("", mine.names.results, b"{}", PERSISTENT)
