@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from services import RABBITMQ_URL
+
+from mloptimizer.operator.brokeradmin import BrokerAdmin, admin_url_for, search_user, search_vhost
 
 Body = dict[str, Any]
 CRD_DIGEST = "mloptimizer.io/test-crd-digest"  # which file content a CRD was applied from
@@ -74,6 +77,9 @@ class Cluster:
     credentials: dict[str, Any] | None = None  # for kopf.ConnectionInfo
     proxy: Any = None  # kubeproxy.RoutingProxy in front of the emulator, None on a real cluster
     _session: aiohttp.ClientSession | None = None
+    # the memo of the product's operator a test last ran here: at the end of the test, an
+    # operator like it ends the searches left (remove_searches)
+    operator_memo: Any = None
 
     @classmethod
     def from_kubeconfig(cls, kubeconfig: Path) -> Cluster:
@@ -313,20 +319,51 @@ async def ensure_crd(cluster: Cluster, crd: Mapping[str, Any], timeout: float = 
                 await asyncio.sleep(0.2)
 
 
-async def remove_searches(cluster: Cluster) -> None:
-    """Delete every ArchitectureSearch, finalizers first: a test's operator is gone by now,
-    and one left holding its finalizer would block the next test (and a CRD deletion)."""
+async def remove_searches(cluster: Cluster, timeout: float = 60.0) -> None:
+    """Delete every ArchitectureSearch the way a user does, and let its finalizer run: an
+    operator like the test's last one (its memo's config) serves the deletions, so that
+    nothing a search made outlives it, its broker login above all. A search still held
+    after ``timeout`` (its operator cannot finish: a service the test took away) loses its
+    finalizers, as one left would block the next test, and its broker identity here."""
+    searches = await cluster.list("archsearch")
+    if not searches:
+        return
+    held = [s for s in searches if s["metadata"].get("finalizers")]
+    if held and cluster.operator_memo is not None:
+        from mloptimizer.operator.main import shared_memo
+
+        memo = shared_memo(cluster.operator_memo.shared.config)
+        with contextlib.suppress(TimeoutError):
+            async with run_operator(cluster, memo=memo), asyncio.timeout(timeout):
+                # one at a time: deletions at once on a database without Optuna's tables yet
+                # race to create them, and the loser is retried only 60 s later
+                for search in held:
+                    await _delete_all(cluster, [search])
+                    meta = search["metadata"]
+                    where = ("archsearch", meta["namespace"], meta["name"])
+                    await cluster.wait_for(*where, lambda o: o is None, timeout=timeout)
     for search in await cluster.list("archsearch"):
         meta = search["metadata"]
         with contextlib.suppress(KubeError):  # gone meanwhile
             if meta.get("finalizers"):
-                await cluster.patch(
-                    "archsearch",
-                    meta["namespace"],
-                    meta["name"],
-                    {"metadata": {"finalizers": None}},
-                )
+                unheld = {"metadata": {"finalizers": None}}
+                await cluster.patch("archsearch", meta["namespace"], meta["name"], unheld)
+                await _delete_identity(meta["uid"])
+    await _delete_all(cluster, await cluster.list("archsearch"))
+
+
+async def _delete_all(cluster: Cluster, searches: list[Body]) -> None:
+    for search in searches:
+        meta = search["metadata"]
+        with contextlib.suppress(KubeError):  # gone meanwhile
             await cluster.delete("archsearch", meta["namespace"], meta["name"])
+
+
+async def _delete_identity(uid: str) -> None:
+    """What the finalizer would have deleted on the broker: the search's vhost and user."""
+    admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))  # guest: every test's administrator
+    with contextlib.suppress(Exception):  # the broker may be what the test took away
+        await admin.delete_identity(search_vhost(uid), search_user(uid))
 
 
 async def ensure_namespace(cluster: Cluster, name: str) -> None:
@@ -340,4 +377,7 @@ def run_operator(cluster: Cluster, **options: Any) -> contextlib.AbstractAsyncCo
     """kopf with ``options`` (``memo=``, ``registry=``...) against the cluster, in its thread."""
     from k8s import run_kopf_operator
 
+    memo = options.get("memo")
+    if options.get("registry") is None and getattr(memo, "shared", None) is not None:
+        cluster.operator_memo = memo  # the product's operator: remove_searches runs one like it
     return run_kopf_operator(cluster.url, credentials=cluster.credentials, **options)

@@ -152,13 +152,17 @@ def images() -> Images:
 
 @pytest.fixture
 async def cluster(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    postgres_dsn: str,  # made before, dropped after: the searches left end with their study
 ) -> AsyncIterator[Cluster]:
     """The Kubernetes API of an end-to-end test, with the ArchitectureSearch CRD installed.
 
     By default the routing proxy: the real API server (session-wide) for mloptimizer.io and
     CRDs, a fresh emulator for everything else. With ``MLOPT_TEST_KUBECONFIG`` set, that
     cluster. ``KUBECONFIG`` points at it for the operator's own client, kubectl and helm.
+    The searches a test leaves are deleted as a user would (:func:`remove_searches`).
     """
     crd = yaml.safe_load(CRD_FILE.read_text())
     if REAL_CLUSTER:
