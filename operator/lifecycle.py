@@ -370,24 +370,32 @@ def _replace_owned(
     value: Any,
 ) -> None:
     """Replace ``path`` of an object the search owns with ``value``, whole (a JSON patch,
-    tested against the resourceVersion read, so the object checked is the one changed).
-    An object not there yet is left to the create handler; one not owned is left alone."""
-    try:
-        found = read()
-    except kubernetes.client.ApiException as error:
-        if error.status == 404:
+    tested against the resourceVersion read, so the object checked is the one changed; read
+    again when a scale came between). An object not there yet is left to the create
+    handler; one not owned is left alone."""
+    for attempt in range(3):
+        try:
+            found = read()
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return
+            raise
+        if not owned_by(found, uid):
+            log.warning("%s is not this search's: left untouched", found.metadata.name)
             return
-        raise
-    if not owned_by(found, uid):
-        log.warning("%s is not this search's: left untouched", found.metadata.name)
+        version = found.metadata.resource_version
+        try:
+            patch(
+                [
+                    {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+                    {"op": "replace", "path": path, "value": value},
+                ]
+            )
+        except kubernetes.client.ApiException as error:
+            if error.status not in (409, 422) or attempt == 2:
+                raise  # kopf retries the handler
+            continue
         return
-    version = found.metadata.resource_version
-    patch(
-        [
-            {"op": "test", "path": "/metadata/resourceVersion", "value": version},
-            {"op": "replace", "path": path, "value": value},
-        ]
-    )
 
 
 # --- the search's daemon ----------------------------------------------------------------
