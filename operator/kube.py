@@ -5,9 +5,10 @@
   in kopf's worker thread). A Deployment under the trainers' name that does not name the
   search's uid as owner is someone else's: never scaled, never counted.
 * :class:`ApiPoolKube` is :class:`~mloptimizer.operator.pool.PoolKube` for its GPU pool:
-  its status and the Nodes rented VMs join as (cordon, drain, delete); the ``kubernetes``
-  client is synchronous, so each call runs in a worker thread and the pool's event loop
-  (kopf's) keeps serving.
+  its status and the Nodes rented VMs join as (cordon, drain, delete), each only when it
+  carries the search's pool label (a Node of that name that is not its machine is left
+  alone); the ``kubernetes`` client is synchronous, so each call runs in a worker thread
+  and the pool's event loop (kopf's) keeps serving.
 
 :func:`kube_outage` is the operator's hook into :func:`mloptimizer.faults.lost_service`:
 which API answers mean "not now" rather than "never".
@@ -24,7 +25,7 @@ import kopf
 import kubernetes
 
 from mloptimizer.faults import BUSY_STATUSES
-from mloptimizer.operator.builders import deployment_name
+from mloptimizer.operator.builders import POOL_LABEL, deployment_name
 from mloptimizer.spec import GROUP, PLURAL, VERSION
 
 __all__ = ["KUBE_PASSING", "ApiKube", "ApiPoolKube", "kube_outage"]
@@ -154,17 +155,38 @@ class ApiPoolKube:
         except kubernetes.client.ApiException as error:  # an Event is worth no failed pass
             log.warning("event %s not posted: %s", reason, error.reason)
 
-    async def node_ready(self, name: str) -> bool:
+    def _ours(self, node: Any) -> bool:
+        """Whether a Node is one of this search's machines (its pool label names the uid)."""
+        if self.uid is None:
+            return True
+        labels = (node.metadata and node.metadata.labels) or {}
+        if labels.get(POOL_LABEL) == self.uid:
+            return True
+        log.warning(
+            "Node %s is not a machine of this search's pool: left alone", node.metadata.name
+        )
+        return False
+
+    async def _our_node(self, name: str) -> Any | None:
+        """The Node ``name`` when it is this search's machine; None when absent or not ours."""
         try:
             node = await asyncio.to_thread(self.core.read_node, name)
         except kubernetes.client.ApiException as error:
             if error.status == 404:
-                return False
+                return None
             raise
+        return node if self._ours(node) else None
+
+    async def node_ready(self, name: str) -> bool:
+        node = await self._our_node(name)
+        if node is None:
+            return False
         conditions = (node.status and node.status.conditions) or []
         return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
     async def drain_node(self, name: str) -> bool:
+        if await self._our_node(name) is None:
+            return True  # never joined, gone, or not ours: nothing of this search runs there
         try:
             await asyncio.to_thread(self.core.patch_node, name, {"spec": {"unschedulable": True}})
         except kubernetes.client.ApiException as error:
@@ -183,6 +205,8 @@ class ApiPoolKube:
         return not there
 
     async def uncordon_node(self, name: str) -> None:
+        if await self._our_node(name) is None:
+            return
         try:
             await asyncio.to_thread(self.core.patch_node, name, {"spec": {"unschedulable": False}})
         except kubernetes.client.ApiException as error:
@@ -190,6 +214,8 @@ class ApiPoolKube:
                 raise
 
     async def delete_node(self, name: str) -> None:
+        if await self._our_node(name) is None:
+            return
         try:
             await asyncio.to_thread(self.core.delete_node, name)
         except kubernetes.client.ApiException as error:

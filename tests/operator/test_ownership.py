@@ -403,3 +403,46 @@ def test_placements_on_control_plane_or_rented_nodes_are_refused_naming_the_fiel
         assert refusal is not None
         assert refusal.startswith(f"spec.workers.{field}: ")
         assert "remove it" in refusal or "name the taint's key" in refusal
+
+
+async def test_a_pool_leaves_alone_a_node_under_its_machines_name_that_is_not_its_own() -> None:
+    """A Node named like a rented machine but without this search's pool label (the control
+    plane, another search's machine) is never cordoned, drained or deleted."""
+    import asyncio
+
+    import kubernetes
+    from k8s import kubernetes_configuration, start_emulator
+
+    from mloptimizer.operator.builders import POOL_LABEL
+    from mloptimizer.operator.kube import ApiPoolKube
+
+    async with start_emulator() as emulator:
+        emulator.create_object(
+            "nodes", {"metadata": {"name": "m-1", "labels": {POOL_LABEL: "another-uid"}}}
+        )
+        emulator.create_object("nodes", {"metadata": {"name": "m-2"}})  # no pool label at all
+        emulator.create_object(
+            "nodes", {"metadata": {"name": "m-3", "labels": {POOL_LABEL: "our-uid"}}}
+        )
+        api = kubernetes.client.ApiClient(kubernetes_configuration(emulator))
+        try:
+            kube = ApiPoolKube("default", "s", "mloptimizer.io/search=s", api, uid="our-uid")
+            for name in ("m-1", "m-2"):
+                before = emulator.fetch_object("nodes", None, name)
+                assert await kube.drain_node(name) is True  # nothing of ours runs there
+                await kube.uncordon_node(name)
+                await kube.delete_node(name)
+                assert not await kube.node_ready(name)
+                after = emulator.fetch_object("nodes", None, name)
+                assert before is not None
+                assert after is not None
+                assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+            # its own machine's Node is cordoned and deleted as before
+            assert await kube.drain_node("m-3") is True
+            cordoned = emulator.fetch_object("nodes", None, "m-3")
+            assert cordoned is not None
+            assert cordoned["spec"]["unschedulable"] is True
+            await kube.delete_node("m-3")
+            assert emulator.fetch_object("nodes", None, "m-3") is None
+        finally:
+            await asyncio.to_thread(api.close)
