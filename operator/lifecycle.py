@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -71,8 +70,10 @@ from mloptimizer.operator.shared import (
     Shared,
     broker_identity,
     create_owned,
+    delete_children,
     owned_by,
     parse,
+    replace_owned,
 )
 from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef
 from mloptimizer.study import end_open_trials, storage_url, study_name
@@ -341,7 +342,7 @@ def update_search(body: Any, status: Any, shared: Shared) -> None:
     uid = body["metadata"]["uid"]
     apps = kubernetes.client.AppsV1Api()
     template = trainer_deployment(body, spec, shared.config)["spec"]["template"]
-    _replace_owned(
+    replace_owned(
         uid,
         lambda: apps.read_namespaced_deployment(deployment_name(name), namespace),
         lambda ops: apps.patch_namespaced_deployment(deployment_name(name), namespace, ops),
@@ -351,7 +352,7 @@ def update_search(body: Any, status: Any, shared: Shared) -> None:
     networking = kubernetes.client.NetworkingV1Api()
     policy = trainer_policy(body, spec, shared.config)
     with _absent_is_fine():
-        _replace_owned(
+        replace_owned(
             uid,
             lambda: networking.read_namespaced_network_policy(network_policy_name(name), namespace),
             lambda ops: networking.patch_namespaced_network_policy(
@@ -360,42 +361,6 @@ def update_search(body: Any, status: Any, shared: Shared) -> None:
             "/spec",
             policy["spec"],
         )
-
-
-def _replace_owned(
-    uid: str,
-    read: Callable[[], Any],
-    patch: Callable[[list[dict[str, Any]]], Any],
-    path: str,
-    value: Any,
-) -> None:
-    """Replace ``path`` of an object the search owns with ``value``, whole (a JSON patch,
-    tested against the resourceVersion read, so the object checked is the one changed; read
-    again when a scale came between). An object not there yet is left to the create
-    handler; one not owned is left alone."""
-    for attempt in range(3):
-        try:
-            found = read()
-        except kubernetes.client.ApiException as error:
-            if error.status == 404:
-                return
-            raise
-        if not owned_by(found, uid):
-            log.warning("%s is not this search's: left untouched", found.metadata.name)
-            return
-        version = found.metadata.resource_version
-        try:
-            patch(
-                [
-                    {"op": "test", "path": "/metadata/resourceVersion", "value": version},
-                    {"op": "replace", "path": path, "value": value},
-                ]
-            )
-        except kubernetes.client.ApiException as error:
-            if error.status not in (409, 422) or attempt == 2:
-                raise  # kopf retries the handler
-            continue
-        return
 
 
 # --- the search's daemon ----------------------------------------------------------------
@@ -553,42 +518,6 @@ def delete_search(body: Any, shared: Shared) -> None:
             # again under this name starts from finished trials only.
             study = optuna.load_study(study_name=study_name(namespace, name), storage=storage)
             end_open_trials(study, "its search was deleted")
-
-
-def delete_children(namespace: str, name: str, uid: str) -> None:
-    """Delete the search's Deployment, broker Secret and NetworkPolicy: each only when it
-    names this uid as its owner (a Secret the operator did not make, or another's object
-    under that name, stays), with the uid read as a precondition."""
-    apps, core = kubernetes.client.AppsV1Api(), kubernetes.client.CoreV1Api()
-    networking = kubernetes.client.NetworkingV1Api()
-    children: list[tuple[Callable[[], Any], Callable[[Any], Any]]] = [
-        (
-            lambda: apps.read_namespaced_deployment(deployment_name(name), namespace),
-            lambda options: apps.delete_namespaced_deployment(
-                deployment_name(name), namespace, body=options
-            ),
-        ),
-        (
-            lambda: core.read_namespaced_secret(broker_secret_name(name), namespace),
-            lambda options: core.delete_namespaced_secret(
-                broker_secret_name(name), namespace, body=options
-            ),
-        ),
-        (
-            lambda: networking.read_namespaced_network_policy(network_policy_name(name), namespace),
-            lambda options: networking.delete_namespaced_network_policy(
-                network_policy_name(name), namespace, body=options
-            ),
-        ),
-    ]
-    for read, delete in children:
-        with _absent_is_fine():
-            found = read()
-            if not owned_by(found, uid):
-                log.warning("%s is not this search's: not deleted", found.metadata.name)
-                continue
-            preconditions = kubernetes.client.V1Preconditions(uid=found.metadata.uid)
-            delete(kubernetes.client.V1DeleteOptions(preconditions=preconditions))
 
 
 def _delete_queues(

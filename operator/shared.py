@@ -4,7 +4,8 @@ of a resource body, owned children and the search's broker identity.
 Objects are the search's by owner uid, never by name: a child found under its name without
 an owner reference to this search's uid is someone else's (another search's, a user's, an
 attacker's), so it is neither adopted, patched, scaled nor deleted; the search fails with a
-``NameConflict`` naming it (:class:`NameConflict`).
+``NameConflict`` naming it (:class:`NameConflict`). :func:`create_owned`,
+:func:`replace_owned` and :func:`delete_children` are the only ways children are written.
 
 Both :mod:`~mloptimizer.operator.lifecycle` (a search's life) and
 :mod:`~mloptimizer.operator.poolwiring` (its GPU pool) stand on these.
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +38,8 @@ from mloptimizer.operator.builders import (
     BROKER_PASSWORD_KEY,
     broker_secret_name,
     build_broker_secret,
+    deployment_name,
+    network_policy_name,
 )
 from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.metrics import Metrics
@@ -47,11 +52,15 @@ __all__ = [
     "Shared",
     "broker_identity",
     "create_owned",
+    "delete_children",
     "owned_by",
     "parse",
+    "replace_owned",
 ]
 
 Key = tuple[str, str]  # (namespace, name)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,6 +153,86 @@ def create_owned(body: dict[str, Any], owner: Any, create: Any, read: Any) -> An
         meta = body["metadata"]
         raise NameConflict(body["kind"], owner["metadata"]["namespace"], meta["name"])
     return found
+
+
+def replace_owned(
+    uid: str,
+    read: Callable[[], Any],
+    patch: Callable[[list[dict[str, Any]]], Any],
+    path: str,
+    value: Any,
+) -> None:
+    """Replace ``path`` of an object the search owns with ``value``, whole (a JSON patch,
+    tested against the resourceVersion read, so the object checked is the one changed; read
+    again when a scale came between). An object not there yet is left to the create
+    handler; one not owned is left alone."""
+    for attempt in range(3):
+        try:
+            found = read()
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return
+            raise
+        if not owned_by(found, uid):
+            log.warning("%s is not this search's: left untouched", found.metadata.name)
+            return
+        version = found.metadata.resource_version
+        try:
+            patch(
+                [
+                    {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+                    {"op": "replace", "path": path, "value": value},
+                ]
+            )
+        except kubernetes.client.ApiException as error:
+            if error.status not in (409, 422) or attempt == 2:
+                raise  # kopf retries the handler
+            continue
+        return
+
+
+def delete_children(namespace: str, name: str, uid: str) -> None:
+    """Delete the search's Deployment, broker Secret and NetworkPolicy: each only when it
+    names this uid as its owner (a Secret the operator did not make, or another's object
+    under that name, stays), with the uid read as a precondition."""
+    apps, core = kubernetes.client.AppsV1Api(), kubernetes.client.CoreV1Api()
+    networking = kubernetes.client.NetworkingV1Api()
+    children: list[tuple[Callable[[], Any], Callable[[Any], Any]]] = [
+        (
+            lambda: apps.read_namespaced_deployment(deployment_name(name), namespace),
+            lambda options: apps.delete_namespaced_deployment(
+                deployment_name(name), namespace, body=options
+            ),
+        ),
+        (
+            lambda: core.read_namespaced_secret(broker_secret_name(name), namespace),
+            lambda options: core.delete_namespaced_secret(
+                broker_secret_name(name), namespace, body=options
+            ),
+        ),
+        (
+            lambda: networking.read_namespaced_network_policy(network_policy_name(name), namespace),
+            lambda options: networking.delete_namespaced_network_policy(
+                network_policy_name(name), namespace, body=options
+            ),
+        ),
+    ]
+    for read, delete in children:
+        try:
+            found = read()
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                continue
+            raise
+        if not owned_by(found, uid):
+            log.warning("%s is not this search's: not deleted", found.metadata.name)
+            continue
+        preconditions = kubernetes.client.V1Preconditions(uid=found.metadata.uid)
+        try:
+            delete(kubernetes.client.V1DeleteOptions(preconditions=preconditions))
+        except kubernetes.client.ApiException as error:
+            if error.status != 404:
+                raise
 
 
 def broker_identity(body: Any, shared: Shared) -> str:
