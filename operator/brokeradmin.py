@@ -33,6 +33,7 @@ from mloptimizer.messages import QueueNames
 __all__ = [
     "ALL",
     "LIMITS",
+    "MOST_TRAINERS",
     "BrokerAdmin",
     "admin_url_for",
     "in_vhost",
