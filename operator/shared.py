@@ -27,6 +27,7 @@ import kubernetes
 
 from mloptimizer.checks import space_issues
 from mloptimizer.loading import SpecError, parse_search
+from mloptimizer.messages import QueueNames
 from mloptimizer.operator.brokeradmin import (
     BrokerAdmin,
     admin_url_for,
@@ -45,6 +46,7 @@ from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.metrics import Metrics
 from mloptimizer.operator.pool import machine_id_of_worker
 from mloptimizer.spec import API_VERSION, KIND, ArchitectureSearchSpec
+from mloptimizer.study import study_name
 
 __all__ = [
     "Key",
@@ -257,5 +259,7 @@ def broker_identity(body: Any, shared: Shared) -> str:
         lambda: core.read_namespaced_secret(broker_secret_name(name), namespace),
     )
     password = base64.b64decode((found.data or {})[BROKER_PASSWORD_KEY]).decode()
-    asyncio.run(shared.broker_admin().ensure_identity(vhost, user, password))
+    # least rights: the search's trials and its inbox exchange, nothing of its other queues
+    names = QueueNames(study_name(namespace, name), shared.config.queue_prefix)
+    asyncio.run(shared.broker_admin().ensure_identity(vhost, user, password, names))
     return password
