@@ -122,8 +122,10 @@ async def test_names_taken_by_objects_it_does_not_own_fail_the_search_and_stay_u
         kept_deployment["metadata"]["resourceVersion"] == (squatter["metadata"]["resourceVersion"])
     )
     assert owners(kept_secret) == owners(kept_deployment) == set()
-    # the search whose Deployment name was taken got no trainers of its own anywhere
+    # the search whose Secret name was taken got no trainers of its own anywhere; the broker
+    # Secret the other one did make (its own) went with it, the squatter's Deployment stayed
     assert await cluster.get("deployments", "default", deployment_name(taken_secret)) is None
+    assert await cluster.get("secrets", "default", broker_secret_name(taken_deployment)) is None
     reasons = {e["reason"] for e in await cluster.list("events", "default")}
     assert "NameConflict" in reasons
 
