@@ -41,7 +41,7 @@ import psycopg2
 from psycopg2 import sql
 
 from mloptimizer.amqp import AmqpTransport
-from mloptimizer.broker import declare_queues
+from mloptimizer.broker import declare_queues, to_dispatcher
 from mloptimizer.dispatch import Dispatcher
 from mloptimizer.dispatch import loop as dispatch  # where the dispatcher samples
 from mloptimizer.messages import QueueNames, ResultMessage, TrialMessage, decode, encode
@@ -102,8 +102,9 @@ def _noop_pool(url: str, search: str, count: int, hold: float, ready: Any, stop:
             state="complete",
             value=0.5 + (trial.trial_id % 97) / 200,
             train_seconds=hold,
+            token=trial.token,
         )
-        channel.basic_publish("", names.results, encode(result))
+        to_dispatcher(channel, names, names.results, encode(result), pika.BasicProperties())
         channel.basic_ack(tag)
 
     def on_trial(channel: Any, method: Any, props: Any, body: bytes) -> None:

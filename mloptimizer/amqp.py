@@ -10,8 +10,10 @@ its delivery limit, or refused by a trainer) reaches the dispatcher as a
 :class:`~mloptimizer.dispatch.DeadTrial`, which fails it. A message that does not parse,
 or that the dispatcher refuses, goes to the rejected queue with its reason.
 
-Memory stays bounded whatever is queued: bodies are capped (``MAX_BODY_BYTES``) and at
-most ``prefetch`` messages are held unacknowledged at once.
+Memory stays bounded whatever is queued: the broker refuses bodies over its
+``max_message_size``, bodies over ``MAX_BODY_BYTES`` are refused before parsing, and at
+most ``prefetch`` messages are held unacknowledged at once on the channel (all its consumers
+together): 64 x 512 KiB = 32 MiB for a search flooded at its worst.
 
 :class:`SearchChannel` is what the dispatcher's transport and the operator's final job
 (:class:`~mloptimizer.operator.delivery.FinalJobChannel`) share: the dial, confirms, the
@@ -117,7 +119,10 @@ class SearchChannel(Generic[Received]):
         channel = self._connection.channel()
         channel.confirm_delivery()
         declare_queues(channel, self.names)
-        channel.basic_qos(prefetch_count=self.prefetch)
+        # Per channel, not per consumer (RabbitMQ's global flag): a trainer flooding both
+        # progress and results holds the operator to ``prefetch`` bodies in all, each at
+        # most the broker's max_message_size (512 KiB: scripts/test, the chart).
+        channel.basic_qos(prefetch_count=self.prefetch, global_qos=True)
         for queue, callback in self._consumers().items():
             channel.basic_consume(queue, callback)
         self._channel = channel

@@ -21,6 +21,13 @@ A trial can be delivered more than once (a trainer died before acking), so every
 progress and result message carries the trial's identity and the delivery ``attempt``:
 the dispatcher tells the study once per ``trial_id`` and drops the rest.
 
+A trial is a capability (:mod:`mloptimizer.capability`): each ``trial`` and ``deliver``
+carries a ``token`` only the trainer holding it learns, and each ``progress``, ``result``
+and ``delivered`` must carry it back, or it is refused. Numbers are checked against their
+range (an accuracy in [0, 1], a loss or a size finite and >= 0, times bounded), and text a
+trainer chooses is cut and made printable before it can reach a condition, an Event or a
+log line.
+
 Every message is bounded before and while it is parsed (:data:`MAX_BODY_BYTES`, field
 lengths, finite numbers only), so that no sender, mistaken or hostile, can make the side
 that reads it run out of memory, overflow a database column or write ``inf`` as a best.
@@ -37,6 +44,7 @@ from typing import Annotated, Any, Final, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from mloptimizer.capability import TOKEN_PATTERN, new_token
 from mloptimizer.formats import FORMATS, REPORT_FILES, ExportFormat, delivered_files
 from mloptimizer.space import Architecture
 from mloptimizer.spec import Dataset
@@ -73,9 +81,11 @@ __all__ = [
     "encode",
     "finite",
     "finite_metrics",
+    "in_range",
+    "printable",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: capability tokens
 
 # A body larger than this is refused before it is parsed: a result of 10,000 epochs of
 # history with a few metrics each fits well under it.
@@ -86,12 +96,45 @@ MAX_TEXT: Final = 4096  # an error text
 # x-delivery-limit): a trial that kills every trainer it reaches must not crash-loop them.
 DELIVERY_LIMIT: Final = 5
 _MAX_METRICS: Final = 16
+# No figure a trainer reports is larger than this (a loss of a diverging model above it
+# is left out by the trainer, as a NaN is): a best or an end message shows no 300 digits.
+MAX_MAGNITUDE: Final = 1e12
 
-Text = Annotated[str, Field(max_length=MAX_TEXT)]
-Label = Annotated[str, Field(min_length=1, max_length=256)]
-Metrics = Annotated[
-    dict[Annotated[str, Field(max_length=64)], float], Field(max_length=_MAX_METRICS)
+
+def printable(text: str) -> str:
+    """``text`` with every control or invisible character made a space: what a trainer
+    writes cannot forge a line of a log or break a condition or an Event."""
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
+def in_range(name: str, value: float) -> bool:
+    """Whether metric ``name`` may take ``value``: accuracies in [0, 1], losses >= 0,
+    anything finite and within :data:`MAX_MAGNITUDE`."""
+    if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+        return False
+    if "accuracy" in name:
+        return 0.0 <= value <= 1.0
+    return value >= 0.0 if "loss" in name else True
+
+
+def _metrics_in_range(metrics: dict[str, float]) -> dict[str, float]:
+    for name, value in metrics.items():
+        if not in_range(name, value):
+            raise ValueError(f"{name} {value:.6g} is out of range")
+    return metrics
+
+
+Text = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(printable)]
+Label = Annotated[
+    str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.:@/()+-]*$")
 ]
+Metrics = Annotated[
+    dict[Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")], float],
+    Field(max_length=_MAX_METRICS),
+    AfterValidator(_metrics_in_range),
+]
+Token = Annotated[str, Field(pattern=TOKEN_PATTERN, description="The trial's capability.")]
+_Figure = Annotated[float, Field(ge=0.0, le=MAX_MAGNITUDE)]
 
 # The dispatcher's answer to a trial's progress: train on, or stop here (pruned).
 Decision = Literal["continue", "prune"]
@@ -104,7 +147,7 @@ _INT32 = 2**31 - 1  # Optuna's PostgreSQL columns (trial ids, numbers, steps) ar
 class _Message(BaseModel):
     model_config = _STRICT
 
-    version: Literal[1] = Field(default=SCHEMA_VERSION, description="Contract version.")
+    version: Literal[2] = Field(default=SCHEMA_VERSION, description="Contract version.")
     search: str = Field(
         min_length=1, max_length=320, description="The study name, <namespace>.<name>."
     )
@@ -130,6 +173,10 @@ class TrialMessage(_Message):
     measure_model_kb: bool = Field(
         default=False, description="Convert the trained model to int8 LiteRT and report its size."
     )
+    token: Token = Field(
+        default_factory=new_token,
+        description="Only the holder of this message learns it; its reports carry it back.",
+    )
 
 
 class ProgressMessage(_Message):
@@ -142,6 +189,7 @@ class ProgressMessage(_Message):
         ge=1, le=MAX_EPOCHS, description="Epochs finished so far (the pruner's step)."
     )
     metrics: Metrics
+    token: Token
 
 
 class ProgressReply(BaseModel):
@@ -150,7 +198,7 @@ class ProgressReply(BaseModel):
     model_config = _STRICT
 
     kind: Literal["progress-reply"] = "progress-reply"
-    version: Literal[1] = SCHEMA_VERSION
+    version: Literal[2] = SCHEMA_VERSION
     trial_id: int = Field(ge=0, le=_INT32)
     decision: Decision
 
@@ -163,23 +211,29 @@ class ResultMessage(_Message):
     attempt: int = Field(ge=1, le=1000, description="Delivery attempt that produced this result.")
     worker_id: Label
     state: Literal["complete", "pruned", "failed"]
-    value: float | None = Field(default=None, description="Objective value (last epoch).")
-    val_loss: float | None = None
-    val_accuracy: float | None = None
+    value: float | None = Field(
+        default=None,
+        ge=-MAX_MAGNITUDE,
+        le=MAX_MAGNITUDE,
+        description="Objective value (last epoch); checked against the metric's range.",
+    )
+    val_loss: _Figure | None = None
+    val_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
     epochs_run: int = Field(default=0, ge=0, le=MAX_EPOCHS)
     train_seconds: float = Field(default=0.0, ge=0.0, le=1e8)
-    images_per_second: float = Field(default=0.0, ge=0.0)
+    images_per_second: _Figure = 0.0
     parameter_count: int = Field(default=0, ge=0, le=2**53)
-    mflops: float | None = Field(
-        default=None, ge=0.0, description="Millions of multiply-adds per image (forward pass)."
+    mflops: _Figure | None = Field(
+        default=None, description="Millions of multiply-adds per image (forward pass)."
     )
-    model_kb: float | None = Field(
-        default=None, ge=0.0, description="Size of the int8 LiteRT model, when asked."
+    model_kb: _Figure | None = Field(
+        default=None, description="Size of the int8 LiteRT model, when asked."
     )
     device: Label = "CPU"
     dataset_load_seconds: float = Field(default=0.0, ge=0.0, le=1e8, description="0 when cached.")
     history: list[Metrics] = Field(default_factory=list, max_length=MAX_EPOCHS)
     error: Text | None = Field(default=None, description="Why the trial failed.")
+    token: Token
 
 
 # --- the final job ---------------------------------------------------------------------
@@ -232,6 +286,10 @@ class DeliverMessage(_Message):
     best: TrialMessage = Field(description="The best trial as it was trained.")
     formats: list[ExportFormat] = Field(min_length=1, max_length=len(ARTIFACT_FILES))
     to: ToFolder | ToUrls = Field(discriminator="kind")
+    token: Token = Field(
+        default_factory=new_token,
+        description="This round's capability: only its holder can answer it.",
+    )
 
 
 class ArtifactReport(BaseModel):
@@ -243,6 +301,11 @@ class ArtifactReport(BaseModel):
     bytes: int = Field(default=0, ge=0, le=2**53)
     accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
     latency_ms: float | None = Field(default=None, ge=0.0, le=1e7)
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="The file's SHA-256 (hex): a bucket's copy is read back and compared.",
+    )
     error: Text | None = Field(default=None, description="Why this format was not delivered.")
 
 
@@ -260,6 +323,7 @@ class DeliveredMessage(_Message):
         default=None, description="Whether the trial's own weights were reused."
     )
     error: Text | None = None
+    token: Token
 
 
 Message = Annotated[
@@ -357,13 +421,18 @@ class MessageError(ValueError):
 
 
 def finite(value: float | None) -> float | None:
-    """``value`` if it is a finite number, else None (messages carry no inf or NaN)."""
-    return value if value is not None and math.isfinite(value) else None
+    """``value`` if it is a finite number within :data:`MAX_MAGNITUDE`, else None (messages
+    carry no inf, NaN or 300-digit figure)."""
+    if value is None or not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+        return None
+    return value
 
 
 def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The finite entries of ``metrics`` (a diverging epoch's NaN loss is left out)."""
-    return {k: v for k, v in list(metrics.items())[:_MAX_METRICS] if finite(v) is not None}
+    """The entries of ``metrics`` a message may carry (a diverging epoch's NaN loss is left
+    out, and so is anything out of its range)."""
+    kept = list(metrics.items())[:_MAX_METRICS]
+    return {k: v for k, v in kept if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", k) and in_range(k, v)}
 
 
 def encode(message: BaseModel) -> bytes:

@@ -21,6 +21,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
+from mloptimizer.capability import KEY_ATTR, new_key
 from mloptimizer.changes import refusal
 from mloptimizer.space import Architecture, build_pruner, build_sampler
 from mloptimizer.spec import ArchitectureSearchSpec, Tradeoff
@@ -33,6 +34,7 @@ __all__ = [
     "TrialRecord",
     "best_of",
     "cached_frozen",
+    "capability_key",
     "end_open_trials",
     "end_trial",
     "open_study",
@@ -364,6 +366,18 @@ def _pruned_value(trial: FrozenTrial) -> float | None:
     if trial.state == TrialState.PRUNED and trial.values:
         return float(trial.values[0])
     return None
+
+
+def capability_key(study: optuna.Study) -> str:
+    """The study's key for its trials' capability tokens (:mod:`mloptimizer.capability`),
+    made on first use and kept as a study system attribute: trusted storage, never sent,
+    and there for a restarted dispatcher that adopts trials in flight."""
+    storage, study_id = study._storage, study._study_id
+    key = storage.get_study_system_attrs(study_id).get(KEY_ATTR)
+    if not isinstance(key, str):
+        key = new_key()
+        storage.set_study_system_attr(study_id, KEY_ATTR, key)
+    return key
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:

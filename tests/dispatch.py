@@ -132,6 +132,7 @@ def progress_of(trial: TrialMessage, **changes: Any) -> ProgressMessage:
         "worker_id": "w",
         "epoch": 1,
         "metrics": {"val_accuracy": 0.5},
+        "token": trial.token,
     }
     return ProgressMessage(**{**fields, **changes})
 
@@ -148,6 +149,7 @@ def result_of(trial: TrialMessage, **changes: Any) -> ResultMessage:
         "state": "complete",
         "value": 0.9,
         "epochs_run": trial.epochs,
+        "token": trial.token,
     }
     return ResultMessage(**{**fields, **changes})
 

@@ -105,6 +105,7 @@ class ScriptedTransport:
             epochs_run=run.epoch,
             train_seconds=self.seconds,
             error=error,
+            token=t.token,
             **self.measures(t),
         )
 
@@ -132,6 +133,7 @@ class ScriptedTransport:
                 worker_id="scripted",
                 epoch=run.epoch,
                 metrics={"val_accuracy": accuracy(t, run.epoch)},
+                token=t.token,
             )
 
             def reply(decision: Decision, run: _Run = run) -> None:
@@ -229,6 +231,7 @@ def test_progress_of_a_trial_already_told_is_answered_prune(storage: str) -> Non
         worker_id="slow",
         epoch=1,
         metrics={"val_accuracy": 0.5},
+        token=told.token,
     )
     d._handle(Inbound(late, reply=decisions.append))
     assert decisions == ["prune"]

@@ -3,7 +3,8 @@ flooded dispatcher's memory stays bounded (the machine's RabbitMQ, real transpor
 
 The broker refuses any message over its ``max_message_size`` (``scripts/test`` sets it to
 twice the contract's MAX_BODY_BYTES, as a production broker should be), so the most the
-dispatcher's side ever holds is its prefetch of such messages per queue it consumes.
+dispatcher's side ever holds is its prefetch of such messages, on all the queues it consumes
+together (the prefetch is per channel).
 """
 
 from __future__ import annotations
@@ -47,9 +48,8 @@ pytestmark = pytest.mark.services
 
 MAX_MESSAGE_SIZE = 2 * MAX_BODY_BYTES  # the broker's bound (scripts/test, the chart)
 PREFETCH = 64  # the dispatcher's most (mloptimizer.amqp.prefetch_for)
-FLOODED_QUEUES = 2  # progress and results: the queues a trainer can publish to
 BODY = 500 * 1024  # under the broker's bound, over the contract's: each one is refused
-FLOOD = 640  # messages: 312 MiB, five times what the dispatcher may hold at once
+FLOOD = 640  # messages into progress and results: 312 MiB, ten times what it may hold
 
 # The flooded dispatcher's side: its AMQP transport at full prefetch, refusing what comes
 # (as the dispatcher does: into the rejected queue, acked), printing its peak memory.
@@ -207,11 +207,11 @@ async def test_a_flooded_search_holds_the_dispatcher_to_its_prefetch_and_others_
     words = out.split()
     peak, refused = int(words[1]), int(words[3])
     assert refused == FLOOD
-    # What the dispatcher may hold at once (its prefetch on each queue a trainer reaches),
-    # each held body at most three times over (pika's frames, the joined body, its frames
-    # republished to the rejected queue): nothing grows with the flood itself, which is
-    # larger than that bound.
-    held = FLOODED_QUEUES * PREFETCH * MAX_MESSAGE_SIZE
+    # What the dispatcher may hold at once (its prefetch, for the channel's consumers
+    # together), each held body at most three times over (pika's frames, the joined body,
+    # its frames republished to the rejected queue): nothing grows with the flood itself,
+    # which is larger than that bound.
+    held = PREFETCH * MAX_MESSAGE_SIZE
     bound_kib = baseline + 3 * held // 1024
     assert 3 * held < FLOOD * BODY
     print(

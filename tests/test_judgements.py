@@ -13,6 +13,7 @@ import optuna
 import pytest
 from dispatch import make_spec, progress_of, result_of
 
+from mloptimizer.capability import new_token
 from mloptimizer.dispatch import Counts, DeadTrial, trial_message
 from mloptimizer.dispatch.deadlines import Deadlines
 from mloptimizer.dispatch.judgements import (
@@ -74,6 +75,8 @@ def rec(number: int, value: float | None, **changes: Any) -> TrialRecord:
 
 # --- refusals of a received message ----------------------------------------------------
 
+TOKENLESS = "it does not carry trial 4's token: only the trainer that received the trial"
+
 
 def test_a_message_about_the_trial_sent_is_accepted() -> None:
     trial = sent()
@@ -99,6 +102,12 @@ def test_a_message_about_the_trial_sent_is_accepted() -> None:
             lambda t: DeadTrial(t.model_copy(update={"search": "x.y"}), "r"),
             "it claims search 'x.y'",
         ),
+        # a trial is a capability: right search, id, number and epochs are not enough
+        (lambda t: result_of(t, token=new_token()), TOKENLESS),
+        (lambda t: progress_of(t, token=new_token()), TOKENLESS),
+        (lambda t: DeadTrial(t.model_copy(update={"token": new_token()}), "oom"), TOKENLESS),
+        (lambda t: result_of(t, value=1.5), "value: 1.5 is out of range for val_accuracy"),
+        (lambda t: result_of(t, value=-0.1), "value: -0.1 is out of range for val_accuracy"),
     ],
 )
 def test_a_message_not_matching_the_trial_sent_is_refused(forge: Any, reason: str) -> None:

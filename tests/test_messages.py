@@ -44,12 +44,19 @@ def trial() -> TrialMessage:
 
 def test_round_trip_of_every_kind() -> None:
     result = ResultMessage(
-        search="ns.s", trial_id=3, number=2, attempt=1, worker_id="w", state="complete", value=0.9
+        search="ns.s",
+        trial_id=3,
+        number=2,
+        attempt=1,
+        worker_id="w",
+        state="complete",
+        value=0.9,
+        token=trial().token,
     )
     reply = ProgressReply(trial_id=3, decision="prune")
     for message in (trial(), result, reply):
         assert decode(encode(message)) == message
-    assert json.loads(encode(trial()))["version"] == 1
+    assert json.loads(encode(trial()))["version"] == 2
 
 
 @pytest.mark.parametrize(
@@ -57,10 +64,11 @@ def test_round_trip_of_every_kind() -> None:
     [
         (b"{oops", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
-        (b'{"version": 2, "kind": "trial"}', "unsupported schema version 2"),
+        (b'{"version": 3, "kind": "trial"}', "unsupported schema version 3"),
+        (b'{"version": 1, "kind": "trial"}', "unsupported schema version 1"),
         (b'{"kind": "trial"}', "unsupported schema version None"),
-        (b'{"version": 1, "kind": "shout"}', "invalid shout"),
-        (b'{"version": 1, "kind": "trial", "search": "s"}', "invalid trial: trial.trial_id"),
+        (b'{"version": 2, "kind": "shout"}', "invalid shout"),
+        (b'{"version": 2, "kind": "trial", "search": "s"}', "invalid trial: trial.trial_id"),
     ],
 )
 def test_rejects_name_the_reason(body: bytes, reason: str) -> None:
@@ -96,7 +104,7 @@ def test_attempt_from_delivery_count() -> None:
 
 def _result_body(**fields: object) -> bytes:
     base: dict[str, object] = {
-        "version": 1,
+        "version": 2,
         "kind": "result",
         "search": "ns.s",
         "trial_id": 3,
@@ -105,6 +113,7 @@ def _result_body(**fields: object) -> bytes:
         "worker_id": "w",
         "state": "complete",
         "value": 0.9,
+        "token": "t" * 24,
     }
     return json.dumps({**base, **fields}).encode()
 
@@ -126,6 +135,20 @@ def _result_body(**fields: object) -> bytes:
         (_result_body(worker_id=""), "invalid result: result.worker_id"),
         (_result_body(value="0.9x"), "invalid result: result.value"),
         (_result_body(history=[{"a": 1.0, "b": float("inf")}]), "invalid result: result.history"),
+        # values out of their range (issue 24): a best of 1e300, an accuracy of 1.5, ...
+        (_result_body(value=1e300), "invalid result: result.value"),
+        (_result_body(val_accuracy=1.5), "invalid result: result.val_accuracy"),
+        (_result_body(val_loss=-1.0), "invalid result: result.val_loss"),
+        (_result_body(model_kb=-5.0), "invalid result: result.model_kb"),
+        (_result_body(mflops=1e300), "invalid result: result.mflops"),
+        (_result_body(images_per_second=-1.0), "invalid result: result.images_per_second"),
+        (_result_body(history=[{"val_accuracy": 2.0}]), "invalid result: result.history"),
+        (_result_body(history=[{"loss": -0.5}]), "invalid result: result.history"),
+        (_result_body(history=[{"bad\nkey": 0.5}]), "invalid result: result.history"),
+        (_result_body(worker_id="w\n2026 forged log line"), "invalid result: result.worker_id"),
+        # no capability token, or one that is not a token
+        (_result_body(token=None), "invalid result: result.token"),
+        (_result_body(token="short"), "invalid result: result.token"),
     ],
 )
 def test_oversized_unbounded_and_non_finite_messages_are_refused(body: bytes, reason: str) -> None:
@@ -150,7 +173,7 @@ def test_an_oversized_body_is_refused_before_it_is_parsed() -> None:
 def test_progress_epoch_is_bounded_below_the_databases_32_bit_step() -> None:
     body = json.dumps(
         {
-            "version": 1,
+            "version": 2,
             "kind": "progress",
             "search": "ns.s",
             "trial_id": 3,
@@ -159,6 +182,7 @@ def test_progress_epoch_is_bounded_below_the_databases_32_bit_step() -> None:
             "worker_id": "w",
             "epoch": 2**31,
             "metrics": {"val_accuracy": 0.5},
+            "token": "t" * 24,
         }
     ).encode()
     with pytest.raises(MessageError, match="epoch"):
@@ -172,6 +196,17 @@ def test_trainers_send_only_finite_numbers() -> None:
     assert finite(float("inf")) is None
     assert finite(0.5) == 0.5
     assert finite_metrics({"loss": float("nan"), "val_accuracy": 0.5}) == {"val_accuracy": 0.5}
+    # a diverging loss above the bound, or an accuracy out of [0, 1], is left out (the
+    # receiver would refuse the whole message for it)
+    assert finite(1e300) is None
+    assert finite_metrics({"loss": 1e31, "accuracy": 1.2, "val_loss": 0.3}) == {"val_loss": 0.3}
+
+
+def test_text_a_trainer_chooses_reaches_no_log_line_or_condition_raw() -> None:
+    body = _result_body(state="failed", value=None, error="oom\n2026-12-06 ERROR forged\x1b[31m")
+    message = decode(body)
+    assert isinstance(message, ResultMessage)
+    assert message.error == "oom 2026-12-06 ERROR forged [31m"
 
 
 def test_routes_declare_every_message_once_under_its_kind() -> None:

@@ -26,6 +26,7 @@ from services import RABBITMQ_URL, connect_rabbitmq
 
 from mloptimizer.amqp import AmqpTransport
 from mloptimizer.broker import DELIVERY_LIMIT, PERSISTENT, REASON_HEADER, declare_queues
+from mloptimizer.capability import new_token
 from mloptimizer.dispatch import Dispatcher
 from mloptimizer.messages import QueueNames, ResultMessage, TrialMessage, decode, encode
 from mloptimizer.spec import ArchitectureSearchSpec
@@ -69,11 +70,14 @@ def raw(message: ResultMessage, **override: Any) -> bytes:
     return json.dumps(data).encode()
 
 
+NOT_HOLDER = "does not carry trial"
+
+
 def poison(trial: TrialMessage) -> list[tuple[str, bytes, str]]:
     """(queue kind, body, expected reason) of every poison message."""
     good = result_of(trial)
     progress = {
-        "version": 1,
+        "version": 2,
         "kind": "progress",
         "search": trial.search,
         "trial_id": trial.trial_id,
@@ -81,10 +85,13 @@ def poison(trial: TrialMessage) -> list[tuple[str, bytes, str]]:
         "attempt": 1,
         "worker_id": "x",
         "metrics": {"val_accuracy": 0.5},
+        "token": trial.token,
     }
+    guessed = {"token": new_token()}  # the trial's id and number, not its capability
+    forged_dead = trial.model_copy(update=guessed)
     return [
         ("results", b"{" + b" " * (300 * 1024) + b"}", "body of 307202 bytes is over"),
-        ("results", raw(good, history=[{"loss": 0.1}] * 1_500_000), "is over the 262144-byte"),
+        ("results", raw(good, history=[{"loss": 0.1}] * 30_000), "is over the 262144-byte"),
         ("progress", json.dumps({**progress, "epoch": 2**31}).encode(), "progress.epoch"),
         ("progress", json.dumps({**progress, "epoch": 3}).encode(), "epoch 3 of a trial of 2"),
         ("results", raw(good).replace(b'"value": 0.5', b'"value": Infinity'), "finite number"),
@@ -95,6 +102,16 @@ def poison(trial: TrialMessage) -> list[tuple[str, bytes, str]]:
         ("results", encode(trial), "a trial message does not travel on results"),
         ("results", b"\xff\xfe not json", "not JSON"),
         ("progress-to-results", json.dumps({**progress, "epoch": 1}).encode(), "reply_to"),
+        # issue 24: a trainer that does not hold the trial, values out of range, a trial
+        # dead-lettered by someone other than the broker
+        ("results", encode(result_of(trial, value=0.999, **guessed)), NOT_HOLDER),
+        ("progress", json.dumps({**progress, "epoch": 1, **guessed}).encode(), NOT_HOLDER),
+        ("results", raw(good, value=1e300), "result.value"),
+        ("results", raw(good, val_accuracy=1e300), "result.val_accuracy"),
+        ("results", encode(result_of(trial, value=1.5)), "1.5 is out of range for val_accuracy"),
+        ("results", raw(good, model_kb=-1.0), "result.model_kb"),
+        ("dead", encode(trial), "not dead-lettered by the broker from"),
+        ("dead-as-broker", encode(forged_dead), NOT_HOLDER),
     ]
 
 
@@ -127,6 +144,11 @@ class StandInTrainer(threading.Thread):
                     properties = PERSISTENT
                     if kind == "progress-to-results":  # asks for the reply in a results queue
                         properties = pika.BasicProperties(reply_to=self.names.results)
+                    if kind.startswith("dead"):  # into the dead-letter queue, headers forged
+                        queue = self.names.dead_letters
+                        forged = {"x-first-death-queue": self.names.trials}
+                        headers = forged if kind == "dead-as-broker" else {}
+                        properties = pika.BasicProperties(headers=headers)
                     channel.basic_publish("", queue, bad, properties)
                 # Report only once all were refused: a result first would make the trial's
                 # later progress an honest latecomer (answered "prune"), not a forgery.

@@ -93,7 +93,8 @@ def test_a_trial_is_written_in_three_transactions(url: str) -> None:
     # the result with the tell; plus each epoch's value, written as it comes (3 epochs).
     # Optuna's own storage commits each parameter and attribute on its own, and reads a
     # running trial back at each ask and tell (about 20 commits a trial in this space).
-    assert len(commits) == 12 * (3 + 3)
+    # Once per study: its capability key, looked up and made (mloptimizer/capability.py).
+    assert len(commits) == 12 * (3 + 3) + 2
 
 
 def test_parameters_reach_the_database_once_the_broker_confirmed_the_trial(url: str) -> None:
@@ -166,8 +167,9 @@ def test_messages_received_together_are_told_in_one_transaction_and_acked_after_
     assert acked == ["COMPLETE"] * 8  # never acked before the database has the result
     # Two waves of 4, each in four transactions: its 4 trials created together, their
     # parameters once the broker confirmed them, their epoch values (received together)
-    # and their results; one transaction a write would take 8 x 4.
-    assert len(commits) == 2 * 4
+    # and their results; one transaction a write would take 8 x 4. Plus, once per study,
+    # its capability key looked up and made.
+    assert len(commits) == 2 * 4 + 2
     numbers = [t.number for t in optuna.load_study(study_name="ns.search", storage=url).trials]
     assert numbers == list(range(8))  # numbered as Optuna numbers them
 

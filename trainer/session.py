@@ -87,6 +87,7 @@ class TrialSession:
             worker_id=self.worker_id,
             epoch=epoch,
             metrics=finite_metrics(metrics),
+            token=trial.token,
         )
 
     def run(

@@ -232,4 +232,5 @@ def result_message(
         dataset_load_seconds=load_seconds,
         history=[finite_metrics(h) for h in outcome.history[:MAX_EPOCHS]],
         error=outcome.error[:MAX_TEXT] if outcome.error else None,
+        token=trial.token,
     )

@@ -152,9 +152,12 @@ def trial_message(
     phase: Literal["explore", "refine"],
     architecture: Architecture,
     progress_timeout: float = 5.0,
+    token: str | None = None,
 ) -> TrialMessage:
     """What trainers are sent for trial ``number``: the one derivation, so that a model the
-    report retrains is the model the trial trained (epochs by phase, seed by number)."""
+    report retrains is the model the trial trained (epochs by phase, seed by number).
+    ``token``: the trial's capability (None: a fresh random one, for a message nobody
+    answers to the dispatcher, such as a retrain)."""
     training = spec.training
     refine = training.refine if phase == "refine" else None
     return TrialMessage(
@@ -175,4 +178,5 @@ def trial_message(
             spec.objective.constraints is not None
             and spec.objective.constraints.max_model_kb is not None
         ),
+        **({"token": token} if token is not None else {}),
     )

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+from mloptimizer.capability import holds
 from mloptimizer.dispatch.contract import Counts, DeadTrial, Outcome
-from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage, in_range
 from mloptimizer.sizing import ModelSize, memory_bytes
 from mloptimizer.space import constraint_limits
 from mloptimizer.spec import ArchitectureSearchSpec, Constraints, Tradeoff, parse_duration
@@ -131,7 +132,8 @@ def refusal(
 
     ``sent`` is what was sent for the trial it claims while that trial is in flight;
     ``told`` whether that trial already finished (a copy of it is then dropped, not
-    refused).
+    refused). A message must carry the trial's token (only the trainer that received
+    the trial learns it), and a result's value must lie in its metric's range.
     """
     claimed = claim_of(message)
     if claimed.search != search:
@@ -142,6 +144,11 @@ def refusal(
         return f"no trial with id {claimed.trial_id} is in flight in this search"
     if claimed.number != sent.number:
         return f"trial id {claimed.trial_id} is trial {sent.number}, not {claimed.number}"
+    if not holds(claimed.token, sent.token):
+        return (
+            f"it does not carry trial {sent.number}'s token: only the trainer that received "
+            "the trial can speak for it"
+        )
     if isinstance(message, ProgressMessage):
         if message.epoch > sent.epochs:
             return f"epoch {message.epoch} of a trial of {sent.epochs} epochs"
@@ -150,6 +157,8 @@ def refusal(
             return f"a {message.phase} result for a {sent.phase} trial"
         if message.epochs_run > sent.epochs or len(message.history) > sent.epochs:
             return f"more epochs than the trial's {sent.epochs}"
+        if message.value is not None and not in_range(sent.metric, message.value):
+            return f"value: {message.value:.6g} is out of range for {sent.metric}"
     return None
 
 

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import optuna
 
+from mloptimizer.capability import trial_token
 from mloptimizer.changes import refusal as spec_refusal
 from mloptimizer.checks import fitted_space
 from mloptimizer.dispatch import judgements
@@ -50,6 +51,7 @@ from mloptimizer.study import (
     Attr,
     TrialRecord,
     cached_frozen,
+    capability_key,
     record,
     remember_spec,
     study_pruner,
@@ -94,6 +96,7 @@ class Dispatcher(Phases):
         self.last_dispatch_seconds = 0.0  # ask, sample, publish and write of the latest trial
         self.refused: str | None = None  # why the latest requested spec is not in force
         self._requested: ArchitectureSearchSpec | str | None = None
+        self._key = capability_key(study)  # trials' tokens derive from it (capability.py)
         self._recover(transport.durable, lambda rec: self._message(rec.number, rec.trial_id, rec))
 
     def _finished(self, rec: TrialRecord) -> None:
@@ -244,6 +247,7 @@ class Dispatcher(Phases):
             phase=rec.phase,
             architecture=rec.architecture,
             progress_timeout=self.progress_timeout,
+            token=trial_token(self._key, trial_id),
         )
 
     # --- messages ---------------------------------------------------------------------
