@@ -11,7 +11,8 @@ never seen by a trainer that was not given its trial.
 A trial's token is derived from a per-study key the dispatcher keeps in the study (trusted
 storage, never sent), so a restarted dispatcher adopting trials in flight knows their
 tokens without a write per trial. A retried trial is a new trial with a new id, hence a new
-token: the old holder is shut out. The broker redelivering a message keeps its token (the
+token: the old holder is shut out; a final job's rounds derive theirs the same way
+(:func:`round_token`). The broker redelivering a message keeps its token (the
 same message).
 """
 
@@ -23,7 +24,15 @@ import hmac
 import secrets
 from typing import Final
 
-__all__ = ["KEY_ATTR", "TOKEN_PATTERN", "holds", "new_key", "new_token", "trial_token"]
+__all__ = [
+    "KEY_ATTR",
+    "TOKEN_PATTERN",
+    "holds",
+    "new_key",
+    "new_token",
+    "round_token",
+    "trial_token",
+]
 
 KEY_ATTR: Final = "mloptimizer:capability_key"  # the study system attribute holding the key
 TOKEN_PATTERN: Final = r"^[A-Za-z0-9_-]{22,64}$"
@@ -40,10 +49,20 @@ def new_token() -> str:
     return secrets.token_urlsafe(_TOKEN_BYTES)
 
 
+def _derive(key: str, what: str) -> str:
+    digest = hmac.new(bytes.fromhex(key), what.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:_TOKEN_BYTES]).decode()
+
+
 def trial_token(key: str, trial_id: int) -> str:
     """The token of trial ``trial_id`` under the study's ``key``."""
-    digest = hmac.new(bytes.fromhex(key), f"trial:{trial_id}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest[:_TOKEN_BYTES]).decode()
+    return _derive(key, f"trial:{trial_id}")
+
+
+def round_token(key: str, trial_id: int, round_: int) -> str:
+    """The token of round ``round_`` of the final job of trial ``trial_id``: the same after
+    an operator restart, so that a round sent before it can still be answered."""
+    return _derive(key, f"deliver:{trial_id}:{round_}")
 
 
 def holds(claimed: str, token: str) -> bool:

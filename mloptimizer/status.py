@@ -163,6 +163,14 @@ class Artifact(SpecModel):
     error: str | None = Field(
         default=None, max_length=4096, description="Why this format was not delivered."
     )
+    sha256: str | None = Field(
+        default=None, max_length=64, description="The file's SHA-256 (hex), as reported."
+    )
+    verified: bool | None = Field(
+        default=None,
+        description="True: the operator read the file back (s3: size and SHA-256 match); "
+        "false: only the trainer's word (a pvc is mounted on trainers, not the operator).",
+    )
 
 
 class Condition(SpecModel):

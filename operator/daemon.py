@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import optuna
 
 from mloptimizer.amqp import AmqpTransport, prefetch_for
+from mloptimizer.capability import round_token
 from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome, trial_message
 from mloptimizer.faults import Resume, StopFlag
 from mloptimizer.messages import TrialMessage
@@ -46,6 +47,7 @@ from mloptimizer.study import (
     StudyMismatch,
     TrialRecord,
     best_of,
+    capability_key,
     open_study,
     records,
     study_name,
@@ -259,7 +261,16 @@ def run_search(
                 architecture=best.architecture,
             )
             assert destination is not None
-            _deliver(config, dispatcher.spec, message, kube, reporter.conditions, stop, destination)
+            _deliver(
+                config,
+                dispatcher.spec,
+                message,
+                kube,
+                reporter.conditions,
+                stop,
+                destination,
+                capability_key(dispatcher.study),
+            )
         return outcome
     return None
 
@@ -322,8 +333,10 @@ def _deliver(
     conditions: list[dict[str, Any]],
     stop: StopFlag,
     where: Where,
+    key: str,
 ) -> None:
-    """The final job of ``best`` (:func:`~mloptimizer.operator.delivery.deliver_best`)."""
+    """The final job of ``best`` (:func:`~mloptimizer.operator.delivery.deliver_best`);
+    ``key``: the study's capability key, from which each round's token derives."""
     deliver_best(
         best,
         list(spec.output.formats),
@@ -334,6 +347,7 @@ def _deliver(
         conditions=conditions,
         silence=config.stale_after or 3600.0,
         max_backoff=config.max_backoff,
+        token_of=lambda round_: round_token(key, best.trial_id, round_),
     )
 
 
@@ -359,7 +373,7 @@ def resume_delivery(
         phase=best.phase,
         architecture=best.architecture,
     )
-    _deliver(config, spec, message, kube, list(conditions), stop, where)
+    _deliver(config, spec, message, kube, list(conditions), stop, where, capability_key(study))
 
 
 def _open(

@@ -22,12 +22,13 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 from mloptimizer.amqp import Consumer, SearchChannel
 from mloptimizer.broker import dead_lettered, death_reason
+from mloptimizer.capability import holds, new_token
 from mloptimizer.faults import Resume, StopFlag
 from mloptimizer.messages import (
     ARTIFACT_FILES,
@@ -93,8 +94,16 @@ class Destination:
         look (a claim is mounted on trainers only)."""
         return self.bucket.size(self.key(file)) if self.bucket is not None else None
 
+    @property
+    def verifiable(self) -> bool:
+        """Whether the operator can read what was written (a bucket: yes; a claim is
+        mounted on trainers only, so what they say of it stays unverified)."""
+        return self.bucket is not None
+
     def verify(self, delivered: DeliveredMessage) -> str | None:
-        """Why ``delivered`` is not what the storage holds, or None when it is."""
+        """Why ``delivered`` is not what the storage holds, or None when it is (or when
+        the operator cannot look: see :attr:`verifiable`). On a bucket each file's size
+        (HEAD) and SHA-256 (read back by the operator) must be what the trainer says."""
         if self.bucket is None:
             return None
         for artifact in delivered.artifacts:
@@ -107,6 +116,11 @@ class Destination:
                     f"{file}: the trainer says {artifact.bytes} bytes, the bucket has "
                     f"{'none' if found is None else found}"
                 )
+            if artifact.sha256 is None:
+                return f"{file}: the trainer gave no sha256"
+            digest = self.bucket.sha256(self.key(file))
+            if digest != artifact.sha256:
+                return f"{file}: the bucket's sha256 is {digest}, not the trainer's"
         for file in REPORT_FILES:
             if self.bucket.size(self.key(file)) is None:
                 return f"{file} is not in the bucket"
@@ -198,14 +212,21 @@ class FinalOutcome:
     stopped: bool = False
 
 
-def refusal(got: DeliveredMessage, sent: DeliverMessage) -> str | None:
-    """Why ``got`` cannot answer the final job ``sent`` (its latest round), or None."""
+def refusal(
+    got: DeliveredMessage, sent: DeliverMessage, tokens: Mapping[int, str] | None = None
+) -> str | None:
+    """Why ``got`` cannot answer the final job ``sent`` (its latest round), or None.
+    ``tokens``: each round's token as sent (default: the latest round's only); an answer
+    must carry its round's, which only the trainer that took that round learnt."""
     if got.search != sent.search:
         return f"it claims search {got.search!r}, not {sent.search!r}"
     if (got.trial_id, got.number) != (sent.trial_id, sent.number):
         return f"it answers trial {got.number}, the final job is trial {sent.number}"
     if got.round > sent.round:
         return f"round {got.round} was never sent"
+    token = (tokens or {sent.round: sent.token}).get(got.round)
+    if token is None or not holds(got.token, token):
+        return f"it does not carry round {got.round}'s token: only its holder can answer it"
     asked = set(sent.formats)
     formats = [a.format for a in got.artifacts]
     if len(set(formats)) != len(formats) or not set(formats) <= asked:
@@ -230,8 +251,10 @@ def run_final_job(
     told each send, with why the one before failed.
     """
     why: str | None = None
+    tokens: dict[int, str] = {}
     for number in range(1, rounds + 1):
         sent = job(number)
+        tokens[number] = sent.token
         channel.send(sent)
         on_round(number, why)
         deadline = clock() + silence
@@ -247,10 +270,10 @@ def run_final_job(
                     log.warning("final job: refused a message: %s", got)
                     continue
                 if isinstance(got, Dead):
-                    if got.message.round == number:
+                    if got.message.round == number and holds(got.message.token, sent.token):
                         why = f"dead-lettered: {got.reason}"
                     continue
-                refused = refusal(got, sent)
+                refused = refusal(got, sent, tokens)
                 if refused is not None:
                     log.warning("final job: refused a report: %s", refused)
                     continue
@@ -278,7 +301,11 @@ def artifacts_status(delivered: DeliveredMessage, destination: Destination) -> l
             "format": artifact.format,
             "uri": destination.uri(ARTIFACT_FILES[artifact.format]),
             "bytes": artifact.bytes,
+            # checked by the operator (a bucket), or only the trainer's word (a claim)
+            "verified": destination.verifiable,
         }
+        if artifact.sha256 is not None:
+            entry["sha256"] = artifact.sha256
         if artifact.accuracy is not None:
             entry["testAccuracy"] = round(artifact.accuracy, 6)
         if artifact.latency_ms is not None:
@@ -318,11 +345,13 @@ def deliver_best(
     conditions: list[dict[str, Any]],
     silence: float,
     max_backoff: float = 30.0,
+    token_of: Callable[[int], str] | None = None,
 ) -> None:
     """The final job: ``best`` delivered to the search's output; the ``Delivered`` condition
     (set among ``conditions``) and ``status.artifacts`` say how it went. ``channel`` opens
     the search's queues; a lost broker is waited for; a stop leaves the condition Unknown,
-    so that the next operator resumes it."""
+    so that the next operator resumes it. ``token_of(round)``: each round's capability
+    (the same after a restart; None: a random one each)."""
     files = [ARTIFACT_FILES[f] for f in formats] + list(REPORT_FILES)
 
     def say(
@@ -350,6 +379,7 @@ def deliver_best(
             best=best,
             formats=formats,
             to=destination.to(files, expires=silence + 600),
+            token=token_of(round_) if token_of is not None else new_token(),
         )
 
     def on_round(round_: int, why: str | None) -> None:
@@ -407,6 +437,12 @@ def _said(
         f"trial {best.number} ({delivered.model} weights) delivered to "
         f"{destination.uri('')}: {', '.join(made) or 'no format'}"
         + (f"; not made: {'; '.join(failed)}" if failed else "")
+        + (
+            ""
+            if destination.verifiable
+            else "; unverified: sizes and sha256 are the trainer's word (the operator does "
+            "not mount the claim)"
+        )
     )
     say(
         "True",

@@ -1,5 +1,5 @@
 """S3-compatible object storage, as the operator alone uses it: pre-signed PUT URLs for the
-final job, and a HEAD of each object it reports written.
+final job, and a HEAD and a SHA-256 of each object it reports written.
 
 The access key stays in the operator: a trainer (maybe a rented host whose owner has root)
 gets one URL per file, each allowing a single PUT of one key until it expires — nothing to
@@ -10,14 +10,19 @@ Version 4, which every S3-compatible store accepts).
 from __future__ import annotations
 
 import datetime
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["Bucket", "client"]
+__all__ = ["MAX_HASHED_BYTES", "Bucket", "client"]
 
 # S3 caps a SigV4 pre-signed URL at 7 days.
 MAX_EXPIRY_SECONDS = 7 * 24 * 3600
+# The operator reads back at most this much of an object to hash it (its memory holds one
+# chunk at a time; a larger artifact is left unhashed, and said so).
+MAX_HASHED_BYTES = 2 * 1024**3
+_CHUNK = 1024**2
 
 
 def client(endpoint: str, region: str, access_key: str, secret_key: str) -> Any:
@@ -72,3 +77,19 @@ class Bucket:
                 return None
             raise
         return int(found.size)
+
+    def sha256(self, key: str) -> str | None:
+        """The SHA-256 (hex) of ``key`` as the bucket holds it, read back in chunks; None
+        when it is not there or larger than :data:`MAX_HASHED_BYTES`."""
+        size = self.size(key)
+        if size is None or size > MAX_HASHED_BYTES:
+            return None
+        digest = hashlib.sha256()
+        response = self.client.get_object(self.bucket, key)
+        try:
+            for chunk in response.stream(_CHUNK):
+                digest.update(chunk)
+        finally:
+            response.close()
+            response.release_conn()
+        return digest.hexdigest()

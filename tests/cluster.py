@@ -45,6 +45,7 @@ RESOURCES: dict[str, tuple[str, str, str, bool]] = {
     "configmaps": ("", "v1", "configmaps", True),
     "events": ("", "v1", "events", True),
     "pods": ("", "v1", "pods", True),
+    "persistentvolumeclaims": ("", "v1", "persistentvolumeclaims", True),
     "nodes": ("", "v1", "nodes", False),
     "namespaces": ("", "v1", "namespaces", False),
 }  # fmt: skip

@@ -15,6 +15,7 @@ delivered; a file that cannot be written fails the job, which the operator sends
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -110,6 +111,15 @@ def _write_urls(files: dict[str, Path], to: ToUrls) -> None:
         put_file(to.urls[name], source)
 
 
+def _sha256(path: Path) -> str:
+    """The file's SHA-256 (hex), read in chunks: the operator compares a bucket's copy."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1024**2):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _archive(folder: Path, out: Path) -> Path:
     with tarfile.open(out, "w:gz") as tar:
         tar.add(folder, arcname="savedmodel")
@@ -193,6 +203,7 @@ def final_job(
             trial_id=message.trial_id,
             number=message.number,
             round=message.round,
+            token=message.token,
             attempt=attempt,
             worker_id=worker_id,
             **fields,
@@ -226,6 +237,7 @@ def final_job(
                     ArtifactReport(
                         format=artifact.format,
                         bytes=path.stat().st_size,
+                        sha256=_sha256(path),
                         accuracy=finite(artifact.accuracy),
                         latency_ms=finite(artifact.latency_ms),
                     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from s3server import ACCESS_KEY, SECRET_KEY, s3_server
 from services import TrainerProcess
 from test_operator import condition, finished, name, operator_config, search, start_trainer
 
+from mloptimizer.capability import new_token
 from mloptimizer.messages import (
     ArtifactReport,
     DeliveredMessage,
@@ -34,7 +36,7 @@ from mloptimizer.messages import (
 )
 from mloptimizer.operator.delivery import Dead, Destination, FinalJobChannel, run_final_job
 from mloptimizer.operator.main import shared_memo
-from mloptimizer.operator.secretrefs import USABLE_LABEL
+from mloptimizer.operator.secretrefs import FOR_OPERATOR, USABLE_LABEL
 from mloptimizer.space import Architecture
 from mloptimizer.spec import Dataset
 
@@ -59,13 +61,23 @@ async def mloptimizer(*args: str, env: dict[str, str] | None = None) -> tuple[in
     return process.returncode, out.decode(), err.decode()
 
 
+async def open_claim(cluster: Cluster, name: str) -> str:
+    """A PersistentVolumeClaim of the search's own, opened to searches by its label (as an
+    admin does: an unlabelled claim is refused); returns its name."""
+    claim = f"{name}-models"
+    labels = {USABLE_LABEL: FOR_OPERATOR}
+    await cluster.create(
+        "persistentvolumeclaims", {"metadata": {"name": claim, "labels": labels}}, "default"
+    )
+    return claim
+
+
 async def test_a_search_with_output_pvc_delivers_its_kept_model_and_fetch_brings_it(
     cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
     claim = tmp_path / "claim"  # the PVC's content, as its trainers see it under /output
-    body = search(
-        name, output={"formats": ["keras", "tflite-int8"], "pvc": {"claimName": "models"}}
-    )
+    models = await open_claim(cluster, name)
+    body = search(name, output={"formats": ["keras", "tflite-int8"], "pvc": {"claimName": models}})
     trainer: TrainerProcess | None = None
     try:
         async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
@@ -76,7 +88,7 @@ async def test_a_search_with_output_pvc_delivers_its_kept_model_and_fetch_brings
             assert deployment is not None
             pod = deployment["spec"]["template"]["spec"]
             volume = next(v for v in pod["volumes"] if v["name"] == "output")
-            assert volume["persistentVolumeClaim"] == {"claimName": "models"}
+            assert volume["persistentVolumeClaim"] == {"claimName": models}
             env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
             assert env["MLOPT_OUTPUT_DIR"] == "/output"
             assert env["MLOPT_KEEP_MODELS"] == f"/output/default/{name}/models"
@@ -111,21 +123,24 @@ async def test_a_search_with_output_pvc_delivers_its_kept_model_and_fetch_brings
     assert set(artifacts) == {"keras", "tflite-int8"}
     for fmt, file in (("keras", "model.keras"), ("tflite-int8", "model-int8.tflite")):
         entry = artifacts[fmt]
-        assert entry["uri"] == f"pvc://models/default/{name}/{file}"
+        assert entry["uri"] == f"pvc://{models}/default/{name}/{file}"
         assert (folder / file).stat().st_size == entry["bytes"]
+        assert entry["sha256"] == hashlib.sha256((folder / file).read_bytes()).hexdigest()
+        assert entry["verified"] is False  # a claim: the trainer's word, and said so
         assert 0.5 < entry["testAccuracy"] <= 1.0
         assert entry["latencyMs"] > 0
+    assert "unverified" in ok["message"]
     reports = [a["uri"] for a in status["artifacts"] if a["format"] == "report"]
     assert reports == [
-        f"pvc://models/default/{name}/report.md",
-        f"pvc://models/default/{name}/artifacts.json",
+        f"pvc://{models}/default/{name}/report.md",
+        f"pvc://{models}/default/{name}/artifacts.json",
     ]
 
     out = tmp_path / "fetched"
     kube = ["--kubeconfig", str(cluster.kubeconfig)]
     code, _, err = await mloptimizer("fetch", f"default/{name}", "--to", str(out), *kube)
     assert code == 2
-    assert "PersistentVolumeClaim 'models'" in err
+    assert f"PersistentVolumeClaim {models!r}" in err
     assert "--from-dir" in err
     code, printed, err = await mloptimizer(
         "fetch", f"default/{name}", "--to", str(out), "--from-dir", str(claim), *kube
@@ -185,7 +200,10 @@ async def test_a_search_with_output_s3_uploads_through_presigned_urls(
         assert SECRET_KEY not in log
         (entry,) = [a for a in done["status"]["artifacts"] if a["format"] == "tflite-int8"]
         assert entry["uri"] == "s3://models/team/edge/model-int8.tflite"
-        assert entry["bytes"] == len(store.buckets["models"]["team/edge/model-int8.tflite"])
+        stored = store.buckets["models"]["team/edge/model-int8.tflite"]
+        assert entry["bytes"] == len(stored)
+        assert entry["sha256"] == hashlib.sha256(stored).hexdigest()
+        assert entry["verified"] is True  # read back by the operator
 
         out = tmp_path / "fetched"
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
@@ -267,7 +285,8 @@ async def test_an_operator_restarted_mid_job_resumes_it(
     cluster: Cluster, postgres_dsn: str, name: str, tmp_path: Path
 ) -> None:
     claim = tmp_path / "claim"
-    body = search(name, output={"formats": ["keras"], "pvc": {"claimName": "models"}})
+    models = await open_claim(cluster, name)
+    body = search(name, output={"formats": ["keras"], "pvc": {"claimName": models}})
     volume = ("--output-dir", str(claim), "--keep-models", str(claim / "default" / name / "models"))
     first: TrainerProcess | None = None
     second: TrainerProcess | None = None
@@ -358,6 +377,7 @@ def answer(state: str = "complete", **fields: Any) -> Any:
             "trial_id": sent.trial_id,
             "number": sent.number,
             "round": sent.round,
+            "token": sent.token,
             "attempt": 1,
             "worker_id": "t",
             "state": state,
@@ -429,6 +449,8 @@ def test_after_every_round_failed_the_last_reason_is_kept() -> None:
         (answer(round=9), "a round never sent"),
         (answer(artifacts=[ArtifactReport(format="savedmodel", bytes=1)]), "a format not asked"),
         (answer("failed", round=1), None),  # a stale failure of an earlier round
+        (answer(token=new_token()), "a trainer that did not take round 2"),
+        (answer(round=1), "round 1's answer with round 2's token"),
     ],
 )
 def test_a_report_that_cannot_answer_the_job_is_not_believed(forged: Any, why: str | None) -> None:
@@ -477,3 +499,32 @@ def test_the_real_channel_carries_the_job_and_its_answer() -> None:
         connection.close()
     finally:
         channel.close()
+
+
+def test_what_a_trainer_says_it_put_in_a_bucket_is_read_back(tmp_path: Path) -> None:
+    from mloptimizer.operator.objectstore import Bucket
+    from mloptimizer.trainer.deliver import put_file
+
+    with s3_server("models") as (endpoint, _):
+        bucket = Bucket(endpoint, "models", "us-east-1", ACCESS_KEY, SECRET_KEY)
+        destination = Destination("ns/s", bucket=bucket)
+        files = {"model.keras": b"weights" * 100, "report.md": b"# r", "artifacts.json": b"{}"}
+        to = destination.to(list(files), expires=600)
+        assert not isinstance(to, ToFolder)
+        for file, data in files.items():  # as a trainer does: one pre-signed PUT each
+            (tmp_path / file).write_bytes(data)
+            put_file(to.urls[file], tmp_path / file)
+        honest = hashlib.sha256(files["model.keras"]).hexdigest()
+
+        def said(**artifact: Any) -> DeliveredMessage:
+            report = {"format": "keras", "bytes": len(files["model.keras"]), **artifact}
+            made: DeliveredMessage = answer(artifacts=[ArtifactReport(**report)])(job(1))
+            return made
+
+        assert destination.verify(said(sha256=honest)) is None
+        forged = destination.verify(said(sha256="0" * 64))
+        assert forged == f"model.keras: the bucket's sha256 is {honest}, not the trainer's"
+        assert destination.verify(said()) == "model.keras: the trainer gave no sha256"
+        assert destination.verify(said(bytes=123456789, sha256=honest)) == (
+            "model.keras: the trainer says 123456789 bytes, the bucket has 700"
+        )
