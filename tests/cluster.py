@@ -47,6 +47,7 @@ RESOURCES: dict[str, tuple[str, str, str, bool]] = {
     "pods": ("", "v1", "pods", True),
     "persistentvolumeclaims": ("", "v1", "persistentvolumeclaims", True),
     "nodes": ("", "v1", "nodes", False),
+    "networkpolicies": ("networking.k8s.io", "v1", "networkpolicies", True),
     "namespaces": ("", "v1", "namespaces", False),
 }  # fmt: skip
 

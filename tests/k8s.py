@@ -173,6 +173,7 @@ BUILTIN_KINDS = (
     Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, ("pvc",), (), STATUS,
          generation=False),
     Kind("apps", "v1", "deployments", "Deployment", True, ("deploy",), ("all",), STATUS_AND_SCALE),
+    Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, ("netpol",)),
     Kind(*CRDS, "CustomResourceDefinition", False, ("crd", "crds"), (), STATUS),
 )  # fmt: skip
 

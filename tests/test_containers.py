@@ -129,6 +129,15 @@ async def test_the_chart_operator_and_the_trainer_image_run_a_search_to_its_deli
     await cluster.create("secrets", secret("studies", OPERATOR_NAMESPACE, url=postgres_dsn))
     await cluster.create("secrets", secret("broker", OPERATOR_NAMESPACE, url=RABBITMQ_URL))
     volume = await claim_volume(claim)
+    # the claim as an admin opened it to searches (an unlabelled one fails them)
+    await cluster.create(
+        "persistentvolumeclaims",
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+         "metadata": {"name": claim, "labels": {"mloptimizer.io/usable-by-searches": "true"}},
+         "spec": {"accessModes": ["ReadWriteOnce"],
+                  "resources": {"requests": {"storage": "1Gi"}}}},
+        "default",
+    )  # fmt: skip
     try:
         async with Kubelet(cluster, tmp_path / "kubelet") as kubelet:
             await cluster.create("deployments", deployment, OPERATOR_NAMESPACE)
