@@ -76,8 +76,14 @@ def search(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]
 
 
 def operator_config(dsn: str) -> OperatorConfig:
+    # No orphan sweep: every test shares the broker's guest login, and one test's sweep
+    # would take the broker identities of searches in other tests' clusters for orphans.
     return OperatorConfig(
-        database_url=dsn, broker_url=RABBITMQ_URL, liveness_port=0, metrics_port=None
+        database_url=dsn,
+        broker_url=RABBITMQ_URL,
+        liveness_port=0,
+        metrics_port=None,
+        orphan_sweep_interval=0,
     )
 
 
