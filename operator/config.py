@@ -117,9 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env_flag(
         parser, "--orphan-sweep-interval", env="MLOPT_ORPHAN_SWEEP_INTERVAL", default=600.0,
         type=float,
-        help="seconds between two sweeps destroying Vast.ai instances whose search is gone, "
-        "with every API key the operator has seen and MLOPT_VASTAI_API_KEY; 0 turns the "
-        "sweep off",
+        help="seconds between two sweeps deleting the broker logins (vhost and user) and "
+        "destroying the Vast.ai instances (with every API key the operator has seen and "
+        "MLOPT_VASTAI_API_KEY) of searches that are gone; 0 turns the sweep off",
     )  # fmt: skip
     env_flag(
         parser, "--broker-admin-url", env="MLOPT_BROKER_ADMIN_URL",

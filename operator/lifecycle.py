@@ -507,9 +507,13 @@ def delete_search(body: Any, shared: Shared) -> None:
             uid = meta["uid"]
             asyncio.run(shared.broker_admin().delete_identity(search_vhost(uid), search_user(uid)))
     delete_children(namespace, name, meta["uid"])
-    storage = storage_url(
-        secret_or(namespace, spec.storage.secret_ref if spec else None, config.database_url)
-    )
+    try:
+        storage = storage_url(
+            secret_or(namespace, spec.storage.secret_ref if spec else None, config.database_url)
+        )
+    except SecretNotUsable as error:  # its study was never reachable: nothing ran there
+        log.warning("%s/%s deleted; its study is left as it was: %s", namespace, name, error)
+        return
     with contextlib.suppress(KeyError):  # no study: nothing ran
         if spec is not None and spec.storage.delete_study_on_delete:
             optuna.delete_study(study_name=study_name(namespace, name), storage=storage)
