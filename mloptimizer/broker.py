@@ -21,9 +21,11 @@ only when the broker put it there from the trials queue (:func:`dead_lettered`).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import pika
+import pika.exceptions
 
 from mloptimizer.messages import DELIVERY_LIMIT, QueueNames
 
@@ -46,6 +48,8 @@ __all__ = [
     "to_dispatcher",
 ]
 
+log = logging.getLogger(__name__)
+
 REASON_HEADER = "x-mlopt-reason"
 REJECTED_KEPT = 1000
 REJECTED_BYTES = 64 * 1024 * 1024  # a flood of large refused bodies is capped by size too
@@ -63,11 +67,7 @@ def declare_queues(channel: BlockingChannel, names: QueueNames) -> None:
     """Declare the search's queues and its inbox exchange (idempotent); the operator's side
     only (a trainer's login may not declare)."""
     channel.queue_declare(queue=names.dead_letters, durable=True)
-    channel.queue_declare(
-        queue=names.rejected,
-        durable=True,
-        arguments={"x-max-length": REJECTED_KEPT, "x-max-length-bytes": REJECTED_BYTES},
-    )
+    _declare_rejected(channel, names)
     channel.queue_declare(
         queue=names.trials,
         durable=True,
@@ -83,6 +83,26 @@ def declare_queues(channel: BlockingChannel, names: QueueNames) -> None:
     channel.exchange_declare(names.inbox, exchange_type="direct", durable=True)
     for queue in (names.progress, names.results):
         channel.queue_bind(queue, names.inbox, routing_key=queue)
+
+
+def _declare_rejected(channel: BlockingChannel, names: QueueNames) -> None:
+    """The rejected queue, repaired when it was declared otherwise (a search begun under an
+    older version, without the byte cap): it holds only what a person may read, so it is
+    made again, on a channel of its own (the broker closes a channel on such a refusal)."""
+    arguments = {"x-max-length": REJECTED_KEPT, "x-max-length-bytes": REJECTED_BYTES}
+    probe = channel.connection.channel()
+    try:
+        probe.queue_declare(queue=names.rejected, durable=True, arguments=arguments)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code != 406:
+            raise
+        log.warning("%s was declared otherwise: made again (%s)", names.rejected, error)
+        repair = channel.connection.channel()
+        repair.queue_delete(names.rejected)
+        repair.queue_declare(queue=names.rejected, durable=True, arguments=arguments)
+        repair.close()
+    else:
+        probe.close()
 
 
 def to_dispatcher(

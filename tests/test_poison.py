@@ -25,7 +25,14 @@ import pytest
 from services import RABBITMQ_URL, connect_rabbitmq
 
 from mloptimizer.amqp import AmqpTransport
-from mloptimizer.broker import DELIVERY_LIMIT, PERSISTENT, REASON_HEADER, declare_queues
+from mloptimizer.broker import (
+    DELIVERY_LIMIT,
+    PERSISTENT,
+    REASON_HEADER,
+    REJECTED_BYTES,
+    REJECTED_KEPT,
+    declare_queues,
+)
 from mloptimizer.capability import new_token
 from mloptimizer.dispatch import Dispatcher
 from mloptimizer.messages import QueueNames, ResultMessage, TrialMessage, decode, encode
@@ -263,4 +270,22 @@ def test_dead_letters_survive_in_a_persistent_queue(search: str) -> None:
     assert method is not None
     assert properties.delivery_mode == pika.DeliveryMode.Persistent.value
     assert channel.queue_declare(names.rejected, passive=True).method.queue == names.rejected
+    connection.close()
+
+
+def test_a_rejected_queue_declared_by_an_older_version_is_made_again(search: str) -> None:
+    names = QueueNames(search)
+    connection = connect_rabbitmq()
+    channel = connection.channel()
+    # as the version before the byte cap declared it, with a message a person kept
+    channel.queue_declare(names.rejected, durable=True, arguments={"x-max-length": 1000})
+    channel.basic_publish("", names.rejected, b"old")
+    declare_queues(channel, names)  # no 406: the queue is made again with the cap
+    assert channel.is_open
+    declared = channel.queue_declare(
+        names.rejected,
+        durable=True,
+        arguments={"x-max-length": REJECTED_KEPT, "x-max-length-bytes": REJECTED_BYTES},
+    )  # the same arguments again: accepted, so they are the queue's now
+    assert declared.method.message_count == 0
     connection.close()
