@@ -45,7 +45,8 @@ def new_key() -> str:
 
 
 def new_token() -> str:
-    """A fresh random token (the final job's rounds, and messages no one will answer)."""
+    """A fresh random token: for a trial message nobody answers to the dispatcher (a
+    retrain, the best trial inside a final job's message)."""
     return secrets.token_urlsafe(_TOKEN_BYTES)
 
 
