@@ -118,7 +118,7 @@ class Destination:
                 )
             if artifact.sha256 is None:
                 return f"{file}: the trainer gave no sha256"
-            digest = self.bucket.sha256(self.key(file))
+            digest = self.bucket.sha256(self.key(file), found)
             if digest != artifact.sha256:
                 return f"{file}: the bucket's sha256 is {digest}, not the trainer's"
         for file in REPORT_FILES:

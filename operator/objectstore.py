@@ -78,11 +78,11 @@ class Bucket:
             raise
         return int(found.size)
 
-    def sha256(self, key: str) -> str | None:
+    def sha256(self, key: str, size: int) -> str | None:
         """The SHA-256 (hex) of ``key`` as the bucket holds it, read back in chunks; None
-        when it is not there or larger than :data:`MAX_HASHED_BYTES`."""
-        size = self.size(key)
-        if size is None or size > MAX_HASHED_BYTES:
+        when its ``size`` (from :meth:`size`, already asked) is over
+        :data:`MAX_HASHED_BYTES`."""
+        if size > MAX_HASHED_BYTES:
             return None
         digest = hashlib.sha256()
         response = self.client.get_object(self.bucket, key)

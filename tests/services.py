@@ -12,8 +12,8 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,55 @@ class Broker:
                 channel.queue_delete(queue=queue)
         finally:
             connection.close()
+
+
+@dataclass
+class SearchIdentity:
+    """A search's own broker identity (its vhost and user, as the operator makes them)."""
+
+    uid: str
+    names: Any  # mloptimizer.messages.QueueNames
+    password: str = "pw"
+
+    @property
+    def vhost(self) -> str:
+        from mloptimizer.operator.brokeradmin import search_vhost
+
+        return search_vhost(self.uid)
+
+    @property
+    def trainer_url(self) -> str:
+        """The trainers' login: least rights on the search's vhost."""
+        from mloptimizer.operator.brokeradmin import scoped_url, search_user
+
+        return scoped_url(RABBITMQ_URL, search_user(self.uid), self.password, self.vhost)
+
+    @property
+    def operator_url(self) -> str:
+        """The operator's login on the search's vhost."""
+        from mloptimizer.operator.brokeradmin import in_vhost
+
+        return in_vhost(RABBITMQ_URL, self.vhost)
+
+
+@asynccontextmanager
+async def search_identity(prefix: str) -> AsyncIterator[SearchIdentity]:
+    """A search named ``ns.<prefix>-<hex>`` with its broker identity made and its queues
+    declared by the operator's login; both deleted afterwards."""
+    from mloptimizer.broker import declare_queues
+    from mloptimizer.messages import QueueNames
+    from mloptimizer.operator.brokeradmin import BrokerAdmin, admin_url_for, search_user
+
+    admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))
+    made = SearchIdentity(str(uuid.uuid4()), QueueNames(f"ns.{prefix}-{uuid.uuid4().hex[:8]}"))
+    await admin.ensure_identity(made.vhost, search_user(made.uid), made.password, made.names)
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(made.operator_url))
+        declare_queues(connection.channel(), made.names)
+        connection.close()
+        yield made
+    finally:
+        await admin.delete_identity(made.vhost, search_user(made.uid))
 
 
 def connect_rabbitmq(url: str = RABBITMQ_URL) -> pika.BlockingConnection:

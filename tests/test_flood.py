@@ -14,34 +14,24 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pika
 import pika.exceptions
 import pytest
 from dispatch import digits_trial, result_of
-from services import RABBITMQ_URL
+from services import SearchIdentity as Search
+from services import search_identity
 
 from mloptimizer.amqp import AmqpTransport
-from mloptimizer.broker import PERSISTENT, REJECTED_BYTES, declare_queues
+from mloptimizer.broker import PERSISTENT, REJECTED_BYTES
 from mloptimizer.messages import (
     MAX_BODY_BYTES,
-    QueueNames,
     ResultMessage,
     TrialMessage,
     decode,
     encode,
-)
-from mloptimizer.operator.brokeradmin import (
-    BrokerAdmin,
-    admin_url_for,
-    in_vhost,
-    scoped_url,
-    search_user,
-    search_vhost,
 )
 
 pytestmark = pytest.mark.services
@@ -77,39 +67,11 @@ transport.close()
 """
 
 
-@dataclass
-class Search:
-    uid: str
-    names: QueueNames
-
-    @property
-    def vhost(self) -> str:
-        return search_vhost(self.uid)
-
-    @property
-    def trainer_url(self) -> str:
-        return scoped_url(RABBITMQ_URL, search_user(self.uid), "pw", self.vhost)
-
-    @property
-    def operator_url(self) -> str:
-        return in_vhost(RABBITMQ_URL, self.vhost)
-
-
 @pytest.fixture
 async def searches() -> AsyncIterator[tuple[Search, Search]]:
     """Two searches, each with its identity and queues: the flooded one and its neighbour."""
-    admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))
-    made = tuple(
-        Search(str(uuid.uuid4()), QueueNames(f"ns.flood-{uuid.uuid4().hex[:8]}")) for _ in "ab"
-    )
-    for search in made:
-        await admin.ensure_identity(search.vhost, search_user(search.uid), "pw", search.names)
-        connection = pika.BlockingConnection(pika.URLParameters(search.operator_url))
-        declare_queues(connection.channel(), search.names)
-        connection.close()
-    yield made[0], made[1]
-    for search in made:
-        await admin.delete_identity(search.vhost, search_user(search.uid))
+    async with search_identity("flood") as flooded, search_identity("flood") as neighbour:
+        yield flooded, neighbour
 
 
 @pytest.fixture

@@ -9,26 +9,16 @@ import base64
 import json
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pika
 import pika.exceptions
 import pytest
-from services import RABBITMQ_URL
+from services import SearchIdentity as Search
+from services import search_identity
 
-from mloptimizer.broker import PERSISTENT, declare_queues
-from mloptimizer.messages import QueueNames
-from mloptimizer.operator.brokeradmin import (
-    BrokerAdmin,
-    admin_url_for,
-    in_vhost,
-    scoped_url,
-    search_user,
-    search_vhost,
-)
+from mloptimizer.broker import PERSISTENT
 
 pytestmark = pytest.mark.services
 
@@ -36,39 +26,15 @@ ACCESS_REFUSED = 403
 BUILT_IN = ("", "amq.direct", "amq.topic", "amq.fanout", "amq.headers")
 
 
-@dataclass
-class Search:
-    uid: str
-    names: QueueNames
-    password: str
-
-    @property
-    def vhost(self) -> str:
-        return search_vhost(self.uid)
-
-    @property
-    def trainer_url(self) -> str:
-        return scoped_url(RABBITMQ_URL, search_user(self.uid), self.password, self.vhost)
-
-    @property
-    def operator_url(self) -> str:
-        return in_vhost(RABBITMQ_URL, self.vhost)
-
-
 @pytest.fixture
 async def search() -> AsyncIterator[Search]:
     """A search's identity with its queues declared by the operator's login, and one trial
     waiting."""
-    admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))
-    made = Search(str(uuid.uuid4()), QueueNames(f"ns.rights-{uuid.uuid4().hex[:8]}"), "pw")
-    await admin.ensure_identity(made.vhost, search_user(made.uid), made.password, made.names)
-    connection = pika.BlockingConnection(pika.URLParameters(made.operator_url))
-    channel = connection.channel()
-    declare_queues(channel, made.names)
-    channel.basic_publish("", made.names.trials, b'{"a": "trial"}', PERSISTENT)
-    connection.close()
-    yield made
-    await admin.delete_identity(made.vhost, search_user(made.uid))
+    async with search_identity("rights") as made:
+        connection = pika.BlockingConnection(pika.URLParameters(made.operator_url))
+        connection.channel().basic_publish("", made.names.trials, b'{"a": "trial"}', PERSISTENT)
+        connection.close()
+        yield made
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,21 +19,13 @@ from typing import Any
 import pika
 import pytest
 from dispatch import progress_of, result_of, small_cnn
-from services import RABBITMQ_URL
+from services import search_identity
 
 from mloptimizer.amqp import AmqpTransport
 from mloptimizer.broker import PERSISTENT, to_dispatcher
 from mloptimizer.capability import new_token
 from mloptimizer.dispatch import Dispatcher
 from mloptimizer.messages import QueueNames, TrialMessage, decode, encode
-from mloptimizer.operator.brokeradmin import (
-    BrokerAdmin,
-    admin_url_for,
-    in_vhost,
-    scoped_url,
-    search_user,
-    search_vhost,
-)
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import open_study
 
@@ -47,13 +38,8 @@ GUESSES = range(TRIALS + 2)  # every id and number the attacker can guess, and t
 @pytest.fixture
 async def identity() -> AsyncIterator[tuple[str, str, str]]:
     """(search, the trainers' URL, the operator's URL) of a search's own broker identity."""
-    uid = str(uuid.uuid4())
-    search = f"ns.capability-{uid[:8]}"
-    admin = BrokerAdmin(admin_url_for(RABBITMQ_URL))
-    vhost, user = search_vhost(uid), search_user(uid)
-    await admin.ensure_identity(vhost, user, "pw", QueueNames(search))
-    yield search, scoped_url(RABBITMQ_URL, user, "pw", vhost), in_vhost(RABBITMQ_URL, vhost)
-    await admin.delete_identity(vhost, user)
+    async with search_identity("capability") as made:
+        yield made.names.search, made.trainer_url, made.operator_url
 
 
 def forgeries(search: str, offset: int) -> list[bytes]:
