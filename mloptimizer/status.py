@@ -168,8 +168,9 @@ class Artifact(SpecModel):
     )
     verified: bool | None = Field(
         default=None,
-        description="True: the operator read the file back (s3: size and SHA-256 match); "
-        "false: only the trainer's word (a pvc is mounted on trainers, not the operator).",
+        description="True: the operator read the file back and its size and SHA-256 match "
+        "(s3: on receipt; pvc: a read-only Job with the operator's image); false: only the "
+        "trainer's word (a pvc with no verify image set, or a Job that could not look).",
     )
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "build_broker_secret",
     "build_trainer_deployment",
     "build_trainer_policy",
+    "child_name",
     "deployment_name",
     "direct_rent_request",
     "egress_admits",
@@ -64,8 +65,9 @@ def name_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _dns_label(text: str, suffix: str) -> str:
-    """``text-suffix`` as a valid 63-character DNS label, unique per ``text``.
+def child_name(text: str, suffix: str) -> str:
+    """``text-suffix`` as a valid 63-character DNS label, unique per ``text``: the name of
+    an object of search ``text``.
 
     A search name may hold dots and be 253 characters long: when it had to be changed
     (``a.x`` -> ``a-x``) or cut, a hash of the full name goes in, so that ``a.x`` and
@@ -88,17 +90,17 @@ def label_value(search: str) -> str:
 
 def deployment_name(search: str) -> str:
     """The trainer Deployment of search ``search``."""
-    return _dns_label(search, "trainer")
+    return child_name(search, "trainer")
 
 
 def broker_secret_name(search: str) -> str:
     """The Secret the operator writes when the search names no broker Secret."""
-    return _dns_label(search, "broker")
+    return child_name(search, "broker")
 
 
 def network_policy_name(search: str) -> str:
     """The NetworkPolicy of the search's trainer pods."""
-    return _dns_label(search, "trainers")
+    return child_name(search, "trainers")
 
 
 def trainer_labels(search: str) -> dict[str, str]:

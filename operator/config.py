@@ -38,6 +38,9 @@ class OperatorConfig:
     # name, dataset downloads), and to S3 searches' (the object store by name)
     trainer_egress: tuple[dict[str, Any], ...] = ()
     object_store_egress: tuple[dict[str, Any], ...] = ()
+    # the operator's own image, run as a read-only Job that checks a claim's delivery; None:
+    # what trainers say of output.pvc files stays unverified
+    verify_image: str | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="NetworkPolicy egress rules (a JSON list) to the object store, added to the "
         "trainer policy of searches with spec.output.s3 (without them: the endpoint's IP, "
         "or public addresses on its port)",
+    )  # fmt: skip
+    env_flag(
+        parser, "--verify-image", env="MLOPT_VERIFY_IMAGE", shown="none",
+        help="image of the Job that reads a search's output.pvc after its final job, "
+        "read-only, and checks each file's size and sha256 against the trainer's word: "
+        "the operator's own image (the chart sets it); without it those artifacts stay "
+        "verified: false",
     )  # fmt: skip
     env_flag(
         parser, "--vastai-url", env="MLOPT_VASTAI_URL", default="https://console.vast.ai",
@@ -211,4 +221,5 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         allowed_images=tuple(args.allowed_images or ()),
         trainer_egress=tuple(args.trainer_egress or ()),
         object_store_egress=tuple(args.object_store_egress or ()),
+        verify_image=args.verify_image or None,
     )

@@ -45,6 +45,7 @@ from mloptimizer.messages import (
     TrialMessage,
     decode,
 )
+from mloptimizer.operator.claimverify import Checked
 from mloptimizer.operator.kube import kube_outage
 from mloptimizer.operator.objectstore import Bucket
 from mloptimizer.operator.progress import set_condition
@@ -74,6 +75,9 @@ class Destination:
     folder: str
     claim: str | None = None
     bucket: Bucket | None = None
+    # a claim's delivery checked by a Job the operator runs (claimverify.verify_claim);
+    # None: nothing can read the claim, what the trainer says stays unverified
+    check_claim: Callable[[DeliveredMessage], Checked] | None = None
 
     def uri(self, file: str) -> str:
         if self.bucket is not None:
@@ -96,8 +100,8 @@ class Destination:
 
     @property
     def verifiable(self) -> bool:
-        """Whether the operator can read what was written (a bucket: yes; a claim is
-        mounted on trainers only, so what they say of it stays unverified)."""
+        """Whether the operator reads what was written on receipt (a bucket: yes; a claim
+        is mounted on trainers only: a verify Job reads it once the job is done)."""
         return self.bucket is not None
 
     def verify(self, delivered: DeliveredMessage) -> str | None:
@@ -289,9 +293,12 @@ def run_final_job(
     return FinalOutcome(None, why, rounds)
 
 
-def artifacts_status(delivered: DeliveredMessage, destination: Destination) -> list[dict[str, Any]]:
+def artifacts_status(
+    delivered: DeliveredMessage, destination: Destination, verified: bool | None = None
+) -> list[dict[str, Any]]:
     """``status.artifacts``: one entry per format (a file, or why it was not made), then the
-    report files. URIs are the operator's own, never the trainer's word."""
+    report files. URIs are the operator's own, never the trainer's word. ``verified``: what
+    a claim's verify Job found (default: whether the destination is checked on receipt)."""
     entries: list[dict[str, Any]] = []
     for artifact in delivered.artifacts:
         if artifact.error:
@@ -301,8 +308,8 @@ def artifacts_status(delivered: DeliveredMessage, destination: Destination) -> l
             "format": artifact.format,
             "uri": destination.uri(ARTIFACT_FILES[artifact.format]),
             "bytes": artifact.bytes,
-            # checked by the operator (a bucket), or only the trainer's word (a claim)
-            "verified": destination.verifiable,
+            # checked by the operator (a bucket, a claim's verify Job), or the trainer's word
+            "verified": destination.verifiable if verified is None else verified,
         }
         if artifact.sha256 is not None:
             entry["sha256"] = artifact.sha256
@@ -412,8 +419,18 @@ def deliver_best(
             continue
         if outcome.stopped:
             return  # the next operator resumes it (Delivered stays Unknown)
-        kube.scale(0)
-        _said(outcome, best, destination, say, kube)
+        kube.scale(0)  # before a verify Job: a ReadWriteOnce claim is free again
+        checked = None
+        if outcome.delivered is not None and destination.check_claim is not None:
+            say(
+                "Unknown", "Verifying",
+                f"trial {best.number} delivered to {destination.uri('')}; a Job of the "
+                "operator's reads the claim to check sizes and sha256",
+            )  # fmt: skip
+            checked = destination.check_claim(outcome.delivered)
+            if stop.is_set() and not checked.verified and not checked.mismatch:
+                return  # the next operator resumes it (Delivered stays Unknown)
+        _said(outcome, best, destination, say, kube, checked)
         return
 
 
@@ -423,8 +440,10 @@ def _said(
     destination: Destination,
     say: Callable[..., None],
     kube: JobKube,
+    checked: Checked | None = None,
 ) -> None:
-    """The end of a final job in the status and the Events."""
+    """The end of a final job in the status and the Events (``checked``: what a claim's
+    verify Job found)."""
     delivered = outcome.delivered
     if delivered is None:
         text = f"the final job failed {outcome.rounds} times; last: {outcome.error}"
@@ -437,18 +456,22 @@ def _said(
         f"trial {best.number} ({delivered.model} weights) delivered to "
         f"{destination.uri('')}: {', '.join(made) or 'no format'}"
         + (f"; not made: {'; '.join(failed)}" if failed else "")
-        + (
-            ""
-            if destination.verifiable
-            else "; unverified: sizes and sha256 are the trainer's word (the operator does "
-            "not mount the claim)"
+    )
+    if destination.verifiable:
+        verified = True
+    elif checked is None:
+        verified = False
+        text += (
+            "; unverified: sizes and sha256 are the trainer's word (the operator does not "
+            "mount the claim, and no verify image is set: --verify-image)"
         )
-    )
-    say(
-        "True",
-        "Delivered",
-        text[:4000],
-        artifacts=artifacts_status(delivered, destination),
-        message=text[:4000],
-    )
+    else:
+        verified = checked.verified
+        text += f"; {checked.detail}" if verified else f"; unverified: {checked.detail}"
+    artifacts = artifacts_status(delivered, destination, verified)
+    if checked is not None and checked.mismatch:
+        say("False", "VerificationFailed", text[:4000], artifacts=artifacts, message=text[:4000])
+        kube.event("Warning", "VerificationFailed", text[:1024])
+        return
+    say("True", "Delivered", text[:4000], artifacts=artifacts, message=text[:4000])
     kube.event("Normal", "Delivered", text[:1024])

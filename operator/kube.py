@@ -1,9 +1,9 @@
 """The Kubernetes side of a search, over the Kubernetes API.
 
 * :class:`ApiKube` is :class:`~mloptimizer.operator.daemon.Kube` for the search's daemon:
-  its status, its trainer Deployment's replicas, its Events (synchronous: the daemon runs
-  in kopf's worker thread). A Deployment under the trainers' name that does not name the
-  search's uid as owner is someone else's: never scaled, never counted.
+  its status, its trainer Deployment's replicas, its Events, its verify Jobs (synchronous:
+  the daemon runs in kopf's worker thread). A Deployment under the trainers' name that does
+  not name the search's uid as owner is someone else's: never scaled, never counted.
 * :class:`ApiPoolKube` is :class:`~mloptimizer.operator.pool.PoolKube` for its GPU pool:
   its status and the Nodes rented VMs join as (cordon, drain, delete), each only when it
   carries the search's pool label (a Node of that name that is not its machine is left
@@ -26,6 +26,8 @@ import kubernetes
 
 from mloptimizer.faults import BUSY_STATUSES
 from mloptimizer.operator.builders import POOL_LABEL, deployment_name
+from mloptimizer.operator.claimverify import JOB_LABEL, JobEnd
+from mloptimizer.operator.shared import create_owned, owned_by
 from mloptimizer.spec import GROUP, PLURAL, VERSION
 
 __all__ = ["KUBE_PASSING", "ApiKube", "ApiPoolKube", "kube_outage"]
@@ -79,6 +81,50 @@ class ApiKube:
 
     def event(self, type_: str, reason: str, message: str) -> None:
         kopf.event(self.body, type=type_, reason=reason, message=message[:1024])
+
+    def create_job(self, body: dict[str, Any]) -> None:
+        """A verify Job, owned by the search (a Job of that name not its own: NameConflict)."""
+        batch = kubernetes.client.BatchV1Api()
+        name = body["metadata"]["name"]
+        create_owned(
+            body,
+            self.body,
+            lambda job: batch.create_namespaced_job(self.namespace, job),
+            lambda: batch.read_namespaced_job(name, self.namespace),
+        )
+
+    def job_end(self, name: str) -> JobEnd | None:
+        """How the search's Job ``name`` ended (its pod's termination message), or None while
+        it runs. Only a Job the search owns and a pod that Job owns are believed."""
+        job = kubernetes.client.BatchV1Api().read_namespaced_job(name, self.namespace)
+        if self.uid is None or not owned_by(job, self.uid):
+            return JobEnd(False, f"Job {name} is not this search's")
+        status, job_uid = job.status, job.metadata and job.metadata.uid
+        if status is None or not job_uid:
+            return None
+        done = (status.succeeded or 0) > 0
+        if not done and not (status.failed or 0) > 0:
+            return None
+        pods = kubernetes.client.CoreV1Api().list_namespaced_pod(
+            self.namespace, label_selector=f"{JOB_LABEL}={name}"
+        )
+        ends = [
+            container.state.terminated
+            for pod in pods.items
+            if owned_by(pod, job_uid)
+            for container in (pod.status and pod.status.container_statuses) or []
+            if container.state and container.state.terminated
+        ]
+        if done:
+            for ended in ends:
+                if ended.exit_code == 0:
+                    return JobEnd(True, ended.message or "")
+            return JobEnd(False, "its pod is gone (no termination message)")
+        reasons = [e.message or e.reason or f"exit code {e.exit_code}" for e in ends]
+        reasons += [
+            c.message or c.reason or "" for c in status.conditions or [] if c.type == "Failed"
+        ]
+        return JobEnd(False, "; ".join(r for r in reasons if r)[:500] or "failed")
 
     def ready_replicas(self) -> int:
         try:

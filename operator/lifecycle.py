@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -36,7 +38,7 @@ import pika.exceptions
 from mloptimizer.broker import delete_queues
 from mloptimizer.changes import refusal
 from mloptimizer.loading import SpecError
-from mloptimizer.messages import QueueNames
+from mloptimizer.messages import DeliveredMessage, QueueNames
 from mloptimizer.operator.brokeradmin import in_vhost, search_user, search_vhost
 from mloptimizer.operator.builders import (
     BROKER_SECRET_KEY,
@@ -47,6 +49,7 @@ from mloptimizer.operator.builders import (
     deployment_name,
     network_policy_name,
 )
+from mloptimizer.operator.claimverify import Checked, verify_claim
 from mloptimizer.operator.config import OperatorConfig
 from mloptimizer.operator.daemon import SearchConfig, StopFlag, resume_delivery, run_search
 from mloptimizer.operator.delivery import Destination
@@ -366,12 +369,23 @@ def update_search(body: Any, status: Any, shared: Shared) -> None:
 # --- the search's daemon ----------------------------------------------------------------
 
 
-def destination(namespace: str, name: str, spec: ArchitectureSearchSpec) -> Destination | None:
-    """Where the search's best model goes (``spec.output``), its bucket key read now."""
+def destination(
+    namespace: str,
+    name: str,
+    spec: ArchitectureSearchSpec,
+    check: Callable[[str, str, DeliveredMessage], Checked] | None = None,
+) -> Destination | None:
+    """Where the search's best model goes (``spec.output``), its bucket key read now;
+    ``check(claim, folder, delivered)``: a claim's verify Job (none: unverified)."""
     output = spec.output
     folder = output.destination_path(namespace, name)
     if output.pvc is not None:
-        return Destination(folder, claim=output.pvc.claim_name)
+        claim = output.pvc.claim_name
+        return Destination(
+            folder,
+            claim=claim,
+            check_claim=None if check is None else functools.partial(check, claim, folder),
+        )
     store = output.s3
     if store is None:
         return None
@@ -435,10 +449,20 @@ def serve_search(body: Any, status: Any, shared: Shared, stopped: StopFlag) -> N
         with shared.lock:
             return shared.requested.get(key, spec)
 
-    def where() -> Destination | None:
-        return destination(namespace, name, shared.spec_in_force(key, spec))
-
     kube = ApiKube(body, namespace, name)
+    image = shared.config.verify_image
+
+    def check(claim: str, folder: str, delivered: DeliveredMessage) -> Checked:
+        assert image is not None
+        return verify_claim(
+            name, delivered, claim=claim, folder=folder, image=image, api=kube, stop=stopped
+        )
+
+    def where() -> Destination | None:
+        return destination(
+            namespace, name, shared.spec_in_force(key, spec), check if image else None
+        )
+
     if delivery_pending(status):
         resume_delivery(config, spec, kube, list(status.get("conditions") or []), stopped, where)
         return

@@ -48,6 +48,7 @@ RESOURCES: dict[str, tuple[str, str, str, bool]] = {
     "persistentvolumeclaims": ("", "v1", "persistentvolumeclaims", True),
     "nodes": ("", "v1", "nodes", False),
     "networkpolicies": ("networking.k8s.io", "v1", "networkpolicies", True),
+    "jobs": ("batch", "v1", "jobs", True),
     "namespaces": ("", "v1", "namespaces", False),
 }  # fmt: skip
 

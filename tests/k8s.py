@@ -174,6 +174,7 @@ BUILTIN_KINDS = (
          generation=False),
     Kind("apps", "v1", "deployments", "Deployment", True, ("deploy",), ("all",), STATUS_AND_SCALE),
     Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, ("netpol",)),
+    Kind("batch", "v1", "jobs", "Job", True, (), ("all",), STATUS),
     Kind(*CRDS, "CustomResourceDefinition", False, ("crd", "crds"), (), STATUS),
 )  # fmt: skip
 

@@ -444,6 +444,41 @@ class Kubelet:
         await podman("pod", "rm", "--force", pod, check=False)
         return codes
 
+    async def run_to_end(self, job: Body, pod: str) -> tuple[int, str]:
+        """Run a Job's pod once, as real containers, to its end (a ``tests/jobs.py`` runner):
+        its one container's exit code and termination message. As a kubelet does, a file on
+        this machine is mounted where the container's ``terminationMessagePath`` says, and
+        read once the container has exited."""
+        namespace = job["metadata"].get("namespace") or "default"
+        secrets = {s["metadata"]["name"]: s for s in await self.cluster.list("secrets", namespace)}
+        manifest = pod_manifest(
+            job["spec"]["template"], name=pod, namespace=namespace, secrets=secrets,
+            token_dir=self._token_dir, api=self._api,
+        )  # fmt: skip
+        (container,) = manifest["spec"]["containers"]
+        message = self.workdir / f"{pod}.termination-log"
+        message.write_text("")
+        message.chmod(0o666)  # the container's user writes it, as on a node
+        manifest["spec"].setdefault("volumes", []).append(
+            {"name": "termination-log", "hostPath": {"path": str(message), "type": "File"}}
+        )
+        container.setdefault("volumeMounts", []).append({
+            "name": "termination-log",
+            "mountPath": container.get("terminationMessagePath", "/dev/termination-log"),
+        })  # fmt: skip
+        file = self.workdir / f"{pod}.yaml"
+        file.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        await podman("kube", "play", "--replace", "--quiet", str(file))
+        full = f"{pod}-{container['name']}"
+        try:
+            deadline = float(job["spec"].get("activeDeadlineSeconds", 600))
+            code = int((await podman("wait", full, timeout=deadline)).strip())
+            logged = await podman("logs", full, check=False, merged=True)
+            (self.workdir / f"{full}.log").write_text(logged)
+        finally:
+            await podman("pod", "rm", "--force", pod, check=False)
+        return code, message.read_text()
+
     async def stopped(self, pod: str) -> dict[str, int]:
         """Await the end of a pod being stopped; its containers' exit codes by name."""
         return await self._stopping[pod]

@@ -291,6 +291,7 @@ def test_operator_deployment_runs_hardened_with_probes_ports_and_env_from_secret
     assert (env["MLOPT_STATUS_INTERVAL"], env["MLOPT_TRIAL_SILENCE_TIMEOUT"]) == ("1", "3600")
     assert env["MLOPT_VASTAI_URL"] == "https://console.vast.ai"
     assert env["MLOPT_ORPHAN_SWEEP_INTERVAL"] == "600"
+    assert env["MLOPT_VERIFY_IMAGE"] == main["image"]  # a claim's verify Job: its own image
     assert "MLOPT_VASTAI_API_KEY" not in env
     swept = helm.template(
         "--set", "vastai.sweepApiKeySecret.name=vastai", "--set", "vastai.sweepApiKeySecret.key=k"
@@ -334,11 +335,15 @@ def test_cluster_wide_mode_uses_one_cluster_role_with_what_kopf_and_the_operator
     assert grants["", "namespaces"] == {"list", "watch"}
     assert grants["", "nodes"] == {"get", "patch", "delete"}  # GPU pools' rented nodes
     assert grants["", "pods"] == {"list", "delete"}  # drained before a machine goes
+    assert grants["batch", "jobs"] == {"get", "create"}  # a claim's verify Job
     assert not any("*" in rule["verbs"] or "*" in rule["resources"] for rule in role["rules"])
     without_pools = one(helm.template(), "ClusterRole")  # pools are off by default
     resources = {r for rule in without_pools["rules"] for r in rule["resources"]}
     assert "nodes" not in resources
-    assert "pods" not in resources
+    # pods are only listed (the verify Job's, for its termination message), never deleted
+    assert [rule["verbs"] for rule in without_pools["rules"] if "pods" in rule["resources"]] == [
+        ["list"]
+    ]
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [

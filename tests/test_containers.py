@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import re
 import socket
@@ -29,6 +30,7 @@ import pytest
 import yaml
 from cluster import Cluster
 from dispatch import Dispatcher, digits_trial
+from jobs import JobController
 from k8s import run_kubectl
 from pods import Images, Kubelet, podman
 from services import RABBITMQ_URL
@@ -139,7 +141,11 @@ async def test_the_chart_operator_and_the_trainer_image_run_a_search_to_its_deli
         "default",
     )  # fmt: skip
     try:
-        async with Kubelet(cluster, tmp_path / "kubelet") as kubelet:
+        async with (
+            Kubelet(cluster, tmp_path / "kubelet") as kubelet,
+            # the operator's verify Job: its pod as real containers, the claim read-only
+            JobController(cluster, "default", kubelet.run_to_end) as jobs,
+        ):
             await cluster.create("deployments", deployment, OPERATOR_NAMESPACE)
             kubelet.follow(OPERATOR_NAMESPACE, operator)
             await kubelet.wait_pods(OPERATOR_NAMESPACE, operator, 1)
@@ -182,6 +188,13 @@ async def test_the_chart_operator_and_the_trainer_image_run_a_search_to_its_deli
             folder = volume / "default" / name
             files = {a["format"]: a for a in done["status"]["artifacts"]}
             assert (folder / "model-int8.tflite").stat().st_size == files["tflite-int8"]["bytes"]
+            # checked by the operator's own image reading the claim, not the trainer's word
+            (job,) = jobs.ran
+            assert f"sizes and sha256 checked by Job {job}" in delivered["message"], delivered
+            for fmt, file in (("keras", "model.keras"), ("tflite-int8", "model-int8.tflite")):
+                assert files[fmt]["verified"] is True
+                digest = hashlib.sha256((folder / file).read_bytes()).hexdigest()
+                assert files[fmt]["sha256"] == digest
             out = tmp_path / "fetched"
             code, _, err = await mloptimizer(
                 "fetch", f"default/{name}", "--to", str(out), "--from-dir", str(volume),

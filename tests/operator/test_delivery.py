@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cluster import Cluster, run_operator
+from jobs import JobController, process_runner
 from s3server import ACCESS_KEY, SECRET_KEY, s3_server
 from services import TrainerProcess
 from test_operator import condition, finished, name, operator_config, search, start_trainer
@@ -34,7 +37,14 @@ from mloptimizer.messages import (
     ToFolder,
     TrialMessage,
 )
-from mloptimizer.operator.delivery import Dead, Destination, FinalJobChannel, run_final_job
+from mloptimizer.operator.claimverify import Checked
+from mloptimizer.operator.delivery import (
+    Dead,
+    Destination,
+    FinalJobChannel,
+    deliver_best,
+    run_final_job,
+)
 from mloptimizer.operator.main import shared_memo
 from mloptimizer.operator.secretrefs import FOR_OPERATOR, USABLE_LABEL
 from mloptimizer.space import Architecture
@@ -79,8 +89,13 @@ async def test_a_search_with_output_pvc_delivers_its_kept_model_and_fetch_brings
     models = await open_claim(cluster, name)
     body = search(name, output={"formats": ["keras", "tflite-int8"], "pvc": {"claimName": models}})
     trainer: TrainerProcess | None = None
+    # the operator's verify Job reads the claim: its command run as a process on the folder
+    config = dataclasses.replace(operator_config(postgres_dsn), verify_image="operator:test")
     try:
-        async with run_operator(cluster, memo=shared_memo(operator_config(postgres_dsn))):
+        async with (
+            run_operator(cluster, memo=shared_memo(config)),
+            JobController(cluster, "default", process_runner({models: claim})) as jobs,
+        ):
             await cluster.create("archsearch", body)
             deployment = await cluster.wait_for(
                 "deployments", "default", f"{name}-trainer", timeout=30
@@ -126,10 +141,13 @@ async def test_a_search_with_output_pvc_delivers_its_kept_model_and_fetch_brings
         assert entry["uri"] == f"pvc://{models}/default/{name}/{file}"
         assert (folder / file).stat().st_size == entry["bytes"]
         assert entry["sha256"] == hashlib.sha256((folder / file).read_bytes()).hexdigest()
-        assert entry["verified"] is False  # a claim: the trainer's word, and said so
+        assert entry["verified"] is True  # read back by the operator's verify Job
         assert 0.5 < entry["testAccuracy"] <= 1.0
         assert entry["latencyMs"] > 0
-    assert "unverified" in ok["message"]
+    (job,) = jobs.ran
+    assert job.startswith(f"{name}-verify-")
+    assert f"sizes and sha256 checked by Job {job}" in ok["message"]
+    assert "unverified" not in ok["message"]
     reports = [a["uri"] for a in status["artifacts"] if a["format"] == "report"]
     assert reports == [
         f"pvc://{models}/default/{name}/report.md",
@@ -317,6 +335,11 @@ async def test_an_operator_restarted_mid_job_resumes_it(
     assert ok["status"] == "True", ok
     assert "kept weights" in ok["message"]  # the first trainer's, from the claim
     assert (claim / "default" / name / "model.keras").exists()
+    # an operator without a verify image cannot read the claim, and says so
+    assert "unverified: sizes and sha256 are the trainer's word" in ok["message"]
+    assert "--verify-image" in ok["message"]
+    assert all(a["verified"] is False for a in done["status"]["artifacts"] if "bytes" in a
+               and a["format"] != "report")  # fmt: skip
     assert "final job" in second.log() if second else False
 
 
@@ -338,6 +361,9 @@ class Script:
     def receive(self, timeout: float) -> list[Any]:
         out, self._pending = self._pending, []
         return [a(self.sent[-1]) if callable(a) else a for a in out]
+
+    def close(self) -> None:
+        pass
 
 
 def job(round_: int) -> DeliverMessage:
@@ -528,3 +554,65 @@ def test_what_a_trainer_says_it_put_in_a_bucket_is_read_back(tmp_path: Path) -> 
         assert destination.verify(said(bytes=123456789, sha256=honest)) == (
             "model.keras: the trainer says 123456789 bytes, the bucket has 700"
         )
+
+
+class JobRecorder:
+    """The search's Kubernetes side for :func:`deliver_best`: what it was told."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, Any] = {}
+        self.events: list[tuple[str, str, str]] = []
+
+    def patch_status(self, patch: dict[str, Any]) -> None:
+        self.status.update(patch)
+
+    def scale(self, replicas: int) -> None:
+        self.status["replicas"] = replicas
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+@pytest.mark.parametrize(
+    ("checked", "state", "reason", "verified"),
+    [
+        (Checked(True, "sizes and sha256 checked by Job s-verify-1"), "True", "Delivered", True),
+        (Checked(False, "the verify Job s-verify-1 failed: DeadlineExceeded"), "True",
+         "Delivered", False),
+        (Checked(False, "checked by Job s-verify-1: model.keras: the trainer says 10 bytes, "
+                 "the claim has 3", mismatch=True), "False", "VerificationFailed", False),
+    ],
+)  # fmt: skip
+def test_what_a_claims_verify_job_finds_is_the_delivered_condition(
+    checked: Checked, state: str, reason: str, verified: bool
+) -> None:
+    """A claim's delivery is verified only by the operator's Job: found as said, the
+    artifacts are verified; other bytes than the trainer said fail the delivery; a Job that
+    could not look leaves it delivered but unverified, with why."""
+    seen: list[DeliveredMessage] = []
+
+    def check(delivered: DeliveredMessage) -> Checked:
+        seen.append(delivered)
+        return checked
+
+    kube = JobRecorder()
+    deliver_best(
+        job(1).best,
+        ["keras"],
+        lambda: Destination("ns/s", claim="models", check_claim=check),
+        kube,
+        threading.Event(),
+        channel=lambda: Script([[answer(artifacts=[ArtifactReport(
+            format="keras", bytes=10, sha256="a" * 64)])]]),  # type: ignore[arg-type,return-value]
+        conditions=[],
+        silence=5.0,
+    )  # fmt: skip
+    assert len(seen) == 1  # checked once, after the job, with the trainer's answer
+    assert seen[0].artifacts[0].sha256 == "a" * 64
+    (delivered_condition,) = [c for c in kube.status["conditions"] if c["type"] == "Delivered"]
+    assert (delivered_condition["status"], delivered_condition["reason"]) == (state, reason)
+    assert checked.detail in delivered_condition["message"]
+    (keras,) = [a for a in kube.status["artifacts"] if a["format"] == "keras"]
+    assert keras["verified"] is verified
+    assert kube.status["replicas"] == 0  # the trainer is let go before the Job mounts the claim
+    assert kube.events[-1][1] == reason

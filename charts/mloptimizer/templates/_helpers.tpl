@@ -156,12 +156,16 @@ seccompProfile:
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- if .Values.vastai.enabled }}
-# GPU pools: drain a rented node's trainer pods before its machine is destroyed
+# each search's verify Job: after a final job to output.pvc, the operator's own image reads
+# the claim (read-only) and reports each file's size and sha256 as its termination message
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "create"]
+# the verify Job's pod, for that termination message; with GPU pools also a rented node's
+# trainer pods, drained before its machine is destroyed
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "delete"]
-{{- end }}
+  verbs: {{ if .Values.vastai.enabled }}["list", "delete"]{{ else }}["list"]{{ end }}
 {{- end -}}
 
 {{/* rabbitmq.conf additions (conf.d/20-mloptimizer.conf); the management plugin is
