@@ -77,12 +77,13 @@ class LocalTransport:
         threads: int | None = None,
         recycle_memory_mb: float | None = None,
         models_dir: Path | None = None,
+        checkpoints_dir: Path | None = None,
     ) -> None:
         context = multiprocessing.get_context("spawn")
         self._context = context
         # Run by each spawned process with (worker id, tasks, events, replies, cache dir,
-        # base dir, threads, recycle limit, models dir); a module-level function, so spawn
-        # can find it.
+        # base dir, threads, recycle limit, models dir, checkpoints dir); a module-level
+        # function, so spawn can find it.
         self._serve = serve
         self._pending: collections.deque[tuple[int, TrialMessage]] = collections.deque()
         self._dead: list[Inbound] = []  # trials given up after DELIVERY_LIMIT deaths
@@ -92,6 +93,7 @@ class LocalTransport:
             threads,
             recycle_memory_mb,
             str(models_dir) if models_dir else None,
+            str(checkpoints_dir) if checkpoints_dir else None,
         )
         self._trainers = [self._start(f"local-{i + 1}") for i in range(workers)]
 

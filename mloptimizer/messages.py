@@ -85,7 +85,7 @@ __all__ = [
     "printable",
 ]
 
-SCHEMA_VERSION: Final = 2  # 2: capability tokens
+SCHEMA_VERSION: Final = 3  # 2: capability tokens; 3: resumed trials (resumed_at)
 
 # A body larger than this is refused before it is parsed: a result of 10,000 epochs of
 # history with a few metrics each fits well under it.
@@ -147,7 +147,7 @@ _INT32 = 2**31 - 1  # Optuna's PostgreSQL columns (trial ids, numbers, steps) ar
 class _Message(BaseModel):
     model_config = _STRICT
 
-    version: Literal[2] = Field(default=SCHEMA_VERSION, description="Contract version.")
+    version: Literal[3] = Field(default=SCHEMA_VERSION, description="Contract version.")
     search: str = Field(
         min_length=1, max_length=320, description="The study name, <namespace>.<name>."
     )
@@ -198,7 +198,7 @@ class ProgressReply(BaseModel):
     model_config = _STRICT
 
     kind: Literal["progress-reply"] = "progress-reply"
-    version: Literal[2] = SCHEMA_VERSION
+    version: Literal[3] = SCHEMA_VERSION
     trial_id: int = Field(ge=0, le=_INT32)
     decision: Decision
 
@@ -220,6 +220,12 @@ class ResultMessage(_Message):
     val_loss: _Figure | None = None
     val_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
     epochs_run: int = Field(default=0, ge=0, le=MAX_EPOCHS)
+    resumed_at: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_EPOCHS,
+        description="Epochs restored from the trial's checkpoint (0: trained from the start).",
+    )
     train_seconds: float = Field(default=0.0, ge=0.0, le=1e8)
     images_per_second: _Figure = 0.0
     parameter_count: int = Field(default=0, ge=0, le=2**53)

@@ -69,6 +69,7 @@ class Attr:
     WORKER = "worker_id"
     DEVICE = "device"
     ATTEMPT = "attempt"
+    RESUMED_AT = "resumed_at"  # epochs the ending attempt restored from a checkpoint
     SECONDS = "train_seconds"
     EPOCHS = "epochs_run"
     VAL_ACCURACY = "val_accuracy"

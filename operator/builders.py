@@ -222,6 +222,10 @@ def build_trainer_deployment(
         env.append({"name": "MLOPT_OUTPUT_DIR", "value": OUTPUT_DIR})
         # each trainer keeps its best model there: the final job reuses the best one
         env.append({"name": "MLOPT_KEEP_MODELS", "value": f"{OUTPUT_DIR}/{folder_path}/models"})
+        # and each trial's epochs: a trial whose trainer died goes on from its last one
+        env.append(
+            {"name": "MLOPT_CHECKPOINT_DIR", "value": f"{OUTPUT_DIR}/{folder_path}/checkpoints"}
+        )
     container = {
         "name": "trainer",
         "image": workers.trainer_image,

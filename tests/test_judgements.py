@@ -93,6 +93,10 @@ def test_a_message_about_the_trial_sent_is_accepted() -> None:
         (lambda t: result_of(t, phase="refine"), "a refine result for a explore trial"),
         (lambda t: result_of(t, epochs_run=t.epochs + 1), "more epochs than the trial's 3"),
         (
+            lambda t: result_of(t, epochs_run=2, resumed_at=3),
+            "resumed_at: 3 is past epochs_run 2",
+        ),
+        (
             lambda t: result_of(t, history=[{"val_accuracy": 0.5}] * (t.epochs + 1)),
             "more epochs than the trial's 3",
         ),
@@ -210,6 +214,9 @@ def test_a_result_writes_who_trained_it_how_long_what_it_cost_and_its_error() ->
     assert failed[Attr.ERROR] == "OOM"
     silent = result_attrs(result_of(trial, value=None), 0.0, "val_loss")
     assert silent[Attr.ERROR] == "the trainer sent no val_loss"
+    assert Attr.RESUMED_AT not in attrs  # trained from the start
+    resumed = result_attrs(result_of(trial, epochs_run=3, resumed_at=2), 0.0, "val_accuracy")
+    assert resumed[Attr.RESUMED_AT] == 2  # the trial keeps what its last attempt restored
 
 
 # --- budget ------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Local trainer processes: a trainer killed mid-trial is replaced and the trial retried."""
+"""Local trainer processes: a trainer killed mid-trial is replaced and the trial retried,
+from its last epoch when the run keeps checkpoints."""
 
 from __future__ import annotations
 
@@ -70,6 +71,44 @@ def test_a_killed_local_trainer_is_replaced_and_its_trial_retried(tmp_path: Path
     finally:
         transport.close()
     assert all(not t.process.is_alive() for t in transport._trainers)
+
+
+def test_a_killed_local_trainers_trial_goes_on_from_its_last_epoch(tmp_path: Path) -> None:
+    """With the run folder's checkpoints (as `mloptimizer run` sets them), the retry of a
+    trial whose process was killed after its first epoch trains only the epochs left."""
+    transport = LocalTransport(
+        1, serve=local_trainer, cache_dir=tmp_path, threads=default_threads(1),
+        checkpoints_dir=tmp_path / "checkpoints",
+    )  # fmt: skip
+    try:
+        transport.send(digits_trial(epochs=4))
+        epochs: dict[int, list[int]] = {1: [], 2: []}  # by attempt
+        results: list[ResultMessage] = []
+        deadline = time.monotonic() + 240
+        while not results:
+            assert time.monotonic() < deadline, "no result"
+            for inbound in transport.receive(timeout=0.5):
+                message = inbound.message
+                if isinstance(message, ProgressMessage):
+                    epochs[message.attempt].append(message.epoch)
+                    if message.attempt == 1:  # killed as it tells its first epoch
+                        pid = transport._trainers[0].process.pid
+                        assert pid is not None
+                        os.kill(pid, signal.SIGKILL)
+                    else:
+                        inbound.reply("continue")
+                elif isinstance(message, ResultMessage):
+                    results.append(message)
+        (result,) = results
+        assert result.attempt == 2
+        assert result.state == "complete"
+        assert result.resumed_at == 1  # epoch 1 was kept before it was told
+        assert result.epochs_run == 4
+        assert len(result.history) == 4
+        assert epochs == {1: [1], 2: [1, 2, 3, 4]}  # epoch 1 told again, none skipped
+        assert not (tmp_path / "checkpoints" / "trial-7").exists()  # ended: discarded
+    finally:
+        transport.close()
 
 
 def test_a_local_trainer_restarts_to_shed_memory_without_losing_or_retrying(

@@ -56,7 +56,7 @@ def test_round_trip_of_every_kind() -> None:
     reply = ProgressReply(trial_id=3, decision="prune")
     for message in (trial(), result, reply):
         assert decode(encode(message)) == message
-    assert json.loads(encode(trial()))["version"] == 2
+    assert json.loads(encode(trial()))["version"] == 3
 
 
 @pytest.mark.parametrize(
@@ -64,11 +64,12 @@ def test_round_trip_of_every_kind() -> None:
     [
         (b"{oops", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
-        (b'{"version": 3, "kind": "trial"}', "unsupported schema version 3"),
+        (b'{"version": 4, "kind": "trial"}', "unsupported schema version 4"),
+        (b'{"version": 2, "kind": "trial"}', "unsupported schema version 2"),
         (b'{"version": 1, "kind": "trial"}', "unsupported schema version 1"),
         (b'{"kind": "trial"}', "unsupported schema version None"),
-        (b'{"version": 2, "kind": "shout"}', "invalid shout"),
-        (b'{"version": 2, "kind": "trial", "search": "s"}', "invalid trial: trial.trial_id"),
+        (b'{"version": 3, "kind": "shout"}', "invalid shout"),
+        (b'{"version": 3, "kind": "trial", "search": "s"}', "invalid trial: trial.trial_id"),
     ],
 )
 def test_rejects_name_the_reason(body: bytes, reason: str) -> None:
@@ -104,7 +105,7 @@ def test_attempt_from_delivery_count() -> None:
 
 def _result_body(**fields: object) -> bytes:
     base: dict[str, object] = {
-        "version": 2,
+        "version": 3,
         "kind": "result",
         "search": "ns.s",
         "trial_id": 3,
@@ -173,7 +174,7 @@ def test_an_oversized_body_is_refused_before_it_is_parsed() -> None:
 def test_progress_epoch_is_bounded_below_the_databases_32_bit_step() -> None:
     body = json.dumps(
         {
-            "version": 2,
+            "version": 3,
             "kind": "progress",
             "search": "ns.s",
             "trial_id": 3,

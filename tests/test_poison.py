@@ -84,7 +84,7 @@ def poison(trial: TrialMessage) -> list[tuple[str, bytes, str]]:
     """(queue kind, body, expected reason) of every poison message."""
     good = result_of(trial)
     progress = {
-        "version": 2,
+        "version": 3,
         "kind": "progress",
         "search": trial.search,
         "trial_id": trial.trial_id,

@@ -501,7 +501,7 @@ class DatasetCache:
 
 
 def make_dataset(
-    x: Images, y: Labels, *, batch_size: int, shuffle: bool, seed: int
+    x: Images, y: Labels, *, batch_size: int, shuffle: bool, seed: int, epochs: range | None = None
 ) -> tf.data.Dataset:
     """Batches of ``(float32 images in [0, 1], int64 labels)`` from uint8 arrays in memory.
 
@@ -515,21 +515,33 @@ def make_dataset(
         batch_size: Images per batch; the last batch may be smaller.
         shuffle: Shuffle, differently each epoch (training); False keeps the order.
         seed: Seed of the shuffle: a fixed seed gives the same order of epochs.
+        epochs: With ``shuffle``, the epochs to serve, one after the other (for
+            ``fit(steps_per_epoch=...)``): each epoch's order is a function of ``seed`` and
+            the epoch alone, so a trial resumed at epoch k sees what it would have seen
+            (:mod:`~mloptimizer.trainer.checkpoint`). None: one epoch, reshuffled at each
+            iteration.
     """
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     images = tf.convert_to_tensor(x, dtype=tf.uint8)
     labels = tf.convert_to_tensor(y, dtype=tf.int64)
-    indices = tf.data.Dataset.range(len(y))
-    if shuffle:
-        indices = indices.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+    count = len(y)
+
+    def epoch_order(epoch: tf.Tensor) -> tf.data.Dataset:
+        key = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), key)
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    if shuffle and epochs is not None:
+        batches = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_order)
+    else:
+        indices = tf.data.Dataset.range(count)
+        if shuffle:
+            indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+        batches = indices.batch(batch_size)
 
     def gather(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         scaled = tf.cast(tf.gather(images, batch), tf.float32) / 255.0
         return scaled, tf.gather(labels, batch)
 
-    return (
-        indices.batch(batch_size)
-        .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -29,6 +29,7 @@ from mloptimizer.messages import (
     decode,
     encode,
 )
+from mloptimizer.trainer.checkpoint import Checkpoints
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import configure_threads
 from mloptimizer.trainer.kept import KeptModels
@@ -50,6 +51,7 @@ def serve(
     threads: int | None,
     recycle_memory_mb: float | None = None,
     models_dir: str | None = None,
+    checkpoints_dir: str | None = None,
 ) -> None:
     """Train trials from ``tasks`` until a ``None`` task arrives.
 
@@ -57,7 +59,9 @@ def serve(
     1024) past its level after the first trial, the process says so on ``events`` (a
     ``None`` body, before the result, so the runner gives it no further trial) and ends;
     the runner starts a fresh one in its place. ``models_dir``: where the process keeps
-    the model of its best trial (see :mod:`~mloptimizer.trainer.kept`).
+    the model of its best trial (see :mod:`~mloptimizer.trainer.kept`); ``checkpoints_dir``:
+    where each trial's epochs are kept, so that a trial whose process died goes on where it
+    was (see :mod:`~mloptimizer.trainer.checkpoint`).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:
@@ -67,6 +71,7 @@ def serve(
         DatasetCache(Path(cache_dir), Path(base_dir) if base_dir else None),
         recycle_limit_from_env() if recycle_memory_mb is None else recycle_memory_mb,
         KeptModels(Path(models_dir)) if models_dir else None,
+        checkpoints=Checkpoints(Path(checkpoints_dir)) if checkpoints_dir else None,
     )
     done = 0
     while (task := tasks.get()) is not None:

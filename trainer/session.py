@@ -27,6 +27,7 @@ from mloptimizer.messages import (
     TrialMessage,
     finite_metrics,
 )
+from mloptimizer.trainer.checkpoint import Checkpoints
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import GpuInfo, detect_gpus, device_name
 from mloptimizer.trainer.kept import KeptModels
@@ -58,6 +59,8 @@ class TrialSession:
         kept: where this trainer keeps its best model so far (None: nowhere), so that the
             run's report need not train the best again.
         output_dir: where the search's output volume is mounted (the final job writes there).
+        checkpoints: where each trial's epochs are kept, so that a trial this or another
+            trainer was stopped in goes on where it was (None: every trial starts over).
     """
 
     worker_id: str
@@ -65,6 +68,7 @@ class TrialSession:
     recycle_memory_mb: float | None = None
     kept: KeptModels | None = None
     output_dir: Path | None = None
+    checkpoints: Checkpoints | None = None
     gpus: list[GpuInfo] = field(default_factory=detect_gpus)
     _memory: MemoryWatch = field(init=False)
 
@@ -123,8 +127,13 @@ class TrialSession:
 
             holder: dict[str, object] | None = {} if self.kept is not None else None
             outcome = train_trial(
-                trial, splits, on_epoch=on_epoch, stop=stop, gpus=self.gpus, keep_model=holder
-            )
+                trial, splits, on_epoch=on_epoch, stop=stop, gpus=self.gpus, keep_model=holder,
+                checkpoints=self.checkpoints,
+            )  # fmt: skip
+            if self.checkpoints is not None:  # ended (an interrupted one raised): not resumed
+                self.checkpoints.discard(trial)
+            if outcome.resumed_at:
+                log.info("trial %d resumed at epoch %d", trial.number, outcome.resumed_at)
             if self.kept is not None and holder and outcome.state == "complete":
                 self.kept.offer(trial, outcome.value, holder.pop("model"))
         return result_message(

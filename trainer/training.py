@@ -28,6 +28,7 @@ from mloptimizer.messages import (
     finite,
     finite_metrics,
 )
+from mloptimizer.trainer.checkpoint import Checkpoints
 from mloptimizer.trainer.data import Splits, make_dataset
 from mloptimizer.trainer.device import GpuInfo, choose_precision, fresh_session, use_xla
 from mloptimizer.trainer.litert import int8_litert, multiply_adds
@@ -56,18 +57,24 @@ class Outcome:
     model_kb: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     error: str | None = None
+    resumed_at: int = 0  # epochs restored from a checkpoint (0: trained from the start)
 
 
 class _EpochHook(keras.callbacks.Callback):  # type: ignore[misc]
     """Reports each epoch, honours a prune decision, catches NaN, stops on request."""
 
     def __init__(
-        self, on_epoch: Callable[[int, dict[str, float]], Decision], stop: threading.Event
+        self,
+        on_epoch: Callable[[int, dict[str, float]], Decision],
+        stop: threading.Event,
+        save: Callable[[int, list[dict[str, float]]], None] | None = None,
+        history: list[dict[str, float]] | None = None,
     ) -> None:
         super().__init__()
         self.on_epoch = on_epoch
         self.stop = stop
-        self.history: list[dict[str, float]] = []
+        self.save = save  # a checkpoint of each epoch reported (None: none kept)
+        self.history: list[dict[str, float]] = list(history or [])  # a resumed one's so far
         self.pruned = False
         self.interrupted = False
         self.nan_epoch: int | None = None
@@ -86,6 +93,10 @@ class _EpochHook(keras.callbacks.Callback):  # type: ignore[misc]
             self.model.stop_training = True
             return
         self.history.append(metrics)
+        # kept first, then reported: a trainer killed between the two costs no epoch, and the
+        # one that goes on reports that epoch again (the dispatcher keeps the first report)
+        if self.save is not None:
+            self.save(epoch + 1, self.history)
         if self.on_epoch(epoch + 1, metrics) == "prune":
             self.pruned = True
             self.model.stop_training = True
@@ -99,19 +110,26 @@ def train_trial(
     stop: threading.Event,
     gpus: Sequence[GpuInfo] = (),
     keep_model: dict[str, Any] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> Outcome:
     """Train ``trial`` on ``splits``; returns its outcome, failures included.
 
     ``keep_model``, when given, receives the trained model under ``"model"`` (the report
-    keeps the best one; trainers discard theirs).
+    keeps the best one; trainers discard theirs). ``checkpoints``: where each epoch is
+    kept, and where a trial that was stopped goes on from (``Outcome.resumed_at``).
 
     Raises:
         TrialInterrupted: ``stop`` was set before training ended.
     """
+    resumed_at = 0
     try:
         fresh_session(choose_precision(trial.mixed_precision, gpus))
         keras.utils.set_random_seed(trial.seed)
-        model = build_model(trial.architecture, splits.input_shape, splits.num_classes)
+        kept = checkpoints.load(trial) if checkpoints is not None else None
+        if kept is not None:
+            model, resumed_at = kept.model, kept.epoch
+        else:
+            model = build_model(trial.architecture, splits.input_shape, splits.num_classes)
         if use_xla(gpus):
             model.jit_compile = True
         train = make_dataset(
@@ -120,20 +138,31 @@ def train_trial(
             batch_size=trial.batch_size,
             shuffle=True,
             seed=trial.seed,
+            epochs=range(resumed_at, trial.epochs),
         )
         val = make_dataset(
             splits.x_val, splits.y_val, batch_size=trial.batch_size, shuffle=False, seed=trial.seed
         )
-        hook = _EpochHook(on_epoch, stop)
+
+        def save(epoch: int, history: list[dict[str, float]]) -> None:
+            if checkpoints is not None:
+                checkpoints.save(trial, epoch, history, model)
+
+        hook = _EpochHook(on_epoch, stop, save, kept.history if kept is not None else None)
+        if kept is not None and on_epoch(resumed_at, kept.history[-1]) == "prune":
+            hook.pruned = True  # the checkpoint's epoch, told again: it may have gone unsent
         started = time.perf_counter()
-        model.fit(
-            train,
-            validation_data=val,
-            epochs=trial.epochs,
-            shuffle=False,  # the dataset shuffles itself, seeded per trial
-            verbose=0,
-            callbacks=[hook],
-        )
+        if resumed_at < trial.epochs and not hook.pruned:
+            model.fit(
+                train,
+                validation_data=val,
+                epochs=trial.epochs,
+                initial_epoch=resumed_at,
+                steps_per_epoch=math.ceil(len(splits.y_train) / trial.batch_size),
+                shuffle=False,  # the dataset orders each epoch itself, seeded per trial
+                verbose=0,
+                callbacks=[hook],
+            )
         seconds = time.perf_counter() - started
         if keep_model is not None:
             keep_model["model"] = model
@@ -146,11 +175,13 @@ def train_trial(
     if hook.interrupted:
         raise TrialInterrupted(f"trial {trial.number} interrupted")
     epochs_run = len(hook.history)
+    trained = epochs_run - resumed_at  # by this trainer
     outcome = Outcome(
         state="pruned" if hook.pruned else "complete",
         epochs_run=epochs_run,
+        resumed_at=resumed_at,
         train_seconds=seconds,
-        images_per_second=len(splits.y_train) * epochs_run / seconds if seconds > 0 else 0.0,
+        images_per_second=len(splits.y_train) * trained / seconds if seconds > 0 else 0.0,
         parameter_count=parameter_count(model),
         mflops=multiply_adds(model) / 1e6,
         history=hook.history,
@@ -223,6 +254,7 @@ def result_message(
         val_loss=finite(outcome.val_loss),
         val_accuracy=finite(outcome.val_accuracy),
         epochs_run=outcome.epochs_run,
+        resumed_at=outcome.resumed_at,
         train_seconds=outcome.train_seconds,
         images_per_second=finite(outcome.images_per_second) or 0.0,
         parameter_count=outcome.parameter_count,

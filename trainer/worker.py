@@ -58,6 +58,7 @@ from mloptimizer.messages import (
     decode,
     encode,
 )
+from mloptimizer.trainer.checkpoint import Checkpoints
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.kept import KeptModels
 from mloptimizer.trainer.memory import DEFAULT_RECYCLE_MB
@@ -93,6 +94,7 @@ class WorkerConfig:
     trials_done: int = 0  # trials served by this worker before it restarted in place
     keep_models: Path | None = None  # where to keep its best model (mloptimizer run's)
     output_dir: Path | None = None  # the search's output volume (the final job writes there)
+    checkpoint_dir: Path | None = None  # each trial's epochs, for the next trainer to go on
 
 
 @dataclass
@@ -126,6 +128,7 @@ class Worker:
             config.recycle_memory_mb,
             KeptModels(config.keep_models) if config.keep_models else None,
             config.output_dir,
+            Checkpoints(config.checkpoint_dir) if config.checkpoint_dir else None,
         )
         self._stop = threading.Event()
         self._job: _Job | None = None

@@ -107,6 +107,7 @@ def _cmd_trainer(args: argparse.Namespace) -> int:
         base_dir=Path(args.data_dir) if args.data_dir else None,
         keep_models=Path(args.keep_models) if args.keep_models else None,
         output_dir=Path(args.output_dir) if args.output_dir else None,
+        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
         heartbeat=args.heartbeat,
         grace_seconds=args.grace_period,
         queue_prefix=args.queue_prefix,
@@ -362,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder where this trainer keeps the model of its best trial, so that the "
         "report need not train it again (mloptimizer run --broker --workers N sets "
         "<out>/models)",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--checkpoint-dir", env="MLOPT_CHECKPOINT_DIR", shown="none kept",
+        help="folder where each trial's state is kept after every epoch, so that a trial "
+        "whose trainer died goes on from its last epoch on whichever trainer gets it next "
+        "(mloptimizer run sets <out>/checkpoints; the operator sets the search's folder of "
+        "its output.pvc)",
     )  # fmt: skip
     env_flag(
         trainer, "--output-dir", env="MLOPT_OUTPUT_DIR", shown="none",

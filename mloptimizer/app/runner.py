@@ -33,6 +33,7 @@ from mloptimizer.faults import Resume
 from mloptimizer.loading import SearchFile
 from mloptimizer.sizing import trainer_budget
 from mloptimizer.study import Attr, TrialRecord, open_study, study_name
+from mloptimizer.trainer.checkpoint import CHECKPOINTS_DIR  # no TensorFlow in it
 from mloptimizer.trainer.kept import MODELS_DIR  # no TensorFlow in it
 from mloptimizer.urls import redact
 
@@ -205,6 +206,7 @@ def _transport(search: SearchFile, options: RunOptions, name: str) -> Transport:
         base_dir=Path(search.source).resolve().parent,
         threads=default_threads(options.workers),
         models_dir=options.out / MODELS_DIR,
+        checkpoints_dir=options.out / CHECKPOINTS_DIR,
     )
 
 
@@ -227,6 +229,7 @@ def _broker_trainers(
     command = [program, "trainer"]
     command += ["--search", name, "--cache-dir", str(options.cache_dir or options.out / "cache")]
     command += ["--data-dir", str(base_dir), "--keep-models", str(options.out / MODELS_DIR)]
+    command += ["--checkpoint-dir", str(options.out / CHECKPOINTS_DIR)]
     # The URL (a password) goes in the environment: argv is visible to every user (`ps`).
     env = {**os.environ, "MLOPT_BROKER_URL": options.broker}
     return [

@@ -157,6 +157,8 @@ def refusal(
             return f"a {message.phase} result for a {sent.phase} trial"
         if message.epochs_run > sent.epochs or len(message.history) > sent.epochs:
             return f"more epochs than the trial's {sent.epochs}"
+        if message.resumed_at > message.epochs_run:
+            return f"resumed_at: {message.resumed_at} is past epochs_run {message.epochs_run}"
         if message.value is not None and not in_range(sent.metric, message.value):
             return f"value: {message.value:.6g} is out of range for {sent.metric}"
     return None
@@ -179,6 +181,8 @@ def result_attrs(message: ResultMessage, price_per_hour: float, metric: str) -> 
         Attr.MODEL_KB: message.model_kb,
         Attr.COST: price_per_hour * seconds / 3600.0,
     }
+    if message.resumed_at:  # this attempt went on from a checkpoint: epochs not redone
+        result[Attr.RESUMED_AT] = message.resumed_at
     if message.error:
         result[Attr.ERROR] = message.error
     elif message.state == "complete" and message.value is None:

@@ -107,6 +107,7 @@ async def test_a_search_with_output_pvc_delivers_its_kept_model_and_fetch_brings
             env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
             assert env["MLOPT_OUTPUT_DIR"] == "/output"
             assert env["MLOPT_KEEP_MODELS"] == f"/output/default/{name}/models"
+            assert env["MLOPT_CHECKPOINT_DIR"] == f"/output/default/{name}/checkpoints"
             on_host = {
                 k: v.replace("/output", str(claim))
                 for k, v in env.items()

@@ -1,0 +1,198 @@
+"""A checkpoint of every epoch, so that a trial whose trainer died goes on where it stopped.
+
+After each epoch the trainer writes the trial's state to a folder that the next trainer to
+get the trial can read: ``mloptimizer run``'s run folder, or the search's claim. The state
+is everything an uninterrupted run would carry over:
+
+* the model with its optimizer state (a ``.keras`` file);
+* the state of its random generators (dropout's). Keras leaves these out of a ``.keras``
+  file, and a resumed run without them draws other dropout masks;
+* the epochs done and the history so far.
+
+The order of the training data is a function of the trial's seed and the epoch
+(:func:`~mloptimizer.trainer.data.make_dataset` with ``epochs``). So a trial resumed at
+epoch k gives the same metrics as one never stopped: identical on this CPU
+(tests/trainer/test_checkpoint.py).
+
+Writing is atomic: the model goes to its own file for that epoch first, then ``meta.json``
+is replaced in one step to name it, then older epochs' files go. A trainer killed at any
+point leaves the previous checkpoint whole.
+
+Only the trial's holder can write a checkpoint that is believed. ``meta.json`` carries an
+HMAC, keyed with the trial's capability token (which only trainers that received the trial
+learn), over the identity, the epoch, the history, the generator states and the model
+file's SHA-256. Another trainer of the search shares the folder but cannot forge one. A
+checkpoint that does not verify, or is of another architecture, epochs or seed, is ignored:
+the trial starts over, and nothing is lost but time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mloptimizer.messages import TrialMessage
+
+__all__ = ["CHECKPOINTS_DIR", "Checkpoint", "Checkpoints", "seed_states"]
+
+CHECKPOINTS_DIR = "checkpoints"  # in a run folder, or in the search's folder of its claim
+
+log = logging.getLogger("mloptimizer.trainer")
+
+
+def _identity(trial: TrialMessage) -> dict[str, Any]:
+    """What a checkpoint must match to stand for ``trial``."""
+    return {
+        "trial_id": trial.trial_id,
+        "number": trial.number,
+        "architecture": trial.architecture.model_dump(mode="json"),
+        "epochs": trial.epochs,
+        "seed": trial.seed,
+        "batch_size": trial.batch_size,
+    }
+
+
+def _seed_variables(model: Any) -> list[Any]:
+    # in the model's own order: their names depend on what the process built before
+    return [v for v in model.variables if "seed_generator" in v.path]
+
+
+def seed_states(model: Any) -> list[list[int]]:
+    """The model's random generator states (dropout's, among others), in model order."""
+    return [[int(x) for x in v.numpy().ravel()] for v in _seed_variables(model)]
+
+
+def _restore_seeds(model: Any, states: list[list[int]]) -> bool:
+    """Put ``states`` back; False when the model has other generators than saved."""
+    import numpy as np
+
+    variables = _seed_variables(model)
+    if len(variables) != len(states):
+        return False
+    for variable, state in zip(variables, states, strict=True):
+        if len(state) != int(np.prod(variable.shape)):
+            return False
+        variable.assign(np.array(state, dtype=variable.dtype).reshape(variable.shape))
+    return True
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _mac(token: str, meta: dict[str, Any]) -> str:
+    signed = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(token.encode(), signed, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """A trial's state after ``epoch`` epochs: the model to go on with, and its history."""
+
+    epoch: int
+    history: list[dict[str, float]]
+    model: Any = field(repr=False)
+
+
+@dataclass
+class Checkpoints:
+    """The checkpoints of a search's trials, one folder per trial under ``folder``."""
+
+    folder: Path
+
+    def _dir(self, trial: TrialMessage) -> Path:
+        return self.folder / f"trial-{trial.trial_id}"
+
+    def save(
+        self, trial: TrialMessage, epoch: int, history: list[dict[str, float]], model: Any
+    ) -> None:
+        """Keep ``model`` after ``epoch`` epochs. A failure (a full disk) is logged: it
+        costs the resume, never the trial."""
+        where = self._dir(trial)
+        file = where / f"epoch-{epoch}.keras"
+        partial = where / f".epoch-{epoch}.partial.keras"
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            model.save(partial)
+            os.replace(partial, file)
+            meta = {
+                "identity": _identity(trial),
+                "epoch": epoch,
+                "history": history,
+                "seeds": seed_states(model),
+                "model": file.name,
+                "sha256": _sha256(file),
+            }
+            meta["mac"] = _mac(trial.token, meta)
+            staged = where / ".meta.partial.json"
+            staged.write_text(json.dumps(meta))
+            os.replace(staged, where / "meta.json")  # the checkpoint is now this epoch's
+        except Exception as error:
+            log.warning("could not checkpoint trial %d at epoch %d: %s", trial.number, epoch, error)
+            return
+        for old in where.glob("epoch-*.keras"):
+            if old.name != file.name:
+                old.unlink(missing_ok=True)
+
+    def load(self, trial: TrialMessage) -> Checkpoint | None:
+        """The trial's last checkpoint, if there is one that is whole, verifies with the
+        trial's token and matches the trial; else None (the trial starts over)."""
+        where = self._dir(trial)
+        try:
+            meta = json.loads((where / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        why = self._refusal(trial, meta, where)
+        if why is not None:
+            log.warning("trial %d: checkpoint ignored (%s); starting over", trial.number, why)
+            return None
+        import keras
+
+        try:
+            model = keras.saving.load_model(where / meta["model"])
+        except Exception as error:
+            log.warning("trial %d: checkpoint unreadable (%s); starting over", trial.number, error)
+            return None
+        if not isinstance(meta["seeds"], list) or not _restore_seeds(model, meta["seeds"]):
+            log.warning("trial %d: checkpoint's generators do not fit; starting over", trial.number)
+            return None
+        return Checkpoint(int(meta["epoch"]), list(meta["history"]), model)
+
+    @staticmethod
+    def _refusal(trial: TrialMessage, meta: Any, where: Path) -> str | None:
+        if not isinstance(meta, dict) or not isinstance(meta.get("mac"), str):
+            return "no MAC"
+        unsigned = {k: v for k, v in meta.items() if k != "mac"}
+        if not hmac.compare_digest(meta["mac"], _mac(trial.token, unsigned)):
+            return "not written by a holder of the trial"
+        if meta.get("identity") != _identity(trial):
+            return "of another trial, architecture, seed or epoch count"
+        epoch = meta.get("epoch")
+        if not isinstance(epoch, int) or not 0 < epoch <= trial.epochs:
+            return f"epoch {epoch!r} out of range"
+        if len(meta.get("history") or []) != epoch:
+            return "history does not match its epoch"
+        name = meta.get("model")
+        if not isinstance(name, str) or "/" in name or not name.endswith(".keras"):
+            return "bad model file name"
+        try:
+            if _sha256(where / name) != meta.get("sha256"):
+                return "model file changed since"
+        except OSError:
+            return "model file missing"
+        return None
+
+    def discard(self, trial: TrialMessage) -> None:
+        """The trial has ended: its checkpoints go."""
+        shutil.rmtree(self._dir(trial), ignore_errors=True)
