@@ -38,6 +38,7 @@ from mloptimizer.broker import (
     death_reason,
     declare_queues,
     dial,
+    exhausted,
 )
 from mloptimizer.dispatch import DeadTrial, Inbound, Malformed
 from mloptimizer.dispatch.loop import RECEIVER
@@ -187,7 +188,11 @@ class AmqpTransport(SearchChannel[Inbound]):
             return
         self._received.append(
             Inbound(
-                DeadTrial(message, death_reason(properties.headers)),
+                DeadTrial(
+                    message,
+                    death_reason(properties.headers),
+                    exhausted=exhausted(properties.headers),
+                ),
                 settle=lambda: channel.basic_ack(method.delivery_tag),
                 reject=reject,
             )

@@ -45,6 +45,7 @@ __all__ = [
     "declare_queues",
     "delete_queues",
     "dial",
+    "exhausted",
     "to_dispatcher",
 ]
 
@@ -179,6 +180,11 @@ def dead_lettered(headers: dict[str, Any] | None, names: QueueNames) -> str | No
         shown = repr(queue[:64]) if queue else "no x-first-death-queue header"
         return f"not dead-lettered by the broker from {names.trials} ({shown})"
     return None
+
+
+def exhausted(headers: dict[str, Any] | None) -> bool:
+    """Whether the broker dead-lettered a message for its delivery limit."""
+    return _text((headers or {}).get("x-first-death-reason")) == "delivery_limit"
 
 
 def death_reason(headers: dict[str, Any] | None) -> str:

@@ -143,7 +143,7 @@ class LocalTransport:
                     f"no trainer finished it in {DELIVERY_LIMIT + 1} deliveries (the last "
                     f"exited with code {trainer.process.exitcode}; too much memory?)"
                 )
-                self._dead.append(Inbound(DeadTrial(trainer.trial, why)))
+                self._dead.append(Inbound(DeadTrial(trainer.trial, why, exhausted=True)))
             elif trainer.trial is not None:
                 self._pending.appendleft((trainer.attempt + 1, trainer.trial))
             trainer.events.close()

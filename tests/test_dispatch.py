@@ -699,6 +699,70 @@ def test_a_dead_lettered_trial_fails_with_the_reason_and_counts(storage: str) ->
     assert len([t for t in trials if t.counted]) == 3
 
 
+@dataclass
+class PreemptingTransport(ScriptedTransport):
+    """The first trial's trainers go away: at its k-th sending it trains up to epoch
+    ``stops[k]`` (going on from ``checkpoint`` epochs when the trainers keep checkpoints),
+    then the broker gives it up for its delivery limit (an exhausted dead letter)."""
+
+    stops: list[int] = field(default_factory=list)
+    checkpoints: bool = True
+    target: int | None = None
+    sends: int = 0
+    kept: int = 0  # the epoch its checkpoint holds
+
+    def send(self, trial: TrialMessage) -> None:
+        super().send(trial)
+        if self.target is None:
+            self.target = trial.trial_id
+        if trial.trial_id == self.target:
+            self.sends += 1
+            self.active[trial.trial_id].epoch = self.kept if self.checkpoints else 0
+
+    def receive(self, timeout: float) -> list[Inbound]:
+        out: list[Inbound] = []
+        run = self.active.get(self.target) if self.target is not None else None
+        stop = self.stops[self.sends - 1] if 0 < self.sends <= len(self.stops) else None
+        if run is not None and stop is not None and run.epoch >= stop:
+            self.kept = run.epoch
+            del self.active[run.trial.trial_id]
+            out.append(Inbound(DeadTrial(run.trial, "delivery limit", exhausted=True)))
+        return out + super().receive(timeout)
+
+
+def test_a_trial_whose_trainers_keep_going_away_but_that_gets_further_is_not_failed(
+    storage: str,
+) -> None:
+    """Preempted machines are not a poison model: the trial is sent again while each
+    round of deliveries got it further, and is neither failed nor counted."""
+    spec = make_spec(budget={"maxTrials": 2, "parallelism": 1, "maxFailedTrials": 1})
+    transport = PreemptingTransport(stops=[1, 2])
+    d = dispatcher(spec, storage, transport)
+    assert d.run().reason == "maxTrials"
+    trials = records(d.study)
+    first = next(t for t in trials if t.trial_id == transport.target)
+    assert first.state == "complete"
+    assert transport.sends == 3  # sent again twice, the same trial (id and token)
+    assert {t.token for t in transport.sent if t.trial_id == first.trial_id} == {
+        transport.sent[0].token
+    }
+    assert d.counts.failed == 0
+
+
+def test_a_trial_that_dies_at_the_same_epoch_every_time_still_fails(storage: str) -> None:
+    """Without progress between rounds (no checkpoint, or a model that kills its trainer
+    at the same epoch), the second exhausted round fails the trial, with why."""
+    spec = make_spec(budget={"maxTrials": 2, "parallelism": 1, "maxFailedTrials": 5})
+    transport = PreemptingTransport(stops=[1, 1, 1], checkpoints=False)
+    d = dispatcher(spec, storage, transport)
+    assert d.run().reason == "maxTrials"
+    first = next(t for t in records(d.study) if t.trial_id == transport.target)
+    assert first.state == "failed"
+    assert first.error == ("dead-lettered: delivery limit; sent 2 times, it never got past epoch 1")
+    assert transport.sends == 2
+    assert d.counts.failed == 1
+
+
 def test_a_trial_taken_and_never_heard_from_is_retried_then_failed(storage: str) -> None:
     spec = make_spec(budget={"maxTrials": 2, "parallelism": 1, "maxFailedTrials": 5})
     first: list[Any] = []

@@ -125,11 +125,15 @@ def train_trial(
     try:
         fresh_session(choose_precision(trial.mixed_precision, gpus))
         keras.utils.set_random_seed(trial.seed)
-        kept = checkpoints.load(trial) if checkpoints is not None else None
+
+        def build() -> Any:
+            return build_model(trial.architecture, splits.input_shape, splits.num_classes)
+
+        kept = checkpoints.load(trial, build) if checkpoints is not None else None
         if kept is not None:
             model, resumed_at = kept.model, kept.epoch
         else:
-            model = build_model(trial.architecture, splits.input_shape, splits.num_classes)
+            model = build()
         if use_xla(gpus):
             model.jit_compile = True
         train = make_dataset(

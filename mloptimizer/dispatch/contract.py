@@ -43,6 +43,9 @@ class DeadTrial:
 
     message: TrialMessage
     reason: str
+    # its delivery limit ran out: every delivery ended with its trainer gone (killed,
+    # preempted, out of memory), rather than a trainer refusing it
+    exhausted: bool = False
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ class InFlight:
     last_heard: float
     reported: set[int] = field(default_factory=set)  # epochs already reported to Optuna
     heard: bool = False  # a trainer has sent progress: the trial is being trained
+    furthest: int = 0  # the last epoch any attempt told
+    furthest_at_death: int = 0  # ... when its delivery limit last ran out
+    revivals: int = 0  # times it was sent again after that, having got further
     taken_at: float | None = None  # when the trials queue was first seen without it
 
 

@@ -296,8 +296,27 @@ class Dispatcher(Phases):
         flight = self.in_flight.get(dead.message.trial_id)
         if flight is None:
             return  # told already (a copy dead-lettered after another finished it)
+        if dead.exhausted and flight.furthest > flight.furthest_at_death:
+            # Its trainers kept going away (preempted, killed), but it got further each
+            # time (its checkpoint goes on): not a poison model, so not a failure. Sent
+            # again with a fresh delivery count; at most once per epoch gained.
+            flight.furthest_at_death = flight.furthest
+            flight.revivals += 1
+            log.warning(
+                "trial %d: its trainers kept going away, but it reached epoch %d: sent again",
+                dead.message.number,
+                flight.furthest,
+            )
+            self.deadlines.heard(flight, self.clock())
+            self.transport.send(flight.message)
+            return
         log.warning("trial %d dead-lettered: %s", dead.message.number, dead.reason)
-        self._fail(flight, f"dead-lettered: {dead.reason}")
+        why = f"dead-lettered: {dead.reason}"
+        if dead.exhausted and flight.revivals:
+            why += (
+                f"; sent {flight.revivals + 1} times, it never got past epoch {flight.furthest}"
+            )
+        self._fail(flight, why)
 
     def _progress(self, message: ProgressMessage) -> Decision:
         flight = self.in_flight.get(message.trial_id)
@@ -306,6 +325,7 @@ class Dispatcher(Phases):
             return "prune"
         now = self.clock()
         self.deadlines.heard(flight, now)
+        flight.furthest = max(flight.furthest, message.epoch)
         if self.observer is not None and message.epoch > 0:
             began = flight.taken_at if flight.taken_at is not None else flight.sent_at
             self.observer.progressed(

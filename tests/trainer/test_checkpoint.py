@@ -21,6 +21,7 @@ from mloptimizer.messages import Decision, TrialMessage
 from mloptimizer.spec import Dataset
 from mloptimizer.trainer.checkpoint import Checkpoints, seed_states
 from mloptimizer.trainer.data import DatasetCache, Splits
+from mloptimizer.trainer.model import build_model
 from mloptimizer.trainer.training import Outcome, TrialInterrupted, train_trial
 
 EPOCHS = 4
@@ -35,6 +36,10 @@ def splits(tmp_path_factory: pytest.TempPathFactory) -> Splits:
 
 
 TOKEN = "holder-of-trial-3-token"  # what a redelivery carries again
+
+
+def build(splits: Splits) -> Any:
+    return build_model(trial().architecture, splits.input_shape, splits.num_classes)
 
 
 def trial(**changes: Any) -> TrialMessage:
@@ -98,15 +103,19 @@ def test_only_the_last_epoch_is_kept_and_written_whole(splits: Splits, tmp_path:
     checkpoints = Checkpoints(tmp_path)
     run(trial(), splits, checkpoints, stop_after=3)
     folder = tmp_path / "trial-3"
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch-3.keras", "meta.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-3.npz", "meta.json"]
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["epoch"] == 3
     assert len(meta["history"]) == 3
-    assert meta["seeds"]  # dropout's generator state, which a .keras file leaves out
-    loaded = checkpoints.load(trial())
+    fresh = build(splits)
+    assert all(state[1] == 0 for state in seed_states(fresh))  # a new model's dropout RNG
+    loaded = checkpoints.load(trial(), lambda: build(splits))
     assert loaded is not None
     assert loaded.epoch == 3
-    assert seed_states(loaded.model) == meta["seeds"]
+    # dropout's generator moved on with the epochs trained, and came back with them
+    assert seed_states(loaded.model)
+    assert all(state[1] > 0 for state in seed_states(loaded.model))
+    assert int(loaded.model.optimizer.iterations.numpy()) > 0  # the optimizer's own state
 
 
 def test_a_checkpoint_a_holder_did_not_write_or_of_another_trial_is_ignored(
@@ -116,20 +125,19 @@ def test_a_checkpoint_a_holder_did_not_write_or_of_another_trial_is_ignored(
     run(trial(), splits, checkpoints, stop_after=2)
     meta_file = tmp_path / "trial-3" / "meta.json"
     honest = meta_file.read_text()
-    assert checkpoints.load(trial()) is not None
+    assert checkpoints.load(trial(), lambda: build(splits)) is not None
     # another trainer of the search, without this trial's token, rewrites the epoch count
     forged = json.loads(honest)
     forged["epoch"], forged["history"] = 4, forged["history"] * 2
     meta_file.write_text(json.dumps(forged))
-    assert checkpoints.load(trial()) is None
+    assert checkpoints.load(trial(), lambda: build(splits)) is None
     meta_file.write_text(honest)
     # the same trial id with another token (a retry is a new trial), or other settings
-    assert checkpoints.load(trial(token="x" * 24)) is None
-    assert checkpoints.load(trial(seed=99)) is None
-    assert checkpoints.load(trial(epochs=6)) is None
+    for other in (trial(token="x" * 24), trial(seed=99), trial(epochs=6)):
+        assert checkpoints.load(other, lambda: build(splits)) is None
     # the model file swapped under a valid meta.json
-    (tmp_path / "trial-3" / "epoch-2.keras").write_bytes(b"not a model")
-    assert checkpoints.load(trial()) is None
+    (tmp_path / "trial-3" / "epoch-2.npz").write_bytes(b"not a model")
+    assert checkpoints.load(trial(), lambda: build(splits)) is None
     # then the trial starts over, from epoch 1
     outcome, reported = run(trial(), splits, checkpoints)
     assert outcome is not None

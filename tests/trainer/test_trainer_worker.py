@@ -110,18 +110,28 @@ def test_heartbeats_flow_while_a_long_trial_trains(
 def test_kill_9_mid_trial_redelivers_to_another_worker(
     dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
 ) -> None:
-    first = start(trainers, search, tmp_path, "w1")
+    # the two trainers share a checkpoint folder, as the trainers of a search share its claim
+    shared = ("--checkpoint-dir", str(tmp_path / "checkpoints"))
+    first = start(trainers, search, tmp_path, "w1", *shared)
     dispatcher.send(digits_trial(search, 4, epochs=5))
-    dispatcher.wait_for(lambda: len(dispatcher.progress) >= 1)
+    dispatcher.wait_for(lambda: len(dispatcher.progress) >= 2)
     first.process.send_signal(signal.SIGKILL)
     first.process.wait()
-    start(trainers, search, tmp_path, "w2")
+    told = max(p.epoch for p in dispatcher.progress)
+    start(trainers, search, tmp_path, "w2", *shared)
     dispatcher.wait_for(lambda: len(dispatcher.results) == 1)
     result = dispatcher.results[0]
     assert result.worker_id == "w2"
     assert result.attempt == 2
     assert result.state == "complete"
     assert dispatcher.queued_trials() == 0  # acked: nothing left to deliver again
+    # the second trainer went on from the last epoch kept: every epoch told was kept first,
+    # and at most one more was kept but not yet told when the first one died
+    assert told <= result.resumed_at <= told + 1
+    assert result.epochs_run == len(result.history) == 5
+    epochs = sorted({p.epoch for p in dispatcher.progress})
+    assert epochs == [1, 2, 3, 4, 5]  # no gap in what the dispatcher was told
+    assert f"trial 4 resumed at epoch {result.resumed_at}" in trainers[-1].log()
 
 
 def test_malformed_and_wrong_version_go_to_dead_letters(
