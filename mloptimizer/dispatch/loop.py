@@ -313,9 +313,8 @@ class Dispatcher(Phases):
         log.warning("trial %d dead-lettered: %s", dead.message.number, dead.reason)
         why = f"dead-lettered: {dead.reason}"
         if dead.exhausted and flight.revivals:
-            why += (
-                f"; sent {flight.revivals + 1} times, it never got past epoch {flight.furthest}"
-            )
+            sends, furthest = flight.revivals + 1, flight.furthest
+            why += f"; sent {sends} times, it never got past epoch {furthest}"
         self._fail(flight, why)
 
     def _progress(self, message: ProgressMessage) -> Decision:
