@@ -80,6 +80,10 @@ class Kube(Protocol):
     def ready_replicas(self) -> int:
         """Trainer pods ready now (the Deployment's ``status.readyReplicas``)."""
 
+    def mark_busy(self, busy: dict[str, int]) -> None:
+        """Before a scale-down: make the trainer pods in ``busy`` (pod name -> epochs done of
+        the trial it trains) cost more to delete than idle ones."""
+
 
 @dataclass
 class SearchConfig:
@@ -117,6 +121,7 @@ class StatusReporter:
     _replicas: int | None = None
     _best_number: int | None = None
     _refusal: str | None = None
+    _busy: dict[int, tuple[str, int]] = field(default_factory=dict)  # trial: (pod, epochs)
 
     def note_refusal(self, refusal: str | None) -> None:
         """Show (or clear) a refused spec change as a Degraded condition."""
@@ -140,6 +145,7 @@ class StatusReporter:
 
     def finished(self, trial: TrialRecord, dispatcher: Dispatcher) -> None:
         self._dirty = True
+        self._busy.pop(trial.number, None)
         if self.metrics is not None:
             self.metrics.finished(dispatcher.search, trial)
         best = dispatcher.counts.best
@@ -158,7 +164,11 @@ class StatusReporter:
             )
 
     def progressed(self, epoch: EpochProgress) -> None:
-        """Epochs show in the trainers' logs; the status follows finished trials."""
+        """Epochs show in the trainers' logs and the status follows finished trials; here
+        only which pod trains what, and how far (see :meth:`scale`)."""
+        pod = epoch.worker_id.partition("@")[0]
+        if pod:
+            self._busy[epoch.number] = (pod, epoch.epoch)
 
     def tick(self, dispatcher: Dispatcher) -> None:
         self.spec = dispatcher.spec
@@ -170,7 +180,16 @@ class StatusReporter:
             self.flush(dispatcher)
 
     def scale(self, replicas: int) -> None:
-        """Set the trainer replicas (and show them in the next status patch)."""
+        """Set the trainer replicas (and show them in the next status patch). Fewer than
+        now: Kubernetes picks the pods to remove, so the busy ones are marked first
+        (``controller.kubernetes.io/pod-deletion-cost``): idle trainers go before one in
+        the middle of a trial. A trainer removed anyway costs at most an epoch (its trial's
+        checkpoint)."""
+        if self._replicas is not None and replicas < self._replicas and self._busy:
+            try:
+                self.kube.mark_busy({pod: epochs for pod, epochs in self._busy.values()})
+            except Exception as error:  # a refused or lost API: scale anyway
+                log.warning("could not mark the busy trainers before scaling down: %s", error)
         self.kube.scale(replicas)
         self._replicas = replicas
         self._dirty = True

@@ -25,14 +25,17 @@ import kopf
 import kubernetes
 
 from mloptimizer.faults import BUSY_STATUSES
-from mloptimizer.operator.builders import POOL_LABEL, deployment_name
+from mloptimizer.operator.builders import POOL_LABEL, deployment_name, trainer_selector
 from mloptimizer.operator.claimverify import JOB_LABEL, JobEnd
 from mloptimizer.operator.shared import create_owned, owned_by
 from mloptimizer.spec import GROUP, PLURAL, VERSION
 
-__all__ = ["KUBE_PASSING", "ApiKube", "ApiPoolKube", "kube_outage"]
+__all__ = ["DELETION_COST", "KUBE_PASSING", "ApiKube", "ApiPoolKube", "kube_outage"]
 
 log = logging.getLogger(__name__)
+
+# What a ReplicaSet weighs when it picks the pods to remove: the lowest cost goes first.
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 # Kubernetes API answers that pass: a child object not created yet (the create handler and
 # the daemon start together), a conflict, throttling, a server in trouble.
@@ -125,6 +128,23 @@ class ApiKube:
             c.message or c.reason or "" for c in status.conditions or [] if c.type == "Failed"
         ]
         return JobEnd(False, "; ".join(r for r in reasons if r)[:500] or "failed")
+
+    def mark_busy(self, busy: dict[str, int]) -> None:
+        """Deletion costs on the search's trainer pods before a scale-down, so that the
+        ReplicaSet removes idle ones first: a busy pod costs 1 + its trial's epochs done (a
+        trial further on costs more to lose), an idle one 0."""
+        core = kubernetes.client.CoreV1Api()
+        selector = ",".join(f"{k}={v}" for k, v in trainer_selector(self.name).items())
+        for pod in core.list_namespaced_pod(self.namespace, label_selector=selector).items:
+            meta = pod.metadata
+            if meta is None or not meta.name:
+                continue
+            name = meta.name
+            cost = str(1 + busy[name]) if name in busy else "0"
+            if (meta.annotations or {}).get(DELETION_COST) != cost:
+                core.patch_namespaced_pod(
+                    name, self.namespace, {"metadata": {"annotations": {DELETION_COST: cost}}}
+                )
 
     def ready_replicas(self) -> int:
         try:

@@ -334,15 +334,16 @@ def test_cluster_wide_mode_uses_one_cluster_role_with_what_kopf_and_the_operator
     assert grants["apiextensions.k8s.io", "customresourcedefinitions"] == {"get", "list", "watch"}
     assert grants["", "namespaces"] == {"list", "watch"}
     assert grants["", "nodes"] == {"get", "patch", "delete"}  # GPU pools' rented nodes
-    assert grants["", "pods"] == {"list", "delete"}  # drained before a machine goes
+    assert grants["", "pods"] == {"list", "patch", "delete"}  # drained before a machine goes
     assert grants["batch", "jobs"] == {"get", "create"}  # a claim's verify Job
     assert not any("*" in rule["verbs"] or "*" in rule["resources"] for rule in role["rules"])
     without_pools = one(helm.template(), "ClusterRole")  # pools are off by default
     resources = {r for rule in without_pools["rules"] for r in rule["resources"]}
     assert "nodes" not in resources
-    # pods are only listed (the verify Job's, for its termination message), never deleted
+    # pods are listed (the verify Job's termination message) and annotated (deletion cost
+    # of busy trainers), never deleted
     assert [rule["verbs"] for rule in without_pools["rules"] if "pods" in rule["resources"]] == [
-        ["list"]
+        ["list", "patch"]
     ]
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]

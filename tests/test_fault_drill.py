@@ -83,6 +83,8 @@ class NullKube:
     def ready_replicas(self) -> int:
         return 0
 
+    def mark_busy(self, busy: dict[str, int]) -> None: ...
+
 
 def serve_as_operator(namespace: str, name: str, dsn: str, spec: str, status: str) -> None:
     """An operator process serving one search (spawned; SIGKILL is its pod dying)."""

@@ -252,6 +252,8 @@ def retried_by_operator(fault: BaseException, monkeypatch: pytest.MonkeyPatch) -
         def ready_replicas(self) -> int:
             return 0
 
+        def mark_busy(self, busy: dict[str, int]) -> None: ...
+
     config = daemon.SearchConfig("default", "faults", "sqlite://", "amqp://nowhere")
     assert daemon.run_search(config, spec(), Kube(), stop=stop) is None
     assert len(reasons) == 1

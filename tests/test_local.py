@@ -7,12 +7,17 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
+
+from dispatch import make_spec
 
 from mloptimizer.app.runner import local_trainer
+from mloptimizer.dispatch import Dispatcher
 from mloptimizer.local import LocalTransport, default_threads
-from mloptimizer.messages import ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.messages import DELIVERY_LIMIT, ProgressMessage, ResultMessage, TrialMessage
 from mloptimizer.space import Architecture
 from mloptimizer.spec import Dataset
+from mloptimizer.study import open_study, records
 
 
 def digits_trial(epochs: int) -> TrialMessage:
@@ -145,3 +150,30 @@ def test_a_local_trainer_restarts_to_shed_memory_without_losing_or_retrying(
         assert transport._trainers[0].process.pid != first_pid
     finally:
         transport.close()
+
+
+def dying_trainer(worker_id: str, tasks: Any, *rest: Any) -> None:
+    """A local trainer that dies with every trial it takes, as one out of memory would."""
+    if tasks.get() is not None:
+        os._exit(3)
+
+
+def test_a_trial_that_kills_every_local_trainer_fails_with_the_reason(tmp_path: Path) -> None:
+    """Local trainers do as the broker does: after DELIVERY_LIMIT + 1 deaths the trial is
+    given up, the dispatcher fails it with why, and it counts toward maxFailedTrials."""
+    spec = make_spec(budget={"maxTrials": 1, "parallelism": 1, "maxFailedTrials": 5})
+    study = open_study(spec, "ns.local", f"sqlite:///{tmp_path / 'study.db'}")
+    transport = LocalTransport(1, serve=dying_trainer, cache_dir=tmp_path)
+    try:
+        dispatcher = Dispatcher(study, spec, transport, search="ns.local")
+        outcome = dispatcher.run()
+    finally:
+        transport.close()
+    assert outcome.reason == "maxTrials"
+    (dead,) = records(study)
+    assert dead.state == "failed"
+    assert (dead.error or "").startswith(
+        f"dead-lettered: no trainer finished it in {DELIVERY_LIMIT + 1} deliveries "
+        "(the last exited with code 3"
+    )
+    assert dispatcher.counts.failed == 1  # it never got past epoch 0: a poison, not preempted

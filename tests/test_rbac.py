@@ -86,6 +86,7 @@ def test_the_source_scan_finds_the_calls_it_should() -> None:
     assert ("", "persistentvolumeclaims", "get") in calls  # a claim's opt-in label
     assert ("batch", "jobs", "create") in calls  # a claim's verify Job
     assert ("", "pods", "list") in calls  # its termination message
+    assert ("", "pods", "patch") in calls  # busy trainers' deletion cost
 
 
 def operator_grants(docs: Manifests) -> set[Grant]:

@@ -110,6 +110,7 @@ class EpochProgress:
     epochs: int
     metrics: dict[str, float]
     seconds_per_epoch: float  # since a trainer took the trial, per epoch done
+    worker_id: str = ""  # the trainer that reported it (a pod: "<pod>@<node>")
 
     @property
     def eta_seconds(self) -> float:

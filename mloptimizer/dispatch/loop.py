@@ -335,6 +335,7 @@ class Dispatcher(Phases):
                     epochs=flight.message.epochs,
                     metrics=dict(message.metrics),
                     seconds_per_epoch=(now - began) / message.epoch,
+                    worker_id=message.worker_id,
                 )
             )
         value = message.metrics.get(self.spec.objective.metric)

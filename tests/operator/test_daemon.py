@@ -31,6 +31,7 @@ class RecordingKube:
     replicas: list[int] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
+    marked: list[tuple[dict[str, int], int]] = field(default_factory=list)  # (busy, replicas)
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     def patch_status(self, patch: dict[str, Any]) -> None:
@@ -47,6 +48,9 @@ class RecordingKube:
 
     def ready_replicas(self) -> int:
         return self.replicas[-1] if self.replicas else 0  # pods start at once here
+
+    def mark_busy(self, busy: dict[str, int]) -> None:
+        self.marked.append((dict(busy), self.replicas[-1] if self.replicas else 0))
 
     def wait_for(self, condition: Any, timeout: float = 180) -> None:
         with self.changed:

@@ -161,11 +161,12 @@ seccompProfile:
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "create"]
-# the verify Job's pod, for that termination message; with GPU pools also a rented node's
-# trainer pods, drained before its machine is destroyed
+# the verify Job's pod, for that termination message; the trainer pods, annotated with a
+# deletion cost before a scale-down (idle ones go first); with GPU pools also a rented
+# node's trainer pods, drained before its machine is destroyed
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: {{ if .Values.vastai.enabled }}["list", "delete"]{{ else }}["list"]{{ end }}
+  verbs: {{ if .Values.vastai.enabled }}["list", "patch", "delete"]{{ else }}["list", "patch"]{{ end }}
 {{- end -}}
 
 {{/* rabbitmq.conf additions (conf.d/20-mloptimizer.conf); the management plugin is
