@@ -189,6 +189,11 @@ class ProgressMessage(_Message):
         ge=1, le=MAX_EPOCHS, description="Epochs finished so far (the pruner's step)."
     )
     metrics: Metrics
+    replay: bool = Field(
+        default=False,
+        description="The epoch a resumed trainer's checkpoint holds, told again: trained "
+        "by an earlier attempt, not by this one.",
+    )
     token: Token
 
 

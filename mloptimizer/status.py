@@ -89,6 +89,20 @@ class Cost(SpecModel):
     burn_rate_per_hour: float = Field(
         default=0.0, ge=0.0, description="Current spend in USD per hour."
     )
+    redone_usd: float = Field(
+        default=0.0,
+        ge=0.0,
+        alias="redoneUSD",
+        description="USD spent on epochs trained again because a trainer went away (killed, "
+        "preempted) after training them, at each trial's own pace and price.",
+    )
+    saved_by_resume_usd: float = Field(
+        default=0.0,
+        ge=0.0,
+        alias="savedByResumeUSD",
+        description="USD not spent thanks to checkpoints: the epochs resumed trials went on "
+        "from instead of training them again.",
+    )
 
 
 class PoolMachine(SpecModel):

@@ -70,6 +70,9 @@ class Attr:
     DEVICE = "device"
     ATTEMPT = "attempt"
     RESUMED_AT = "resumed_at"  # epochs the ending attempt restored from a checkpoint
+    REDONE_EPOCHS = "redone_epochs"  # epochs trained again after a trainer went away
+    REDONE_USD = "redone_usd"  # ... and what they cost
+    SAVED_USD = "saved_usd"  # epochs resumed attempts did not train again, in dollars
     SECONDS = "train_seconds"
     EPOCHS = "epochs_run"
     VAL_ACCURACY = "val_accuracy"

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import datetime
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mloptimizer.dispatch import Counts
 from mloptimizer.spec import ArchitectureSearchSpec, Workers
-from mloptimizer.study import pareto_front, size_of
+from mloptimizer.study import Attr, TrialRecord, pareto_front, size_of
 
 __all__ = [
     "SCALE_DOWN_SECONDS",
@@ -104,6 +105,16 @@ def progress_text(counts: Counts, spec: ArchitectureSearchSpec) -> str:
     return text
 
 
+def resume_dollars(trials: Iterable[TrialRecord]) -> tuple[float, float]:
+    """Dollars spent on epochs trained again after a trainer went away, and dollars
+    checkpoints saved (epochs resumed trials did not train again), over ``trials``."""
+    redone = saved = 0.0
+    for trial in trials:
+        redone += float(trial.attrs.get(Attr.REDONE_USD, 0.0) or 0.0)
+        saved += float(trial.attrs.get(Attr.SAVED_USD, 0.0) or 0.0)
+    return redone, saved
+
+
 def status_from_counts(
     counts: Counts, spec: ArchitectureSearchSpec, running: int = 0
 ) -> dict[str, Any]:
@@ -118,6 +129,7 @@ def status_from_counts(
     )
     gpu_seconds = sum(r.seconds for r in counts.history) * max(1, spec.workers.resources.gpu)
     price = spec.workers.price_per_hour or 0.0
+    redone, saved = resume_dollars(counts.history)
     cost: dict[str, Any]
     if spec.workers.gpu_pool is not None:
         # Rented machines bill while they boot and idle too: the pool writes usd and
@@ -129,6 +141,7 @@ def status_from_counts(
             "gpuHours": round(gpu_seconds / 3600 if spec.workers.resources.gpu else 0.0, 4),
             "burnRatePerHour": round(price * running, 4),
         }
+    cost |= {"redoneUSD": round(redone, 4), "savedByResumeUSD": round(saved, 4)}
     return {
         "progress": progress_text(counts, spec),
         "trials": {

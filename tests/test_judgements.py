@@ -17,6 +17,7 @@ from mloptimizer.capability import new_token
 from mloptimizer.dispatch import Counts, DeadTrial, trial_message
 from mloptimizer.dispatch.deadlines import Deadlines
 from mloptimizer.dispatch.judgements import (
+    EarlierAttempts,
     budget_stop,
     claim_of,
     objective_values,
@@ -215,6 +216,8 @@ def test_a_result_writes_who_trained_it_how_long_what_it_cost_and_its_error() ->
     silent = result_attrs(result_of(trial, value=None), 0.0, "val_loss")
     assert silent[Attr.ERROR] == "the trainer sent no val_loss"
     assert Attr.RESUMED_AT not in attrs  # trained from the start
+    assert Attr.REDONE_USD not in attrs
+    assert Attr.SAVED_USD not in attrs
     resumed = result_attrs(result_of(trial, epochs_run=3, resumed_at=2), 0.0, "val_accuracy")
     assert resumed[Attr.RESUMED_AT] == 2  # the trial keeps what its last attempt restored
 
@@ -376,3 +379,24 @@ def test_a_lost_trial_is_retried_at_most_max_retries_times() -> None:
     given_up = flight(1, heard=True, at=0.0, retries=2)
     assert not deadlines.may_retry(given_up)
     assert deadlines.retries(given_up) == 2
+
+
+def test_a_resumed_trial_costs_every_epoch_trained_and_says_what_was_redone_and_saved() -> None:
+    """Attempt 1 trained epochs 1-3 and went away; attempt 2 went on from its checkpoint
+    at 3 (told again, as a replay) and trained 4-6 in 300 s at $3.60/hour: $0.10 an epoch.
+    Without a checkpoint, attempt 2 trains all 6: the 3 it repeats are the dollars lost."""
+    trial = sent()
+    trained = {(1, 1), (1, 2), (1, 3), (2, 4), (2, 5), (2, 6)}
+    earlier = EarlierAttempts.of(trained, {2: 3}, last=2)
+    assert earlier == EarlierAttempts(trained=3, resumed=0)  # the last attempt's own left out
+    resumed = result_of(trial, epochs_run=6, resumed_at=3, train_seconds=300.0, attempt=2)
+    attrs = result_attrs(resumed, 3.6, "val_accuracy", earlier)
+    assert attrs[Attr.COST] == pytest.approx(0.6)  # six epochs trained in all, at $0.10
+    assert Attr.REDONE_USD not in attrs  # nothing trained twice
+    assert attrs[Attr.SAVED_USD] == pytest.approx(0.3)  # epochs 1-3 not trained again
+    again = result_of(trial, epochs_run=6, resumed_at=0, train_seconds=600.0, attempt=2)
+    attrs = result_attrs(again, 3.6, "val_accuracy", EarlierAttempts(trained=3))
+    assert attrs[Attr.COST] == pytest.approx(0.9)
+    assert attrs[Attr.REDONE_EPOCHS] == 3
+    assert attrs[Attr.REDONE_USD] == pytest.approx(0.3)
+    assert Attr.SAVED_USD not in attrs

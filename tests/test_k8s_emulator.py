@@ -165,7 +165,13 @@ async def test_status_changes_keep_the_generation_spec_changes_bump_it(emulator:
     )
     assert status == 200
     assert patched["status"]["phase"] == "Running"
-    assert patched["status"]["cost"] == {"usd": 0.0, "gpuHours": 0.0, "burnRatePerHour": 0.0}
+    assert patched["status"]["cost"] == {
+        "usd": 0.0,
+        "gpuHours": 0.0,
+        "burnRatePerHour": 0.0,
+        "redoneUSD": 0.0,
+        "savedByResumeUSD": 0.0,
+    }
     assert patched["metadata"]["generation"] == 1
     assert patched["metadata"]["resourceVersion"] != created["metadata"]["resourceVersion"]
 

@@ -88,6 +88,7 @@ def test_a_killed_local_trainers_trial_goes_on_from_its_last_epoch(tmp_path: Pat
     try:
         transport.send(digits_trial(epochs=4))
         epochs: dict[int, list[int]] = {1: [], 2: []}  # by attempt
+        replays: list[tuple[int, int, bool]] = []
         results: list[ResultMessage] = []
         deadline = time.monotonic() + 240
         while not results:
@@ -96,6 +97,7 @@ def test_a_killed_local_trainers_trial_goes_on_from_its_last_epoch(tmp_path: Pat
                 message = inbound.message
                 if isinstance(message, ProgressMessage):
                     epochs[message.attempt].append(message.epoch)
+                    replays.append((message.attempt, message.epoch, message.replay))
                     if message.attempt == 1:  # killed as it tells its first epoch
                         pid = transport._trainers[0].process.pid
                         assert pid is not None
@@ -111,6 +113,8 @@ def test_a_killed_local_trainers_trial_goes_on_from_its_last_epoch(tmp_path: Pat
         assert result.epochs_run == 4
         assert len(result.history) == 4
         assert epochs == {1: [1], 2: [1, 2, 3, 4]}  # epoch 1 told again, none skipped
+        # the repeat says it is one (trained by attempt 1: not a dollar of attempt 2's)
+        assert [r for r in replays if r[2]] == [(2, 1, True)]
         assert not (tmp_path / "checkpoints" / "trial-7").exists()  # ended: discarded
     finally:
         transport.close()

@@ -64,6 +64,16 @@ def test_the_page_shows_either_the_picture_or_the_reason(note: str | None) -> No
         assert note in page
 
 
+def test_the_page_says_what_lost_trainers_cost_and_what_checkpoints_saved() -> None:
+    assert "trained again" not in _page(_summary(), None, importances=None)  # none lost
+    summary = {**_summary(), "cost_usd": 1.5, "redone_usd": 0.25, "saved_usd": 0.75}
+    page = _page(summary, None, importances=None)
+    assert (
+        "Cost: $1.5000 ($0.2500 on epochs trained again after a trainer went away; "
+        "$0.7500 saved by resuming from checkpoints)." in page
+    )
+
+
 QUIET_PROBE = """
 import os
 from mloptimizer.logs import native_quiet

@@ -80,9 +80,15 @@ class TrialSession:
         return str(device_name(self.gpus))
 
     def progress(
-        self, trial: TrialMessage, attempt: int, epoch: int, metrics: dict[str, float]
+        self,
+        trial: TrialMessage,
+        attempt: int,
+        epoch: int,
+        metrics: dict[str, float],
+        replay: bool = False,
     ) -> ProgressMessage:
-        """The progress message of one epoch of ``trial``."""
+        """The progress message of one epoch of ``trial`` (``replay``: a checkpoint's
+        epoch, told again by the trainer that resumed it)."""
         return ProgressMessage(
             search=trial.search,
             trial_id=trial.trial_id,
@@ -91,6 +97,7 @@ class TrialSession:
             worker_id=self.worker_id,
             epoch=epoch,
             metrics=finite_metrics(metrics),
+            replay=replay,
             token=trial.token,
         )
 
@@ -125,10 +132,13 @@ class TrialSession:
                 )
                 return ask(self.progress(trial, attempt, epoch, metrics))
 
+            def on_replay(epoch: int, metrics: dict[str, float]) -> Decision:
+                return ask(self.progress(trial, attempt, epoch, metrics, replay=True))
+
             holder: dict[str, object] | None = {} if self.kept is not None else None
             outcome = train_trial(
                 trial, splits, on_epoch=on_epoch, stop=stop, gpus=self.gpus, keep_model=holder,
-                checkpoints=self.checkpoints,
+                checkpoints=self.checkpoints, on_replay=on_replay,
             )  # fmt: skip
             if self.checkpoints is not None:  # ended (an interrupted one raised): not resumed
                 self.checkpoints.discard(trial)

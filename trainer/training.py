@@ -111,12 +111,14 @@ def train_trial(
     gpus: Sequence[GpuInfo] = (),
     keep_model: dict[str, Any] | None = None,
     checkpoints: Checkpoints | None = None,
+    on_replay: Callable[[int, dict[str, float]], Decision] | None = None,
 ) -> Outcome:
     """Train ``trial`` on ``splits``; returns its outcome, failures included.
 
     ``keep_model``, when given, receives the trained model under ``"model"`` (the report
     keeps the best one; trainers discard theirs). ``checkpoints``: where each epoch is
-    kept, and where a trial that was stopped goes on from (``Outcome.resumed_at``).
+    kept, and where a trial that was stopped goes on from (``Outcome.resumed_at``); it
+    first tells the checkpoint's epoch again through ``on_replay`` (default ``on_epoch``).
 
     Raises:
         TrialInterrupted: ``stop`` was set before training ended.
@@ -153,7 +155,8 @@ def train_trial(
                 checkpoints.save(trial, epoch, history, model)
 
         hook = _EpochHook(on_epoch, stop, save, kept.history if kept is not None else None)
-        if kept is not None and on_epoch(resumed_at, kept.history[-1]) == "prune":
+        replay = on_replay or on_epoch  # the checkpoint's epoch, told again
+        if kept is not None and replay(resumed_at, kept.history[-1]) == "prune":
             hook.pruned = True  # the checkpoint's epoch, told again: it may have gone unsent
         started = time.perf_counter()
         if resumed_at < trial.epochs and not hook.pruned:

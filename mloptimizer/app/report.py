@@ -79,6 +79,8 @@ def summarize(
         }
         | {"infeasible": sum(r.state == "complete" and not r.feasible for r in trials)},
         "cost_usd": sum(r.cost_usd for r in trials),
+        "redone_usd": sum(float(r.attrs.get(Attr.REDONE_USD, 0.0)) for r in trials),
+        "saved_usd": sum(float(r.attrs.get(Attr.SAVED_USD, 0.0)) for r in trials),
         "best": _trial_json(best, tradeoff) if best else None,
         "tradeoff": tradeoff,
         "front": [r.number for r in front],  # most accurate first
@@ -104,6 +106,8 @@ def _trial_json(r: TrialRecord, tradeoff: Tradeoff | None) -> dict[str, Any]:
         "worker": r.attrs.get("worker_id"),
         "device": r.attrs.get("device"),
         "cost_usd": r.cost_usd,
+        "resumed_at": r.attrs.get(Attr.RESUMED_AT),
+        "redone_epochs": r.attrs.get(Attr.REDONE_EPOCHS),
         "error": r.error,
     }
 
@@ -375,7 +379,14 @@ def _page(
         + (f" ({c['infeasible']} infeasible)" if c.get("infeasible") else "")
         + f", {c['pruned']} pruned, {c['failed']} failed"
         + (f", {c['running']} running" if c["running"] else "")
-        + f". Cost: ${summary['cost_usd']:.4f}.",
+        + f". Cost: ${summary['cost_usd']:.4f}"
+        + (
+            f" (${summary['redone_usd']:.4f} on epochs trained again after a trainer went "
+            f"away; ${summary['saved_usd']:.4f} saved by resuming from checkpoints)"
+            if summary.get("redone_usd") or summary.get("saved_usd")
+            else ""
+        )
+        + ".",
         "",
     ]
     if best:

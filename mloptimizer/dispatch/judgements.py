@@ -9,6 +9,7 @@ the kind "is this message / model / result acceptable" goes here, with its unit 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from mloptimizer.capability import holds
@@ -20,6 +21,7 @@ from mloptimizer.spec import ArchitectureSearchSpec, Constraints, Tradeoff, pars
 from mloptimizer.study import Attr, TrialRecord
 
 __all__ = [
+    "EarlierAttempts",
     "budget_stop",
     "claim_of",
     "objective_values",
@@ -164,10 +166,44 @@ def refusal(
     return None
 
 
-def result_attrs(message: ResultMessage, price_per_hour: float, metric: str) -> dict[str, object]:
+@dataclass(frozen=True)
+class EarlierAttempts:
+    """What the attempts before the one that ended a trial did, as their progress told:
+    epochs they trained, and epochs resumed attempts went on from (their checkpoints)."""
+
+    trained: int = 0
+    resumed: int = 0
+
+    @classmethod
+    def of(
+        cls, trained: set[tuple[int, int]], replayed: dict[int, int], last: int
+    ) -> EarlierAttempts:
+        """From (attempt, epoch) pairs trained and attempt -> checkpoint epoch, leaving out
+        attempt ``last`` (its result says the same for itself, whatever progress was lost)."""
+        return cls(
+            trained=sum(1 for attempt, _ in trained if attempt != last),
+            resumed=sum(epoch for attempt, epoch in replayed.items() if attempt != last),
+        )
+
+
+def result_attrs(
+    message: ResultMessage,
+    price_per_hour: float,
+    metric: str,
+    earlier: EarlierAttempts = EarlierAttempts(),
+) -> dict[str, object]:
     """The attributes a result writes at once (:attr:`Attr.RESULT`): who trained it, how
-    long, what it measured and cost, and the error, if any."""
+    long, what it measured and cost, and the error, if any.
+
+    The cost is the last attempt's time, plus the epochs earlier attempts trained at its
+    pace: the dollars a killed or preempted trainer spent are spent. Of those, the epochs
+    that had to be trained again (``redone_usd``) and the ones checkpoints spared
+    (``saved_usd``: epochs resumed attempts did not train again) are kept apart."""
     seconds = message.train_seconds + message.dataset_load_seconds
+    own = message.epochs_run - message.resumed_at  # trained by the last attempt
+    per_epoch = price_per_hour * message.train_seconds / 3600.0 / own if own > 0 else 0.0
+    redone = max(0, earlier.trained + own - message.epochs_run)
+    saved = earlier.resumed + message.resumed_at
     result: dict[str, object] = {
         Attr.WORKER: message.worker_id,
         Attr.DEVICE: message.device,
@@ -179,8 +215,13 @@ def result_attrs(message: ResultMessage, price_per_hour: float, metric: str) -> 
         Attr.PARAMETERS: message.parameter_count,
         Attr.MFLOPS: message.mflops,
         Attr.MODEL_KB: message.model_kb,
-        Attr.COST: price_per_hour * seconds / 3600.0,
+        Attr.COST: price_per_hour * seconds / 3600.0 + earlier.trained * per_epoch,
     }
+    if redone:
+        result[Attr.REDONE_EPOCHS] = redone
+        result[Attr.REDONE_USD] = redone * per_epoch
+    if saved:
+        result[Attr.SAVED_USD] = saved * per_epoch
     if message.resumed_at:  # this attempt went on from a checkpoint: epochs not redone
         result[Attr.RESUMED_AT] = message.resumed_at
     if message.error:

@@ -56,6 +56,8 @@ class InFlight:
     furthest: int = 0  # the last epoch any attempt told
     furthest_at_death: int = 0  # ... when its delivery limit last ran out
     revivals: int = 0  # times it was sent again after that, having got further
+    trained: set[tuple[int, int]] = field(default_factory=set)  # (attempt, epoch) trained
+    replayed: dict[int, int] = field(default_factory=dict)  # attempt: checkpoint epoch
     taken_at: float | None = None  # when the trials queue was first seen without it
 
 
@@ -279,7 +281,8 @@ class Ledger:
         trial, objective = flight.trial, self.spec.objective
         if price is None:
             price = self.spec.workers.price_per_hour or 0.0
-        result = judgements.result_attrs(message, price, objective.metric)
+        earlier = judgements.EarlierAttempts.of(flight.trained, flight.replayed, message.attempt)
+        result = judgements.result_attrs(message, price, objective.metric, earlier)
         trial.set_user_attr(Attr.RESULT, result)  # one write: each is a database round trip
         infeasible: dict[str, object] = {}
         if message.state in ("complete", "pruned") and objective.constraints:

@@ -325,6 +325,10 @@ class Dispatcher(Phases):
         now = self.clock()
         self.deadlines.heard(flight, now)
         flight.furthest = max(flight.furthest, message.epoch)
+        if message.replay:  # a resumed attempt's checkpoint epoch: trained before
+            flight.replayed[message.attempt] = message.epoch
+        else:
+            flight.trained.add((message.attempt, message.epoch))
         if self.observer is not None and message.epoch > 0:
             began = flight.taken_at if flight.taken_at is not None else flight.sent_at
             self.observer.progressed(

@@ -29,7 +29,8 @@ from mloptimizer.operator.progress import (
     status_from_counts,
 )
 from mloptimizer.spec import ArchitectureSearchSpec, SecretKeyRef, Workers
-from mloptimizer.study import TrialRecord
+from mloptimizer.status import ArchitectureSearchStatus
+from mloptimizer.study import Attr, TrialRecord
 
 BROKER = SecretKeyRef(name="mq", key="url")
 
@@ -111,7 +112,9 @@ def test_a_node_pool_places_trainers_on_its_own_rented_nodes_only() -> None:
 def test_status_cost_of_a_pool_is_the_pools_to_write() -> None:
     spec = make_spec(workers={"gpuPool": POOL})
     status = status_from_counts(Counts(cost_usd=3.0), spec, running=2)
-    assert set(status["cost"]) == {"gpuHours"}  # usd and burn rate come from Vast.ai prices
+    # usd and burn rate come from Vast.ai prices; the dollars redone and saved are the
+    # trials' own (each at the price of the machine that trained it)
+    assert set(status["cost"]) == {"gpuHours", "redoneUSD", "savedByResumeUSD"}
     direct = make_spec(
         workers={
             "minReplicas": 0,
@@ -233,6 +236,13 @@ def test_status_from_counts_reports_progress_cost_and_burn_rate() -> None:
     assert status["best"] is None
     assert status["cost"]["usd"] == 0.1235
     assert status["cost"]["burnRatePerHour"] == 1.0
+    assert (status["cost"]["redoneUSD"], status["cost"]["savedByResumeUSD"]) == (0.0, 0.0)
+    # trials whose trainers went away: what was trained again, what checkpoints spared
+    history[0].attrs.update({Attr.REDONE_USD: 0.02, Attr.SAVED_USD: 0.1})
+    history[1].attrs.update({Attr.SAVED_USD: 0.05})
+    cost = status_from_counts(counts, spec, running=2)["cost"]
+    assert (cost["redoneUSD"], cost["savedByResumeUSD"]) == (0.02, 0.15)
+    ArchitectureSearchStatus.model_validate({"cost": cost})  # the CRD's fields
 
 
 def test_status_under_a_tradeoff_counts_the_front_and_gives_the_best_size() -> None:

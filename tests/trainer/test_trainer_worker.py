@@ -131,6 +131,9 @@ def test_kill_9_mid_trial_redelivers_to_another_worker(
     assert result.epochs_run == len(result.history) == 5
     epochs = sorted({p.epoch for p in dispatcher.progress})
     assert epochs == [1, 2, 3, 4, 5]  # no gap in what the dispatcher was told
+    # the second trainer told the checkpoint's epoch again, marked as such
+    replays = [(p.attempt, p.epoch) for p in dispatcher.progress if p.replay]
+    assert replays == [(2, result.resumed_at)]
     assert f"trial 4 resumed at epoch {result.resumed_at}" in trainers[-1].log()
 
 
