@@ -225,10 +225,22 @@ async def test_deleting_a_running_search_removes_its_queues_deployment_and_final
             timeout=60,
         )
         assert await cluster.get("deployments", "default", f"{name}-trainer") is not None
+        # trials are in flight (sent, no trainer took them) when the search is deleted
+        study = optuna.load_study(study_name=f"default.{name}", storage=storage_url(postgres_dsn))
+        await poll(lambda: any(r.state == "running" for r in records(study)), timeout=60)
         await cluster.delete("archsearch", "default", name)
         await cluster.wait_for("archsearch", "default", name, lambda o: o is None, timeout=60)
     assert await cluster.get("deployments", "default", f"{name}-trainer") is None
     assert await cluster.get("secrets", "default", f"{name}-broker") is None
+    # The study stays as history (storage.deleteStudyOnDelete is off), none left running:
+    # each trial in flight is failed as interrupted, so it never counts against a search
+    # created again under this name.
+    left = records(
+        optuna.load_study(study_name=f"default.{name}", storage=storage_url(postgres_dsn))
+    )
+    assert left
+    assert all(r.state == "failed" and r.interrupted for r in left), left
+    assert all("its search was deleted" in (r.error or "") for r in left)
     # The search's identity is gone, and its vhost with every queue in it.
     with pytest.raises(pika.exceptions.AMQPConnectionError):
         pika.BlockingConnection(pika.URLParameters(trainer_url))
