@@ -60,6 +60,33 @@ class InFlight:
     replayed: dict[int, int] = field(default_factory=dict)  # attempt: checkpoint epoch
     taken_at: float | None = None  # when the trials queue was first seen without it
 
+    def told(self, attempt: int, epoch: int, replay: bool) -> None:
+        """Note an epoch a trainer told: how far the trial got, and what each attempt
+        trained (``replay``: a resumed attempt's checkpoint epoch, trained before)."""
+        self.furthest = max(self.furthest, epoch)
+        if replay:
+            self.replayed[attempt] = epoch
+        else:
+            self.trained.add((attempt, epoch))
+
+    def goes_on(self, exhausted: bool) -> bool:
+        """Its delivery limit ran out (every delivery's trainer went away, ``exhausted``):
+        whether it got further than the last time that happened. Then its checkpoint goes
+        forward (preempted or killed machines, not a poison model) and it is sent again
+        with a fresh delivery count: at most once per epoch gained."""
+        if not exhausted or self.furthest <= self.furthest_at_death:
+            return False
+        self.furthest_at_death = self.furthest
+        self.revivals += 1
+        return True
+
+    def death(self, reason: str, exhausted: bool) -> str:
+        """Why a trial given up on fails (:meth:`goes_on` said no)."""
+        why = f"dead-lettered: {reason}"
+        if exhausted and self.revivals:
+            why += f"; sent {self.revivals + 1} times, it never got past epoch {self.furthest}"
+        return why
+
 
 class Ledger:
     """The trials of ``study`` in flight, told and waiting, and their counts."""

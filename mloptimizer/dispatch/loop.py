@@ -296,26 +296,14 @@ class Dispatcher(Phases):
         flight = self.in_flight.get(dead.message.trial_id)
         if flight is None:
             return  # told already (a copy dead-lettered after another finished it)
-        if dead.exhausted and flight.furthest > flight.furthest_at_death:
-            # Its trainers kept going away (preempted, killed), but it got further each
-            # time (its checkpoint goes on): not a poison model, so not a failure. Sent
-            # again with a fresh delivery count; at most once per epoch gained.
-            flight.furthest_at_death = flight.furthest
-            flight.revivals += 1
-            log.warning(
-                "trial %d: its trainers kept going away, but it reached epoch %d: sent again",
-                dead.message.number,
-                flight.furthest,
-            )
+        if flight.goes_on(dead.exhausted):  # preempted, not poison: sent again, not failed
+            log.warning("trial %d: its trainers went away, it got further: sent again",
+                        dead.message.number)  # fmt: skip
             self.deadlines.heard(flight, self.clock())
             self.transport.send(flight.message)
             return
         log.warning("trial %d dead-lettered: %s", dead.message.number, dead.reason)
-        why = f"dead-lettered: {dead.reason}"
-        if dead.exhausted and flight.revivals:
-            sends, furthest = flight.revivals + 1, flight.furthest
-            why += f"; sent {sends} times, it never got past epoch {furthest}"
-        self._fail(flight, why)
+        self._fail(flight, flight.death(dead.reason, dead.exhausted))
 
     def _progress(self, message: ProgressMessage) -> Decision:
         flight = self.in_flight.get(message.trial_id)
@@ -324,11 +312,7 @@ class Dispatcher(Phases):
             return "prune"
         now = self.clock()
         self.deadlines.heard(flight, now)
-        flight.furthest = max(flight.furthest, message.epoch)
-        if message.replay:  # a resumed attempt's checkpoint epoch: trained before
-            flight.replayed[message.attempt] = message.epoch
-        else:
-            flight.trained.add((message.attempt, message.epoch))
+        flight.told(message.attempt, message.epoch, message.replay)
         if self.observer is not None and message.epoch > 0:
             began = flight.taken_at if flight.taken_at is not None else flight.sent_at
             self.observer.progressed(
