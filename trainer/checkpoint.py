@@ -46,7 +46,7 @@ from typing import Any
 
 from mloptimizer.messages import TrialMessage
 
-__all__ = ["CHECKPOINTS_DIR", "Checkpoint", "Checkpoints", "seed_states"]
+__all__ = ["CHECKPOINTS_DIR", "Checkpoint", "Checkpoints", "file_sha256", "seed_states"]
 
 CHECKPOINTS_DIR = "checkpoints"  # in a run folder, or in the search's folder of its claim
 
@@ -77,7 +77,8 @@ def seed_states(model: Any) -> list[list[int]]:
     return [[int(x) for x in v.numpy().ravel()] for v in model.variables if "seed_gen" in v.path]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256 (hex), read in chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -130,7 +131,7 @@ class Checkpoints:
                 "history": history,
                 "variables": [list(a.shape) for a in arrays],
                 "model": file.name,
-                "sha256": _sha256(file),
+                "sha256": file_sha256(file),
             }
             meta["mac"] = _mac(trial.token, meta)
             staged = where / ".meta.partial.json"
@@ -192,7 +193,7 @@ class Checkpoints:
         if not isinstance(name, str) or "/" in name or not name.endswith(".npz"):
             return "bad model file name"
         try:
-            if _sha256(where / name) != meta.get("sha256"):
+            if file_sha256(where / name) != meta.get("sha256"):
                 return "model file changed since"
         except OSError:
             return "model file missing"

@@ -15,7 +15,6 @@ delivered; a file that cannot be written fails the job, which the operator sends
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from mloptimizer.messages import (
     ToUrls,
     finite,
 )
+from mloptimizer.trainer.checkpoint import file_sha256
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import GpuInfo
 from mloptimizer.trainer.kept import MODELS_DIR, kept_model
@@ -109,15 +109,6 @@ def _write_urls(files: dict[str, Path], to: ToUrls) -> None:
         raise DeliveryError(f"no upload URL for {', '.join(missing)}")
     for name, source in files.items():
         put_file(to.urls[name], source)
-
-
-def _sha256(path: Path) -> str:
-    """The file's SHA-256 (hex), read in chunks: the operator compares a bucket's copy."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1024**2):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _archive(folder: Path, out: Path) -> Path:
@@ -237,7 +228,7 @@ def final_job(
                     ArtifactReport(
                         format=artifact.format,
                         bytes=path.stat().st_size,
-                        sha256=_sha256(path),
+                        sha256=file_sha256(path),
                         accuracy=finite(artifact.accuracy),
                         latency_ms=finite(artifact.latency_ms),
                     )
