@@ -70,7 +70,8 @@ class BestTrial(SpecModel):
     )
     size: float | None = Field(
         default=None,
-        description="Under objective.tradeoff: its size figure (parameters, MFLOPs or int8 KB).",
+        description="Under objective.tradeoff: its size figure (parameters, MFLOPs or int8 KB) or "
+        "its dollars (costUSD).",
     )
 
 

@@ -418,11 +418,13 @@ SIZE_ATTRS: dict[Tradeoff, str] = {
     "params": Attr.PARAMETERS,
     "mflops": Attr.MFLOPS,
     "modelKB": Attr.MODEL_KB,
+    "costUSD": Attr.COST,
 }
 
 
 def size_of(trial: TrialRecord, tradeoff: Tradeoff) -> float | None:
-    """The trial's size figure of ``tradeoff`` (parameters, MFLOPs or int8 KB), if known."""
+    """The trial's size figure of ``tradeoff`` (parameters, MFLOPs, int8 KB or its dollars),
+    if known."""
     value = trial.attrs.get(SIZE_ATTRS[tradeoff])
     return float(value) if value is not None else None
 

@@ -22,6 +22,7 @@ import pytest
 from dispatch import make_spec, progress_of, result_of
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
+from pydantic import ValidationError
 from services import fresh_postgres_database
 
 from mloptimizer.app.runner import ProgressDisplay
@@ -103,10 +104,9 @@ class ScriptedTransport:
             val_accuracy=value,
             val_loss=1 - value if value is not None else None,
             epochs_run=run.epoch,
-            train_seconds=self.seconds,
             error=error,
             token=t.token,
-            **self.measures(t),
+            **({"train_seconds": self.seconds} | self.measures(t)),
         )
 
     def receive(self, timeout: float) -> list[Inbound]:
@@ -1074,6 +1074,41 @@ def test_a_modelkb_tradeoff_asks_trainers_for_the_int8_size_and_fails_a_trial_wi
     assert "int8 size" in (first.error or "")
     assert all(t.state == "complete" for t in rest)
     assert all(stored_trial(d.study, t.trial_id).values[1] == t.attrs[Attr.MODEL_KB] for t in rest)
+
+
+def test_a_cost_tradeoff_finds_the_front_of_accuracy_against_dollars(
+    storage: str, tmp_path: Path
+) -> None:
+    from mloptimizer.app.report import _page, summarize
+
+    spec = make_spec(
+        budget={"maxTrials": 8, "parallelism": 2},
+        objective={"tradeoff": "costUSD"},
+        workers={"pricePerHour": 3.6},  # a dollar every 1,000 s
+        training={"epochs": 3},
+    )
+
+    def measures(trial: TrialMessage) -> dict[str, Any]:
+        size = _sizes(spec, trial)  # a larger model trains for longer
+        return {"parameter_count": size.parameters, "train_seconds": size.parameters / 100}
+
+    d = dispatcher(spec, storage, ScriptedTransport(measures=measures))
+    assert d.run().reason == "maxTrials"
+    trials = [t for t in records(d.study) if t.phase == "explore"]
+    for t in trials:  # the dollars each trial cost are its second objective
+        cost = t.attrs[Attr.COST]
+        assert cost == pytest.approx(t.attrs[Attr.PARAMETERS] / 100 / 1000)
+        assert stored_trial(d.study, t.trial_id).values == [t.value, cost]
+    front = pareto_front(records(d.study), "maximize", "costUSD")
+    assert {t.number for t in front} == {t.number for t in d.study.best_trials}
+    page = _page(summarize(d.study, spec), None, importances=None)
+    assert "The most accurate model for each price" in page
+    assert "| cost (USD) |" in page
+
+
+def test_a_cost_tradeoff_without_a_price_is_refused_naming_the_fix() -> None:
+    with pytest.raises(ValidationError, match=r"needs a price: set workers\.pricePerHour"):
+        make_spec(objective={"tradeoff": "costUSD"})
 
 
 def test_validate_says_the_pruner_is_off_under_a_tradeoff() -> None:

@@ -195,6 +195,7 @@ def test_the_values_told_are_the_value_and_under_a_tradeoff_the_size_figure() ->
     assert objective_values("mflops", 0.9, 100, 1.0, 2.0) == [0.9, 1.0]
     assert objective_values("modelKB", 0.9, 100, 1.0, 2.0) == [0.9, 2.0]
     assert objective_values("modelKB", 0.9, 100, 1.0, None) is None  # not measured
+    assert objective_values("costUSD", 0.9, 100, 1.0, 2.0, 0.25) == [0.9, 0.25]
     assert objective_values("params", None, 100, 1.0, 2.0) is None
 
 

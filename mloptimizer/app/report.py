@@ -278,6 +278,7 @@ SIZE_LABELS: dict[str, str] = {
     "params": "parameters",
     "mflops": "MFLOPs (multiply-adds, 1 image)",
     "modelKB": "int8 LiteRT size (KB)",
+    "costUSD": "cost (USD)",
 }
 
 
@@ -307,7 +308,8 @@ def plot_front(summary: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel(SIZE_LABELS[summary["tradeoff"]])
     ax.set_ylabel(summary["metric"])
-    title = "Accuracy against size: the Pareto front"
+    against = "dollars" if summary["tradeoff"] == "costUSD" else "size"
+    title = f"Accuracy against {against}: the Pareto front"
     if untrained:
         title += f" ({untrained} infeasible judged untrained, not drawn)"
     ax.set_title(title, fontsize="medium")
@@ -321,11 +323,13 @@ def plot_front(summary: dict[str, Any], path: Path) -> None:
 def _front_lines(summary: dict[str, Any]) -> list[str]:
     by_number = {t["number"]: t for t in summary["trials"]}
     size = SIZE_LABELS[summary["tradeoff"]]
+    dollars = summary["tradeoff"] == "costUSD"
+    of, than = ("for each price", "as cheap") if dollars else ("of each size", "as small")
     lines = [
         "## Pareto front",
         "",
-        f"The most accurate model of each size ({len(summary['front'])} trials; no other "
-        "trial is both as accurate and as small). Grey: over objective.constraints.",
+        f"The most accurate model {of} ({len(summary['front'])} trials; no other trial is "
+        f"both as accurate and {than}). Grey: over objective.constraints.",
         "",
         "![Pareto front](front.png)",
         "",

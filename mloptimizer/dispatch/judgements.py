@@ -102,12 +102,15 @@ def objective_values(
     params: int,
     mflops: float | None,
     model_kb: float | None,
+    cost_usd: float = 0.0,
 ) -> float | list[float] | None:
     """What the study is told of a complete trial: its value, and under a tradeoff its
-    size figure too (None when that figure is missing)."""
+    size figure or its dollars too (None when that figure is missing)."""
     if value is None or tradeoff is None:
         return value
-    size = {"params": float(params), "mflops": mflops, "modelKB": model_kb}[tradeoff]
+    size = {"params": float(params), "mflops": mflops, "modelKB": model_kb, "costUSD": cost_usd}[
+        tradeoff
+    ]
     return None if size is None else [value, size]
 
 

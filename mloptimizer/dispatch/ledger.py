@@ -242,7 +242,8 @@ class Ledger:
             trial.set_user_attr(key, value)
         for name, excess in violations.items():
             trial.set_constraint(name, excess)  # what TPE reads (<= 0: met)
-        # under a modelKB tradeoff, the int8 size estimated as one byte per weight
+        # under a modelKB tradeoff, the int8 size estimated as one byte per weight; under
+        # costUSD it cost nothing (never trained), and it is infeasible: never on the front
         tradeoff = self.spec.objective.tradeoff
         kb = size.parameters / 1024
         self.study.tell(
@@ -331,6 +332,7 @@ class Ledger:
             message.parameter_count,
             message.mflops,
             message.model_kb,
+            float(result[Attr.COST]),  # type: ignore[arg-type]
         )
         if message.state == "complete" and message.value is not None and values is None:
             result[Attr.ERROR] = "the trainer could not measure the model's int8 size"

@@ -42,7 +42,7 @@ class Constraints(SpecModel):
     )
 
 
-Tradeoff = Literal["params", "mflops", "modelKB"]
+Tradeoff = Literal["params", "mflops", "modelKB", "costUSD"]
 
 
 class Objective(SpecModel):
@@ -91,9 +91,11 @@ class Objective(SpecModel):
     )
     tradeoff: Tradeoff | None = Field(
         default=None,
-        description="Search accuracy against size as two objectives (params, mflops or "
-        "modelKB, each minimized): multi-objective TPE finds the Pareto front, the most "
-        "accurate model of each size. The pruner is off (Optuna cannot prune "
+        description="Search accuracy against size or dollars as two objectives (params, "
+        "mflops, modelKB, or costUSD: the dollars a trial cost, its earlier attempts' epochs "
+        "included; each minimized): multi-objective TPE finds the Pareto front, the most "
+        "accurate model for each size or price. costUSD needs a price (workers.pricePerHour, "
+        "or workers.gpuPool). The pruner is off (Optuna cannot prune "
         "multi-objective trials); refine retrains the topK most accurate front members; "
         "best is the front's most accurate feasible member.",
     )
@@ -107,8 +109,8 @@ class Objective(SpecModel):
 
     @property
     def study_directions(self) -> list[Literal["maximize", "minimize"]]:
-        """The study's directions: the metric's, then the size's (minimized) under a
-        tradeoff."""
+        """The study's directions: the metric's, then the size's or cost's (minimized) under
+        a tradeoff."""
         size: list[Literal["maximize", "minimize"]] = ["minimize"] if self.tradeoff else []
         return [self.study_direction, *size]
 

@@ -41,6 +41,18 @@ class ArchitectureSearchSpec(SpecModel):
             field="output",
         ),
         Rule(
+            cel="!has(self.objective.tradeoff) || self.objective.tradeoff != 'costUSD' "
+            "|| has(self.workers.pricePerHour) || has(self.workers.gpuPool)",
+            check=lambda s: (
+                s.objective.tradeoff != "costUSD"
+                or s.workers.price_per_hour is not None
+                or s.workers.gpu_pool is not None
+            ),
+            message="objective.tradeoff costUSD needs a price: set workers.pricePerHour (what "
+            "an hour of a trainer costs), or rent from workers.gpuPool",
+            field="objective",
+        ),
+        Rule(
             cel="self.pruner.type != 'hyperband' || self.pruner.minEpochs < self.training.epochs",
             check=lambda s: s.pruner.type != "hyperband" or s.pruner.min_epochs < s.training.epochs,
             message="pruner.minEpochs must be below training.epochs for hyperband to have "
