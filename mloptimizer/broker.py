@@ -56,11 +56,16 @@ REJECTED_KEPT = 1000
 REJECTED_BYTES = 64 * 1024 * 1024  # a flood of large refused bodies is capped by size too
 
 
-def dial(url: str, *, heartbeat: int | None = None) -> pika.BlockingConnection:
-    """One connection to the broker at ``url`` (pika's errors when it does not answer)."""
+def dial(url: str, *, heartbeat: int | None = None, name: str = "") -> pika.BlockingConnection:
+    """One connection to the broker at ``url`` (pika's errors when it does not answer).
+
+    ``name`` is the connection's name in RabbitMQ's own lists (``rabbitmqctl
+    list_connections client_properties``, the management UI): which trainer is which."""
     parameters = pika.URLParameters(url)
     if heartbeat is not None:
         parameters.heartbeat = heartbeat
+    if name:
+        parameters.client_properties = {"connection_name": name[:255]}
     return pika.BlockingConnection(parameters)
 
 

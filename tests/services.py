@@ -281,3 +281,40 @@ class TcpForwarder:
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(2)
+
+
+def close_connection(name: str, timeout: float = 60.0) -> None:
+    """Have RabbitMQ close the connection named ``name`` (as a broker restart drops it),
+    waiting until the client has opened it; one connection, not the whole broker's."""
+    import json
+    import time
+
+    def listed(*columns: str, json_: bool = False) -> str:
+        extra = ("--formatter", "json") if json_ else ("--no-table-headers",)
+        return subprocess.run(
+            ["rabbitmqctl", "list_connections", *columns, *extra, "-q"],
+            check=True, capture_output=True, text=True, timeout=60,
+        ).stdout  # fmt: skip
+
+    deadline = time.monotonic() + timeout
+    while True:
+        # JSON to find it by its client's name, the table for the pid close_connection takes
+        peers = {
+            row["name"]
+            for row in json.loads(listed("name", "client_properties", json_=True) or "[]")
+            if ["connection_name", "longstr", name] in row["client_properties"]
+        }
+        pids = [
+            line.split("\t")[0]
+            for line in listed("pid", "name").splitlines()
+            if line.partition("\t")[2] in peers
+        ]
+        if pids:
+            break
+        assert time.monotonic() < deadline, f"no connection named {name!r}"
+        time.sleep(0.2)
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "close_connection", pid, "closed by the test"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip

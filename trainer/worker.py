@@ -162,7 +162,11 @@ class Worker:
         )
         while not self._stop.is_set() and not self._finished():
             try:
-                connection = dial(self.config.broker_url, heartbeat=self.config.heartbeat)
+                connection = dial(
+                    self.config.broker_url,
+                    heartbeat=self.config.heartbeat,
+                    name=f"trainer {self.config.worker_id}",
+                )
             except pika.exceptions.AMQPError as error:
                 if not resume.retry(error):
                     raise
@@ -176,12 +180,32 @@ class Worker:
                 log.warning("lost the broker channel (%r); reconnecting", error)
                 if self._job is not None:
                     self._job.delivery_tag = None  # the broker requeued it with the channel
+                    if not connection.is_open:
+                        self._abandon(self._job)
             finally:
                 self._connection = None
                 if connection.is_open:
                     with contextlib.suppress(pika.exceptions.AMQPError):
                         connection.close()
         return 0
+
+    def _abandon(self, job: _Job) -> None:
+        """The connection dropped mid-trial: the broker gives the trial out again, so stop
+        at once rather than train on beside its next holder. That holder (this trainer once
+        it is back, or another) goes on from the last epoch kept: a broker outage costs at
+        most the epoch in progress. Without checkpoints the trial trains on: its result,
+        reported once the broker is back, may still come first."""
+        if self.session.checkpoints is None or job.ended or not isinstance(job.trial, TrialMessage):
+            return
+        log.warning(
+            "trial %d stopped: the broker gives it out again, and its next holder goes on "
+            "from the last epoch kept",
+            job.trial.number,
+        )
+        job.stop.set()
+        for request in list(self._pending.values()):  # their answers went with the connection
+            request.decided.set()
+        self._release_requests(job)
 
     def _finished(self) -> bool:
         if self.recycle_due:
@@ -348,7 +372,9 @@ class Worker:
             )
         if not job.ended:
             return
-        if job.result is None:  # interrupted: _shutdown requeues it
+        if job.result is None:  # interrupted: _shutdown requeues it, or the broker did
+            if job.delivery_tag is None:
+                self._job = None  # abandoned with its connection (_abandon): serve on
             return
         result = job.result
         to_dispatcher(channel, self.names, self.names.results, encode(result), PERSISTENT)

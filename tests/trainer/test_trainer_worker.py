@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from dispatch import Dispatcher, digits_trial
-from services import RABBITMQ_URL, Broker, TrainerProcess
+from services import RABBITMQ_URL, Broker, TrainerProcess, close_connection
 
 
 @pytest.fixture
@@ -135,6 +135,33 @@ def test_kill_9_mid_trial_redelivers_to_another_worker(
     replays = [(p.attempt, p.epoch) for p in dispatcher.progress if p.replay]
     assert replays == [(2, result.resumed_at)]
     assert f"trial 4 resumed at epoch {result.resumed_at}" in trainers[-1].log()
+
+
+def test_a_lost_broker_connection_costs_at_most_the_epoch_in_progress(
+    dispatcher: Dispatcher, trainers: list[TrainerProcess], search: str, tmp_path: Path
+) -> None:
+    # Nobody answers progress: each epoch waits its 2 s timeout, so the trial is mid-way
+    # when its connection drops, however fast the machine trains.
+    dispatcher.decide = lambda p: None
+    trainer = start(trainers, search, tmp_path, "w1", "--checkpoint-dir", str(tmp_path / "ck"))
+    dispatcher.send(digits_trial(search, 12, epochs=5, progress_timeout_seconds=2.0))
+    dispatcher.wait_for(lambda: len(dispatcher.progress) >= 2)
+    close_connection("trainer w1")  # what a broker restart does to every trainer
+    dispatcher.wait_for(lambda: len(dispatcher.results) == 1)
+    result = dispatcher.results[0]
+    log = trainer.log()
+    # It stopped rather than train on beside the trial's next holder (which is itself once
+    # it is back), and went on from the last epoch kept.
+    assert "trial 12 stopped: the broker gives it out again" in log, log
+    assert result.state == "complete", result.error
+    assert result.attempt == 2
+    told_first = [p.epoch for p in dispatcher.progress if p.attempt == 1]
+    assert result.resumed_at >= max(told_first)
+    # none missing, none trained twice: only the epoch in progress was lost
+    assert sorted({p.epoch for p in dispatcher.progress}) == [1, 2, 3, 4, 5]
+    trained = [p.epoch for p in dispatcher.progress if not p.replay]
+    assert len(trained) == len(set(trained)), trained
+    assert dispatcher.queued_trials() == 0
 
 
 def test_malformed_and_wrong_version_go_to_dead_letters(
