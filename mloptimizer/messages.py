@@ -51,6 +51,7 @@ from mloptimizer.spec import Dataset
 
 __all__ = [
     "ARTIFACT_FILES",
+    "CHECKPOINTS_DIR",
     "DELIVERY_LIMIT",
     "MAX_ARTIFACTS",
     "MAX_BODY_BYTES",
@@ -60,6 +61,7 @@ __all__ = [
     "ROUTES",
     "SCHEMA_VERSION",
     "ArtifactReport",
+    "CheckpointUrls",
     "Decision",
     "DeliverMessage",
     "DeliveredMessage",
@@ -85,7 +87,7 @@ __all__ = [
     "printable",
 ]
 
-SCHEMA_VERSION: Final = 3  # 2: capability tokens; 3: resumed trials (resumed_at)
+SCHEMA_VERSION: Final = 3  # 2: capability tokens; 3: resumed trials (resumed_at, checkpoint)
 
 # A body larger than this is refused before it is parsed: a result of 10,000 epochs of
 # history with a few metrics each fits well under it.
@@ -155,6 +157,21 @@ class _Message(BaseModel):
     number: int = Field(ge=0, le=_INT32, description="Trial number within the study.")
 
 
+_URL = Annotated[str, Field(min_length=8, max_length=8192, pattern=r"^https?://")]
+CheckpointObject = Literal["meta.json", "state-0.npz", "state-1.npz"]
+CHECKPOINTS_DIR: Final = "checkpoints"  # under a run folder, a claim's folder, a key prefix
+
+
+class CheckpointUrls(BaseModel):
+    """Where a trial's checkpoints go when its trainers share no folder: pre-signed URLs
+    to PUT and GET each of its three objects (the trainer holds no storage credential)."""
+
+    model_config = _STRICT
+
+    put: dict[CheckpointObject, _URL] = Field(min_length=3, max_length=3)
+    get: dict[CheckpointObject, _URL] = Field(min_length=3, max_length=3)
+
+
 class TrialMessage(_Message):
     """One trial to train."""
 
@@ -172,6 +189,11 @@ class TrialMessage(_Message):
     )
     measure_model_kb: bool = Field(
         default=False, description="Convert the trained model to int8 LiteRT and report its size."
+    )
+    checkpoint: CheckpointUrls | None = Field(
+        default=None,
+        description="Where to keep and find this trial's checkpoints (None: the trainer's "
+        "own --checkpoint-dir, if any).",
     )
     token: Token = Field(
         default_factory=new_token,
@@ -262,7 +284,6 @@ def _known_file(name: str) -> str:
 
 
 FileName = Annotated[str, Field(max_length=64), AfterValidator(_known_file)]
-_URL = Annotated[str, Field(min_length=8, max_length=8192, pattern=r"^https?://")]
 
 
 class ToFolder(BaseModel):

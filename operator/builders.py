@@ -14,6 +14,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
+from mloptimizer.messages import CHECKPOINTS_DIR
 from mloptimizer.spec import ArchitectureSearchSpec, GpuPool, SecretKeyRef
 
 __all__ = [
@@ -224,7 +225,10 @@ def build_trainer_deployment(
         env.append({"name": "MLOPT_KEEP_MODELS", "value": f"{OUTPUT_DIR}/{folder_path}/models"})
         # and each trial's epochs: a trial whose trainer died goes on from its last one
         env.append(
-            {"name": "MLOPT_CHECKPOINT_DIR", "value": f"{OUTPUT_DIR}/{folder_path}/checkpoints"}
+            {
+                "name": "MLOPT_CHECKPOINT_DIR",
+                "value": f"{OUTPUT_DIR}/{folder_path}/{CHECKPOINTS_DIR}",
+            }
         )
     container = {
         "name": "trainer",

@@ -30,10 +30,11 @@ from mloptimizer.amqp import AmqpTransport, prefetch_for
 from mloptimizer.capability import round_token
 from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome, trial_message
 from mloptimizer.faults import Resume, StopFlag
-from mloptimizer.messages import TrialMessage
+from mloptimizer.messages import CHECKPOINTS_DIR, TrialMessage
 from mloptimizer.operator.delivery import FinalJobChannel, Where, deliver_best
 from mloptimizer.operator.kube import kube_outage
 from mloptimizer.operator.metrics import Metrics
+from mloptimizer.operator.objectstore import TrialCheckpoints
 from mloptimizer.operator.progress import (
     ReplicaPlan,
     now_rfc3339,
@@ -246,9 +247,10 @@ def run_search(
         say=lambda line: log.warning("search %s: %s", config.study, line),
         on_wait=lambda _what, error: _degraded(reporter, kube, error),
     )
+    checkpoints = _bucket_checkpoints(config, spec, destination)
     while not stop.is_set():
         try:
-            dispatcher = _start(config, spec, kube, reporter, resume, price_of)
+            dispatcher = _start(config, spec, kube, reporter, resume, price_of, checkpoints)
             outcome = dispatcher.run(should_stop=stop.is_set, latest_spec=latest_spec)
         except StudyMismatch as error:  # cannot succeed: the search ends
             _mismatch(reporter, kube, error)
@@ -294,6 +296,23 @@ def run_search(
     return None
 
 
+def _bucket_checkpoints(
+    config: SearchConfig, spec: ArchitectureSearchSpec, destination: Where | None
+) -> TrialCheckpoints | None:
+    """Where trials keep their checkpoints when the search delivers to a bucket: trainers
+    then share no folder (an ``output.pvc`` search's keep theirs on the claim)."""
+    if destination is None or spec.output.s3 is None or spec.output.pvc is not None:
+        return None
+    try:
+        found = destination()
+    except Exception as error:  # its Secret unusable: the final job will say so
+        log.warning("search %s: no checkpoints in its bucket: %s", config.study, error)
+        return None
+    if found is None or found.bucket is None:
+        return None
+    return TrialCheckpoints(found.bucket, f"{found.folder}/{CHECKPOINTS_DIR}")
+
+
 def _start(
     config: SearchConfig,
     spec: ArchitectureSearchSpec,
@@ -301,6 +320,7 @@ def _start(
     reporter: StatusReporter,
     resume: Resume,
     price_of: Callable[[str], float | None] | None,
+    checkpoints: TrialCheckpoints | None = None,
 ) -> Dispatcher:
     """The search's dispatcher over its study and queues, said in the status and Events."""
     study, in_force = _open(spec, config)
@@ -320,6 +340,7 @@ def _start(
         stale_after=config.stale_after,
         price_of=price_of,
         memory_budget=trainer_budget(in_force),
+        checkpoints=checkpoints,
     )
     resume.back()
     if _is_degraded(reporter):  # back: say so (the next flush writes it)

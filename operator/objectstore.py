@@ -1,5 +1,6 @@
 """S3-compatible object storage, as the operator alone uses it: pre-signed PUT URLs for the
-final job, and a HEAD and a SHA-256 of each object it reports written.
+final job, and a HEAD and a SHA-256 of each object it reports written; pre-signed PUT and
+GET URLs of each trial's checkpoint objects, which it deletes when the trial ends.
 
 The access key stays in the operator: a trainer (maybe a rented host whose owner has root)
 gets one URL per file, each allowing a single PUT of one key until it expires — nothing to
@@ -11,11 +12,18 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
+import queue
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
-__all__ = ["MAX_HASHED_BYTES", "Bucket", "client"]
+from mloptimizer.messages import CheckpointObject, CheckpointUrls
+
+__all__ = ["MAX_HASHED_BYTES", "Bucket", "TrialCheckpoints", "client"]
+
+log = logging.getLogger(__name__)
 
 # S3 caps a SigV4 pre-signed URL at 7 days.
 MAX_EXPIRY_SECONDS = 7 * 24 * 3600
@@ -66,6 +74,18 @@ class Bucket:
         )
         return url
 
+    def download_url(self, key: str, expires: float) -> str:
+        """A URL that lets its holder GET ``key``, for ``expires`` seconds."""
+        seconds = int(min(max(expires, 60), MAX_EXPIRY_SECONDS))
+        url: str = self.client.presigned_get_object(
+            self.bucket, key, expires=datetime.timedelta(seconds=seconds)
+        )
+        return url
+
+    def remove(self, key: str) -> None:
+        """Delete ``key`` (nothing when it is not there)."""
+        self.client.remove_object(self.bucket, key)
+
     def size(self, key: str) -> int | None:
         """The size of ``key`` in bytes, or None when it is not there."""
         from minio.error import S3Error
@@ -93,3 +113,55 @@ class Bucket:
             response.close()
             response.release_conn()
         return digest.hexdigest()
+
+
+class TrialCheckpoints:
+    """Each trial's checkpoints in the search's bucket, under ``prefix/trial-<id>/``: the
+    URLs its message carries (a PUT and a GET for each of its objects, nothing else, for
+    the longest S3 allows), and their removal once the trial ended.
+
+    Removal happens on a thread of its own: the dispatch loop never waits on the bucket. A
+    removal that fails is logged (a bucket lifecycle rule on the prefix is the backstop).
+    """
+
+    def __init__(self, bucket: Bucket, prefix: str) -> None:
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self._doomed: queue.Queue[int] = queue.Queue()
+        self._remover = threading.Thread(target=self._remove, daemon=True, name="ckpt-rm")
+        self._remover.start()
+
+    def key(self, trial_id: int, name: str) -> str:
+        return f"{self.prefix}/trial-{trial_id}/{name}"
+
+    def urls(self, trial_id: int) -> CheckpointUrls:
+        names: tuple[CheckpointObject, ...] = get_args(CheckpointObject)
+        keys = {name: self.key(trial_id, name) for name in names}
+        return CheckpointUrls(
+            put={n: self.bucket.upload_url(k, MAX_EXPIRY_SECONDS) for n, k in keys.items()},
+            get={n: self.bucket.download_url(k, MAX_EXPIRY_SECONDS) for n, k in keys.items()},
+        )
+
+    def discard(self, trial_id: int) -> None:
+        self._doomed.put(trial_id)
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until every removal asked for is done (a test, a clean stop)."""
+        done = threading.Event()
+
+        def wait() -> None:
+            self._doomed.join()
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        return done.wait(timeout)
+
+    def _remove(self) -> None:
+        while True:
+            trial_id = self._doomed.get()
+            try:
+                for name in get_args(CheckpointObject):
+                    self.bucket.remove(self.key(trial_id, name))
+            except Exception as error:  # the bucket away: left for its lifecycle rule
+                log.warning("could not remove trial %d's checkpoints: %s", trial_id, error)
+            finally:
+                self._doomed.task_done()

@@ -187,6 +187,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._get(body=True)
 
+    def do_DELETE(self) -> None:
+        why = self._check()
+        if why:
+            self._refuse(403, why)
+            return
+        bucket, key = self._object()
+        self.state.buckets.get(bucket, {}).pop(key, None)  # S3: 204 whether it was there
+        self.send_response(204)
+        self.end_headers()
+
     def do_HEAD(self) -> None:
         self._get(body=False)
 

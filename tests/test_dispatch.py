@@ -1076,6 +1076,40 @@ def test_a_modelkb_tradeoff_asks_trainers_for_the_int8_size_and_fails_a_trial_wi
     assert all(stored_trial(d.study, t.trial_id).values[1] == t.attrs[Attr.MODEL_KB] for t in rest)
 
 
+def test_trials_carry_their_own_bucket_urls_and_their_checkpoints_go_when_they_end(
+    storage: str,
+) -> None:
+    import urllib.request
+
+    from s3server import ACCESS_KEY, REGION, SECRET_KEY, s3_server
+
+    from mloptimizer.operator.objectstore import Bucket, TrialCheckpoints
+
+    spec = make_spec(budget={"maxTrials": 4, "parallelism": 2})
+    with s3_server("models") as (endpoint, state):
+        keeper = TrialCheckpoints(
+            Bucket(endpoint, "models", REGION, ACCESS_KEY, SECRET_KEY), "ns/search/checkpoints"
+        )
+        transport = ScriptedTransport()
+        written: list[int] = []
+
+        def trainer_writes(trial: TrialMessage) -> dict[str, Any]:
+            assert trial.checkpoint is not None  # as a trainer on a rented host gets it
+            for name, url in trial.checkpoint.put.items():
+                request = urllib.request.Request(url, data=b"x", method="PUT")
+                urllib.request.urlopen(request, timeout=10).close()
+                assert f"/trial-{trial.trial_id}/{name}" in url  # its own objects only
+            written.append(trial.trial_id)
+            return {}
+
+        transport.measures = trainer_writes
+        d = dispatcher(spec, storage, transport, checkpoints=keeper)
+        assert d.run().reason == "maxTrials"
+        assert sorted(written) == sorted(t.trial_id for t in transport.sent)
+        assert keeper.drain()
+        assert state.buckets["models"] == {}  # every trial ended: its objects went
+
+
 def test_a_cost_tradeoff_finds_the_front_of_accuracy_against_dollars(
     storage: str, tmp_path: Path
 ) -> None:

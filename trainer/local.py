@@ -71,7 +71,7 @@ def serve(
         DatasetCache(Path(cache_dir), Path(base_dir) if base_dir else None),
         recycle_limit_from_env() if recycle_memory_mb is None else recycle_memory_mb,
         KeptModels(Path(models_dir)) if models_dir else None,
-        checkpoints=Checkpoints(Path(checkpoints_dir)) if checkpoints_dir else None,
+        checkpoints=Checkpoints(Path(checkpoints_dir) if checkpoints_dir else None),
     )
     done = 0
     while (task := tasks.get()) is not None:

@@ -60,7 +60,8 @@ class TrialSession:
             run's report need not train the best again.
         output_dir: where the search's output volume is mounted (the final job writes there).
         checkpoints: where each trial's epochs are kept, so that a trial this or another
-            trainer was stopped in goes on where it was (None: every trial starts over).
+            trainer was stopped in goes on where it was: a folder, or the bucket URLs a
+            trial's message carries (neither: the trial starts over).
     """
 
     worker_id: str
@@ -68,7 +69,7 @@ class TrialSession:
     recycle_memory_mb: float | None = None
     kept: KeptModels | None = None
     output_dir: Path | None = None
-    checkpoints: Checkpoints | None = None
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
     gpus: list[GpuInfo] = field(default_factory=detect_gpus)
     _memory: MemoryWatch = field(init=False)
 
@@ -140,8 +141,7 @@ class TrialSession:
                 trial, splits, on_epoch=on_epoch, stop=stop, gpus=self.gpus, keep_model=holder,
                 checkpoints=self.checkpoints, on_replay=on_replay,
             )  # fmt: skip
-            if self.checkpoints is not None:  # ended (an interrupted one raised): not resumed
-                self.checkpoints.discard(trial)
+            self.checkpoints.discard(trial)  # ended (an interrupted one raised): not resumed
             if outcome.resumed_at:
                 log.info("trial %d resumed at epoch %d", trial.number, outcome.resumed_at)
             if self.kept is not None and holder and outcome.state == "complete":

@@ -116,6 +116,15 @@ class _Job:
     ended: bool = False  # the training thread returned (with a result, or interrupted)
 
 
+def _release_requests(job: _Job) -> None:
+    """Answer "continue" to progress asked while stopping (it is never sent)."""
+    while True:
+        try:
+            job.requests.get_nowait().decided.set()
+        except queue.Empty:
+            return
+
+
 class Worker:
     """One trainer: consume trials of one search, train them, report."""
 
@@ -128,7 +137,7 @@ class Worker:
             config.recycle_memory_mb,
             KeptModels(config.keep_models) if config.keep_models else None,
             config.output_dir,
-            Checkpoints(config.checkpoint_dir) if config.checkpoint_dir else None,
+            Checkpoints(config.checkpoint_dir),
         )
         self._stop = threading.Event()
         self._job: _Job | None = None
@@ -191,21 +200,21 @@ class Worker:
 
     def _abandon(self, job: _Job) -> None:
         """The connection dropped mid-trial: the broker gives the trial out again, so stop
-        at once rather than train on beside its next holder. That holder (this trainer once
-        it is back, or another) goes on from the last epoch kept: a broker outage costs at
-        most the epoch in progress. Without checkpoints the trial trains on: its result,
-        reported once the broker is back, may still come first."""
-        if self.session.checkpoints is None or job.ended or not isinstance(job.trial, TrialMessage):
-            return
-        log.warning(
-            "trial %d stopped: the broker gives it out again, and its next holder goes on "
-            "from the last epoch kept",
-            job.trial.number,
-        )
-        job.stop.set()
-        for request in list(self._pending.values()):  # their answers went with the connection
-            request.decided.set()
-        self._release_requests(job)
+        rather than train on beside its next holder, which goes on from the last epoch
+        kept (a broker outage costs at most the epoch in progress). Without checkpoints it
+        trains on: its result, reported once the broker is back, may still come first."""
+        trial = job.trial
+        if (
+            not job.ended
+            and isinstance(trial, TrialMessage)
+            and self.session.checkpoints.kept(trial)
+        ):
+            log.warning("trial %d stopped: the broker gives it out again, and its next holder "
+                        "goes on from the last epoch kept", trial.number)  # fmt: skip
+            job.stop.set()
+            for request in list(self._pending.values()):  # their answers went with the link
+                request.decided.set()
+            _release_requests(job)
 
     def _finished(self) -> bool:
         if self.recycle_due:
@@ -401,15 +410,6 @@ class Worker:
             result.train_seconds,
         )
 
-    @staticmethod
-    def _release_requests(job: _Job) -> None:
-        """Answer "continue" to progress asked while stopping (it is never sent)."""
-        while True:
-            try:
-                job.requests.get_nowait().decided.set()
-            except queue.Empty:
-                return
-
     def _remember(self, result: ResultMessage | DeliveredMessage) -> None:
         self._reported[_key(result)] = None
         while len(self._reported) > 256:
@@ -430,7 +430,7 @@ class Worker:
             request.decided.set()
         deadline = time.monotonic() + self.config.grace_seconds
         while not job.ended and time.monotonic() < deadline:
-            self._release_requests(job)
+            _release_requests(job)
             connection.process_data_events(time_limit=0.2)
         if job.ended and job.result is not None:
             self._pump()  # it finished before it saw the stop: report it

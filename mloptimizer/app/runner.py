@@ -31,9 +31,9 @@ from mloptimizer.app.export import RUN_FILE
 from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome, Transport
 from mloptimizer.faults import Resume
 from mloptimizer.loading import SearchFile
+from mloptimizer.messages import CHECKPOINTS_DIR
 from mloptimizer.sizing import trainer_budget
 from mloptimizer.study import Attr, TrialRecord, open_study, study_name
-from mloptimizer.trainer.checkpoint import CHECKPOINTS_DIR  # no TensorFlow in it
 from mloptimizer.trainer.kept import MODELS_DIR  # no TensorFlow in it
 from mloptimizer.urls import redact
 

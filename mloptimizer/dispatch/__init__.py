@@ -51,6 +51,7 @@ Where things are, and where a new rule goes:
 from __future__ import annotations
 
 from mloptimizer.dispatch.contract import (
+    CheckpointKeeper,
     Counts,
     DeadTrial,
     EpochProgress,
@@ -65,6 +66,7 @@ from mloptimizer.dispatch.contract import (
 from mloptimizer.dispatch.loop import Dispatcher
 
 __all__ = [
+    "CheckpointKeeper",
     "Counts",
     "DeadTrial",
     "Dispatcher",

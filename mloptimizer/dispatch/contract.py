@@ -11,7 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.messages import (
+    CheckpointUrls,
+    Decision,
+    ProgressMessage,
+    ResultMessage,
+    TrialMessage,
+)
 from mloptimizer.space import Architecture
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import TrialRecord, trial_seed
@@ -20,6 +26,7 @@ if TYPE_CHECKING:
     from mloptimizer.dispatch.loop import Dispatcher
 
 __all__ = [
+    "CheckpointKeeper",
     "Counts",
     "DeadTrial",
     "EpochProgress",
@@ -84,6 +91,15 @@ class Transport(Protocol):
 
     def queued(self) -> int | None:
         """Trials not yet taken by a trainer, or None when the transport cannot tell."""
+
+
+class CheckpointKeeper(Protocol):
+    """Where trials keep their checkpoints when trainers share no folder (the operator's
+    bucket): signed URLs for each trial's message, and the clean-up once it ended."""
+
+    def urls(self, trial_id: int) -> CheckpointUrls: ...
+
+    def discard(self, trial_id: int) -> None: ...
 
 
 class Observer(Protocol):
@@ -157,11 +173,13 @@ def trial_message(
     architecture: Architecture,
     progress_timeout: float = 5.0,
     token: str | None = None,
+    checkpoint: CheckpointUrls | None = None,
 ) -> TrialMessage:
     """What trainers are sent for trial ``number``: the one derivation, so that a model the
     report retrains is the model the trial trained (epochs by phase, seed by number).
     ``token``: the trial's capability (None: a fresh random one, for a message nobody
-    answers to the dispatcher, such as a retrain)."""
+    answers to the dispatcher, such as a retrain); ``checkpoint``: the URLs of its
+    checkpoints in a bucket (None: the trainers' folder, if any)."""
     training = spec.training
     refine = training.refine if phase == "refine" else None
     return TrialMessage(
@@ -182,5 +200,6 @@ def trial_message(
             spec.objective.constraints is not None
             and spec.objective.constraints.max_model_kb is not None
         ),
+        checkpoint=checkpoint,
         **({"token": token} if token is not None else {}),
     )

@@ -22,6 +22,7 @@ from mloptimizer.changes import refusal as spec_refusal
 from mloptimizer.checks import fitted_space
 from mloptimizer.dispatch import judgements
 from mloptimizer.dispatch.contract import (
+    CheckpointKeeper,
     DeadTrial,
     EpochProgress,
     Inbound,
@@ -81,6 +82,7 @@ class Dispatcher(Phases):
         max_retries: int = 2,
         price_of: Callable[[str], float | None] | None = None,
         memory_budget: int | None = None,
+        checkpoints: CheckpointKeeper | None = None,
     ) -> None:
         super().__init__(study, spec, clock)
         # USD/hour of the machine a worker runs on (rented GPUs); None: workers.pricePerHour
@@ -92,6 +94,7 @@ class Dispatcher(Phases):
         self.deadlines = Deadlines(stale_after, first_progress_grace, max_retries)
         # Bytes a trainer may use; a model estimated over it fails as too_large unsent.
         self.memory_budget = memory_budget
+        self.checkpoints = checkpoints  # a bucket's, when trainers share no folder
         self.stopping: Outcome | None = None
         self.last_dispatch_seconds = 0.0  # ask, sample, publish and write of the latest trial
         self.refused: str | None = None  # why the latest requested spec is not in force
@@ -100,6 +103,8 @@ class Dispatcher(Phases):
         self._recover(transport.durable, lambda rec: self._message(rec.number, rec.trial_id, rec))
 
     def _finished(self, rec: TrialRecord) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.discard(rec.trial_id)
         if self.observer is not None:
             self.observer.finished(rec, self)
 
@@ -248,6 +253,7 @@ class Dispatcher(Phases):
             architecture=rec.architecture,
             progress_timeout=self.progress_timeout,
             token=trial_token(self._key, trial_id),
+            checkpoint=self.checkpoints.urls(trial_id) if self.checkpoints is not None else None,
         )
 
     # --- messages ---------------------------------------------------------------------

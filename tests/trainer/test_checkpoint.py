@@ -16,8 +16,10 @@ from typing import Any
 import keras
 import pytest
 from dispatch import digits_trial
+from s3server import ACCESS_KEY, REGION, SECRET_KEY, s3_server
 
-from mloptimizer.messages import Decision, TrialMessage
+from mloptimizer.messages import CheckpointUrls, Decision, TrialMessage
+from mloptimizer.operator.objectstore import Bucket, TrialCheckpoints
 from mloptimizer.spec import Dataset
 from mloptimizer.trainer.checkpoint import Checkpoints, seed_states
 from mloptimizer.trainer.data import DatasetCache, Splits
@@ -99,13 +101,16 @@ def test_a_trial_resumed_at_epoch_k_ends_as_an_uninterrupted_one(
     assert resumed.value == pytest.approx(whole.value, abs=1e-5)
 
 
-def test_only_the_last_epoch_is_kept_and_written_whole(splits: Splits, tmp_path: Path) -> None:
+def test_the_last_epoch_is_kept_whole_beside_the_one_before(splits: Splits, tmp_path: Path) -> None:
     checkpoints = Checkpoints(tmp_path)
     run(trial(), splits, checkpoints, stop_after=3)
     folder = tmp_path / "trial-3"
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch-3.npz", "meta.json"]
+    # two files by the epoch's parity: meta.json names one, and a trainer dying while the
+    # other is written leaves it whole
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "state-0.npz", "state-1.npz"]
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["epoch"] == 3
+    assert meta["model"] == "state-1.npz"
     assert len(meta["history"]) == 3
     fresh = build(splits)
     assert all(state[1] == 0 for state in seed_states(fresh))  # a new model's dropout RNG
@@ -136,7 +141,7 @@ def test_a_checkpoint_a_holder_did_not_write_or_of_another_trial_is_ignored(
     for other in (trial(token="x" * 24), trial(seed=99), trial(epochs=6)):
         assert checkpoints.load(other, lambda: build(splits)) is None
     # the model file swapped under a valid meta.json
-    (tmp_path / "trial-3" / "epoch-2.npz").write_bytes(b"not a model")
+    (tmp_path / "trial-3" / "state-0.npz").write_bytes(b"not a model")
     assert checkpoints.load(trial(), lambda: build(splits)) is None
     # then the trial starts over, from epoch 1
     outcome, reported = run(trial(), splits, checkpoints)
@@ -174,3 +179,46 @@ def test_a_resumed_trial_the_dispatcher_prunes_at_its_checkpoint_trains_no_furth
     assert outcome.state == "pruned"
     assert outcome.epochs_run == 2
     assert outcome.resumed_at == 2
+
+
+def test_a_trial_resumes_through_the_bucket_urls_its_message_carries(
+    splits: Splits, tmp_path: Path
+) -> None:
+    """A search delivering to S3: trainers share no folder and hold no storage key; the
+    operator signs a PUT and a GET for each checkpoint object of each trial."""
+    whole, whole_reports = run(trial(), splits, None)
+    assert whole is not None
+    with s3_server("models") as (endpoint, state):
+        bucket = Bucket(endpoint, "models", REGION, ACCESS_KEY, SECRET_KEY)
+        keeper = TrialCheckpoints(bucket, "ns/ck/checkpoints")
+        message = trial(checkpoint=keeper.urls(3))
+        no_folder = Checkpoints()  # a rented host: nothing shared but the URLs
+        assert no_folder.kept(message)
+        assert not no_folder.kept(trial())
+        stopped, first_reports = run(message, splits, no_folder, stop_after=2)
+        assert stopped is None
+        objects = state.buckets["models"]
+        assert sorted(objects) == [
+            "ns/ck/checkpoints/trial-3/meta.json",
+            "ns/ck/checkpoints/trial-3/state-0.npz",
+            "ns/ck/checkpoints/trial-3/state-1.npz",
+        ]
+        keras.utils.set_random_seed(987)
+        resumed, second_reports = run(message, splits, Checkpoints())
+        assert resumed is not None
+        assert resumed.resumed_at == 2
+        losses = [loss for _, loss in first_reports + second_reports[1:]]
+        assert losses == pytest.approx([loss for _, loss in whole_reports], abs=1e-5)
+        assert resumed.value == pytest.approx(whole.value, abs=1e-5)
+        # each URL does one thing to one object: a GET URL cannot write, and another
+        # trial's URLs do not reach this one's objects
+        forged = CheckpointUrls(put=message.checkpoint.get, get=message.checkpoint.get)  # type: ignore[union-attr]
+        Checkpoints().save(trial(checkpoint=forged), 1, [{"val_loss": 0.0}], build(splits))
+        assert state.refused
+        assert "signature does not match" in state.refused[-1]
+        other = keeper.urls(4)
+        assert all("trial-4/" in url for url in [*other.put.values(), *other.get.values()])
+        # the trial ended: the operator removes its objects, off the dispatch loop
+        keeper.discard(3)
+        assert keeper.drain()
+        assert objects == {}
