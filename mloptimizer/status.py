@@ -58,6 +58,12 @@ class TrialCounts(SpecModel):
         description="Messages refused (malformed, forged or failing to handle), kept in the "
         "search's rejected queue; since the operator started serving the search.",
     )
+    seconds_per_epoch: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="Median training seconds per epoch of the trials finished so far (a GPU "
+        "pool prices what a preemption costs with it).",
+    )
 
 
 class BestTrial(SpecModel):
@@ -125,6 +131,16 @@ class PoolMachine(SpecModel):
     )
     ended_at: str | None = Field(default=None, description="When it was destroyed (RFC 3339).")
     reason: str = Field(default="", max_length=256, description="Why it was destroyed.")
+    interruptible: bool = Field(
+        default=False, description="Rented as an interruptible (spot) machine, at a bid."
+    )
+
+
+class SpotEvidence(SpecModel):
+    """What interruptible machines of one GPU type did for this search."""
+
+    hours: float = Field(default=0.0, ge=0.0, description="Machine-hours run interruptible.")
+    preemptions: int = Field(default=0, ge=0, description="Machines taken back by Vast.ai.")
 
 
 class PoolStatus(SpecModel):
@@ -152,6 +168,11 @@ class PoolStatus(SpecModel):
         default=0.0, ge=0.0, description="What the machines rented now bill, in USD/hour."
     )
     message: str = Field(default="", max_length=1024, description="What the pool is doing.")
+    interruptions: dict[str, SpotEvidence] = Field(
+        default_factory=dict,
+        description="Per GPU type: spot machine-hours ended and preemptions seen; "
+        "interruptible: auto prices spot offers with the rate they give.",
+    )
 
 
 class Artifact(SpecModel):

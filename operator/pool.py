@@ -22,12 +22,20 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mloptimizer.operator.builders import POOL_LABEL
-from mloptimizer.operator.vastai import Instance, Offer, OfferUnavailable, VastClient, VastError
+from mloptimizer.operator.offers import (
+    DEFAULT_EPOCH_HOURS,
+    DEFAULT_RESTART_HOURS,
+    Interruptions,
+    acceptable,
+    choose_offers,
+    offer_query,
+)
+from mloptimizer.operator.vastai import Instance, OfferUnavailable, VastClient, VastError
 from mloptimizer.spec import ArchitectureSearchSpec, GpuPool, parse_duration
 from mloptimizer.status import PoolMachine, PoolStatus
 
@@ -48,7 +56,6 @@ __all__ = [
     "machines_wanted",
     "offer_query",
     "parse_label",
-    "rent_price",
     "spent_usd",
     "sweep_orphans",
     "work_from_status",
@@ -90,66 +97,6 @@ def machine_id_of_worker(worker_id: str) -> str | None:
     return machine_name(match.group(1)) if match else None
 
 
-# --- choosing offers ---------------------------------------------------------------------
-
-
-def offer_query(pool: GpuPool) -> dict[str, Any]:
-    """The ``/bundles/`` filter for the pool's offers (re-checked by :func:`acceptable`)."""
-    query: dict[str, Any] = {
-        "gpu_name": {"eq": pool.gpu_name},
-        "num_gpus": {"eq": pool.num_gpus},
-        "dph_total": {"lte": pool.max_price_per_hour},
-        "reliability2": {"gte": pool.min_reliability},
-        "cuda_max_good": {"gte": float(pool.min_cuda_version)},
-        "disk_space": {"gte": pool.disk_gb},
-        "rentable": {"eq": True},
-        "rented": {"eq": False},
-    }
-    if pool.verified_only:
-        query["verified"] = {"eq": True}
-    if pool.mode == "Node":
-        query["vms_enabled"] = {"eq": True}
-    return query
-
-
-def rent_price(offer: Offer, pool: GpuPool) -> float:
-    """What the machine bills an hour: the bid when interruptible, else the offer's price."""
-    if pool.interruptible and pool.bid_price_per_hour is not None:
-        return max(pool.bid_price_per_hour, offer.min_bid)
-    return offer.dph_total
-
-
-def acceptable(offer: Offer, pool: GpuPool, avoid: Iterable[int] = ()) -> bool:
-    """Whether ``offer`` meets every filter: the server's answer is never trusted alone."""
-    return (
-        offer.gpu_name == pool.gpu_name
-        and offer.num_gpus == pool.num_gpus
-        and offer.dph_total <= pool.max_price_per_hour
-        and rent_price(offer, pool) <= pool.max_price_per_hour
-        and offer.reliability >= pool.min_reliability
-        and offer.cuda_max_good >= float(pool.min_cuda_version)
-        and (offer.verified or not pool.verified_only)
-        and (offer.vms_enabled or pool.mode != "Node")
-        and offer.machine_id not in set(avoid)
-    )
-
-
-def choose_offers(
-    offers: Iterable[Offer], pool: GpuPool, count: int, avoid: Iterable[int] = ()
-) -> list[Offer]:
-    """Up to ``count`` acceptable offers, cheapest first, one per host."""
-    avoided = set(avoid)
-    chosen: list[Offer] = []
-    hosts: set[int] = set()
-    for offer in sorted(offers, key=lambda o: (rent_price(o, pool), o.id)):
-        if len(chosen) == count:
-            break
-        if acceptable(offer, pool, avoided) and offer.machine_id not in hosts:
-            chosen.append(offer)
-            hosts.add(offer.machine_id)
-    return chosen
-
-
 # --- state ------------------------------------------------------------------------------
 
 
@@ -167,6 +114,7 @@ class Machine:
     drain_started_at: str | None = None
     ended_at: str | None = None
     reason: str = ""
+    interruptible: bool = False  # rented as a spot machine (it may be taken back)
 
 
 @dataclass
@@ -178,6 +126,8 @@ class PoolState:
     retired_usd: float = 0.0
     desired: int = 0
     message: str = ""
+    # GPU type -> spot machine-hours run and preemptions seen (ended machines only)
+    interruptions: dict[str, Interruptions] = field(default_factory=dict)
 
     @classmethod
     def from_status(cls, data: dict[str, Any] | None) -> PoolState:
@@ -188,7 +138,30 @@ class PoolState:
             retired_usd=status.retired_usd,
             desired=status.desired,
             message=status.message,
+            interruptions={
+                gpu: Interruptions(seen.hours, seen.preemptions)
+                for gpu, seen in status.interruptions.items()
+            },
         )
+
+    def seen(self, gpu: str, now: float) -> Interruptions:
+        """Spot evidence for ``gpu``: the ended machines', plus the hours of those running."""
+        kept = self.interruptions.get(gpu, Interruptions())
+        running = sum(
+            machine_hours(m, now)
+            for m in self.machines
+            if m.interruptible and m.state != "Destroyed"
+        )
+        return Interruptions(kept.hours + running, kept.preemptions)
+
+    def restart_hours(self) -> float:
+        """How long a machine took from rental to ready (median), or a default."""
+        took = sorted(
+            (_seconds(m.ready_at) or 0.0) - (_seconds(m.rented_at) or 0.0)
+            for m in self.machines
+            if m.ready_at is not None
+        )
+        return took[len(took) // 2] / 3600 if took else DEFAULT_RESTART_HOURS
 
     def to_status(self, now: float) -> dict[str, Any]:
         """``status.pool`` at ``now``: readiness and money are derived from the machines."""
@@ -202,6 +175,10 @@ class PoolState:
                 "spent_usd": round(spent_usd(self, now), 6),
                 "burn_rate_per_hour": round(burn_rate(self), 6),
                 "message": self.message[:1024],
+                "interruptions": {
+                    gpu: {"hours": round(seen.hours, 6), "preemptions": seen.preemptions}
+                    for gpu, seen in self.interruptions.items()
+                },
             }
         )
         return status.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -228,11 +205,16 @@ def _rfc3339(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def machine_cost(machine: Machine, now: float) -> float:
-    """price x (end - rent), the end being now for a machine still rented."""
+def machine_hours(machine: Machine, now: float) -> float:
+    """Hours from rent to end, the end being now for a machine still rented."""
     start = _seconds(machine.rented_at) or now
     end = _seconds(machine.ended_at) or now
-    return machine.price_per_hour * max(0.0, end - start) / 3600.0
+    return max(0.0, end - start) / 3600.0
+
+
+def machine_cost(machine: Machine, now: float) -> float:
+    """price x (end - rent), the end being now for a machine still rented."""
+    return machine.price_per_hour * machine_hours(machine, now)
 
 
 def spent_usd(status: PoolState, now: float) -> float:
@@ -272,7 +254,9 @@ def work_from_status(status: dict[str, Any], spec: ArchitectureSearchSpec, now: 
         hours = (now - started) / 3600.0 * left / finished
     if spec.budget.timeout is not None and started is not None:
         hours = min(hours, max(0.0, parse_duration(spec.budget.timeout) - (now - started)) / 3600)
-    return Work(trials=running, ended=False, remaining_hours=hours)
+    per_epoch = trials.get("secondsPerEpoch")
+    epoch_hours = float(per_epoch) / 3600 if per_epoch else DEFAULT_EPOCH_HOURS
+    return Work(trials=running, ended=False, remaining_hours=hours, epoch_hours=epoch_hours)
 
 
 # --- the controller ----------------------------------------------------------------------
@@ -308,6 +292,7 @@ class Work:
     trials: int  # queued and running
     ended: bool = False
     remaining_hours: float = 1.0  # how long the search is expected to go on
+    epoch_hours: float = DEFAULT_EPOCH_HOURS  # an epoch's training time, as trials took it
 
 
 @dataclass
@@ -404,6 +389,8 @@ class PoolController:
             if current is None:
                 if age > LIST_GRACE:  # a machine just rented may not be listed yet
                     await self._ended(machine, now, "gone from Vast.ai", destroy=False)
+            elif machine.interruptible and preempted(current):
+                await self._preempted(machine, current, now)
             elif current.actual_status in FAILED_STATUSES:
                 await self._ended(machine, now, f"instance {current.actual_status}")
             elif machine.state == "Provisioning":
@@ -423,6 +410,20 @@ class PoolController:
                         f"({current.actual_status}); host {machine.host} avoided",
                     )
 
+    async def _preempted(self, machine: Machine, instance: Instance, now: float) -> None:
+        """A spot machine taken back: counted for its GPU type, its host not avoided (it
+        did nothing wrong); its trainers' trials go on from their checkpoints elsewhere."""
+        gpu = self.pool.gpu_name
+        kept = self.status.interruptions.get(gpu, Interruptions())
+        self.status.interruptions[gpu] = Interruptions(kept.hours, kept.preemptions + 1)
+        await self.kube.event(
+            "Warning",
+            "MachinePreempted",
+            f"{machine.name} (instance {instance.id}, interruptible) was taken back by Vast.ai "
+            f"({instance.actual_status}); its trials go on from their last epoch",
+        )
+        await self._ended(machine, now, f"preempted ({instance.actual_status})")
+
     async def _ready(self, machine: Machine, instance: Instance) -> bool:
         if instance.actual_status != "running":
             return False
@@ -435,12 +436,14 @@ class PoolController:
         except VastError as error:
             self.status.message = f"offer search failed: {error}"
             return
-        chosen = choose_offers(offers, self.pool, len(offers), self.status.avoided_hosts)
+        seen = self.status.seen(self.pool.gpu_name, now)
+        chosen = choose_offers(offers, self.pool, len(offers), self.status.avoided_hosts, seen,
+                               work.epoch_hours, self.status.restart_hours())  # fmt: skip
         rented = 0
-        for offer in chosen:
+        for choice in chosen:
             if rented == count:
                 break
-            price = rent_price(offer, self.pool)
+            offer, price = choice.offer, choice.price_per_hour
             cap = self.pool.max_spend_usd
             if cap is not None and spent + (burn + price) * work.remaining_hours > cap:
                 self.status.message = (
@@ -451,8 +454,8 @@ class PoolController:
             suffix = secrets.token_hex(5)
             name = machine_name(suffix)
             request = {**self.rent_request(name), "label": instance_label(self.uid, suffix)}
-            if self.pool.interruptible:
-                request["price"] = price
+            if choice.interruptible:
+                request["price"] = price  # a bid: an interruptible (spot) rental
             try:
                 instance_id = await self.vast.rent(offer.id, request)
             except OfferUnavailable:
@@ -465,6 +468,7 @@ class PoolController:
                 price_per_hour=price,
                 state="Provisioning",
                 rented_at=_rfc3339(now),
+                interruptible=choice.interruptible,
             )
             self.status.machines.append(machine)
             burn += price
@@ -474,7 +478,9 @@ class PoolController:
                 "Normal",
                 "MachineRented",
                 f"{name}: instance {instance_id} on host {offer.machine_id}, "
-                f"{offer.num_gpus}x {offer.gpu_name} at ${price:.3f}/h",
+                f"{offer.num_gpus}x {offer.gpu_name} at ${price:.3f}/h "
+                f"{'interruptible' if choice.interruptible else 'on-demand'} "
+                f"(${choice.usd_per_epoch:.4f} a finished epoch expected)",
             )
         if rented < count:
             self.status.message = (
@@ -518,6 +524,11 @@ class PoolController:
         machine.state = "Destroyed"
         machine.ended_at = _rfc3339(now)
         machine.reason = reason[:256]
+        if machine.interruptible:  # its hours are evidence of the spot market's rate
+            kept = self.status.interruptions.get(self.pool.gpu_name, Interruptions())
+            self.status.interruptions[self.pool.gpu_name] = Interruptions(
+                kept.hours + machine_hours(machine, now), kept.preemptions
+            )
         log.info("machine %s (instance %d): %s", machine.name, machine.instance_id, reason)
         if self.pool.mode == "Node":
             await self.kube.delete_node(machine.name)
@@ -546,6 +557,13 @@ class PoolController:
                 },
             }
         )
+
+
+def preempted(instance: Instance) -> bool:
+    """Whether an interruptible instance was taken back: Vast.ai stopped it (outbid, or
+    its host reclaimed) while we still want it running. A container that exited on its own
+    (a crashing trainer) or a host gone offline is a failure, not a preemption."""
+    return instance.actual_status == "stopped" and instance.intended_status in ("running", "")
 
 
 def _search_of(label: str) -> str | None:

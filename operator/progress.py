@@ -115,6 +115,16 @@ def resume_dollars(trials: Iterable[TrialRecord]) -> tuple[float, float]:
     return redone, saved
 
 
+def seconds_per_epoch(counts: Counts) -> float | None:
+    """Median training seconds per epoch of the trials finished (None before any)."""
+    paces = sorted(
+        r.seconds / int(r.attrs[Attr.EPOCHS])
+        for r in counts.history
+        if r.seconds > 0 and int(r.attrs.get(Attr.EPOCHS) or 0) > 0
+    )
+    return paces[len(paces) // 2] if paces else None
+
+
 def status_from_counts(
     counts: Counts, spec: ArchitectureSearchSpec, running: int = 0
 ) -> dict[str, Any]:
@@ -153,6 +163,7 @@ def status_from_counts(
             "tooLarge": counts.too_large,
             "paretoFront": len(front),
             "rejectedMessages": counts.rejected,
+            **({"secondsPerEpoch": round(pace, 3)} if (pace := seconds_per_epoch(counts)) else {}),
         },
         "best": (
             {

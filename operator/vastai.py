@@ -99,6 +99,7 @@ class Instance:
     dph_total: float
     start_date: float | None  # epoch seconds
     status_msg: str = ""
+    intended_status: str = ""  # what we asked for: running (a stop we did not ask is not ours)
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Instance:
@@ -111,6 +112,7 @@ class Instance:
             dph_total=float(data.get("dph_total") or 0.0),
             start_date=float(start) if start is not None else None,
             status_msg=str(data.get("status_msg") or ""),
+            intended_status=str(data.get("intended_status") or ""),
         )
 
 

@@ -100,6 +100,23 @@ VALID: list[dict[str, Any]] = [
             "brokerEndpoint": "amqps://broker.example.com:5671/",
         },
     ),
+    with_(
+        "workers.gpuPool",
+        {
+            "apiKeySecretRef": {"name": "v", "key": "k"},
+            "joinSecretRef": {"name": "k3s"},
+            "capacity": "Auto",
+        },
+    ),  # fmt: skip
+    with_(
+        "workers.gpuPool",
+        {
+            "apiKeySecretRef": {"name": "v", "key": "k"},
+            "joinSecretRef": {"name": "k3s"},
+            "capacity": "Interruptible",
+            "bidPricePerHour": 0.2,
+        },
+    ),  # fmt: skip
     *(yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES),
     with_("objective", {"tradeoff": "modelKB", "constraints": {"maxModelKB": 64}}),
     with_("output.formats", ["savedmodel", "tflite-float16", "tflite-int8"]),
@@ -248,6 +265,26 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
             {**NODE_POOL, "bidPricePerHour": 0.1},
         ),
         "spec.workers.gpuPool.bidPricePerHour",
+    ),
+    (
+        "bid under capacity OnDemand",
+        with_("workers.gpuPool", {**NODE_POOL, "capacity": "OnDemand", "bidPricePerHour": 0.1}),
+        "spec.workers.gpuPool.bidPricePerHour",
+    ),
+    (
+        "capacity Interruptible without a bid",
+        with_("workers.gpuPool", {**NODE_POOL, "capacity": "Interruptible"}),
+        "spec.workers.gpuPool.bidPricePerHour",
+    ),
+    (
+        "interruptible contradicting capacity",
+        with_("workers.gpuPool", {**NODE_POOL, "interruptible": True, "capacity": "Auto"}),
+        "spec.workers.gpuPool.capacity",
+    ),
+    (
+        "unknown capacity",
+        with_("workers.gpuPool", {**NODE_POOL, "capacity": "Spot"}),
+        "spec.workers.gpuPool.capacity",
     ),
     (
         "bid above cap",

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
+import random
 import threading
 import time
 from collections import deque
@@ -55,6 +57,8 @@ class VastMock:
     faults: deque[Fault] = field(default_factory=deque)
     calls: list[tuple[str, str, Any]] = field(default_factory=list)
     rejected_auth: int = 0
+    preempt_rate_per_hour: float = 0.0  # chance an interruptible instance is taken back
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
     lock: threading.Lock = field(default_factory=threading.Lock)
     _answered: threading.Condition = field(default_factory=threading.Condition)
     url: str = ""
@@ -99,6 +103,16 @@ class VastMock:
         with self.lock:
             self.instances[instance_id]["actual_status"] = status
             self.instances[instance_id]["forced"] = True
+
+    def preempt(self, instance_id: int) -> None:
+        """Take an interruptible instance back, as an outbidding renter does."""
+        with self.lock:
+            self._stop(self.instances[instance_id])
+
+    @staticmethod
+    def _stop(instance: dict[str, Any]) -> None:
+        instance.update(actual_status="stopped", cur_state="stopped", forced=True,
+                        status_msg="stopped: outbid")  # fmt: skip
 
     def live(self) -> list[dict[str, Any]]:
         """Instances not destroyed, after advancing their state to the clock."""
@@ -222,8 +236,10 @@ class VastMock:
             "start_date": self.clock(),
             "image_uuid": body["image"],
             "status_msg": "",
+            "is_bid": "price" in body,
             "request": body,
             "joined": False,
+            "checked_at": self.clock(),
         }
         return _json(200, {"success": True, "new_contract": instance_id})
 
@@ -232,6 +248,12 @@ class VastMock:
         for instance in self.instances.values():
             if instance.get("forced"):
                 continue
+            since, instance["checked_at"] = instance["checked_at"], now
+            if instance["is_bid"] and instance["actual_status"] == "running":
+                taken = 1 - math.exp(-self.preempt_rate_per_hour * max(0.0, now - since) / 3600)
+                if self.rng.random() < taken:
+                    self._stop(instance)
+                    continue
             age = now - instance["start_date"]
             status = instance["actual_status"]
             if status is None and age >= self.create_seconds:
@@ -250,7 +272,8 @@ class VastMock:
 
     @staticmethod
     def _public(instance: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in instance.items() if k not in ("request", "joined", "forced")}
+        hidden = ("request", "joined", "forced", "checked_at")
+        return {k: v for k, v in instance.items() if k not in hidden}
 
 
 def _matches(offer: dict[str, Any], query: dict[str, Any]) -> bool:

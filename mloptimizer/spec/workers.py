@@ -84,9 +84,27 @@ class GpuPool(SpecModel):
     rules = (
         REPLICA_RANGE,
         Rule(
-            cel="self.interruptible == has(self.bidPricePerHour)",
-            check=lambda s: s.interruptible == (s.bid_price_per_hour is not None),
-            message="bidPricePerHour is required with interruptible: true, and only then",
+            cel="!has(self.capacity) || self.capacity == 'Interruptible' || !self.interruptible",
+            check=lambda s: (
+                s.capacity is None or s.capacity == "Interruptible" or not s.interruptible
+            ),
+            message="interruptible: true says capacity Interruptible: set capacity alone "
+            "(OnDemand, Interruptible or Auto)",
+            field="capacity",
+        ),
+        Rule(
+            cel="(has(self.capacity) ? self.capacity != 'Interruptible' : !self.interruptible) "
+            "|| has(self.bidPricePerHour)",
+            check=lambda s: s.rented_as != "Interruptible" or s.bid_price_per_hour is not None,
+            message="bidPricePerHour is required with capacity Interruptible (interruptible: true)",
+            field="bidPricePerHour",
+        ),
+        Rule(
+            cel="!has(self.bidPricePerHour) || "
+            "(has(self.capacity) ? self.capacity != 'OnDemand' : self.interruptible)",
+            check=lambda s: s.bid_price_per_hour is None or s.rented_as != "OnDemand",
+            message="bidPricePerHour is a spot bid: set capacity to Interruptible or Auto, or "
+            "remove it",
             field="bidPricePerHour",
         ),
         Rule(
@@ -143,9 +161,26 @@ class GpuPool(SpecModel):
     )
     disk_gb: int = Field(default=40, ge=10, le=2000, description="Disk per machine in GB.")
     verified_only: bool = Field(default=True, description="Rent verified hosts only.")
-    interruptible: bool = Field(default=False, description="Bid for interruptible (spot) machines.")
+    interruptible: bool = Field(
+        default=False,
+        description="Bid for interruptible (spot) machines only: the same as capacity "
+        "Interruptible (the older spelling).",
+    )
+    capacity: Literal["OnDemand", "Interruptible", "Auto"] | None = Field(
+        default=None,
+        description="How machines are rented. OnDemand (the default, unless interruptible "
+        "is true); Interruptible: spot machines at a bid, which Vast.ai may take back; Auto: "
+        "each offer the way a finished epoch is expected to cost less, from its on-demand "
+        "price, the bid, the preemptions per machine-hour seen so far for this GPU type "
+        "(status.pool.interruptions) and the epoch in progress a preemption costs with "
+        "checkpoints.",
+    )
     bid_price_per_hour: float | None = Field(
-        default=None, gt=0.0, description="Bid in USD/hour when interruptible."
+        default=None,
+        gt=0.0,
+        description="Bid in USD/hour for an interruptible machine (under capacity Auto, "
+        "optional: each offer's minimum bid when absent); never less than the offer's "
+        "minimum bid.",
     )
     provision_timeout: Duration = Field(
         default="10m",
@@ -169,6 +204,11 @@ class GpuPool(SpecModel):
         description="How long a surplus machine's trainers get to hand back their trials "
         "before the machine is destroyed.",
     )
+
+    @property
+    def rented_as(self) -> Literal["OnDemand", "Interruptible", "Auto"]:
+        """``capacity``, or what ``interruptible`` says when it is not set."""
+        return self.capacity or ("Interruptible" if self.interruptible else "OnDemand")
 
 
 class Workers(SpecModel):

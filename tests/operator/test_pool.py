@@ -18,6 +18,7 @@ from vastmock import API_KEY, VastMock
 
 from mloptimizer.operator.builders import node_rent_request, trainer_labels
 from mloptimizer.operator.kube import ApiPoolKube
+from mloptimizer.operator.offers import Interruptions, choose_capacity, cost_per_epoch
 from mloptimizer.operator.pool import (
     POOL_LABEL,
     PoolController,
@@ -179,27 +180,63 @@ offer_strategy = st.builds(
     offers=st.lists(offer_strategy, max_size=40),
     cap=st.floats(0.05, 2.0),
     count=st.integers(0, 8),
-    interruptible=st.booleans(),
+    capacity=st.sampled_from(["OnDemand", "Interruptible", "Auto"]),
     avoid=st.sets(st.integers(1, 30), max_size=5),
 )
 def test_no_offer_above_the_price_cap(
-    offers: list[Offer], cap: float, count: int, interruptible: bool, avoid: set[int]
+    offers: list[Offer], cap: float, count: int, capacity: str, avoid: set[int]
 ) -> None:
     pool = gpu_pool(
         maxPricePerHour=cap,
-        interruptible=interruptible,
-        **({"bidPricePerHour": cap / 2} if interruptible else {}),
+        capacity=capacity,
+        **({"bidPricePerHour": cap / 2} if capacity == "Interruptible" else {}),
     )
     chosen = choose_offers(offers, pool, count, avoid)
     assert len(chosen) <= count
-    assert all(o.dph_total <= cap for o in chosen)
-    assert all(acceptable(o, pool, avoid) for o in chosen)
-    assert len({o.machine_id for o in chosen}) == len(chosen)
-    # the cheapest acceptable first: nothing left out is cheaper than what was taken
-    taken_hosts = {o.machine_id for o in chosen}
-    left = [o for o in offers if acceptable(o, pool, avoid) and o.machine_id not in taken_hosts]
+    assert all(c.offer.dph_total <= cap and c.price_per_hour <= cap for c in chosen)
+    assert all(acceptable(c.offer, pool, avoid) for c in chosen)
+    forced = {"OnDemand": False, "Interruptible": True}
+    assert all(c.interruptible == forced[capacity] for c in chosen if capacity in forced)
+    assert len({c.offer.machine_id for c in chosen}) == len(chosen)
+    # the cheapest per finished epoch first: nothing left out is expected to cost less
+    taken_hosts = {c.offer.machine_id for c in chosen}
+    left = [
+        choose_capacity(o, pool, Interruptions())
+        for o in offers
+        if acceptable(o, pool, avoid) and o.machine_id not in taken_hosts
+    ]
     if len(chosen) == count and chosen:
-        assert all(o.dph_total >= max(c.dph_total for c in chosen) for o in left) or interruptible
+        worst = max(c.usd_per_epoch for c in chosen)
+        assert all(c is not None and c.usd_per_epoch >= worst for c in left)
+
+
+def test_auto_rents_spot_while_it_is_cheaper_per_finished_epoch() -> None:
+    offer = Offer(1, 7, "RTX 4090", 1, dph_total=0.40, reliability=0.99, cuda_max_good=12.4,
+                  verified=True, vms_enabled=True, min_bid=0.24)  # fmt: skip
+    pool = gpu_pool(capacity="Auto")
+    epoch, restart = 0.05, 0.1  # hours: 3-minute epochs, 6 minutes to replace a machine
+    calm = choose_capacity(offer, pool, Interruptions(hours=100, preemptions=1), epoch, restart)
+    assert calm is not None
+    assert calm.interruptible
+    assert calm.price_per_hour == 0.24  # its minimum bid: no bidPricePerHour under Auto
+    # spot at 0.24 with rate r costs 0.24 x (1 + r x 0.125) an epoch-hour: it loses to 0.40
+    # on-demand once r > 5.33 an hour
+    stormy = choose_capacity(offer, pool, Interruptions(hours=1, preemptions=70), epoch, restart)
+    assert stormy is not None
+    assert not stormy.interruptible
+    assert stormy.usd_per_epoch == pytest.approx(cost_per_epoch(0.40, 0.0, epoch, restart))
+    # the prior (one in ten hours) until evidence comes; evidence outweighs it
+    assert Interruptions().rate == pytest.approx(0.1)
+    assert Interruptions(hours=1000, preemptions=500).rate == pytest.approx(0.5, rel=0.01)
+    # Interruptible (interruptible: true) and OnDemand force the way, whatever it costs
+    forced = gpu_pool(interruptible=True, bidPricePerHour=0.3)
+    spot = choose_capacity(offer, forced, Interruptions(hours=1, preemptions=9), epoch, restart)
+    assert spot is not None
+    assert spot.interruptible
+    assert spot.price_per_hour == 0.3
+    never = choose_capacity(offer, gpu_pool(), Interruptions(), epoch, restart)
+    assert never is not None
+    assert not never.interruptible
 
 
 def test_the_query_carries_every_filter() -> None:
@@ -284,7 +321,10 @@ async def test_scale_up_to_the_work_then_down_to_nothing(
         status = pool_status(emulator)["pool"]
         assert len(events(emulator, "MachineRented")) == 2
         said = sorted(e["message"].split(", ", 1)[1] for e in events(emulator, "MachineRented"))
-        assert said == ["1x RTX 4090 at $0.200/h", "1x RTX 4090 at $0.250/h"]
+        assert [s.split(" (")[0] for s in said] == [
+            "1x RTX 4090 at $0.200/h on-demand",
+            "1x RTX 4090 at $0.250/h on-demand",
+        ]
         assert len(events(emulator, "MachineReady")) == 2
         assert status["ready"] == 2
         assert status["desired"] == 2
@@ -498,3 +538,67 @@ async def test_work_coming_back_revives_a_draining_machine_instead_of_renting(
         assert revived["spec"]["unschedulable"] is False
         assert len([c for c in vast.calls if c[0] == "PUT"]) == 2  # nothing rented anew
         assert len(vast.live()) == 2
+
+
+async def test_a_preempted_spot_machine_is_told_from_a_failed_one_and_its_rate_kept(
+    vast: VastMock, kube: ApiPoolKube, emulator: Emulator, clock: Clock
+) -> None:
+    for machine in (1, 2, 3, 4):
+        vast.add_offer(machine_id=machine, dph_total=0.4)  # min bid 0.2
+    pool = gpu_pool(maxReplicas=1, capacity="Auto")
+    async with VastClient(API_KEY, url=vast.url) as client:
+        ctl = controller(vast, client, kube, clock, pool)
+        await ctl.reconcile(Work(trials=1))
+        [spot] = vast.live()
+        assert spot["is_bid"]  # the prior's rate: spot at its minimum bid is cheaper
+        assert spot["dph_total"] == 0.2
+        clock.advance(HOUR)
+        await settle(emulator, ctl, Work(trials=1))
+        vast.preempt(spot["id"])  # outbid: Vast.ai stops it, we still want it running
+        await ctl.reconcile(Work(trials=1))
+        status = pool_status(emulator)["pool"]
+        [gone] = [m for m in status["machines"] if m["state"] == "Destroyed"]
+        assert gone["reason"] == "preempted (stopped)"
+        assert gone["interruptible"]
+        assert status["interruptions"]["RTX 4090"]["preemptions"] == 1
+        assert status["interruptions"]["RTX 4090"]["hours"] == pytest.approx(1.0, abs=0.01)
+        assert status["avoidedHosts"] == []  # the host did nothing wrong
+        [event] = events(emulator, "MachinePreempted")
+        assert "its trials go on from their last epoch" in event["message"]
+        # a container that exited on its own is a failure, not a preemption
+        [second] = vast.live()
+        clock.advance(vast.boot_seconds)
+        await settle(emulator, ctl, Work(trials=1))
+        vast.set_status(second["id"], "exited")
+        await ctl.reconcile(Work(trials=1))
+        status = pool_status(emulator)["pool"]
+        assert status["interruptions"]["RTX 4090"]["preemptions"] == 1
+        reasons = [m["reason"] for m in status["machines"] if m["state"] == "Destroyed"]
+        assert "instance exited" in reasons
+
+
+async def test_auto_turns_to_on_demand_when_spot_machines_keep_being_taken_back(
+    vast: VastMock, kube: ApiPoolKube, emulator: Emulator, clock: Clock
+) -> None:
+    for host in range(1, 12):
+        vast.add_offer(machine_id=host, dph_total=0.4)
+    pool = gpu_pool(maxReplicas=1, capacity="Auto")
+    async with VastClient(API_KEY, url=vast.url) as client:
+        ctl = controller(vast, client, kube, clock, pool)
+        work = Work(trials=1, epoch_hours=2.0)  # 2-hour epochs: a preemption loses an hour
+        kinds: list[bool] = []
+        for _ in range(12):
+            await ctl.reconcile(work)
+            [machine] = vast.live()
+            kinds.append(machine["is_bid"])
+            clock.advance(600)  # taken back ten minutes in, every time
+            await settle(emulator, ctl, work)
+            if machine["is_bid"]:
+                vast.preempt(machine["id"])
+            else:
+                break
+        # spot first (the prior), until the rate seen makes on-demand cheaper per epoch
+        assert kinds[0] is True
+        assert kinds[-1] is False
+        seen = pool_status(emulator)["pool"]["interruptions"]["RTX 4090"]
+        assert seen["preemptions"] == kinds.count(True)
