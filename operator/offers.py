@@ -6,12 +6,14 @@ is never trusted alone), then priced both ways.
 
 An interruptible (spot) machine bills its bid, less than the offer's on-demand price, but
 may be taken back at any moment. With a checkpoint every epoch, a preemption costs the
-epoch in progress (half of one, on average) and the time a replacement takes to be rented,
-boot and load the data, all billed. So the dollars per finished epoch are::
+epoch in progress and the time a replacement takes to be rented, boot and load the data,
+all billed. An epoch is finished once it runs ``epoch`` hours without a preemption; with
+preemptions at ``rate`` an hour (Poisson), the dollars per finished epoch are::
 
-    price x epoch x (1 + checkpoint overhead) x (1 + rate x (epoch / 2 + restart))
+    price x (1 + checkpoint overhead) x (e^(rate x epoch) - 1) x (1 / rate + restart)
 
-with ``rate`` the preemptions per machine-hour of that GPU type. The rate is estimated
+(``price x epoch`` at rate 0), with ``rate`` the preemptions per machine-hour of that GPU
+type. The rate is estimated
 from what the pool has seen (:class:`Interruptions`, kept in ``status.pool``), with a
 prior of one preemption in ten hours, worth five machine-hours of evidence (a Gamma-Poisson
 mean). ``gpuPool.capacity: Auto`` rents each offer the cheaper way; ``Interruptible``
@@ -20,6 +22,7 @@ and ``OnDemand`` force one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -67,9 +70,16 @@ def cost_per_epoch(
     price_per_hour: float, rate: float, epoch_hours: float, restart_hours: float
 ) -> float:
     """Expected USD per finished epoch on a machine billing ``price_per_hour`` that is taken
-    back ``rate`` times an hour (0: on-demand)."""
-    lost_per_hour = rate * (epoch_hours / 2 + restart_hours)
-    return price_per_hour * epoch_hours * (1 + CHECKPOINT_OVERHEAD) * (1 + lost_per_hour)
+    back ``rate`` times an hour (0: on-demand).
+
+    An epoch is finished when ``epoch_hours`` pass without a preemption. Before that,
+    ``e^(rate x epoch) - 1`` preemptions are expected, each costing the time the epoch had
+    run (``1 / rate`` on average, all told) and a replacement's ``restart_hours``."""
+    hours = epoch_hours
+    if rate > 0:
+        preemptions = math.expm1(rate * epoch_hours)
+        hours = preemptions * (1 / rate + restart_hours)
+    return price_per_hour * hours * (1 + CHECKPOINT_OVERHEAD)
 
 
 def spot_bid(offer: Offer, pool: GpuPool) -> float:

@@ -107,7 +107,7 @@ VALID: list[dict[str, Any]] = [
             "joinSecretRef": {"name": "k3s"},
             "capacity": "Auto",
         },
-    ),  # fmt: skip
+    ),
     with_(
         "workers.gpuPool",
         {
@@ -116,7 +116,7 @@ VALID: list[dict[str, Any]] = [
             "capacity": "Interruptible",
             "bidPricePerHour": 0.2,
         },
-    ),  # fmt: skip
+    ),
     *(yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES),
     with_("objective", {"tradeoff": "modelKB", "constraints": {"maxModelKB": 64}}),
     with_("output.formats", ["savedmodel", "tflite-float16", "tflite-int8"]),
