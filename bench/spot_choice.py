@@ -5,12 +5,14 @@ A simulated search on the Vast.ai mock (tests/vastmock.py) and the operator's ow
 :class:`~mloptimizer.operator.pool.PoolController`, on a simulated clock. The book holds
 on-demand offers at $1.00/h whose minimum bid is $0.60 (spot 40 % cheaper); the mock takes
 spot machines back at random at the rate given (seeded), and a new machine takes 5
-minutes to boot, billed. The search needs ``--epochs`` epochs of ``--epoch-minutes`` each,
+minutes to boot, billed. Each search (``--searches``) needs so many epochs of so many minutes,
 trained by up to four machines; a machine trains only while it runs, keeps every epoch it
 finishes (a checkpoint) and loses the one in progress when it is taken back. The pool
-reconciles every simulated minute. Dollars: what every machine billed, rent to destroy.
+reconciles every simulated minute (with long epochs, every 48th of an epoch). Dollars:
+what every machine billed, rent to destroy.
 
-Run: ``python bench/spot_choice.py`` (a few minutes; no GPU, no network). Prints, per
+Run: ``python bench/spot_choice.py`` (about 15 minutes; simulated time, so it may run
+beside other work; no GPU, no network). Prints, per
 epoch length and rate, the dollars of each capacity (mean over ``--seeds``) and
 ``ratio auto/best`` (target <= 1.05), and whether Auto beats on-demand wherever spot only
 does.
@@ -34,7 +36,7 @@ from mloptimizer.operator.vastai import VastClient
 from mloptimizer.spec import GpuPool
 
 MACHINES = 4
-STEP = 60.0  # seconds between the pool's passes
+STEP = 60.0  # seconds between the pool's passes (longer epochs: a 48th of one)
 RATES = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)  # preemptions per machine-hour
 
 
@@ -84,6 +86,7 @@ async def search(capacity: str, rate: float, epochs: int, epoch_hours: float, se
     import random
 
     clock = Clock()
+    step = max(STEP, epoch_hours * 3600 / 48)
     with VastMock(clock=clock, boot_seconds=300.0, preempt_rate_per_hour=rate,
                   rng=random.Random(seed)) as vast:  # fmt: skip
         for host in range(1, 200):
@@ -110,31 +113,35 @@ async def search(capacity: str, rate: float, epochs: int, epoch_hours: float, se
                     if instance not in running:
                         del progress[instance]  # taken back: the epoch in progress is lost
                 for instance in sorted(running & ready):
-                    progress[instance] = progress.get(instance, 0.0) + STEP
+                    progress[instance] = progress.get(instance, 0.0) + step
                     if progress[instance] >= epoch_hours * 3600 and done < epochs:
                         done += 1
                         progress[instance] -= epoch_hours * 3600
-                clock.now += STEP
+                clock.now += step
             await ctl.destroy_all("search done")
             return spent_usd(ctl.status, clock.now)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=120)
-    parser.add_argument("--epoch-minutes", type=float, nargs="+", default=[15.0, 240.0])
+    parser.add_argument(
+        "--searches", nargs="+", default=["120x15", "40x240"],
+        help="each search as EPOCHSxMINUTES (epochs of that many minutes) [120x15 40x240]",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     worst, beaten = 0.0, True
-    for minutes in args.epoch_minutes:
-        print(f"{args.epochs} epochs of {minutes:g} min, up to {MACHINES} machines; "
+    for shape in args.searches:
+        count, minutes = (float(x) for x in shape.split("x"))
+        epochs = int(count)
+        print(f"{epochs} epochs of {minutes:g} min, up to {MACHINES} machines; "
               "on-demand $1.00/h, spot bid $0.60/h")  # fmt: skip
         print(f"{'rate/h':>7} {'on-demand':>10} {'spot only':>10} {'auto':>10} {'auto/best':>10}")
         for rate in RATES:
             cost: dict[str, float] = {}
             for capacity in ("OnDemand", "Interruptible", "Auto"):
                 cost[capacity] = statistics.mean(
-                    asyncio.run(search(capacity, rate, args.epochs, minutes / 60, seed))
+                    asyncio.run(search(capacity, rate, epochs, minutes / 60, seed))
                     for seed in range(args.seeds)
                 )
             best = min(cost["OnDemand"], cost["Interruptible"])

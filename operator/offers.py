@@ -15,7 +15,7 @@ preemptions at ``rate`` an hour (Poisson), the dollars per finished epoch are::
 (``price x epoch`` at rate 0), with ``rate`` the preemptions per machine-hour of that GPU
 type. The rate is estimated
 from what the pool has seen (:class:`Interruptions`, kept in ``status.pool``), with a
-prior of one preemption in ten hours, worth five machine-hours of evidence (a Gamma-Poisson
+prior of one preemption in ten hours, worth 2.5 machine-hours of evidence (a Gamma-Poisson
 mean). ``gpuPool.capacity: Auto`` rents each offer the cheaper way; ``Interruptible``
 and ``OnDemand`` force one.
 """
@@ -46,8 +46,8 @@ __all__ = [
 
 # A checkpoint of every epoch: 0.4-0.9 % of an epoch (bench/checkpoint_overhead.py).
 CHECKPOINT_OVERHEAD = 0.01
-PRIOR_PREEMPTIONS = 0.5  # the prior: half a preemption ...
-PRIOR_HOURS = 5.0  # ... in five machine-hours (one in ten), soon outweighed
+PRIOR_PREEMPTIONS = 0.25  # the prior: a quarter of a preemption ...
+PRIOR_HOURS = 2.5  # ... in 2.5 machine-hours (one in ten), soon outweighed
 DEFAULT_EPOCH_HOURS = 2.0 / 60  # before any epoch has been timed
 DEFAULT_RESTART_HOURS = 5.0 / 60  # rent, boot, pull, load: before any machine was ready
 

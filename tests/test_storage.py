@@ -5,6 +5,8 @@ optuna-dashboard."""
 from __future__ import annotations
 
 import json
+import threading
+import uuid
 import wsgiref.util
 from typing import Any
 
@@ -12,12 +14,15 @@ import optuna
 import optuna_dashboard
 import pytest
 import sqlalchemy
-from dispatch import make_spec
+from dispatch import make_spec, result_of
 from optuna.trial import FrozenTrial
+from services import RABBITMQ_URL, connect_rabbitmq
 from test_dispatch import ScriptedTransport
 
+from mloptimizer.amqp import AmqpTransport
+from mloptimizer.broker import PERSISTENT
 from mloptimizer.dispatch import Dispatcher, Inbound
-from mloptimizer.messages import ResultMessage, TrialMessage
+from mloptimizer.messages import QueueNames, ResultMessage, TrialMessage, decode, encode
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.storage import SearchStorage
 from mloptimizer.study import Attr, open_study, records, storage_url
@@ -177,22 +182,29 @@ def test_messages_received_together_are_told_in_one_transaction_and_acked_after_
 def test_a_lost_database_while_telling_acks_nothing_and_the_results_come_again(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Over the machine's RabbitMQ: the results stay unacked in the broker while the
+    database is lost, and the broker itself delivers them again to the next dispatcher."""
+    search = f"test.storage-{uuid.uuid4().hex[:8]}"
+    names = QueueNames(search)
     spec = make_spec(budget={"maxTrials": 4, "parallelism": 4}, training={"epochs": 1})
-    transport = ScriptedTransport(durable=True)
-    settled: list[int] = []
-    delivered: list[ResultMessage] = []
-    original_receive = transport.receive
+    trained: list[int] = []
+    done = threading.Event()
 
-    def receive(timeout: float) -> list[Inbound]:
-        received = original_receive(timeout)
-        for inbound in received:
-            if isinstance(inbound.message, ResultMessage):
-                delivered.append(inbound.message)
-                trial_id = inbound.message.trial_id
-                inbound.settle = lambda t=trial_id: settled.append(t)  # type: ignore[misc]
-        return received
+    def trainer() -> None:
+        """Takes each trial, reports it complete, acks it: a trainer that never fails."""
+        connection = connect_rabbitmq()
+        channel = connection.channel()
+        for method, _, body in channel.consume(names.trials, inactivity_timeout=0.2):
+            if done.is_set():
+                break
+            if method is not None:
+                trial = decode(body)
+                assert isinstance(trial, TrialMessage)
+                trained.append(trial.trial_id)
+                channel.basic_publish("", names.results, encode(result_of(trial)), PERSISTENT)
+                channel.basic_ack(method.delivery_tag)
+        connection.close()
 
-    transport.receive = receive  # type: ignore[method-assign]
     original_commit = SearchStorage._commit
 
     def commit(self: SearchStorage, writes: list[Any]) -> None:
@@ -201,22 +213,36 @@ def test_a_lost_database_while_telling_acks_nothing_and_the_results_come_again(
         original_commit(self, writes)
 
     monkeypatch.setattr(SearchStorage, "_commit", commit)
-    study = open_study(spec, "ns.search", url)
-    with pytest.raises(sqlalchemy.exc.OperationalError):
-        Dispatcher(study, spec, transport, search="ns.search").run()
-    assert settled == []  # nothing acked: the broker has every result still
-    reader = optuna.load_study(study_name="ns.search", storage=url)
-    assert [t.state.name for t in reader.trials] == ["RUNNING"] * 4
+    worker = threading.Thread(target=trainer, daemon=True)
+    try:
+        first = AmqpTransport(RABBITMQ_URL, search, prefetch=8)
+        worker.start()
+        with pytest.raises(sqlalchemy.exc.OperationalError):
+            Dispatcher(open_study(spec, search, url), spec, first, search=search).run()
+        reader = optuna.load_study(study_name=search, storage=url)
+        assert [t.state.name for t in reader.trials] == ["RUNNING"] * 4
+        # nothing acked: the broker holds every result again once the channel closed
+        connection = connect_rabbitmq()
+        held = connection.channel().queue_declare(names.results, passive=True)
+        assert held.method.message_count == 4
+        connection.close()
 
-    # The database is back: a new dispatcher adopts the trials, the results come again.
-    monkeypatch.setattr(SearchStorage, "_commit", original_commit)
-    assert len(delivered) == 4
-    again = ScriptedTransport(durable=True, extra=[Inbound(m) for m in delivered])
-    d = Dispatcher(open_study(spec, "ns.search", url), spec, again, search="ns.search")
-    assert d.run().reason == "maxTrials"
-    reader = optuna.load_study(study_name="ns.search", storage=url)
+        # The database is back: a new dispatcher adopts the trials; the broker redelivers.
+        monkeypatch.setattr(SearchStorage, "_commit", original_commit)
+        again = AmqpTransport(RABBITMQ_URL, search, prefetch=8)
+        d = Dispatcher(open_study(spec, search, url), spec, again, search=search)
+        assert d.run().reason == "maxTrials"
+    finally:
+        done.set()
+        worker.join(10)
+        connection = connect_rabbitmq()
+        channel = connection.channel()
+        for queue in names.all:
+            channel.queue_delete(queue)
+        connection.close()
+    reader = optuna.load_study(study_name=search, storage=url)
     assert [t.state.name for t in reader.trials] == ["COMPLETE"] * 4
-    assert again.sent == []  # told from the redelivered results, nothing trained twice
+    assert sorted(trained) == sorted(t._trial_id for t in reader.trials)  # none trained twice
 
 
 def test_trials_created_for_a_wave_and_not_sent_are_ended_uncounted(url: str) -> None:

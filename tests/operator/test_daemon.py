@@ -20,7 +20,7 @@ from mloptimizer.dispatch import Outcome
 from mloptimizer.messages import QueueNames
 from mloptimizer.operator.daemon import SearchConfig, run_search
 from mloptimizer.spec import ArchitectureSearchSpec
-from mloptimizer.study import open_study, records, storage_url
+from mloptimizer.study import Attr, open_study, records, storage_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -221,6 +221,49 @@ def test_a_broker_that_comes_back_clears_degraded_and_the_search_completes(
     degraded_now = next(c for c in kube.status["conditions"] if c["type"] == "Degraded")
     assert degraded_now["status"] == "False"
     assert kube.status["phase"] == "Succeeded"
+
+
+def test_a_broker_away_for_over_two_minutes_mid_search_loses_nothing(
+    config: SearchConfig, tmp_path: Path
+) -> None:
+    """The Guarantees row's "away for minutes", with the default backoff (to 30 s): the
+    operator's and the trainers' way to the broker is cut mid-search for 130 s."""
+    forwarder = TcpForwarder(5672)
+    url = f"amqp://guest:guest@127.0.0.1:{forwarder.port}/%2F"
+    config.broker_url = url
+    forwarder.open()
+    keep = ("--checkpoint-dir", str(tmp_path / "checkpoints"))
+    started = [TrainerProcess(url, config.study, tmp_path, f"t{i}", *keep) for i in (1, 2)]
+    kube = RecordingKube()
+    outcomes: list[Outcome | None] = []
+    search = spec(maxTrials=6)
+    thread = threading.Thread(
+        target=lambda: outcomes.append(run_search(config, search, kube, stop=threading.Event()))
+    )
+    thread.start()
+    try:
+        kube.wait_for(lambda s: s.get("trials", {}).get("complete", 0) >= 1, timeout=180)
+        forwarder.close()  # RabbitMQ away for everyone: connections cut, none accepted
+        kube.wait_for(degraded("ConnectionLost"), timeout=60)
+        threading.Event().wait(130)  # the outage itself: its length is what is tested
+        forwarder.open()
+        kube.wait_for(degraded("Connected"), timeout=90)  # within a 30 s backoff of it
+        thread.join(timeout=300)
+    finally:
+        forwarder.close()
+        for trainer in started:
+            trainer.stop()
+    assert outcomes
+    assert outcomes[0] is not None
+    assert outcomes[0].reason == "maxTrials", [t.log()[-2000:] for t in started]
+    assert kube.status["phase"] == "Succeeded"
+    study = optuna.load_study(study_name=config.study, storage=storage_url(config.storage_url))
+    trials = records(study)
+    assert len(trials) == 6  # nothing lost, none replaced
+    assert all(t.state == "complete" for t in trials)
+    assert sum(int(t.attrs.get(Attr.REDONE_EPOCHS, 0)) for t in trials) <= 2  # a trainer each
+    logs = "".join(t.log() for t in started)
+    assert "waiting for the broker" in logs or "reconnecting" in logs
 
 
 def test_a_bug_while_handling_results_fails_those_trials_not_the_operator(

@@ -219,8 +219,14 @@ def test_auto_rents_spot_while_it_is_cheaper_per_finished_epoch() -> None:
     assert calm is not None
     assert calm.interruptible
     assert calm.price_per_hour == 0.24  # its minimum bid: no bidPricePerHour under Auto
-    # spot at 0.24 with rate r costs 0.24 x (1 + r x 0.125) an epoch-hour: it loses to 0.40
-    # on-demand once r > 5.33 an hour
+    # spot at 0.24 with rate r costs 0.24 x (e^(r x 0.05) - 1) x (1 / r + 0.1) an epoch: it
+    # loses to 0.40 x 0.05 on-demand once r > 4.76 an hour
+    below = choose_capacity(offer, pool, Interruptions(1000, 4700), epoch, restart)  # 4.69/h
+    above = choose_capacity(offer, pool, Interruptions(1000, 4800), epoch, restart)  # 4.79/h
+    assert below is not None
+    assert below.interruptible
+    assert above is not None
+    assert not above.interruptible
     stormy = choose_capacity(offer, pool, Interruptions(hours=1, preemptions=70), epoch, restart)
     assert stormy is not None
     assert not stormy.interruptible
