@@ -259,8 +259,11 @@ def test_a_broker_away_for_over_two_minutes_mid_search_loses_nothing(
     assert kube.status["phase"] == "Succeeded"
     study = optuna.load_study(study_name=config.study, storage=storage_url(config.storage_url))
     trials = records(study)
-    assert len(trials) == 6  # nothing lost, none replaced
-    assert all(t.state == "complete" for t in trials)
+    counted = [t for t in trials if t.counted]
+    assert len(counted) == 6  # nothing lost
+    assert all(t.state == "complete" for t in counted)
+    # a trial whose publish the broker never confirmed as it went is replaced, untrained
+    assert all(t.interrupted and not t.attrs.get(Attr.WORKER) for t in trials if not t.counted)
     assert sum(int(t.attrs.get(Attr.REDONE_EPOCHS, 0)) for t in trials) <= 2  # a trainer each
     logs = "".join(t.log() for t in started)
     assert "waiting for the broker" in logs or "reconnecting" in logs
