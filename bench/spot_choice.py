@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ from mloptimizer.spec import GpuPool
 
 MACHINES = 4
 STEP = 60.0  # seconds between the pool's passes (longer epochs: a 48th of one)
-RATES = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)  # preemptions per machine-hour
+RATES = (0.0, 0.1, 0.2, 0.3, 0.5)  # preemptions per machine-hour
 
 
 class Clock:
@@ -89,8 +90,14 @@ async def search(capacity: str, rate: float, epochs: int, epoch_hours: float, se
     step = max(STEP, epoch_hours * 3600 / 48)
     with VastMock(clock=clock, boot_seconds=300.0, preempt_rate_per_hour=rate,
                   rng=random.Random(seed)) as vast:  # fmt: skip
-        for host in range(1, 200):
-            vast.add_offer(machine_id=host, dph_total=1.0, min_bid=0.6)
+        hosts = itertools.count(1)
+
+        def stock() -> None:
+            """The market keeps offering: 20 machines for rent at any time."""
+            while len(vast.offers) < 20:
+                vast.add_offer(machine_id=next(hosts), dph_total=1.0, min_bid=0.6)
+
+        stock()
         async with VastClient(API_KEY, url=vast.url) as client:
             pool = pool_of(capacity)
             ctl = PoolController(
@@ -107,6 +114,7 @@ async def search(capacity: str, rate: float, epochs: int, epoch_hours: float, se
                 work = Work(trials=min(busy, MACHINES), remaining_hours=max(left, 1) *
                             epoch_hours / MACHINES, epoch_hours=epoch_hours)  # fmt: skip
                 await ctl.reconcile(work)
+                stock()
                 running = {i["id"] for i in vast.live() if i["actual_status"] == "running"}
                 ready = {m.instance_id for m in ctl.status.machines if m.state == "Ready"}
                 for instance in list(progress):
@@ -129,6 +137,10 @@ def main() -> None:
         help="each search as EPOCHSxMINUTES (epochs of that many minutes) [120x15 40x240]",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=list(RATES),
+        help="preemptions per machine-hour [0 0.1 0.2 0.3 0.5]",
+    )  # fmt: skip
     args = parser.parse_args()
     worst, beaten = 0.0, True
     for shape in args.searches:
@@ -137,7 +149,7 @@ def main() -> None:
         print(f"{epochs} epochs of {minutes:g} min, up to {MACHINES} machines; "
               "on-demand $1.00/h, spot bid $0.60/h")  # fmt: skip
         print(f"{'rate/h':>7} {'on-demand':>10} {'spot only':>10} {'auto':>10} {'auto/best':>10}")
-        for rate in RATES:
+        for rate in args.rates:
             cost: dict[str, float] = {}
             for capacity in ("OnDemand", "Interruptible", "Auto"):
                 cost[capacity] = statistics.mean(
