@@ -55,7 +55,8 @@ from mloptimizer.messages import CHECKPOINTS_DIR, CheckpointUrls, TrialMessage
 __all__ = ["CHECKPOINTS_DIR", "Checkpoint", "Checkpoints", "file_sha256", "seed_states"]
 
 STATE_OBJECTS = ("state-0.npz", "state-1.npz")  # meta.json names one of the two
-MAX_CHECKPOINT_BYTES = 2 * 1024**3  # read from a bucket at most (a 160M-weight model's)
+MAX_CHECKPOINT_BYTES = 2 * 1024**3  # read at most (a 160M-weight model's state)
+MAX_META_BYTES = 16 * 1024**2  # meta.json: the history of 10,000 epochs fits many times
 _HTTP_TIMEOUT = 120.0
 
 log = logging.getLogger("mloptimizer.trainer")
@@ -108,6 +109,12 @@ class Checkpoint:
     model: Any = field(repr=False)
 
 
+def _limit(name: str) -> int:
+    """The most bytes a checkpoint object may hold: another trainer of the search could
+    plant a huge one where the next holder reads."""
+    return MAX_META_BYTES if name == "meta.json" else MAX_CHECKPOINT_BYTES
+
+
 class _Folder:
     """A trial's checkpoint objects as files in its folder (a run folder's, a claim's):
     each replaced in one step."""
@@ -117,9 +124,13 @@ class _Folder:
 
     def read(self, name: str) -> bytes | None:
         try:
-            return (self.where / name).read_bytes()
+            with (self.where / name).open("rb") as handle:
+                data = handle.read(_limit(name) + 1)
         except OSError:
             return None
+        if len(data) > _limit(name):
+            raise ValueError(f"{name} is over {_limit(name)} bytes")
+        return data
 
     def write(self, name: str, data: bytes) -> None:
         self.where.mkdir(parents=True, exist_ok=True)
@@ -142,13 +153,13 @@ class _Urls:
     def read(self, name: str) -> bytes | None:
         try:
             with urllib.request.urlopen(self.urls.get[name], timeout=_HTTP_TIMEOUT) as answer:  # type: ignore[index]
-                data: bytes = answer.read(MAX_CHECKPOINT_BYTES + 1)
+                data: bytes = answer.read(_limit(name) + 1)
         except urllib.error.HTTPError as error:
             if error.code == 404:
                 return None  # none kept yet
             raise
-        if len(data) > MAX_CHECKPOINT_BYTES:
-            raise ValueError(f"{name} is over {MAX_CHECKPOINT_BYTES} bytes")
+        if len(data) > _limit(name):
+            raise ValueError(f"{name} is over {_limit(name)} bytes")
         return data
 
     def write(self, name: str, data: bytes) -> None:

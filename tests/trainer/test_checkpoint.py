@@ -21,7 +21,7 @@ from s3server import ACCESS_KEY, REGION, SECRET_KEY, s3_server
 from mloptimizer.messages import CheckpointUrls, Decision, TrialMessage
 from mloptimizer.operator.objectstore import Bucket, TrialCheckpoints
 from mloptimizer.spec import Dataset
-from mloptimizer.trainer.checkpoint import Checkpoints, seed_states
+from mloptimizer.trainer.checkpoint import MAX_META_BYTES, Checkpoints, seed_states
 from mloptimizer.trainer.data import DatasetCache, Splits
 from mloptimizer.trainer.model import build_model
 from mloptimizer.trainer.training import Outcome, TrialInterrupted, train_trial
@@ -140,6 +140,10 @@ def test_a_checkpoint_a_holder_did_not_write_or_of_another_trial_is_ignored(
     # the same trial id with another token (a retry is a new trial), or other settings
     for other in (trial(token="x" * 24), trial(seed=99), trial(epochs=6)):
         assert checkpoints.load(other, lambda: build(splits)) is None
+    # a meta.json too large to be one (planted to exhaust the next holder's memory)
+    meta_file.write_bytes(b" " * (MAX_META_BYTES + 1))
+    assert checkpoints.load(trial(), lambda: build(splits)) is None
+    meta_file.write_text(honest)
     # the model file swapped under a valid meta.json
     (tmp_path / "trial-3" / "state-0.npz").write_bytes(b"not a model")
     assert checkpoints.load(trial(), lambda: build(splits)) is None
