@@ -22,13 +22,11 @@ import logging
 import multiprocessing
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -321,16 +319,6 @@ def test_a_search_survives_kills_and_service_restarts_and_loses_nothing(drill: D
         for state in ("complete", "pruned", "failed"):
             assert status["trials"][state] == sum(t.state == state for t in counted), context
     else:
-        # Finished trials are never repeated: across the three runners (two killed with
-        # SIGKILL), each trial was sent once; a restarted runner adopts what is in flight.
-        sent = Counter(
-            int(number)
-            for log in drill.workdir.glob("runner-*.log")
-            for number in re.findall(r"trial (\d+) sent \(", log.read_text())
-        )
-        assert len(list(drill.workdir.glob("runner-*.log"))) == 3, context
-        assert sent, context
-        assert [n for n, times in sent.items() if times > 1] == [], (sent, context)
         summary = json.loads((drill.workdir / "out" / "summary.json").read_text())
         by_number = {t["number"]: t for t in summary["trials"]}
         for t in trials:
