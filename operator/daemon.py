@@ -248,52 +248,56 @@ def run_search(
         on_wait=lambda _what, error: _degraded(reporter, kube, error),
     )
     checkpoints = _bucket_checkpoints(config, spec, destination)
-    while not stop.is_set():
-        try:
-            dispatcher = _start(config, spec, kube, reporter, resume, price_of, checkpoints)
-            outcome = dispatcher.run(should_stop=stop.is_set, latest_spec=latest_spec)
-        except StudyMismatch as error:  # cannot succeed: the search ends
-            _mismatch(reporter, kube, error)
-            return None
-        except Exception as error:
-            if resume.retry(error):  # broker, database or API away: degraded, then again
-                continue  # the study keeps what was told
-            _internal(reporter, kube, error)
-            return None
-        if outcome.reason == "interrupted":
-            return None
-        best = dispatcher.counts.best
-        output = dispatcher.spec.output
-        delivering = (
-            destination is not None
-            and (output.pvc is not None or output.s3 is not None)
-            and not outcome.failed
-            and best is not None
-            and best.architecture is not None
-        )
-        _finish(reporter, dispatcher, kube, outcome, delivering=delivering)
-        if delivering and best is not None and best.architecture is not None:
-            message = trial_message(
-                dispatcher.spec,
-                search=config.study,
-                number=best.number,
-                trial_id=best.trial_id,
-                phase=best.phase,
-                architecture=best.architecture,
+    try:
+        while not stop.is_set():
+            try:
+                dispatcher = _start(config, spec, kube, reporter, resume, price_of, checkpoints)
+                outcome = dispatcher.run(should_stop=stop.is_set, latest_spec=latest_spec)
+            except StudyMismatch as error:  # cannot succeed: the search ends
+                _mismatch(reporter, kube, error)
+                return None
+            except Exception as error:
+                if resume.retry(error):  # broker, database or API away: degraded, then again
+                    continue  # the study keeps what was told
+                _internal(reporter, kube, error)
+                return None
+            if outcome.reason == "interrupted":
+                return None
+            best = dispatcher.counts.best
+            output = dispatcher.spec.output
+            delivering = (
+                destination is not None
+                and (output.pvc is not None or output.s3 is not None)
+                and not outcome.failed
+                and best is not None
+                and best.architecture is not None
             )
-            assert destination is not None
-            _deliver(
-                config,
-                dispatcher.spec,
-                message,
-                kube,
-                reporter.conditions,
-                stop,
-                destination,
-                capability_key(dispatcher.study),
-            )
-        return outcome
-    return None
+            _finish(reporter, dispatcher, kube, outcome, delivering=delivering)
+            if delivering and best is not None and best.architecture is not None:
+                message = trial_message(
+                    dispatcher.spec,
+                    search=config.study,
+                    number=best.number,
+                    trial_id=best.trial_id,
+                    phase=best.phase,
+                    architecture=best.architecture,
+                )
+                assert destination is not None
+                _deliver(
+                    config,
+                    dispatcher.spec,
+                    message,
+                    kube,
+                    reporter.conditions,
+                    stop,
+                    destination,
+                    capability_key(dispatcher.study),
+                )
+            return outcome
+        return None
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()  # its removals finished, its thread ended
 
 
 def _bucket_checkpoints(

@@ -126,7 +126,7 @@ class TrialCheckpoints:
 
     def __init__(self, bucket: Bucket, prefix: str) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        self._doomed: queue.Queue[int] = queue.Queue()
+        self._doomed: queue.Queue[int | None] = queue.Queue()  # None: stop
         self._remover = threading.Thread(target=self._remove, daemon=True, name="ckpt-rm")
         self._remover.start()
 
@@ -144,24 +144,17 @@ class TrialCheckpoints:
     def discard(self, trial_id: int) -> None:
         self._doomed.put(trial_id)
 
-    def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until every removal asked for is done (a test, a clean stop)."""
-        done = threading.Event()
-
-        def wait() -> None:
-            self._doomed.join()
-            done.set()
-
-        threading.Thread(target=wait, daemon=True).start()
-        return done.wait(timeout)
+    def close(self, timeout: float = 30.0) -> bool:
+        """Finish the removals asked for, then end the thread (the search's daemon is
+        done); whether they finished within ``timeout``."""
+        self._doomed.put(None)
+        self._remover.join(timeout)
+        return not self._remover.is_alive()
 
     def _remove(self) -> None:
-        while True:
-            trial_id = self._doomed.get()
+        while (trial_id := self._doomed.get()) is not None:
             try:
                 for name in get_args(CheckpointObject):
                     self.bucket.remove(self.key(trial_id, name))
             except Exception as error:  # the bucket away: left for its lifecycle rule
                 log.warning("could not remove trial %d's checkpoints: %s", trial_id, error)
-            finally:
-                self._doomed.task_done()

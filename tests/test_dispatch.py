@@ -1106,7 +1106,7 @@ def test_trials_carry_their_own_bucket_urls_and_their_checkpoints_go_when_they_e
         d = dispatcher(spec, storage, transport, checkpoints=keeper)
         assert d.run().reason == "maxTrials"
         assert sorted(written) == sorted(t.trial_id for t in transport.sent)
-        assert keeper.drain()
+        assert keeper.close()
         assert state.buckets["models"] == {}  # every trial ended: its objects went
 
 

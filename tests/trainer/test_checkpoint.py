@@ -224,5 +224,5 @@ def test_a_trial_resumes_through_the_bucket_urls_its_message_carries(
         assert all("trial-4/" in url for url in [*other.put.values(), *other.get.values()])
         # the trial ended: the operator removes its objects, off the dispatch loop
         keeper.discard(3)
-        assert keeper.drain()
+        assert keeper.close()
         assert objects == {}
