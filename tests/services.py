@@ -309,6 +309,7 @@ def close_connection(name: str, timeout: float = 60.0) -> None:
             for line in listed("pid", "name").splitlines()
             if line.partition("\t")[2] in peers
         ]
+        assert len(pids) <= 1, f"{len(pids)} connections named {name!r}: name it uniquely"
         if pids:
             break
         assert time.monotonic() < deadline, f"no connection named {name!r}"

@@ -143,10 +143,12 @@ def test_a_lost_broker_connection_costs_at_most_the_epoch_in_progress(
     # Nobody answers progress: each epoch waits its 2 s timeout, so the trial is mid-way
     # when its connection drops, however fast the machine trains.
     dispatcher.decide = lambda p: None
-    trainer = start(trainers, search, tmp_path, "w1", "--checkpoint-dir", str(tmp_path / "ck"))
+    # a name no other test's trainer has: the broker closes every connection of that name
+    name = f"cut-{search.rsplit('.', 1)[-1]}"
+    trainer = start(trainers, search, tmp_path, name, "--checkpoint-dir", str(tmp_path / "ck"))
     dispatcher.send(digits_trial(search, 12, epochs=5, progress_timeout_seconds=2.0))
     dispatcher.wait_for(lambda: len(dispatcher.progress) >= 2)
-    close_connection("trainer w1")  # what a broker restart does to every trainer
+    close_connection(f"trainer {name}")  # what a broker restart does to every trainer
     dispatcher.wait_for(lambda: len(dispatcher.results) == 1)
     result = dispatcher.results[0]
     log = trainer.log()
