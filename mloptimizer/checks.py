@@ -91,6 +91,8 @@ def space_issues(spec: ArchitectureSearchSpec) -> tuple[list[SpecIssue], list[Sp
     warnings: list[SpecIssue] = []
     space = spec.search_space
     for family in space.architectures:
+        if family == "mobilenet":  # its strides pad ("same"): any count fits any image
+            continue
         blocks = space.cnn.blocks if family == "cnn" else space.inception.blocks
         path = f"spec.searchSpace.{family}.blocks"
         if blocks.min > fits:
@@ -170,7 +172,14 @@ def smallest_model(spec: ArchitectureSearchSpec) -> tuple[int, float]:
     input), and every head type the space allows.
     """
     from mloptimizer.sizing import input_shape, model_size
-    from mloptimizer.space import Architecture, ConvBlock, InceptionBlock
+    from mloptimizer.space import (
+        MOBILENET_CHANNELS,
+        Architecture,
+        ConvBlock,
+        InceptionBlock,
+        InvertedResidual,
+        mobilenet_channels,
+    )
 
     shape, classes = input_shape(spec)
     space = fitted_space(spec)
@@ -178,7 +187,14 @@ def smallest_model(spec: ArchitectureSearchSpec) -> tuple[int, float]:
     candidates: list[Architecture] = []
     for head in heads:
         units = space.classifier.units.min if head == "mlp" else None
-        common = {"classifier": head, "dense_units": units, "dropout": 0.0, "learning_rate": 0.1}
+        more = (units,) * (space.classifier.layers.min - 1) if units is not None else ()
+        common = {
+            "classifier": head,
+            "dense_units": units,
+            "extra_dense_units": more,
+            "dropout": 0.0,
+            "learning_rate": 0.1,
+        }
         if "cnn" in space.architectures:
             cnn = space.cnn
             block = ConvBlock(filters=cnn.filters.min, kernel_size=min(cnn.kernel_sizes))
@@ -196,6 +212,26 @@ def smallest_model(spec: ArchitectureSearchSpec) -> tuple[int, float]:
             for count in range(inc.blocks.min, inc.blocks.max + 1, inc.blocks.step):
                 candidates.append(
                     Architecture(family="inception", inception_blocks=(module,) * count, **common)
+                )
+        if "mobilenet" in space.architectures:
+            mob = space.mobilenet
+            width = min(mob.widths)
+            for count in range(mob.blocks.min, mob.blocks.max + 1, mob.blocks.step):
+                blocks = tuple(
+                    InvertedResidual(
+                        expansion=mob.expansion.min,
+                        filters=mobilenet_channels(MOBILENET_CHANNELS[i], width),
+                        stride=max(mob.strides),
+                    )
+                    for i in range(count)
+                )
+                candidates.append(
+                    Architecture(
+                        family="mobilenet",
+                        mobilenet_blocks=blocks,
+                        stem_filters=mobilenet_channels(32, width),
+                        **common,
+                    )
                 )
     sizes = [model_size(a, shape, classes) for a in candidates]
     return min(s.parameters for s in sizes), min(s.mflops for s in sizes)

@@ -47,7 +47,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 from mloptimizer.capability import TOKEN_PATTERN, new_token
 from mloptimizer.formats import FORMATS, REPORT_FILES, ExportFormat, delivered_files
 from mloptimizer.space import Architecture
-from mloptimizer.spec import Dataset
+from mloptimizer.spec import Dataset, Metric
 
 __all__ = [
     "ARTIFACT_FILES",
@@ -110,11 +110,11 @@ def printable(text: str) -> str:
 
 
 def in_range(name: str, value: float) -> bool:
-    """Whether metric ``name`` may take ``value``: accuracies in [0, 1], losses >= 0,
+    """Whether metric ``name`` may take ``value``: accuracies and F1 in [0, 1], losses >= 0,
     anything finite and within :data:`MAX_MAGNITUDE`."""
     if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
         return False
-    if "accuracy" in name:
+    if "accuracy" in name or "f1" in name:
         return 0.0 <= value <= 1.0
     return value >= 0.0 if "loss" in name else True
 
@@ -182,7 +182,10 @@ class TrialMessage(_Message):
     epochs: int = Field(ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(ge=1, le=65_536)
     mixed_precision: Literal["auto", "on", "off"] = "auto"
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    metric: Metric = "val_accuracy"
+    class_weights: Literal["balanced"] | None = Field(
+        default=None, description="balanced: weigh each class's loss by 1 / its share."
+    )
     seed: int = Field(ge=0, le=_INT32, description="Seeds weights and shuffling of this trial.")
     progress_timeout_seconds: float = Field(
         default=5.0, ge=0.0, le=600.0, description="How long a trainer waits for a prune decision."

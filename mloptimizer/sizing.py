@@ -11,10 +11,11 @@ same number); the memory is an estimate that errs on the large side.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
-from mloptimizer.space import Architecture, InceptionBlock
+from mloptimizer.space import Architecture, InceptionBlock, InvertedResidual
 from mloptimizer.spec import ArchitectureSearchSpec
 
 __all__ = [
@@ -86,6 +87,29 @@ def _inception(block: InceptionBlock, cin: int, pixels: int) -> tuple[int, int, 
     return params, per_pixel * pixels, macs, out
 
 
+def _inverted_residual(
+    block: InvertedResidual, cin: int, height: int, width: int
+) -> tuple[int, int, int, int, int]:
+    """(parameters, activations, multiply-adds, output height, output width) of one block."""
+    hidden = cin * block.expansion
+    params = macs = activations = 0
+    if block.expansion > 1:  # expand: 1x1 convolution, batch norm, ReLU6
+        params += _conv(cin, hidden, 1)
+        macs += height * width * cin * hidden
+        activations += 3 * height * width * hidden
+    out_h, out_w = math.ceil(height / block.stride), math.ceil(width / block.stride)
+    pixels = out_h * out_w
+    params += 9 * hidden + 4 * hidden  # depthwise 3x3 (no bias), batch norm
+    macs += pixels * 9 * hidden
+    activations += 3 * pixels * hidden
+    params += _conv(hidden, block.filters, 1)  # linear projection, batch norm
+    macs += pixels * hidden * block.filters
+    activations += 2 * pixels * block.filters
+    if block.stride == 1 and cin == block.filters:
+        activations += pixels * block.filters  # the residual sum
+    return params, activations, macs, out_h, out_w
+
+
 def model_size(arch: Architecture, shape: tuple[int, int, int], classes: int) -> ModelSize:
     """Parameters and activations of ``arch`` built for images of ``shape``."""
     height, width, channels = shape
@@ -97,6 +121,15 @@ def model_size(arch: Architecture, shape: tuple[int, int, int], classes: int) ->
             activations += 3 * height * width * conv.filters
             height, width, channels = height // 2, width // 2, conv.filters
             activations += height * width * channels
+    elif arch.family == "mobilenet":
+        stem = arch.stem_filters or 32
+        params += _conv(channels, stem, 3)
+        macs += height * width * 9 * channels * stem
+        activations += 3 * height * width * stem
+        channels = stem
+        for ir in arch.mobilenet_blocks:
+            p, a, m, height, width = _inverted_residual(ir, channels, height, width)
+            params, activations, macs, channels = params + p, activations + a, macs + m, ir.filters
     else:
         for block in arch.inception_blocks:
             for _ in range(block.modules):
@@ -107,10 +140,12 @@ def model_size(arch: Architecture, shape: tuple[int, int, int], classes: int) ->
     if arch.classifier == "gap":
         features = channels
     else:
-        units = arch.dense_units or 0
-        params += height * width * channels * units + units
-        macs += height * width * channels * units
-        features = units
+        features = height * width * channels
+        for units in arch.head_units:
+            params += features * units + units
+            macs += features * units
+            activations += 2 * units
+            features = units
     params += features * classes + classes
     macs += features * classes
     activations += 3 * features + classes

@@ -17,6 +17,7 @@ import optuna
 from pydantic import BaseModel, ConfigDict, Field
 
 from mloptimizer.spec import (
+    Augmentation,
     Constraints,
     FloatRange,
     IntRange,
@@ -27,14 +28,19 @@ from mloptimizer.spec import (
 )
 
 __all__ = [
+    "MOBILENET_CHANNELS",
     "Architecture",
+    "Augment",
     "ConvBlock",
     "InceptionBlock",
+    "InvertedResidual",
     "SpaceSize",
     "build_pruner",
     "build_sampler",
     "constraint_limits",
+    "mobilenet_channels",
     "sample_architecture",
+    "sample_augmentation",
     "space_size",
 ]
 
@@ -58,29 +64,112 @@ class InceptionBlock(BaseModel):
     filters_3x3: int = Field(ge=1)
 
 
-class Architecture(BaseModel):
-    """One sampled model, enough for the trainer to build it; travels as JSON."""
+# Output channels of MobileNetV2's inverted-residual stages, scaled by the width multiplier.
+MOBILENET_CHANNELS = (16, 24, 32, 64, 96, 160, 320)
+_MOBILENET_STEM = 32
+
+
+class InvertedResidual(BaseModel):
+    """1x1 expansion, depthwise 3x3 (stride 1 or 2), linear 1x1 projection to ``filters``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    family: Literal["cnn", "inception"]
+    expansion: int = Field(ge=1, le=64)
+    filters: int = Field(ge=1)
+    stride: Literal[1, 2] = 1
+
+
+class Augment(BaseModel):
+    """The augmentation a trial trains with: ``training.augmentation``'s fields, resolved."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    rotation: float = Field(default=0.0, ge=0.0, le=0.5)
+    zoom: float = Field(default=0.0, ge=0.0, le=0.9)
+    translation: float = Field(default=0.0, ge=0.0, le=0.5)
+    contrast: float = Field(default=0.0, ge=0.0, le=0.9)
+    brightness: float = Field(default=0.0, ge=0.0, le=0.9)
+
+    def active(self) -> bool:
+        """Whether it changes any image."""
+        return self != Augment()
+
+    def summary(self) -> str:
+        """``aug(hflip,rot0.10)``: the changes it makes, or '' for none."""
+        parts = [
+            name
+            for name, on in (("hflip", self.horizontal_flip), ("vflip", self.vertical_flip))
+            if on
+        ]
+        for short, value in (
+            ("rot", self.rotation),
+            ("zoom", self.zoom),
+            ("shift", self.translation),
+            ("contrast", self.contrast),
+            ("bright", self.brightness),
+        ):
+            if value > 0:
+                parts.append(f"{short}{value:.2f}")
+        return f"aug({','.join(parts)})" if parts else ""
+
+
+class Architecture(BaseModel):
+    """One sampled model, enough for the trainer to build it; travels as JSON.
+
+    ``dense_units`` is the mlp head's first dense layer, ``extra_dense_units`` the ones
+    after it (up to two). ``augmentation`` is None when the trial trains on the images as
+    they are.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    family: Literal["cnn", "inception", "mobilenet"]
     conv_blocks: tuple[ConvBlock, ...] = ()
     inception_blocks: tuple[InceptionBlock, ...] = ()
+    mobilenet_blocks: tuple[InvertedResidual, ...] = ()
+    stem_filters: int | None = Field(default=None, ge=1)
     classifier: Literal["gap", "mlp"]
     dense_units: int | None = None
+    extra_dense_units: tuple[int, ...] = Field(default=(), max_length=2)
     dropout: float = Field(ge=0.0, le=1.0)
     learning_rate: float = Field(gt=0.0)
+    augmentation: Augment | None = None
+
+    @property
+    def head_units(self) -> tuple[int, ...]:
+        """Units of each dense layer of the head, in order (empty for gap)."""
+        if self.classifier != "mlp" or self.dense_units is None:
+            return ()
+        return (self.dense_units, *self.extra_dense_units)
 
     def summary(self) -> str:
         """A one-line description, as in ``cnn[32k3,64k5] mlp256 drop0.25 lr3.2e-04``."""
         if self.family == "cnn":
             blocks = ",".join(f"{b.filters}k{b.kernel_size}" for b in self.conv_blocks)
-        else:
+        elif self.family == "inception":
             blocks = ",".join(
                 f"{b.modules}x({b.filters_1x1}/{b.filters_3x3})" for b in self.inception_blocks
             )
-        head = f"mlp{self.dense_units}" if self.classifier == "mlp" else "gap"
-        return f"{self.family}[{blocks}] {head} drop{self.dropout:.2f} lr{self.learning_rate:.1e}"
+        else:
+            blocks = ",".join(
+                [f"s{self.stem_filters}"]
+                + [f"e{b.expansion}/{b.filters}s{b.stride}" for b in self.mobilenet_blocks]
+            )
+        head = "mlp" + "-".join(map(str, self.head_units)) if self.classifier == "mlp" else "gap"
+        text = f"{self.family}[{blocks}] {head} drop{self.dropout:.2f} lr{self.learning_rate:.1e}"
+        if self.augmentation is not None and self.augmentation.active():
+            text += " " + self.augmentation.summary()
+        return text
+
+
+def mobilenet_channels(base: int, width: float) -> int:
+    """``base`` channels scaled by ``width``, rounded to a multiple of 8 (at least 8), as
+    MobileNetV2's ``_make_divisible`` does: never more than 10 % below the exact value."""
+    exact = base * width
+    rounded = max(8, int(exact + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * exact else rounded
 
 
 def _int(trial: optuna.trial.BaseTrial, name: str, r: IntRange) -> int:
@@ -93,12 +182,15 @@ def _float(trial: optuna.trial.BaseTrial, name: str, r: FloatRange) -> float:
     return min(max(trial.suggest_float(name, r.min, r.max, log=r.log), r.min), r.max)
 
 
-def sample_architecture(trial: optuna.trial.BaseTrial, space: SearchSpace) -> Architecture:
+def sample_architecture(
+    trial: optuna.trial.BaseTrial, space: SearchSpace, fixed: Augmentation | None = None
+) -> Architecture:
     """Sample one architecture from ``space`` through ``trial`` (define-by-run).
 
     Args:
         trial: A live trial from ``study.ask()``, or a ``FixedTrial`` to replay params.
         space: The spec's search space.
+        fixed: ``training.augmentation``: the augmentation of fields not searched.
 
     Returns:
         The architecture; its parameter names in the study are stable across versions.
@@ -106,7 +198,21 @@ def sample_architecture(trial: optuna.trial.BaseTrial, space: SearchSpace) -> Ar
     family = trial.suggest_categorical("family", list(space.architectures))
     conv: list[ConvBlock] = []
     inception: list[InceptionBlock] = []
-    if family == "cnn":
+    mobile: list[InvertedResidual] = []
+    stem: int | None = None
+    if family == "mobilenet":
+        m = space.mobilenet
+        width = float(trial.suggest_categorical("mobilenet_width", list(m.widths)))
+        stem = mobilenet_channels(_MOBILENET_STEM, width)
+        for i in range(_int(trial, "mobilenet_blocks", m.blocks)):
+            mobile.append(
+                InvertedResidual(
+                    expansion=_int(trial, f"mobilenet_expansion_{i}", m.expansion),
+                    filters=mobilenet_channels(MOBILENET_CHANNELS[i], width),
+                    stride=trial.suggest_categorical(f"mobilenet_stride_{i}", list(m.strides)),
+                )
+            )
+    elif family == "cnn":
         for i in range(_int(trial, "cnn_blocks", space.cnn.blocks)):
             conv.append(
                 ConvBlock(
@@ -127,16 +233,47 @@ def sample_architecture(trial: optuna.trial.BaseTrial, space: SearchSpace) -> Ar
                 )
             )
     classifier = trial.suggest_categorical("classifier", list(space.classifier.types))
-    units = _int(trial, "dense_units", space.classifier.units) if classifier == "mlp" else None
+    units: list[int] = []
+    if classifier == "mlp":
+        head = space.classifier
+        layers = _int(trial, "dense_layers", head.layers) if head.layers.max > 1 else 1
+        # the first layer keeps its name of old, so older studies replay unchanged
+        units = [
+            _int(trial, "dense_units" if i == 0 else f"dense_units_{i}", head.units)
+            for i in range(layers)
+        ]
     return Architecture(
         family=family,
         conv_blocks=tuple(conv),
         inception_blocks=tuple(inception),
+        mobilenet_blocks=tuple(mobile),
+        stem_filters=stem,
         classifier=classifier,
-        dense_units=units,
+        dense_units=units[0] if units else None,
+        extra_dense_units=tuple(units[1:]),
         dropout=_float(trial, "dropout", space.dropout),
         learning_rate=_float(trial, "learning_rate", space.learning_rate),
+        augmentation=sample_augmentation(trial, space, fixed),
     )
+
+
+def sample_augmentation(
+    trial: optuna.trial.BaseTrial, space: SearchSpace, fixed: Augmentation | None
+) -> Augment | None:
+    """The trial's augmentation: ``searchSpace.augmentation``'s fields sampled (as
+    ``aug_<name>``), the others from ``training.augmentation``; None when it changes nothing."""
+    values = (fixed or Augmentation()).model_dump()
+    searched = space.augmentation
+    if searched is not None:
+        for name, choice in searched:
+            if choice is None:
+                continue
+            if isinstance(choice, list):
+                values[name] = trial.suggest_categorical(f"aug_{name}", list(choice))
+            else:
+                values[name] = _float(trial, f"aug_{name}", choice)
+    augment = Augment(**values)
+    return augment if augment.active() else None
 
 
 class SpaceSize(BaseModel):
@@ -172,13 +309,23 @@ def space_size(space: SearchSpace) -> SpaceSize:
         s = space.inception
         per_block = _count(s.modules) * _count(s.filters_1x1) * _count(s.filters_3x3)
         bodies += _per_block_total(s.blocks, per_block)
-    heads = sum(_count(space.classifier.units) if t == "mlp" else 1 for t in space.classifier.types)
-    continuous = tuple(
-        name
-        for name, r in (("dropout", space.dropout), ("learning_rate", space.learning_rate))
-        if not math.isclose(r.min, r.max)
-    )
-    return SpaceSize(discrete=bodies * heads, continuous=continuous)
+    if "mobilenet" in space.architectures:
+        m = space.mobilenet
+        per_block = _count(m.expansion) * len(m.strides)
+        bodies += len(m.widths) * _per_block_total(m.blocks, per_block)
+    c = space.classifier
+    mlps = _per_block_total(c.layers, _count(c.units))
+    heads = sum(mlps if t == "mlp" else 1 for t in c.types)
+    ranges = [("dropout", space.dropout), ("learning_rate", space.learning_rate)]
+    flips = 1
+    if space.augmentation is not None:
+        for name, choice in space.augmentation:
+            if isinstance(choice, list):
+                flips *= len(choice)
+            elif choice is not None:
+                ranges.append((f"aug_{name}", choice))
+    continuous = tuple(name for name, r in ranges if not math.isclose(r.min, r.max))
+    return SpaceSize(discrete=bodies * heads * flips, continuous=continuous)
 
 
 def build_sampler(spec: SamplerSpec, resumed_at: int = 0) -> optuna.samplers.BaseSampler:

@@ -11,13 +11,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mloptimizer.space import (
+    MOBILENET_CHANNELS,
     Architecture,
+    Augment,
     build_pruner,
     build_sampler,
+    mobilenet_channels,
     sample_architecture,
     space_size,
 )
-from mloptimizer.spec import IntRange, Pruner, SamplerSpec, SearchSpace, Training
+from mloptimizer.spec import (
+    Augmentation,
+    FloatRange,
+    IntRange,
+    Pruner,
+    SamplerSpec,
+    SearchSpace,
+    Training,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -37,10 +48,17 @@ def float_ranges(draw: st.DrawFn, log: bool) -> dict[str, Any]:
     return {"min": low, "max": high, "log": log}
 
 
+WIDTHS = [0.25, 0.35, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
 @st.composite
 def spaces(draw: st.DrawFn) -> SearchSpace:
     doc = {
-        "architectures": draw(st.sampled_from([["cnn"], ["inception"], ["cnn", "inception"]])),
+        "architectures": draw(
+            st.sampled_from(
+                [["cnn"], ["inception"], ["mobilenet"], ["cnn", "inception"], ["cnn", "mobilenet"]]
+            )
+        ),
         "cnn": {
             "blocks": draw(int_ranges(1, 5)),
             "filters": draw(int_ranges(1, 300, 32)),
@@ -54,9 +72,20 @@ def spaces(draw: st.DrawFn) -> SearchSpace:
             "filters1x1": draw(int_ranges(1, 200, 16)),
             "filters3x3": draw(int_ranges(1, 200, 16)),
         },
+        "mobilenet": {
+            "blocks": draw(int_ranges(1, 7)),
+            "expansion": draw(int_ranges(1, 8)),
+            "widths": draw(st.lists(st.sampled_from(WIDTHS), min_size=1, max_size=3, unique=True)),
+            "strides": draw(st.sampled_from([[1], [2], [1, 2]])),
+        },
         "classifier": {
             "types": draw(st.sampled_from([["gap"], ["mlp"], ["gap", "mlp"]])),
+            "layers": draw(int_ranges(1, 3)),
             "units": draw(int_ranges(1, 1024, 64)),
+        },
+        "augmentation": {
+            "horizontalFlip": draw(st.sampled_from([[False], [True], [False, True]])),
+            "rotation": {"min": 0.0, "max": draw(st.floats(0.0, 0.5))},
         },
         "dropout": draw(float_ranges(log=False)),
         "learningRate": draw(float_ranges(log=True)),
@@ -70,7 +99,19 @@ def _in(value: int, r: IntRange) -> bool:
 
 def assert_inside(arch: Architecture, space: SearchSpace) -> None:
     assert arch.family in space.architectures
-    if arch.family == "cnn":
+    if arch.family == "mobilenet":
+        assert arch.conv_blocks == arch.inception_blocks == ()
+        m = space.mobilenet
+        assert _in(len(arch.mobilenet_blocks), m.blocks)
+        widths = [w for w in m.widths if arch.stem_filters == mobilenet_channels(32, w)]
+        assert widths
+        for i, block in enumerate(arch.mobilenet_blocks):
+            assert _in(block.expansion, m.expansion)
+            assert block.stride in m.strides
+            assert any(
+                block.filters == mobilenet_channels(MOBILENET_CHANNELS[i], w) for w in widths
+            )
+    elif arch.family == "cnn":
         assert arch.inception_blocks == ()
         assert _in(len(arch.conv_blocks), space.cnn.blocks)
         for block in arch.conv_blocks:
@@ -85,10 +126,17 @@ def assert_inside(arch: Architecture, space: SearchSpace) -> None:
             assert _in(ib.filters_3x3, space.inception.filters_3x3)
     assert arch.classifier in space.classifier.types
     if arch.classifier == "mlp":
-        assert arch.dense_units is not None
-        assert _in(arch.dense_units, space.classifier.units)
+        assert _in(len(arch.head_units), space.classifier.layers)
+        assert all(_in(units, space.classifier.units) for units in arch.head_units)
     else:
         assert arch.dense_units is None
+        assert arch.extra_dense_units == ()
+    searched = space.augmentation
+    augment = arch.augmentation or Augment()
+    if searched is not None:
+        assert augment.horizontal_flip in (searched.horizontal_flip or [False])
+        rotation = searched.rotation or FloatRange(min=0.0, max=0.0)
+        assert rotation.min <= augment.rotation <= rotation.max
     assert space.dropout.min <= arch.dropout <= space.dropout.max
     assert space.learning_rate.min <= arch.learning_rate <= space.learning_rate.max
 
@@ -243,3 +291,78 @@ def test_the_space_is_searched_up_to_the_blocks_the_images_hold() -> None:
     assert "searched with 1 to 3 blocks" in warnings[0].message
     mnist = parse_search({"dataset": {"builtin": "mnist"}}).spec  # 28x28 holds 4
     assert fitted_space(mnist) == mnist.search_space
+
+
+def test_mobilenet_widths_round_channels_as_mobilenet_v2_does() -> None:
+    # MobileNetV2's _make_divisible(v, 8): nearest multiple of 8, at least 8, >= 90 % of v
+    assert [mobilenet_channels(32, w) for w in (0.25, 0.35, 0.5, 0.75, 1.0, 1.4)] == [
+        8, 16, 16, 24, 32, 48,
+    ]  # fmt: skip
+    assert mobilenet_channels(320, 0.35) == 112
+    assert mobilenet_channels(24, 0.35) == 8
+
+
+def test_a_head_of_up_to_three_layers_names_each_layers_units() -> None:
+    space = SearchSpace.model_validate(
+        {"classifier": {"types": ["mlp"], "layers": {"min": 1, "max": 3}}}
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    depths = set()
+    for _ in range(60):
+        trial = study.ask()
+        arch = sample_architecture(trial, space)
+        depths.add(len(arch.head_units))
+        layer_names = {n for n in trial.params if n.startswith("dense_units")}
+        assert len(layer_names) == trial.params["dense_layers"] == len(arch.head_units)
+    assert depths == {1, 2, 3}
+    # one layer (the default) samples no layer count: older studies replay unchanged
+    trial = optuna.create_study().ask()
+    sample_architecture(trial, SearchSpace.model_validate({"classifier": {"types": ["mlp"]}}))
+    assert "dense_layers" not in trial.params
+    with pytest.raises(ValueError, match=r"layers\.max must be at most 3"):
+        SearchSpace.model_validate({"classifier": {"layers": {"min": 1, "max": 4}}})
+
+
+def test_augmentation_is_fixed_by_training_and_searched_by_the_space() -> None:
+    fixed = Augmentation.model_validate({"horizontalFlip": True, "zoom": 0.1})
+    plain = SearchSpace()
+    trial = optuna.create_study().ask()
+    arch = sample_architecture(trial, plain, fixed)
+    assert arch.augmentation == Augment(horizontal_flip=True, zoom=0.1)
+    assert not any(n.startswith("aug_") for n in trial.params)
+    assert "aug(hflip,zoom0.10)" in arch.summary()
+    assert sample_architecture(optuna.create_study().ask(), plain).augmentation is None
+    searched = SearchSpace.model_validate(
+        {"augmentation": {"zoom": {"min": 0.2, "max": 0.3}, "verticalFlip": [False, True]}}
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    flips = set()
+    for _ in range(20):
+        trial = study.ask()
+        augment = sample_architecture(trial, searched, fixed).augmentation
+        assert augment is not None
+        assert augment.horizontal_flip  # not searched: training's value
+        assert 0.2 <= augment.zoom <= 0.3
+        assert augment.zoom == trial.params["aug_zoom"]
+        flips.add(augment.vertical_flip)
+    assert flips == {False, True}
+    with pytest.raises(ValueError, match=r"rotation\.max must be at most 0\.5"):
+        SearchSpace.model_validate({"augmentation": {"rotation": {"min": 0, "max": 0.6}}})
+
+
+def test_space_size_counts_mobilenet_heads_and_searched_augmentation() -> None:
+    space = SearchSpace.model_validate(
+        {
+            "architectures": ["mobilenet"],
+            "mobilenet": {"blocks": {"min": 1, "max": 2}, "expansion": {"min": 1, "max": 3},
+                          "widths": [0.5, 1.0], "strides": [1, 2]},
+            "classifier": {"types": ["gap", "mlp"], "layers": {"min": 1, "max": 2},
+                           "units": {"min": 64, "max": 128, "step": 64}},
+            "augmentation": {"horizontalFlip": [False, True], "rotation": {"min": 0, "max": 0.1}},
+        }
+    )  # fmt: skip
+    bodies = 2 * ((3 * 2) + (3 * 2) ** 2)
+    heads = 1 + (2 + 2**2)
+    size = space_size(space)
+    assert size.discrete == bodies * heads * 2
+    assert size.continuous == ("dropout", "learning_rate", "aug_rotation")

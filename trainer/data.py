@@ -501,7 +501,14 @@ class DatasetCache:
 
 
 def make_dataset(
-    x: Images, y: Labels, *, batch_size: int, shuffle: bool, seed: int, epochs: range | None = None
+    x: Images,
+    y: Labels,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    epochs: range | None = None,
+    augment: Callable[[tf.Tensor], tf.Tensor] | None = None,
 ) -> tf.data.Dataset:
     """Batches of ``(float32 images in [0, 1], int64 labels)`` from uint8 arrays in memory.
 
@@ -520,6 +527,8 @@ def make_dataset(
             the epoch alone, so a trial resumed at epoch k sees what it would have seen
             (:mod:`~mloptimizer.trainer.checkpoint`). None: one epoch, reshuffled at each
             iteration.
+        augment: Applied to each scaled batch on the pipeline's threads (training only:
+            :mod:`~mloptimizer.trainer.augment`); None leaves the images as they are.
     """
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
@@ -544,4 +553,7 @@ def make_dataset(
         scaled = tf.cast(tf.gather(images, batch), tf.float32) / 255.0
         return scaled, tf.gather(labels, batch)
 
-    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    data = batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None:
+        data = data.map(lambda im, lab: (augment(im), lab), num_parallel_calls=tf.data.AUTOTUNE)
+    return data.prefetch(tf.data.AUTOTUNE)

@@ -25,6 +25,7 @@ from mloptimizer.messages import TrialMessage
 from mloptimizer.trainer.data import DatasetCache, Splits, make_dataset
 from mloptimizer.trainer.device import detect_gpus
 from mloptimizer.trainer.kept import MODELS_DIR, identity, kept_model
+from mloptimizer.trainer.metrics import portable
 from mloptimizer.trainer.training import retrain
 
 __all__ = ["evaluate_best", "scores"]
@@ -91,7 +92,7 @@ def evaluate_best(
     if model is None:
         source = "retrained"
         model, outcome = retrain(trial, splits, stop=threading.Event(), gpus=detect_gpus())
-        model.save(model_path)
+        portable(model).save(model_path)
         meta_path.write_text(
             json.dumps({"identity": wanted, "val_accuracy": outcome.val_accuracy, "source": source})
         )

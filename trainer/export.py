@@ -26,6 +26,7 @@ from mloptimizer.formats import EXPORT_FORMATS, FORMATS, Converter, Format, Runt
 from mloptimizer.logs import native_quiet
 from mloptimizer.trainer.data import Splits
 from mloptimizer.trainer.litert import litert
+from mloptimizer.trainer.metrics import portable
 
 __all__ = ["CONVERTERS", "RUNTIMES", "Artifact", "export_model"]
 
@@ -120,7 +121,7 @@ def _saved_predict(path: Path) -> Callable[[np.ndarray], int]:
 
 
 def _keras_save(model: keras.Model, path: Path, splits: Splits, row: Format) -> None:
-    model.save(path)
+    portable(model).save(path)
 
 
 def _saved_model_export(model: keras.Model, path: Path, splits: Splits, row: Format) -> None:

@@ -65,11 +65,13 @@ class KeptModels:
         loss = value if trial.metric.endswith("loss") else -value
         if self._best is not None and loss >= self._best[0]:
             return
+        from mloptimizer.trainer.metrics import portable  # Keras: only once a model is kept
+
         path, meta = _paths(self.folder, trial.number)
         partial = path.with_name(f".{path.stem}.partial.keras")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            model.save(partial)
+            portable(model).save(partial)
             os.replace(partial, path)  # never a half-written model under the real name
             meta.write_text(json.dumps({"identity": identity(trial), "value": value}))
         except Exception as error:  # a full disk costs the reuse, never the trial

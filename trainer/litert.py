@@ -77,7 +77,7 @@ def multiply_adds(model: keras.Model) -> int:
         if kernel is None:
             continue
         weights = int(np.prod(kernel.shape))
-        if isinstance(layer, keras.layers.Conv2D):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
             _, height, width, _ = layer.output.shape
             total += int(height) * int(width) * weights
         elif isinstance(layer, keras.layers.Dense):

@@ -14,7 +14,8 @@ from typing import Any
 
 import keras
 
-from mloptimizer.space import Architecture, ConvBlock, InceptionBlock
+from mloptimizer.space import Architecture, ConvBlock, InceptionBlock, InvertedResidual
+from mloptimizer.trainer.metrics import class_metrics
 
 __all__ = ["ArchitectureError", "build_model", "check_architecture", "parameter_count"]
 
@@ -22,6 +23,7 @@ _SPACE_FIELD = {
     "cnn": "searchSpace.cnn.blocks.max",
     "inception": "searchSpace.inception.blocks.max",
 }
+_BLOCKS = {"cnn": "conv_blocks", "inception": "inception_blocks", "mobilenet": "mobilenet_blocks"}
 
 
 class ArchitectureError(ValueError):
@@ -31,8 +33,9 @@ class ArchitectureError(ValueError):
 def check_architecture(arch: Architecture, input_shape: tuple[int, int, int]) -> str | None:
     """Say why ``arch`` cannot be built for images of ``input_shape``, or None if it can.
 
-    Every block ends with a 2x2 max-pooling, which needs a feature map of at least 2x2,
-    so ``n`` blocks need images of at least ``2**n`` pixels a side.
+    A cnn or inception block ends with a 2x2 max-pooling, which needs a feature map of at
+    least 2x2, so ``n`` blocks need images of at least ``2**n`` pixels a side; mobilenet
+    blocks pad, and fit any image.
 
     Args:
         arch: The sampled architecture.
@@ -44,19 +47,22 @@ def check_architecture(arch: Architecture, input_shape: tuple[int, int, int]) ->
     height, width, _ = input_shape
     if min(input_shape) < 1:
         return f"input shape {input_shape} must be positive in every dimension"
-    own, other, other_name = (
-        (arch.conv_blocks, arch.inception_blocks, "inception_blocks")
-        if arch.family == "cnn"
-        else (arch.inception_blocks, arch.conv_blocks, "conv_blocks")
-    )
-    if not own:
+    if not getattr(arch, _BLOCKS[arch.family]):
         return f"a {arch.family} architecture needs at least one block"
-    if other:
-        return f"a {arch.family} architecture must not carry {other_name}"
+    for family, blocks in _BLOCKS.items():
+        if family != arch.family and getattr(arch, blocks):
+            return f"a {arch.family} architecture must not carry {blocks}"
+    if (arch.stem_filters is None) != (arch.family != "mobilenet"):
+        return "stem_filters belongs to a mobilenet architecture, and only to one"
     if arch.classifier == "mlp" and arch.dense_units is None:
         return "an mlp classifier needs dense_units"
+    if arch.classifier == "gap" and arch.extra_dense_units:
+        return "a gap classifier has no dense layers: extra_dense_units must be empty"
     if arch.dropout >= 1.0:
         return "dropout 1.0 drops every unit: lower searchSpace.dropout.max below 1"
+    if arch.family == "mobilenet":  # strides pad ("same"): a map never shrinks below 1x1
+        return None
+    own = getattr(arch, _BLOCKS[arch.family])
     blocks = len(own)
     side = min(height, width)
     if side < 2**blocks:
@@ -106,8 +112,31 @@ def _inception_module(x: Any, block: InceptionBlock, name: str) -> Any:
     return keras.layers.Concatenate(name=f"{name}_concat")([b1, b3, b5, bp])
 
 
+def _inverted_residual(x: Any, block: InvertedResidual, name: str) -> Any:
+    """MobileNetV2's block: expand (1x1), depthwise 3x3, linear projection (1x1)."""
+    cin = int(x.shape[-1])
+    inputs = x
+    if block.expansion > 1:
+        x = keras.layers.Conv2D(cin * block.expansion, 1, use_bias=False, name=f"{name}_expand")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_expand_bn")(x)
+        x = keras.layers.ReLU(6.0, name=f"{name}_expand_relu")(x)
+    x = keras.layers.DepthwiseConv2D(
+        3, strides=block.stride, padding="same", use_bias=False, name=f"{name}_depthwise"
+    )(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_depthwise_bn")(x)
+    x = keras.layers.ReLU(6.0, name=f"{name}_depthwise_relu")(x)
+    x = keras.layers.Conv2D(block.filters, 1, use_bias=False, name=f"{name}_project")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_project_bn")(x)
+    if block.stride == 1 and cin == block.filters:
+        x = keras.layers.Add(name=f"{name}_add")([inputs, x])
+    return x
+
+
 def build_model(
-    arch: Architecture, input_shape: tuple[int, int, int], num_classes: int
+    arch: Architecture,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    metric: str = "val_accuracy",
 ) -> keras.Model:
     """Build and compile the model of ``arch`` under the current global dtype policy.
 
@@ -119,6 +148,8 @@ def build_model(
         arch: The sampled architecture.
         input_shape: ``(height, width, channels)`` of one float32 image scaled to [0, 1].
         num_classes: Number of classes of the softmax output.
+        metric: ``objective.metric``: val_f1_macro and val_balanced_accuracy add their
+            metric (:mod:`~mloptimizer.trainer.metrics`) to the compiled ones.
 
     Returns:
         A model compiled with Adam, sparse categorical cross-entropy and accuracy.
@@ -137,6 +168,15 @@ def build_model(
     if arch.family == "cnn":
         for i, conv in enumerate(arch.conv_blocks, start=1):
             x = _cnn_block(x, conv, f"cnn{i}")
+    elif arch.family == "mobilenet":
+        assert arch.stem_filters is not None  # checked above
+        x = keras.layers.Conv2D(
+            arch.stem_filters, 3, padding="same", use_bias=False, name="stem_conv"
+        )(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
+        x = keras.layers.ReLU(6.0, name="stem_relu")(x)
+        for i, ir in enumerate(arch.mobilenet_blocks, start=1):
+            x = _inverted_residual(x, ir, f"mobilenet{i}")
     else:
         for i, block in enumerate(arch.inception_blocks, start=1):
             for m in range(1, block.modules + 1):
@@ -145,9 +185,10 @@ def build_model(
     if arch.classifier == "gap":
         x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     else:
-        assert arch.dense_units is not None  # checked above
         x = keras.layers.Flatten(name="flatten")(x)
-        x = keras.layers.Dense(arch.dense_units, activation="relu", name="dense")(x)
+        for i, units in enumerate(arch.head_units):  # the first keeps its name of old
+            name = "dense" if i == 0 else f"dense_{i + 1}"
+            x = keras.layers.Dense(units, activation="relu", name=name)(x)
     x = keras.layers.Dropout(arch.dropout, name="dropout")(x)
     outputs = keras.layers.Dense(
         num_classes, activation="softmax", dtype="float32", name="softmax"
@@ -156,7 +197,7 @@ def build_model(
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=arch.learning_rate),
         loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        metrics=["accuracy", *class_metrics(metric, num_classes)],
     )
     return model
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mloptimizer.messages import (
@@ -28,13 +29,21 @@ from mloptimizer.messages import (
     finite,
     finite_metrics,
 )
+from mloptimizer.trainer.augment import augmenter
 from mloptimizer.trainer.checkpoint import Checkpoints
 from mloptimizer.trainer.data import Splits, make_dataset
 from mloptimizer.trainer.device import GpuInfo, choose_precision, fresh_session, use_xla
 from mloptimizer.trainer.litert import int8_litert, multiply_adds
 from mloptimizer.trainer.model import ArchitectureError, build_model, parameter_count
 
-__all__ = ["Outcome", "TrialInterrupted", "result_message", "retrain", "train_trial"]
+__all__ = [
+    "Outcome",
+    "TrialInterrupted",
+    "balanced_weights",
+    "result_message",
+    "retrain",
+    "train_trial",
+]
 
 
 class TrialInterrupted(Exception):
@@ -129,7 +138,9 @@ def train_trial(
         keras.utils.set_random_seed(trial.seed)
 
         def build() -> Any:
-            return build_model(trial.architecture, splits.input_shape, splits.num_classes)
+            return build_model(
+                trial.architecture, splits.input_shape, splits.num_classes, trial.metric
+            )
 
         kept = checkpoints.load(trial, build) if checkpoints is not None else None
         if kept is not None:
@@ -145,6 +156,7 @@ def train_trial(
             shuffle=True,
             seed=trial.seed,
             epochs=range(resumed_at, trial.epochs),
+            augment=augmenter(trial.architecture.augmentation, trial.seed),
         )
         val = make_dataset(
             splits.x_val, splits.y_val, batch_size=trial.batch_size, shuffle=False, seed=trial.seed
@@ -167,6 +179,9 @@ def train_trial(
                 initial_epoch=resumed_at,
                 steps_per_epoch=math.ceil(len(splits.y_train) / trial.batch_size),
                 shuffle=False,  # the dataset orders each epoch itself, seeded per trial
+                class_weight=(
+                    balanced_weights(splits.y_train) if trial.class_weights == "balanced" else None
+                ),
                 verbose=0,
                 callbacks=[hook],
             )
@@ -209,6 +224,19 @@ def train_trial(
     outcome.val_accuracy = last.get("val_accuracy")
     outcome.value = last.get(trial.metric)
     return outcome
+
+
+def balanced_weights(labels: Any) -> dict[int, float]:
+    """scikit-learn's ``balanced`` class weights: images / (classes x images of the class).
+
+    A class with no training image gets 1.0: Keras wants a weight for every label up to the
+    largest, and that one weighs nothing anyway."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    present = np.count_nonzero(counts)
+    return {
+        c: float(len(labels) / (present * n)) if n > 0 else 1.0
+        for c, n in enumerate(counts.tolist())
+    }
 
 
 def retrain(

@@ -76,8 +76,8 @@ def _cmd_space(args: argparse.Namespace) -> int:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     print(f"{'#':>3}  architecture")
     for number in range(args.samples):
-        trial = study.ask()
-        print(f"{number:>3}  {sample_architecture(trial, space).summary()}")
+        architecture = sample_architecture(study.ask(), space, search.spec.training.augmentation)
+        print(f"{number:>3}  {architecture.summary()}")
     print(f"\nspace: {space_size(space)}")
     return 0
 

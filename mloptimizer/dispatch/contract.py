@@ -193,6 +193,7 @@ def trial_message(
         batch_size=training.batch_size,
         mixed_precision=training.mixed_precision,
         metric=spec.objective.metric,
+        class_weights=training.class_weights,
         seed=trial_seed(spec.sampler.seed, number),
         progress_timeout_seconds=progress_timeout,
         measure_model_kb=spec.objective.tradeoff == "modelKB"

@@ -208,7 +208,9 @@ class Dispatcher(Phases):
 
     def _dispatch(self, trial: optuna.trial.Trial) -> None:
         began = time.perf_counter()
-        architecture = sample_architecture(trial, fitted_space(self.spec))
+        architecture = sample_architecture(
+            trial, fitted_space(self.spec), self.spec.training.augmentation
+        )
         # The trial's own cache holds its params and enqueued attributes: no extra query.
         rec = dataclasses.replace(
             record(cached_frozen(trial)), state="running", architecture=architecture

@@ -34,7 +34,7 @@ from mloptimizer.spec.common import (
     parse_duration,
 )
 from mloptimizer.spec.dataset import BUILTIN_DATASETS, Dataset, ImageFolder
-from mloptimizer.spec.objective import Budget, Constraints, Objective, Tradeoff
+from mloptimizer.spec.objective import Budget, Constraints, Metric, Objective, Tradeoff
 from mloptimizer.spec.output import (
     EXPORT_FORMATS,
     FOLDER_PATTERN,
@@ -46,15 +46,24 @@ from mloptimizer.spec.output import (
 )
 from mloptimizer.spec.search import ArchitectureSearchSpec
 from mloptimizer.spec.search_space import (
+    AugmentationSpace,
     ClassifierSpace,
     CnnSpace,
     FloatRange,
     InceptionSpace,
     IntRange,
+    MobilenetSpace,
     SearchSpace,
 )
 from mloptimizer.spec.services import Broker, Storage
-from mloptimizer.spec.training import Pruner, Refine, SamplerSpec, Training
+from mloptimizer.spec.training import (
+    AUGMENTATIONS,
+    Augmentation,
+    Pruner,
+    Refine,
+    SamplerSpec,
+    Training,
+)
 from mloptimizer.spec.workers import (
     CPU_TRAINER_IMAGE,
     GPU_TRAINER_IMAGE,
@@ -67,6 +76,7 @@ from mloptimizer.spec.workers import (
 
 __all__ = [
     "API_VERSION",
+    "AUGMENTATIONS",
     "BUILTIN_DATASETS",
     "CPU_TRAINER_IMAGE",
     "DURATION_PATTERN",
@@ -80,6 +90,8 @@ __all__ = [
     "RELEASE",
     "VERSION",
     "ArchitectureSearchSpec",
+    "Augmentation",
+    "AugmentationSpace",
     "Broker",
     "Budget",
     "ClassifierSpace",
@@ -93,6 +105,8 @@ __all__ = [
     "InceptionSpace",
     "IntRange",
     "JoinSecret",
+    "Metric",
+    "MobilenetSpace",
     "ObjectStore",
     "Objective",
     "Output",

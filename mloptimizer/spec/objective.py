@@ -9,7 +9,7 @@ from pydantic import Field
 from mloptimizer.rules import Rule, SpecModel
 from mloptimizer.spec.common import Duration
 
-__all__ = ["Budget", "Constraints", "Objective", "Tradeoff"]
+__all__ = ["Budget", "Constraints", "Metric", "Objective", "Tradeoff"]
 
 
 class Constraints(SpecModel):
@@ -43,6 +43,7 @@ class Constraints(SpecModel):
 
 
 Tradeoff = Literal["params", "mflops", "modelKB", "costUSD"]
+Metric = Literal["val_accuracy", "val_loss", "val_f1_macro", "val_balanced_accuracy"]
 
 
 class Objective(SpecModel):
@@ -60,19 +61,20 @@ class Objective(SpecModel):
             field="direction",
         ),
         Rule(
-            cel="!has(self.target) || !self.metric.endsWith('accuracy') || "
+            cel="!has(self.target) || self.metric == 'val_loss' || "
             "(self.target > 0.0 && self.target <= 1.0)",
-            check=lambda s: (
-                s.target is None or not s.metric.endswith("accuracy") or 0.0 < s.target <= 1.0
-            ),
-            message="an accuracy target must lie in (0, 1], for example 0.95",
+            check=lambda s: s.target is None or s.metric == "val_loss" or 0.0 < s.target <= 1.0,
+            message="an accuracy or F1 target must lie in (0, 1], for example 0.95",
             field="target",
         ),
     )
 
-    metric: Literal["val_accuracy", "val_loss"] = Field(
+    metric: Metric = Field(
         default="val_accuracy",
-        description="Metric of the last epoch reported to the study: val_accuracy or val_loss.",
+        description="Metric of the last epoch reported to the study, on the validation "
+        "images: val_accuracy, val_loss, val_f1_macro (the mean of each class's F1) or "
+        "val_balanced_accuracy (the mean of each class's recall). The last two weigh a rare "
+        "class as much as a common one: use them when classes are imbalanced.",
     )
     direction: Literal["maximize", "minimize"] | None = Field(
         default=None,

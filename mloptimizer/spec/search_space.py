@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 from mloptimizer.rules import Rule, SpecModel
 
 __all__ = [
+    "AugmentationSpace",
     "ClassifierSpace",
     "CnnSpace",
     "Family",
@@ -22,6 +23,7 @@ __all__ = [
     "InceptionSpace",
     "IntRange",
     "KernelSize",
+    "MobilenetSpace",
     "SearchSpace",
 ]
 
@@ -95,7 +97,9 @@ def _int_range(lo: int, hi: int, step: int = 1) -> IntRange:
 
 KernelSize = Literal[1, 3, 5, 7, 9, 11]
 Head = Literal["gap", "mlp"]
-Family = Literal["cnn", "inception"]
+Family = Literal["cnn", "inception", "mobilenet"]
+Stride = Literal[1, 2]
+Width = Literal[0.25, 0.35, 0.5, 0.75, 1.0, 1.25, 1.5]
 
 
 class CnnSpace(SpecModel):
@@ -142,8 +146,65 @@ class InceptionSpace(SpecModel):
     )
 
 
+class MobilenetSpace(SpecModel):
+    """MobileNetV2-style: a 3x3 stem, then inverted-residual blocks.
+
+    Each block expands its input with a 1x1 convolution (``expansion`` times the channels),
+    filters it with a depthwise 3x3 convolution (stride 1 or 2), and projects it back with
+    a linear 1x1 convolution; batch normalisation after each, ReLU6 after the first two,
+    and a residual connection when the stride is 1 and the channels match. Block i has
+    ``width`` x (16, 24, 32, 64, 96, 160, 320)[i] channels (a multiple of 8), the stem
+    ``width`` x 32. Cheap in multiply-adds and friendly to int8.
+    """
+
+    rules = (
+        Rule(
+            cel="self.blocks.max <= 7",
+            check=lambda s: s.blocks.max <= 7,
+            message="blocks.max must be at most 7, the blocks of MobileNetV2",
+            field="blocks",
+        ),
+    )
+
+    blocks: IntRange = Field(
+        default_factory=lambda: _int_range(2, 5),
+        description="Number of inverted-residual blocks (at most 7).",
+    )
+    expansion: IntRange = Field(
+        default_factory=lambda: _int_range(1, 6),
+        description="Expansion factor of each block's 1x1 convolution, sampled per block.",
+    )
+    widths: Annotated[
+        list[Width],
+        Field(min_length=1, max_length=7, json_schema_extra=SET_EXTRA),
+        AfterValidator(_unique),
+    ] = Field(
+        default_factory=lambda: list[Width]([0.35, 0.5, 0.75, 1.0]),
+        description="Width multipliers to choose from (one per model): the channels of "
+        "every layer scale with it.",
+    )
+    strides: Annotated[
+        list[Stride],
+        Field(min_length=1, max_length=2, json_schema_extra=SET_EXTRA),
+        AfterValidator(_unique),
+    ] = Field(
+        default_factory=lambda: list[Stride]([1, 2]),
+        description="Strides of each block's depthwise convolution to choose from, per "
+        "block: 2 halves the feature map.",
+    )
+
+
 class ClassifierSpace(SpecModel):
     """The head after the last block."""
+
+    rules = (
+        Rule(
+            cel="self.layers.max <= 3",
+            check=lambda s: s.layers.max <= 3,
+            message="layers.max must be at most 3",
+            field="layers",
+        ),
+    )
 
     types: Annotated[
         list[Head],
@@ -152,11 +213,69 @@ class ClassifierSpace(SpecModel):
     ] = Field(
         default_factory=lambda: list[Head](["gap", "mlp"]),
         description="gap (global average pooling, then softmax) and/or mlp (flatten, one "
-        "dense layer, then softmax).",
+        "to three dense layers, then softmax).",
+    )
+    layers: IntRange = Field(
+        default_factory=lambda: _int_range(1, 1),
+        description="Dense layers of the mlp head (at most 3); {min: 1, max: 2} can express "
+        "a head of [256, 128].",
     )
     units: IntRange = Field(
         default_factory=lambda: _int_range(64, 512, 64),
-        description="Units of the mlp's dense layer.",
+        description="Units of each of the mlp's dense layers, sampled per layer.",
+    )
+
+
+def _at_most(field: str, limit: float) -> Rule:
+    return Rule(
+        cel=f"!has(self.{field}) || self.{field}.max <= {limit}",
+        check=lambda s: getattr(s, field) is None or getattr(s, field).max <= limit,
+        message=f"{field}.max must be at most {limit}, as in training.augmentation",
+        field=field,
+    )
+
+
+_Flips = Annotated[
+    list[bool],
+    Field(min_length=1, max_length=2, json_schema_extra=SET_EXTRA),
+    AfterValidator(_unique),
+]
+
+
+class AugmentationSpace(SpecModel):
+    """Augmentations the sampler chooses, by the names of ``training.augmentation``.
+
+    A field set here is searched and overrides the fixed value in ``training.augmentation``;
+    a field left out keeps that fixed value. ``rotation: {min: 0, max: 0.1}`` lets TPE
+    find how much rotation helps; ``horizontalFlip: [false, true]`` whether flipping does.
+    """
+
+    rules = (
+        _at_most("rotation", 0.5),
+        _at_most("zoom", 0.9),
+        _at_most("translation", 0.5),
+        _at_most("contrast", 0.9),
+        _at_most("brightness", 0.9),
+    )
+
+    horizontal_flip: _Flips | None = Field(
+        default=None, description="Choices for horizontalFlip, as [false, true]."
+    )
+    vertical_flip: _Flips | None = Field(
+        default=None, description="Choices for verticalFlip, as [false, true]."
+    )
+    rotation: FloatRange | None = Field(
+        default=None, description="Range of rotation (fraction of a turn, at most 0.5)."
+    )
+    zoom: FloatRange | None = Field(default=None, description="Range of zoom (at most 0.9).")
+    translation: FloatRange | None = Field(
+        default=None, description="Range of translation (at most 0.5)."
+    )
+    contrast: FloatRange | None = Field(
+        default=None, description="Range of contrast (at most 0.9)."
+    )
+    brightness: FloatRange | None = Field(
+        default=None, description="Range of brightness (at most 0.9)."
     )
 
 
@@ -168,15 +287,18 @@ class SearchSpace(SpecModel):
 
     architectures: Annotated[
         list[Family],
-        Field(min_length=1, max_length=2, json_schema_extra=SET_EXTRA),
+        Field(min_length=1, max_length=3, json_schema_extra=SET_EXTRA),
         AfterValidator(_unique),
     ] = Field(
         default_factory=lambda: list[Family](["cnn", "inception"]),
-        description="Model families to search: cnn and/or inception.",
+        description="Model families to search: cnn, inception and/or mobilenet.",
     )
     cnn: CnnSpace = Field(default_factory=CnnSpace, description="The cnn family's space.")
     inception: InceptionSpace = Field(
         default_factory=InceptionSpace, description="The inception family's space."
+    )
+    mobilenet: MobilenetSpace = Field(
+        default_factory=MobilenetSpace, description="The mobilenet family's space."
     )
     classifier: ClassifierSpace = Field(
         default_factory=ClassifierSpace, description="The classifier head's space."
@@ -188,4 +310,9 @@ class SearchSpace(SpecModel):
     learning_rate: FloatRange = Field(
         default_factory=lambda: FloatRange(min=1e-4, max=1e-2, log=True),
         description="Adam's learning rate.",
+    )
+    augmentation: AugmentationSpace | None = Field(
+        default=None,
+        description="Augmentations to search, by the names of training.augmentation; "
+        "omit to search none.",
     )

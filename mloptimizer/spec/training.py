@@ -8,7 +8,67 @@ from pydantic import Field
 
 from mloptimizer.rules import Rule, SpecModel
 
-__all__ = ["Pruner", "Refine", "SamplerSpec", "Training"]
+__all__ = ["AUGMENTATIONS", "Augmentation", "Pruner", "Refine", "SamplerSpec", "Training"]
+
+# The augmentations, each a Keras preprocessing layer (what it does in its field's text).
+AUGMENTATIONS = (
+    "horizontalFlip",
+    "verticalFlip",
+    "rotation",
+    "zoom",
+    "translation",
+    "contrast",
+    "brightness",
+)
+
+
+class Augmentation(SpecModel):
+    """Random changes to each training image, drawn anew every epoch.
+
+    Keras preprocessing layers applied to the training batches only: validation, test and
+    the exported models never see them. A field left out changes nothing. The same names
+    under ``searchSpace.augmentation`` let the sampler choose the value instead.
+    """
+
+    horizontal_flip: bool = Field(
+        default=False, description="Mirror half the images left to right (RandomFlip)."
+    )
+    vertical_flip: bool = Field(
+        default=False, description="Mirror half the images top to bottom (RandomFlip)."
+    )
+    rotation: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.5,
+        description="Rotate by up to this fraction of a full turn either way: 0.05 is 18 "
+        "degrees (RandomRotation).",
+    )
+    zoom: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.9,
+        description="Zoom in or out by up to this fraction of the size (RandomZoom).",
+    )
+    translation: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.5,
+        description="Shift by up to this fraction of the height and width (RandomTranslation).",
+    )
+    contrast: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.9,
+        description="Scale the contrast by a factor in [1 - contrast, 1 + contrast] "
+        "(RandomContrast).",
+    )
+    brightness: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.9,
+        description="Add up to this fraction of the full range to every pixel, either way "
+        "(RandomBrightness).",
+    )
 
 
 class SamplerSpec(SpecModel):
@@ -127,6 +187,17 @@ class Training(SpecModel):
         description="auto uses mixed_float16 only on a GPU of compute capability 7.0 or "
         'newer; on forces it; off keeps float32. Quote on and off in YAML ("off"): '
         "unquoted, YAML reads them as booleans.",
+    )
+    class_weights: Literal["balanced"] | None = Field(
+        default=None,
+        description="balanced weighs each class's loss by the inverse of its share of the "
+        "training images (scikit-learn's 'balanced'), so a rare class counts as much as a "
+        "common one; omit to weigh every image alike.",
+    )
+    augmentation: Augmentation | None = Field(
+        default=None,
+        description="Random flips, rotations, zooms, shifts, contrast and brightness of the "
+        "training images; omit for none. searchSpace.augmentation searches them instead.",
     )
     refine: Refine | None = Field(
         default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mloptimizer.sizing import memory_bytes, model_size, quantity_bytes
-from mloptimizer.space import Architecture, ConvBlock, InceptionBlock
+from mloptimizer.space import Architecture, ConvBlock, InceptionBlock, InvertedResidual
 from mloptimizer.trainer.model import build_model, parameter_count
 
 CASES = [
@@ -48,6 +48,50 @@ CASES = [
             learning_rate=1e-3,
         ),
         (32, 32, 3),
+        10,
+    ),
+    (  # every kind of block: no expansion, a stride of 2 on an odd side, a residual sum
+        Architecture(
+            family="mobilenet",
+            stem_filters=16,
+            mobilenet_blocks=(
+                InvertedResidual(expansion=1, filters=16, stride=1),
+                InvertedResidual(expansion=6, filters=24, stride=2),
+                InvertedResidual(expansion=3, filters=24, stride=1),
+                InvertedResidual(expansion=4, filters=40, stride=2),
+            ),
+            classifier="mlp",
+            dense_units=64,
+            extra_dense_units=(32, 16),
+            dropout=0.1,
+            learning_rate=1e-3,
+        ),
+        (29, 27, 3),
+        7,
+    ),
+    (
+        Architecture(
+            family="mobilenet",
+            stem_filters=8,
+            mobilenet_blocks=(InvertedResidual(expansion=2, filters=8, stride=2),) * 2,
+            classifier="gap",
+            dropout=0.0,
+            learning_rate=1e-3,
+        ),
+        (8, 8, 1),
+        10,
+    ),
+    (  # the seed's own head, [256, 128]
+        Architecture(
+            family="cnn",
+            conv_blocks=(ConvBlock(filters=32, kernel_size=3),),
+            classifier="mlp",
+            dense_units=256,
+            extra_dense_units=(128,),
+            dropout=0.2,
+            learning_rate=1e-3,
+        ),
+        (28, 28, 1),
         10,
     ),
 ]
