@@ -47,10 +47,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 from mloptimizer.capability import TOKEN_PATTERN, new_token
 from mloptimizer.formats import FORMATS, REPORT_FILES, ExportFormat, delivered_files
 from mloptimizer.space import Architecture
-from mloptimizer.spec import Dataset, Metric
+from mloptimizer.spec import Constraints, Dataset, Metric
 
 __all__ = [
     "ARTIFACT_FILES",
+    "BUILDER_UNAVAILABLE",
     "CHECKPOINTS_DIR",
     "DELIVERY_LIMIT",
     "MAX_ARTIFACTS",
@@ -107,6 +108,11 @@ def printable(text: str) -> str:
     """``text`` with every control or invisible character made a space: what a trainer
     writes cannot forge a line of a log or break a condition or an Event."""
     return "".join(c if c.isprintable() else " " for c in text)
+
+
+# How a trainer's error begins when it cannot import searchSpace.custom.builder: the
+# dispatcher then fails the whole search (no trial of it can be built), not just the trial.
+BUILDER_UNAVAILABLE: Final = "builder unavailable: "
 
 
 def in_range(name: str, value: float) -> bool:
@@ -183,6 +189,11 @@ class TrialMessage(_Message):
     batch_size: int = Field(ge=1, le=65_536)
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     metric: Metric = "val_accuracy"
+    constraints: Constraints | None = Field(
+        default=None,
+        description="objective.constraints: a custom model over one, once built, is not "
+        "trained (built-in families are judged before they are sent).",
+    )
     class_weights: Literal["balanced"] | None = Field(
         default=None, description="balanced: weigh each class's loss by 1 / its share."
     )

@@ -111,7 +111,13 @@ def _inverted_residual(
 
 
 def model_size(arch: Architecture, shape: tuple[int, int, int], classes: int) -> ModelSize:
-    """Parameters and activations of ``arch`` built for images of ``shape``."""
+    """Parameters and activations of ``arch`` built for images of ``shape``.
+
+    Raises:
+        ValueError: ``arch`` is a custom model: only its trainer, which builds it, knows.
+    """
+    if arch.family == "custom":
+        raise ValueError("a custom model is measured by the trainer that builds it")
     height, width, channels = shape
     params, activations, macs = 0, height * width * channels, 0
     if arch.family == "cnn":

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mloptimizer.spec import (
     Augmentation,
     Constraints,
+    CustomSpace,
     FloatRange,
     IntRange,
     Pruner,
@@ -41,6 +42,7 @@ __all__ = [
     "mobilenet_channels",
     "sample_architecture",
     "sample_augmentation",
+    "sample_custom",
     "space_size",
 ]
 
@@ -120,12 +122,13 @@ class Architecture(BaseModel):
 
     ``dense_units`` is the mlp head's first dense layer, ``extra_dense_units`` the ones
     after it (up to two). ``augmentation`` is None when the trial trains on the images as
-    they are.
+    they are. A custom model is ``custom_builder`` called with ``custom_params``; it has no
+    blocks nor head of ours (``classifier`` is "gap" and means nothing for it).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    family: Literal["cnn", "inception", "mobilenet"]
+    family: Literal["cnn", "inception", "mobilenet", "custom"]
     conv_blocks: tuple[ConvBlock, ...] = ()
     inception_blocks: tuple[InceptionBlock, ...] = ()
     mobilenet_blocks: tuple[InvertedResidual, ...] = ()
@@ -136,6 +139,8 @@ class Architecture(BaseModel):
     dropout: float = Field(ge=0.0, le=1.0)
     learning_rate: float = Field(gt=0.0)
     augmentation: Augment | None = None
+    custom_builder: str | None = Field(default=None, max_length=200)
+    custom_params: dict[str, int | float | str] | None = Field(default=None, max_length=32)
 
     @property
     def head_units(self) -> tuple[int, ...]:
@@ -148,6 +153,12 @@ class Architecture(BaseModel):
         """A one-line description, as in ``cnn[32k3,64k5] mlp256 drop0.25 lr3.2e-04``."""
         if self.family == "cnn":
             blocks = ",".join(f"{b.filters}k{b.kernel_size}" for b in self.conv_blocks)
+        elif self.family == "custom":
+            params = ",".join(f"{k}={_short(v)}" for k, v in (self.custom_params or {}).items())
+            text = f"custom[{params}] lr{self.learning_rate:.1e}"
+            if self.augmentation is not None and self.augmentation.active():
+                text += " " + self.augmentation.summary()
+            return text
         elif self.family == "inception":
             blocks = ",".join(
                 f"{b.modules}x({b.filters_1x1}/{b.filters_3x3})" for b in self.inception_blocks
@@ -162,6 +173,10 @@ class Architecture(BaseModel):
         if self.augmentation is not None and self.augmentation.active():
             text += " " + self.augmentation.summary()
         return text
+
+
+def _short(value: int | float | str) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def mobilenet_channels(base: int, width: float) -> int:
@@ -196,6 +211,17 @@ def sample_architecture(
         The architecture; its parameter names in the study are stable across versions.
     """
     family = trial.suggest_categorical("family", list(space.architectures))
+    if family == "custom":
+        assert space.custom is not None  # the spec's rule
+        return Architecture(
+            family="custom",
+            classifier="gap",
+            dropout=0.0,
+            learning_rate=_float(trial, "learning_rate", space.learning_rate),
+            augmentation=sample_augmentation(trial, space, fixed),
+            custom_builder=space.custom.builder,
+            custom_params=sample_custom(trial, space.custom),
+        )
     conv: list[ConvBlock] = []
     inception: list[InceptionBlock] = []
     mobile: list[InvertedResidual] = []
@@ -257,6 +283,33 @@ def sample_architecture(
     )
 
 
+def sample_custom(
+    trial: optuna.trial.BaseTrial, space: CustomSpace
+) -> dict[str, int | float | str]:
+    """The builder's parameters, as ``custom_<name>`` in the study: the unconditional ones
+    in their order, then those whose condition the values taken meet."""
+    values: dict[str, int | float | str] = {}
+    ordered = [p for p in space.parameters if p.condition is None]
+    ordered += [p for p in space.parameters if p.condition is not None]
+    for p in ordered:
+        if p.condition is not None and values.get(p.condition.parameter) not in p.condition.values:
+            continue
+        name = f"custom_{p.name}"
+        if p.type == "categorical":
+            assert p.choices is not None
+            values[p.name] = trial.suggest_categorical(name, list(p.choices))
+            continue
+        assert p.min is not None
+        assert p.max is not None
+        if p.type == "int":
+            step = int(p.step or 1)
+            values[p.name] = trial.suggest_int(name, int(p.min), int(p.max), step=step, log=p.log)
+        else:
+            value = trial.suggest_float(name, p.min, p.max, step=p.step, log=p.log)
+            values[p.name] = min(max(value, p.min), p.max)
+    return values
+
+
 def sample_augmentation(
     trial: optuna.trial.BaseTrial, space: SearchSpace, fixed: Augmentation | None
 ) -> Augment | None:
@@ -313,10 +366,23 @@ def space_size(space: SearchSpace) -> SpaceSize:
         m = space.mobilenet
         per_block = _count(m.expansion) * len(m.strides)
         bodies += len(m.widths) * _per_block_total(m.blocks, per_block)
-    c = space.classifier
-    mlps = _per_block_total(c.layers, _count(c.units))
-    heads = sum(mlps if t == "mlp" else 1 for t in c.types)
-    ranges = [("dropout", space.dropout), ("learning_rate", space.learning_rate)]
+    head = space.classifier
+    mlps = _per_block_total(head.layers, _count(head.units))
+    heads = sum(mlps if t == "mlp" else 1 for t in head.types)
+    models = bodies * heads  # a custom model has no head of ours
+    ranges = [("dropout", space.dropout)] if bodies else []
+    ranges.append(("learning_rate", space.learning_rate))
+    custom_continuous: list[str] = []
+    if "custom" in space.architectures and space.custom is not None:
+        choices = 1
+        for p in space.custom.parameters:
+            if p.type == "categorical":
+                choices *= len(p.choices or ())
+            elif p.min is not None and p.max is not None and (p.type == "int" or p.step):
+                choices *= int((p.max - p.min) // (p.step or 1)) + 1
+            else:
+                custom_continuous.append(f"custom_{p.name}")
+        models += choices  # an upper bound when conditions leave some out
     flips = 1
     if space.augmentation is not None:
         for name, choice in space.augmentation:
@@ -325,7 +391,8 @@ def space_size(space: SearchSpace) -> SpaceSize:
             elif choice is not None:
                 ranges.append((f"aug_{name}", choice))
     continuous = tuple(name for name, r in ranges if not math.isclose(r.min, r.max))
-    return SpaceSize(discrete=bodies * heads * flips, continuous=continuous)
+    continuous += tuple(custom_continuous)
+    return SpaceSize(discrete=models * flips, continuous=continuous)
 
 
 def build_sampler(spec: SamplerSpec, resumed_at: int = 0) -> optuna.samplers.BaseSampler:

@@ -532,4 +532,5 @@ def _reason(outcome: Outcome) -> str:
         "target": "TargetReached",
         "timeout": "TimeoutReached",
         "maxCostUSD": "CostLimitReached",
+        "builderUnavailable": "BuilderUnavailable",
     }.get(outcome.reason, "Finished")

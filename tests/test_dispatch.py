@@ -28,7 +28,13 @@ from services import fresh_postgres_database
 from mloptimizer.app.runner import ProgressDisplay
 from mloptimizer.dispatch import DeadTrial, Dispatcher, Inbound
 from mloptimizer.loading import parse_search
-from mloptimizer.messages import Decision, ProgressMessage, ResultMessage, TrialMessage
+from mloptimizer.messages import (
+    BUILDER_UNAVAILABLE,
+    Decision,
+    ProgressMessage,
+    ResultMessage,
+    TrialMessage,
+)
 from mloptimizer.space import sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import (
@@ -924,6 +930,79 @@ def test_a_model_over_max_params_is_told_infeasible_untrained_and_never_best(
     assert d.counts.best.feasible
     # what TPE reads: every finished trial carries its constraint values
     assert all("params" in t.constraints for t in d.study.get_trials())
+
+
+CUSTOM_SPACE = {
+    "architectures": ["custom"],
+    "custom": {
+        "builder": "user_models:build",
+        "parameters": [{"name": "filters", "type": "int", "min": 8, "max": 64, "step": 8}],
+    },
+}
+
+
+@dataclass
+class MeasuringTransport(ScriptedTransport):
+    """Trainers of a custom model: each builds it, counts its weights (1,000 a filter) and
+    stops before training one over its trial's maxParams, as trainer/training.py does."""
+
+    def receive(self, timeout: float) -> list[Inbound]:
+        out: list[Inbound] = []
+        for trial_id, run in list(self.active.items()):
+            t = run.trial
+            params = 1000 * int((t.architecture.custom_params or {})["filters"])
+            limits = t.constraints
+            if run.epoch == 0 and limits is not None and params > (limits.max_params or params):
+                result = self.result(run, "pruned").model_copy(
+                    update={"value": None, "val_accuracy": None, "val_loss": None}
+                )
+                out.append(Inbound(result.model_copy(update={"parameter_count": params})))
+                del self.active[trial_id]
+        return out + super().receive(timeout)
+
+
+def test_a_custom_model_over_a_limit_once_built_is_told_infeasible_and_never_best(
+    storage: str,
+) -> None:
+    spec = make_spec(
+        budget={"maxTrials": 12, "parallelism": 2},
+        searchSpace=CUSTOM_SPACE,
+        objective={"constraints": {"maxParams": 40_000}},
+    )
+    transport = MeasuringTransport(measures=lambda t: {"parameter_count": 1000})
+    d = dispatcher(spec, storage, transport)
+    assert d.run().reason == "maxTrials"
+    # the dispatcher cannot size a custom model: every trial is sent, with the limits
+    assert len({m.trial_id for m in transport.sent}) == 12
+    assert all(m.constraints == spec.objective.constraints for m in transport.sent)
+    trials = records(d.study)
+    over = [t for t in trials if (t.architecture.custom_params or {})["filters"] > 40]
+    assert over, "the space holds models over the limit"
+    for t in trials:
+        assert t.feasible == (t not in over)
+    for t in over:
+        assert t.state == "complete"  # told the worst value, as an unsent infeasible one
+        assert t.value == 0.0
+        assert "> maxParams 40,000" in t.attrs[Attr.INFEASIBLE]
+        assert stored_trial(d.study, t.trial_id).constraints["params"] > 0
+    assert d.counts.infeasible == len(over)
+    assert d.counts.best is not None
+    assert d.counts.best.feasible
+
+
+def test_a_builder_that_cannot_be_imported_fails_the_search_at_its_first_trial(
+    storage: str,
+) -> None:
+    spec = make_spec(budget={"maxTrials": 10, "parallelism": 2}, searchSpace=CUSTOM_SPACE)
+    why = f"{BUILDER_UNAVAILABLE}user_models:build: cannot import user_models"
+    transport = ScriptedTransport(fail=lambda trial: why)
+    d = dispatcher(spec, storage, transport)
+    outcome = d.run()
+    assert outcome.reason == "builderUnavailable"
+    assert outcome.failed
+    assert outcome.message.startswith(why)
+    assert len(transport.sent) == 2  # the first wave; nothing after the first result
+    assert d.counts.failed <= 2 < spec.budget.max_failed_trials
 
 
 def test_a_trained_model_over_max_model_kb_is_infeasible_even_when_most_accurate(

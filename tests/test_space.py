@@ -100,17 +100,16 @@ def _in(value: int, r: IntRange) -> bool:
 def assert_inside(arch: Architecture, space: SearchSpace) -> None:
     assert arch.family in space.architectures
     if arch.family == "mobilenet":
-        assert arch.conv_blocks == arch.inception_blocks == ()
+        assert arch.conv_blocks == ()
+        assert arch.inception_blocks == ()
         m = space.mobilenet
         assert _in(len(arch.mobilenet_blocks), m.blocks)
         widths = [w for w in m.widths if arch.stem_filters == mobilenet_channels(32, w)]
         assert widths
-        for i, block in enumerate(arch.mobilenet_blocks):
-            assert _in(block.expansion, m.expansion)
-            assert block.stride in m.strides
-            assert any(
-                block.filters == mobilenet_channels(MOBILENET_CHANNELS[i], w) for w in widths
-            )
+        for i, ir in enumerate(arch.mobilenet_blocks):
+            assert _in(ir.expansion, m.expansion)
+            assert ir.stride in m.strides
+            assert any(ir.filters == mobilenet_channels(MOBILENET_CHANNELS[i], w) for w in widths)
     elif arch.family == "cnn":
         assert arch.inception_blocks == ()
         assert _in(len(arch.conv_blocks), space.cnn.blocks)

@@ -40,6 +40,7 @@ from mloptimizer.messages import (
     finite,
 )
 from mloptimizer.trainer.checkpoint import file_sha256
+from mloptimizer.trainer.custom import import_builder
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import GpuInfo
 from mloptimizer.trainer.kept import MODELS_DIR, kept_model
@@ -153,6 +154,8 @@ def _model(
     import keras
 
     best = message.best
+    if best.architecture.custom_builder is not None:
+        import_builder(best.architecture.custom_builder)  # registers its Keras classes
     if models is not None and (path := kept_model(models, best)) is not None:
         try:
             model = keras.models.load_model(path)

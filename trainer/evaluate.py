@@ -22,6 +22,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from mloptimizer.messages import TrialMessage
+from mloptimizer.trainer.custom import add_builder_path, import_builder
 from mloptimizer.trainer.data import DatasetCache, Splits, make_dataset
 from mloptimizer.trainer.device import detect_gpus
 from mloptimizer.trainer.kept import MODELS_DIR, identity, kept_model
@@ -74,6 +75,10 @@ def evaluate_best(
 ) -> dict[str, Any]:
     """Retrain ``trial`` (unless ``out/best.keras`` is it) and score it on the test split."""
     splits, _ = DatasetCache(cache_dir, base_dir).get(trial.dataset)
+    if trial.architecture.custom_builder is not None:
+        if base_dir is not None:
+            add_builder_path(base_dir)
+        import_builder(trial.architecture.custom_builder)  # registers its Keras classes
     model_path, meta_path = out / "best.keras", out / "best.json"
     wanted = identity(trial)
     model = None

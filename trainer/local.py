@@ -30,6 +30,7 @@ from mloptimizer.messages import (
     encode,
 )
 from mloptimizer.trainer.checkpoint import Checkpoints
+from mloptimizer.trainer.custom import add_builder_path
 from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import configure_threads
 from mloptimizer.trainer.kept import KeptModels
@@ -64,6 +65,8 @@ def serve(
     was (see :mod:`~mloptimizer.trainer.checkpoint`).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if base_dir:  # a custom builder may live beside the search file
+        add_builder_path(Path(base_dir))
     if threads:
         configure_threads(threads, None)
     session = TrialSession(

@@ -15,6 +15,7 @@ from typing import Any
 import keras
 
 from mloptimizer.space import Architecture, ConvBlock, InceptionBlock, InvertedResidual
+from mloptimizer.trainer.custom import build_custom
 from mloptimizer.trainer.metrics import class_metrics
 
 __all__ = ["ArchitectureError", "build_model", "check_architecture", "parameter_count"]
@@ -47,11 +48,13 @@ def check_architecture(arch: Architecture, input_shape: tuple[int, int, int]) ->
     height, width, _ = input_shape
     if min(input_shape) < 1:
         return f"input shape {input_shape} must be positive in every dimension"
+    if arch.family == "custom":  # the builder's own; checked once built (custom.py)
+        return None
     if not getattr(arch, _BLOCKS[arch.family]):
         return f"a {arch.family} architecture needs at least one block"
-    for family, blocks in _BLOCKS.items():
-        if family != arch.family and getattr(arch, blocks):
-            return f"a {arch.family} architecture must not carry {blocks}"
+    for family, field in _BLOCKS.items():
+        if family != arch.family and getattr(arch, field):
+            return f"a {arch.family} architecture must not carry {field}"
     if (arch.stem_filters is None) != (arch.family != "mobilenet"):
         return "stem_filters belongs to a mobilenet architecture, and only to one"
     if arch.classifier == "mlp" and arch.dense_units is None:
@@ -157,9 +160,13 @@ def build_model(
     Raises:
         ArchitectureError: :func:`check_architecture` refused ``arch`` for this input.
         ValueError: ``num_classes`` is below 2.
+        BuilderUnavailable, BuilderFailed: a custom model's builder cannot be imported,
+            or did not build (:mod:`~mloptimizer.trainer.custom`).
     """
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, the dataset has {num_classes}")
+    if arch.family == "custom":
+        return _compiled(build_custom(arch, input_shape, num_classes), arch, num_classes, metric)
     reason = check_architecture(arch, input_shape)
     if reason is not None:
         raise ArchitectureError(reason)
@@ -193,7 +200,12 @@ def build_model(
     outputs = keras.layers.Dense(
         num_classes, activation="softmax", dtype="float32", name="softmax"
     )(x)
-    model = keras.Model(inputs, outputs, name=arch.family)
+    return _compiled(keras.Model(inputs, outputs, name=arch.family), arch, num_classes, metric)
+
+
+def _compiled(model: keras.Model, arch: Architecture, num_classes: int, metric: str) -> Any:
+    """``model`` compiled as every trial is: Adam, cross-entropy, the objective's metrics
+    (a custom builder's own compile, if any, is replaced)."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=arch.learning_rate),
         loss="sparse_categorical_crossentropy",

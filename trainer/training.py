@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from mloptimizer.messages import (
+    BUILDER_UNAVAILABLE,
     MAX_EPOCHS,
     MAX_TEXT,
     Decision,
@@ -31,6 +32,7 @@ from mloptimizer.messages import (
 )
 from mloptimizer.trainer.augment import augmenter
 from mloptimizer.trainer.checkpoint import Checkpoints
+from mloptimizer.trainer.custom import BuilderFailed, BuilderUnavailable
 from mloptimizer.trainer.data import Splits, make_dataset
 from mloptimizer.trainer.device import GpuInfo, choose_precision, fresh_session, use_xla
 from mloptimizer.trainer.litert import int8_litert, multiply_adds
@@ -147,6 +149,8 @@ def train_trial(
             model, resumed_at = kept.model, kept.epoch
         else:
             model = build()
+        if kept is None and (over := _over_a_limit(trial, model)) is not None:
+            return over  # a custom model over a device limit: measured, never trained
         if use_xla(gpus):
             model.jit_compile = True
         train = make_dataset(
@@ -190,6 +194,10 @@ def train_trial(
             keep_model["model"] = model
     except ArchitectureError as error:
         return Outcome(state="failed", error=f"bad architecture: {error}")
+    except BuilderUnavailable as error:
+        return Outcome(state="failed", error=f"{BUILDER_UNAVAILABLE}{error}"[:2000])
+    except BuilderFailed as error:
+        return Outcome(state="failed", error=str(error)[:2000])
     except tf.errors.ResourceExhaustedError as error:
         return Outcome(state="failed", error=f"out of memory: {error.message[:500]}")
     except Exception as error:  # a trial's failure must never take the worker down
@@ -224,6 +232,23 @@ def train_trial(
     outcome.val_accuracy = last.get("val_accuracy")
     outcome.value = last.get(trial.metric)
     return outcome
+
+
+def _over_a_limit(trial: TrialMessage, model: Any) -> Outcome | None:
+    """A custom model over ``objective.constraints``, measured once built: stopped before
+    its first epoch (the dispatcher tells it infeasible). Built-in families never get here
+    over a limit: the dispatcher sized them before sending."""
+    limits = trial.constraints
+    if trial.architecture.family != "custom" or limits is None:
+        return None
+    params, mflops = parameter_count(model), multiply_adds(model) / 1e6
+    if (
+        (limits.max_params is not None and params > limits.max_params)
+        or (limits.max_mflops is not None and mflops > limits.max_mflops)
+        or (limits.max_model_kb is not None and params / 1024 > limits.max_model_kb)
+    ):
+        return Outcome(state="pruned", epochs_run=0, parameter_count=params, mflops=mflops)
+    return None
 
 
 def balanced_weights(labels: Any) -> dict[int, float]:

@@ -31,6 +31,7 @@ class ExportError(RuntimeError):
 def export_run(out: Path, formats: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """Export ``out/best.keras`` in ``formats`` (None: the spec's ``output.formats``);
     returns each artifact's figures."""
+    from mloptimizer.trainer.custom import add_builder_path, import_builder
     from mloptimizer.trainer.data import DatasetCache  # TensorFlow: only here
     from mloptimizer.trainer.export import export_model
 
@@ -46,7 +47,13 @@ def export_run(out: Path, formats: tuple[str, ...] | None = None) -> list[dict[s
 
     run = json.loads(run_file.read_text())
     spec = ArchitectureSearchSpec.model_validate(run["spec"])
-    splits, _ = DatasetCache(*data_dirs(out, run)).get(spec.dataset)
+    cache_dir, base_dir = data_dirs(out, run)
+    splits, _ = DatasetCache(cache_dir, base_dir).get(spec.dataset)
+    custom = spec.search_space.custom
+    if custom is not None:  # its module registers the Keras classes the model may use
+        if base_dir is not None:
+            add_builder_path(base_dir)
+        import_builder(custom.builder)
     model = keras.models.load_model(model_path)
     chosen = formats if formats is not None else tuple(spec.output.formats)
     artifacts = [a.as_json() for a in export_model(model, splits, out / "export", chosen)]

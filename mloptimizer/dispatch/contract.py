@@ -40,7 +40,13 @@ __all__ = [
 ]
 
 StopReason = Literal[
-    "maxTrials", "target", "timeout", "maxCostUSD", "maxFailedTrials", "interrupted"
+    "maxTrials",
+    "target",
+    "timeout",
+    "maxCostUSD",
+    "maxFailedTrials",
+    "builderUnavailable",
+    "interrupted",
 ]
 
 
@@ -194,6 +200,7 @@ def trial_message(
         mixed_precision=training.mixed_precision,
         metric=spec.objective.metric,
         class_weights=training.class_weights,
+        constraints=spec.objective.constraints,
         seed=trial_seed(spec.sampler.seed, number),
         progress_timeout_seconds=progress_timeout,
         measure_model_kb=spec.objective.tradeoff == "modelKB"

@@ -326,12 +326,19 @@ class Ledger:
             if why is not None:
                 infeasible = {Attr.INFEASIBLE: why}
                 trial.set_user_attr(Attr.INFEASIBLE, why)
+        value = message.value
+        # a custom model over a limit once built is stopped untrained, as a built-in one is
+        # judged unsent: told the worst value, never the best, and TPE learns the region
+        untrained = bool(infeasible) and message.state == "pruned" and message.epochs_run == 0
+        if untrained:
+            value = judgements.worst_value(self._direction)
+            message = message.model_copy(update={"state": "complete", "value": value})
         values = judgements.objective_values(
             objective.tradeoff,
-            message.value,
+            value,
             message.parameter_count,
             message.mflops,
-            message.model_kb,
+            message.model_kb if not untrained else message.parameter_count / 1024,
             float(result[Attr.COST]),  # type: ignore[arg-type]
         )
         if message.state == "complete" and message.value is not None and values is None:

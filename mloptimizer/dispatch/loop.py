@@ -37,6 +37,7 @@ from mloptimizer.dispatch.ledger import InFlight
 from mloptimizer.dispatch.phases import Phases
 from mloptimizer.faults import transient
 from mloptimizer.messages import (
+    BUILDER_UNAVAILABLE,
     Decision,
     ProgressMessage,
     Receiver,
@@ -218,19 +219,20 @@ class Dispatcher(Phases):
         phase = rec.phase
         if phase == "explore":
             self.counts.explore_used += 1
-        shape, classes = input_shape(self.spec)
-        size = model_size(architecture, shape, classes)
-        batch_size = self.spec.training.batch_size
-        too_large = judgements.too_large(size, batch_size, self.memory_budget)
-        if too_large is not None:
-            self._fail_unsent(trial, rec, too_large)
-            return
-        violations, why = judgements.violations(
-            self.spec.objective.constraints, size.parameters, size.mflops, None, trained=False
-        )
-        if why is not None:
-            self._infeasible_unsent(trial, rec, violations, why, size)
-            return
+        if architecture.family != "custom":  # a custom model: its trainer measures it
+            shape, classes = input_shape(self.spec)
+            size = model_size(architecture, shape, classes)
+            batch_size = self.spec.training.batch_size
+            too_large = judgements.too_large(size, batch_size, self.memory_budget)
+            if too_large is not None:
+                self._fail_unsent(trial, rec, too_large)
+                return
+            violations, why = judgements.violations(
+                self.spec.objective.constraints, size.parameters, size.mflops, None, trained=False
+            )
+            if why is not None:
+                self._infeasible_unsent(trial, rec, violations, why, size)
+                return
         message = self._message(trial.number, trial_id_of(trial), rec)
         self.transport.send(message)
         # Written once the broker confirmed the trial: a trial running without it was
@@ -358,6 +360,10 @@ class Dispatcher(Phases):
             return
         price = self.price_of(message.worker_id) if self.price_of is not None else None
         self._tell_result(flight, message, price)
+        error = message.error or ""
+        if error.startswith(BUILDER_UNAVAILABLE) and self.stopping is None:
+            # no trial of this search can be built: one failure says it for all of them
+            self._stop(Outcome("builderUnavailable", error, failed=True))
 
     # --- deadlines --------------------------------------------------------------------
 

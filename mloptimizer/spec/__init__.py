@@ -12,7 +12,8 @@ by the same rules. The sections:
 * :mod:`~mloptimizer.spec.dataset`: ``dataset``;
 * :mod:`~mloptimizer.spec.objective`: ``objective`` and ``budget``;
 * :mod:`~mloptimizer.spec.training`: ``sampler``, ``pruner`` and ``training``;
-* :mod:`~mloptimizer.spec.search_space`: ``searchSpace``;
+* :mod:`~mloptimizer.spec.search_space`: ``searchSpace`` (and :mod:`~mloptimizer.spec.custom`,
+  its ``custom``);
 * :mod:`~mloptimizer.spec.workers`: ``workers`` (and its ``gpuPool``);
 * :mod:`~mloptimizer.spec.services`: ``storage`` and ``broker``;
 * :mod:`~mloptimizer.spec.output`: ``output``;
@@ -33,6 +34,7 @@ from mloptimizer.spec.common import (
     SecretKeyRef,
     parse_duration,
 )
+from mloptimizer.spec.custom import BUILDER_PATTERN, CustomCondition, CustomParameter, CustomSpace
 from mloptimizer.spec.dataset import BUILTIN_DATASETS, Dataset, ImageFolder
 from mloptimizer.spec.objective import Budget, Constraints, Metric, Objective, Tradeoff
 from mloptimizer.spec.output import (
@@ -77,6 +79,7 @@ from mloptimizer.spec.workers import (
 __all__ = [
     "API_VERSION",
     "AUGMENTATIONS",
+    "BUILDER_PATTERN",
     "BUILTIN_DATASETS",
     "CPU_TRAINER_IMAGE",
     "DURATION_PATTERN",
@@ -97,6 +100,9 @@ __all__ = [
     "ClassifierSpace",
     "CnnSpace",
     "Constraints",
+    "CustomCondition",
+    "CustomParameter",
+    "CustomSpace",
     "Dataset",
     "ExportFormat",
     "FloatRange",

@@ -12,6 +12,7 @@ from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
 from mloptimizer.rules import Rule, SpecModel
+from mloptimizer.spec.custom import CustomSpace
 
 __all__ = [
     "AugmentationSpace",
@@ -97,9 +98,21 @@ def _int_range(lo: int, hi: int, step: int = 1) -> IntRange:
 
 KernelSize = Literal[1, 3, 5, 7, 9, 11]
 Head = Literal["gap", "mlp"]
-Family = Literal["cnn", "inception", "mobilenet"]
+Family = Literal["cnn", "inception", "mobilenet", "custom"]
 Stride = Literal[1, 2]
-Width = Literal[0.25, 0.35, 0.5, 0.75, 1.0, 1.25, 1.5]
+WIDTHS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def _a_width(value: float) -> float:
+    if value not in WIDTHS:
+        raise PydanticCustomError(
+            "width", "width {value} is not one of {widths}", {"value": value, "widths": WIDTHS}
+        )
+    return value
+
+
+# A width multiplier: one of WIDTHS (mypy takes no float Literal; the CRD gets the enum).
+Width = Annotated[float, Field(json_schema_extra={"enum": list(WIDTHS)}), AfterValidator(_a_width)]
 
 
 class CnnSpace(SpecModel):
@@ -285,13 +298,24 @@ class SearchSpace(SpecModel):
     Every range and choice can be overridden; a choice left with one value is fixed.
     """
 
+    rules = (
+        Rule(
+            cel="self.architectures.exists(a, a == 'custom') == has(self.custom)",
+            check=lambda s: ("custom" in s.architectures) == (s.custom is not None),
+            message="the custom family and searchSpace.custom go together: list custom in "
+            "architectures and describe its builder under custom, or neither",
+            field="custom",
+        ),
+    )
+
     architectures: Annotated[
         list[Family],
-        Field(min_length=1, max_length=3, json_schema_extra=SET_EXTRA),
+        Field(min_length=1, max_length=4, json_schema_extra=SET_EXTRA),
         AfterValidator(_unique),
     ] = Field(
         default_factory=lambda: list[Family](["cnn", "inception"]),
-        description="Model families to search: cnn, inception and/or mobilenet.",
+        description="Model families to search: cnn, inception, mobilenet and/or custom "
+        "(the builder of searchSpace.custom).",
     )
     cnn: CnnSpace = Field(default_factory=CnnSpace, description="The cnn family's space.")
     inception: InceptionSpace = Field(
@@ -315,4 +339,8 @@ class SearchSpace(SpecModel):
         default=None,
         description="Augmentations to search, by the names of training.augmentation; "
         "omit to search none.",
+    )
+    custom: CustomSpace | None = Field(
+        default=None,
+        description="The user's own model builder and its parameters (the custom family).",
     )

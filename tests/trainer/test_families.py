@@ -7,6 +7,7 @@ import dataclasses
 import threading
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def mobilenet(**changes: object) -> Architecture:
     return arch.model_copy(update=changes)
 
 
-def run(trial: TrialMessage, splits: Splits, kept: dict[str, object] | None = None) -> Outcome:
+def run(trial: TrialMessage, splits: Splits, kept: dict[str, Any] | None = None) -> Outcome:
     outcome = train_trial(
         trial, splits, on_epoch=lambda e, m: "continue", stop=threading.Event(), keep_model=kept
     )
@@ -57,7 +58,7 @@ def run(trial: TrialMessage, splits: Splits, kept: dict[str, object] | None = No
 def test_a_mobilenet_learns_digits_and_keeps_its_accuracy_in_int8(
     digits: Splits, tmp_path: Path
 ) -> None:
-    kept: dict[str, object] = {}
+    kept: dict[str, Any] = {}
     trial = digits_trial("ns.families", 1, epochs=12).model_copy(
         update={"architecture": mobilenet()}
     )
@@ -82,23 +83,23 @@ def test_augmentation_changes_training_batches_only_and_never_enters_the_model(
     apply = augmenter(augment, seed=3)
     assert apply is not None
     assert augmenter(Augment(), seed=3) is None
-    kwargs = {"batch_size": 64, "shuffle": False, "seed": 0}
-    plain = next(iter(make_dataset(digits.x_train, digits.y_train, **kwargs)))
-    changed = next(iter(make_dataset(digits.x_train, digits.y_train, augment=apply, **kwargs)))
+    x, y = digits.x_train, digits.y_train
+    plain = next(iter(make_dataset(x, y, batch_size=64, shuffle=False, seed=0)))
+    changed = next(iter(make_dataset(x, y, batch_size=64, shuffle=False, seed=0, augment=apply)))
     assert changed[0].shape == plain[0].shape
     assert np.array_equal(changed[1].numpy(), plain[1].numpy())  # labels untouched
     assert not np.allclose(changed[0].numpy(), plain[0].numpy())
     assert float(np.min(changed[0])) >= 0.0
     assert float(np.max(changed[0])) <= 1.0
-    kept: dict[str, object] = {}
+    kept: dict[str, Any] = {}
     arch = mobilenet(augmentation=augment)
     trial = digits_trial("ns.families", 2, epochs=3).model_copy(update={"architecture": arch})
     outcome = run(trial, digits, kept)
     assert len(outcome.history) == 3
     model = kept["model"]
-    layers = [type(layer).__name__ for layer in model.layers]  # type: ignore[attr-defined]
+    layers = [type(layer).__name__ for layer in model.layers]
     assert not [name for name in layers if name.startswith("Random")], layers
-    found = export_model(model, digits, tmp_path, ("tflite-int8",))  # type: ignore[arg-type]
+    found = export_model(model, digits, tmp_path, ("tflite-int8",))
     assert found[0].error is None, found[0].error
 
 
@@ -129,15 +130,15 @@ def test_class_metrics_are_scikit_learns_on_the_validation_images(
 ) -> None:
     splits = imbalanced()
     assert np.bincount(splits.y_val)[2] < 0.1 * len(splits.y_val)
-    kept: dict[str, object] = {}
+    kept: dict[str, Any] = {}
     outcome = run(digits_trial("ns.families", 3, epochs=2, metric=metric), splits, kept)
     assert outcome.value == outcome.history[-1][metric]
     assert metric.removeprefix("val_") in outcome.history[-1]  # on training batches too
     model = kept["model"]
-    predicted = model.predict(splits.x_val.astype("float32") / 255.0, verbose=0).argmax(1)  # type: ignore[attr-defined]
+    predicted = model.predict(splits.x_val.astype("float32") / 255.0, verbose=0).argmax(1)
     assert outcome.value == pytest.approx(score(splits.y_val, predicted), abs=1e-5)  # type: ignore[operator]
     # a saved model names only Keras' own metrics: it loads in plain Keras
-    portable(model).save(tmp_path / "m.keras")  # type: ignore[arg-type]
+    portable(model).save(tmp_path / "m.keras")
     with zipfile.ZipFile(tmp_path / "m.keras") as saved:
         assert "ConfusionMetric" not in saved.read("config.json").decode()
 
