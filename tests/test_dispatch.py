@@ -40,6 +40,7 @@ from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import (
     Attr,
     StudyMismatch,
+    TrialRecord,
     best_of,
     open_study,
     pareto_front,
@@ -961,6 +962,11 @@ class MeasuringTransport(ScriptedTransport):
         return out + super().receive(timeout)
 
 
+def _custom_params(t: TrialRecord) -> dict[str, Any]:
+    assert t.architecture is not None
+    return dict(t.architecture.custom_params or {})
+
+
 def test_a_custom_model_over_a_limit_once_built_is_told_infeasible_and_never_best(
     storage: str,
 ) -> None:
@@ -976,7 +982,7 @@ def test_a_custom_model_over_a_limit_once_built_is_told_infeasible_and_never_bes
     assert len({m.trial_id for m in transport.sent}) == 12
     assert all(m.constraints == spec.objective.constraints for m in transport.sent)
     trials = records(d.study)
-    over = [t for t in trials if (t.architecture.custom_params or {})["filters"] > 40]
+    over = [t for t in trials if int(_custom_params(t)["filters"]) > 40]
     assert over, "the space holds models over the limit"
     for t in trials:
         assert t.feasible == (t not in over)

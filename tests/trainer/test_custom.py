@@ -9,7 +9,7 @@ import optuna
 import pytest
 from dispatch import digits_trial
 
-from mloptimizer.messages import BUILDER_UNAVAILABLE, TrialMessage
+from mloptimizer.messages import BUILDER_UNAVAILABLE, Decision, TrialMessage
 from mloptimizer.space import Architecture, sample_architecture
 from mloptimizer.spec import Constraints, Dataset, SearchSpace
 from mloptimizer.trainer.custom import add_builder_path
@@ -185,9 +185,12 @@ def test_a_custom_model_over_a_device_limit_is_measured_and_not_trained(digits: 
         update={"constraints": Constraints(max_params=200)}
     )
     epochs: list[int] = []
-    outcome = train_trial(
-        trial, digits, on_epoch=lambda e, m: epochs.append(e) or "continue", stop=threading.Event()
-    )
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> Decision:
+        epochs.append(epoch)
+        return "continue"
+
+    outcome = train_trial(trial, digits, on_epoch=on_epoch, stop=threading.Event())
     assert outcome.state == "pruned"
     assert outcome.epochs_run == 0
     assert epochs == []
