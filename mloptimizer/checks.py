@@ -232,6 +232,7 @@ def smallest_model(spec: ArchitectureSearchSpec) -> tuple[int, float]:
                         family="mobilenet",
                         mobilenet_blocks=blocks,
                         stem_filters=mobilenet_channels(32, width),
+                        stem_stride=mob.stem_stride,
                         **common,
                     )
                 )

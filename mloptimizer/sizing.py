@@ -129,6 +129,7 @@ def model_size(arch: Architecture, shape: tuple[int, int, int], classes: int) ->
             activations += height * width * channels
     elif arch.family == "mobilenet":
         stem = arch.stem_filters or 32
+        height, width = math.ceil(height / arch.stem_stride), math.ceil(width / arch.stem_stride)
         params += _conv(channels, stem, 3)
         macs += height * width * 9 * channels * stem
         activations += 3 * height * width * stem

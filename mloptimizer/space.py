@@ -133,6 +133,7 @@ class Architecture(BaseModel):
     inception_blocks: tuple[InceptionBlock, ...] = ()
     mobilenet_blocks: tuple[InvertedResidual, ...] = ()
     stem_filters: int | None = Field(default=None, ge=1)
+    stem_stride: Literal[1, 2] = 1
     classifier: Literal["gap", "mlp"]
     dense_units: int | None = None
     extra_dense_units: tuple[int, ...] = Field(default=(), max_length=2)
@@ -164,9 +165,9 @@ class Architecture(BaseModel):
                 f"{b.modules}x({b.filters_1x1}/{b.filters_3x3})" for b in self.inception_blocks
             )
         else:
+            stem = f"s{self.stem_filters}" + ("/2" if self.stem_stride == 2 else "")
             blocks = ",".join(
-                [f"s{self.stem_filters}"]
-                + [f"e{b.expansion}/{b.filters}s{b.stride}" for b in self.mobilenet_blocks]
+                [stem] + [f"e{b.expansion}/{b.filters}s{b.stride}" for b in self.mobilenet_blocks]
             )
         head = "mlp" + "-".join(map(str, self.head_units)) if self.classifier == "mlp" else "gap"
         text = f"{self.family}[{blocks}] {head} drop{self.dropout:.2f} lr{self.learning_rate:.1e}"
@@ -274,6 +275,7 @@ def sample_architecture(
         inception_blocks=tuple(inception),
         mobilenet_blocks=tuple(mobile),
         stem_filters=stem,
+        stem_stride=space.mobilenet.stem_stride if family == "mobilenet" else 1,
         classifier=classifier,
         dense_units=units[0] if units else None,
         extra_dense_units=tuple(units[1:]),

@@ -141,7 +141,11 @@ def train_trial(
 
         def build() -> Any:
             return build_model(
-                trial.architecture, splits.input_shape, splits.num_classes, trial.metric
+                trial.architecture,
+                splits.input_shape,
+                splits.num_classes,
+                trial.metric,
+                steps_per_epoch=math.ceil(len(splits.y_train) / trial.batch_size),
             )
 
         kept = checkpoints.load(trial, build) if checkpoints is not None else None

@@ -196,6 +196,11 @@ class MobilenetSpace(SpecModel):
         description="Width multipliers to choose from (one per model): the channels of "
         "every layer scale with it.",
     )
+    stem_stride: Stride = Field(
+        default=1,
+        description="Stride of the 3x3 stem: 1 keeps small images (28x28) whole; 2 halves "
+        "larger ones (96x96) before the first block, as MobileNetV2 does.",
+    )
     strides: Annotated[
         list[Stride],
         Field(min_length=1, max_length=2, json_schema_extra=SET_EXTRA),

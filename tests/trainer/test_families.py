@@ -156,3 +156,18 @@ def test_balanced_class_weights_are_scikit_learns_and_train() -> None:
     outcome = run(trial, splits)
     assert outcome.value is not None
     assert outcome.value > 0.5
+
+
+def test_batch_norm_averages_span_a_quarter_epoch_of_a_small_image_set() -> None:
+    from mloptimizer.trainer.model import batch_norm_momentum, build_model
+
+    assert batch_norm_momentum(None) == 0.9
+    assert batch_norm_momentum(400) == 0.9  # capped: digits (40 steps) keeps 0.9 too
+    assert batch_norm_momentum(40) == pytest.approx(0.9)
+    assert batch_norm_momentum(8) == pytest.approx(0.5)
+    assert batch_norm_momentum(4) == 0.0
+    assert batch_norm_momentum(1) == 0.0
+    model = build_model(mobilenet(), (16, 16, 3), 3, steps_per_epoch=8)
+    norms = [layer for layer in model.layers if "BatchNormalization" in type(layer).__name__]
+    assert len(norms) == 1 + 2 + 3 + 3  # stem; expansion 1 has no expand; two with one
+    assert [layer.momentum for layer in norms] == pytest.approx([0.5] * len(norms))

@@ -73,12 +73,13 @@ CASES = [
         Architecture(
             family="mobilenet",
             stem_filters=8,
+            stem_stride=2,
             mobilenet_blocks=(InvertedResidual(expansion=2, filters=8, stride=2),) * 2,
             classifier="gap",
             dropout=0.0,
             learning_rate=1e-3,
         ),
-        (8, 8, 1),
+        (13, 8, 1),
         10,
     ),
     (  # the seed's own head, [256, 128]
