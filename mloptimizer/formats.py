@@ -82,7 +82,18 @@ DEFAULT_FORMATS: Final[tuple[ExportFormat, ...]] = ("keras", "tflite-int8")
 
 # The files that describe a delivery, beside the models: a destination holds exactly these
 # and one file per format asked.
-REPORT_FILES: Final = ("report.md", "artifacts.json")
+# The report delivered with the model: the page, its data and its pictures
+# (mloptimizer.reporting writes each one, a note in place of a picture that does not apply).
+REPORT_FILES: Final = (
+    "report.md",
+    "artifacts.json",
+    "summary.json",
+    "confusion.png",
+    "history.png",
+    "importances.png",
+    "space.png",
+    "front.png",
+)
 
 
 def delivered_files() -> frozenset[str]:

@@ -74,6 +74,7 @@ __all__ = [
     "ProgressReply",
     "Queue",
     "QueueNames",
+    "ReportData",
     "ResultMessage",
     "Route",
     "ToFolder",
@@ -322,6 +323,23 @@ class ToUrls(BaseModel):
     urls: dict[FileName, _URL] = Field(max_length=MAX_ARTIFACTS)
 
 
+class ReportData(BaseModel):
+    """What the report of a search needs from its study, which only the operator reads:
+    :func:`mloptimizer.reporting.summarize`'s summary (trimmed by ``for_message``) and the
+    parameters' importances, or what to estimate them from."""
+
+    model_config = _STRICT
+
+    summary: dict[str, Any] = Field(description="reporting.for_message's summary.")
+    importances: dict[str, float] | None = Field(default=None, max_length=256)
+    importances_note: Text | None = None
+    trials: dict[str, Any] | None = Field(
+        default=None,
+        description="reporting.importance_inputs: what the final job estimates the "
+        "importances from (the operator's image has no scikit-learn).",
+    )
+
+
 class DeliverMessage(_Message):
     """The search's final job: its best trial (ids are the best trial's), made deliverable."""
 
@@ -335,6 +353,10 @@ class DeliverMessage(_Message):
     token: Token = Field(
         default_factory=new_token,
         description="This round's capability: only its holder can answer it.",
+    )
+    report: ReportData | None = Field(
+        default=None,
+        description="The study's part of report.md; the final job adds the model's scores.",
     )
 
 

@@ -180,7 +180,8 @@ class Artifact(SpecModel):
 
     format: str = Field(
         max_length=32,
-        description=f"{', '.join(EXPORT_FORMATS)}, or report (report.md and artifacts.json).",
+        description=f"{', '.join(EXPORT_FORMATS)}, or report (report.md, artifacts.json, "
+        "summary.json and the report's pictures).",
     )
     uri: str | None = Field(
         default=None,

@@ -30,7 +30,7 @@ from mloptimizer.amqp import AmqpTransport, prefetch_for
 from mloptimizer.capability import round_token
 from mloptimizer.dispatch import Dispatcher, EpochProgress, Outcome, trial_message
 from mloptimizer.faults import Resume, StopFlag
-from mloptimizer.messages import CHECKPOINTS_DIR, TrialMessage
+from mloptimizer.messages import CHECKPOINTS_DIR, ReportData, TrialMessage
 from mloptimizer.operator.delivery import FinalJobChannel, Where, deliver_best
 from mloptimizer.operator.kube import kube_outage
 from mloptimizer.operator.metrics import Metrics
@@ -41,6 +41,7 @@ from mloptimizer.operator.progress import (
     set_condition,
     status_from_counts,
 )
+from mloptimizer.reporting import report_data
 from mloptimizer.sizing import trainer_budget
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import (
@@ -292,6 +293,11 @@ def run_search(
                     stop,
                     destination,
                     capability_key(dispatcher.study),
+                    report_data(
+                        dispatcher.study,
+                        dispatcher.spec,
+                        {"reason": outcome.reason, "message": outcome.message},
+                    ),
                 )
             return outcome
         return None
@@ -378,9 +384,11 @@ def _deliver(
     stop: StopFlag,
     where: Where,
     key: str,
+    report: ReportData | None = None,
 ) -> None:
     """The final job of ``best`` (:func:`~mloptimizer.operator.delivery.deliver_best`);
-    ``key``: the study's capability key, from which each round's token derives."""
+    ``key``: the study's capability key, from which each round's token derives; ``report``:
+    the study's part of the report the job delivers with the model."""
     deliver_best(
         best,
         list(spec.output.formats),
@@ -392,6 +400,7 @@ def _deliver(
         silence=config.stale_after or 3600.0,
         max_backoff=config.max_backoff,
         token_of=lambda round_: round_token(key, best.trial_id, round_),
+        report=report,
     )
 
 
@@ -417,7 +426,10 @@ def resume_delivery(
         phase=best.phase,
         architecture=best.architecture,
     )
-    _deliver(config, spec, message, kube, list(conditions), stop, where, capability_key(study))
+    report = report_data(study, spec, None)
+    _deliver(
+        config, spec, message, kube, list(conditions), stop, where, capability_key(study), report
+    )
 
 
 def _open(

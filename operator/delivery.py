@@ -39,6 +39,7 @@ from mloptimizer.messages import (
     Queue,
     Receiver,
     Refuse,
+    ReportData,
     ResultMessage,
     ToFolder,
     ToUrls,
@@ -353,9 +354,12 @@ def deliver_best(
     silence: float,
     max_backoff: float = 30.0,
     token_of: Callable[[int], str] | None = None,
+    report: ReportData | None = None,
 ) -> None:
-    """The final job: ``best`` delivered to the search's output; the ``Delivered`` condition
-    (set among ``conditions``) and ``status.artifacts`` say how it went. ``channel`` opens
+    """The final job: ``best`` delivered to the search's output, with ``report`` (the
+    study's part of report.md, :func:`~mloptimizer.reporting.report_data`); the
+    ``Delivered`` condition (set among ``conditions``) and ``status.artifacts`` say how it
+    went. ``channel`` opens
     the search's queues; a lost broker is waited for; a stop leaves the condition Unknown,
     so that the next operator resumes it. ``token_of(round)``: each round's capability
     (the same after a restart; None: a random one each)."""
@@ -387,6 +391,7 @@ def deliver_best(
             formats=formats,
             to=destination.to(files, expires=silence + 600),
             token=token_of(round_) if token_of is not None else new_token(),
+            report=report,
         )
 
     def on_round(round_: int, why: str | None) -> None:

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from services import RABBITMQ_URL, TrainerProcess
 
-from mloptimizer.app.report import IMPORTANCE_MIN_TRIALS
 from mloptimizer.messages import QueueNames
+from mloptimizer.reporting import IMPORTANCE_MIN_TRIALS
 from mloptimizer.study import Attr, records, storage_url
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "digits-quick.yaml"

@@ -5,7 +5,10 @@ broker. The trainer that takes it gets the best trial's model — the weights it
 kept in the search's output volume when there is one (:mod:`~mloptimizer.trainer.kept`),
 else the trial trained again with its own epochs and seed — exports it in the formats asked
 (:func:`~mloptimizer.trainer.export.export_model`: each artifact run on the test split),
-writes ``report.md`` and ``artifacts.json`` beside them, and puts every file where the
+writes the search's report beside them — the very ``report.md``, ``summary.json`` and
+plots ``mloptimizer run`` writes (:func:`~mloptimizer.reporting.render_report`, with the
+study's part sent by the operator), scored on the test split here — and ``artifacts.json``,
+and puts every file where the
 message says: into its output volume, or to pre-signed URLs the operator made (the trainer
 holds no storage credential; a URL allows one PUT of one key, for a while).
 
@@ -32,13 +35,16 @@ from typing import Any, Literal
 from mloptimizer.messages import (
     ARTIFACT_FILES,
     MAX_TEXT,
+    REPORT_FILES,
     ArtifactReport,
     DeliveredMessage,
     DeliverMessage,
+    ReportData,
     ToFolder,
     ToUrls,
     finite,
 )
+from mloptimizer.reporting import param_importances, render_report, study_of_inputs
 from mloptimizer.trainer.checkpoint import file_sha256
 from mloptimizer.trainer.custom import import_builder
 from mloptimizer.trainer.data import DatasetCache
@@ -118,30 +124,55 @@ def _archive(folder: Path, out: Path) -> Path:
     return out
 
 
-def _report(message: DeliverMessage, rows: list[ArtifactReport], source: str) -> str:
+def _study_part(message: DeliverMessage) -> ReportData:
+    """The study's part of the report: the operator's, or (from an operator that sent
+    none) the best trial alone."""
+    if message.report is not None:
+        return message.report
     best = message.best
-    lines = [
-        f"# The best model of {message.search}",
-        "",
-        f"Trial {best.number} ({best.phase}): {best.architecture.summary()}",
-        f"Trained {best.epochs} epochs, batch {best.batch_size}, seed {best.seed}; "
-        f"weights {'kept by the trainer that trained it' if source == 'kept' else 'retrained'}.",
-        "",
-        "Each artifact was run by its own runtime on the test split (LiteRT's interpreter for "
-        ".tflite) and timed one image at a time on the trainer that exported it.",
-        "",
-        "| format | file | size (KB) | test accuracy | latency (ms) |",
-        "| --- | --- | ---: | ---: | ---: |",
+    row: dict[str, Any] = {
+        "number": best.number, "phase": best.phase, "state": "complete", "value": None,
+        "architecture": None, "family": best.architecture.family,
+        "summary": best.architecture.summary(), "params": {}, "refines": None, "seconds": 0.0,
+        "epochs": best.epochs, "parameter_count": None, "size": None, "infeasible": None,
+        "worker": None, "device": None, "cost_usd": 0.0, "resumed_at": None,
+        "redone_epochs": None, "error": None,
+    }  # fmt: skip
+    summary = {
+        "search": message.search, "metric": best.metric,
+        "direction": "minimize" if best.metric.endswith("loss") else "maximize",
+        "ended": None, "counts": {"complete": 1, "pruned": 0, "failed": 0, "running": 0},
+        "cost_usd": 0.0, "best": None, "tradeoff": None, "front": [], "trials": [row],
+    }  # fmt: skip
+    return ReportData(summary=summary, importances_note="Not estimated: no study was sent.")
+
+
+def _write_report(
+    out: Path, message: DeliverMessage, model: Any, splits: Any, rows: list[ArtifactReport],
+    source: str,
+) -> None:  # fmt: skip
+    """The same report.md (and summary.json, and plots) as ``mloptimizer run`` writes."""
+    from mloptimizer.trainer.evaluate import evaluate_model
+
+    part = _study_part(message)
+    evaluation = evaluate_model(model, splits)
+    evaluation.update(trial=message.best.number, model=source, model_file=ARTIFACT_FILES["keras"])
+    summary = dict(part.summary)
+    summary["export"] = [
+        {
+            "format": r.format,
+            "file": ARTIFACT_FILES[r.format],
+            "bytes": r.bytes,
+            "accuracy": r.accuracy,
+            "latency_ms": r.latency_ms,
+            "error": r.error,
+        }
+        for r in rows
     ]
-    for row in rows:
-        if row.error:
-            lines.append(f"| {row.format} | not delivered: {row.error} | | | |")
-            continue
-        lines.append(
-            f"| {row.format} | {ARTIFACT_FILES[row.format]} | {row.bytes / 1024:.1f} | "
-            f"{row.accuracy:.4f} | {row.latency_ms:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    importances, note = part.importances, part.importances_note
+    if importances is None and part.trials is not None:
+        importances, note = param_importances(study_of_inputs(part.trials))
+    render_report(out, summary, evaluation, importances, note, every_file=True)
 
 
 def _model(
@@ -238,7 +269,7 @@ def final_job(
                 )
             keras_row = next((r for r in rows if r.format == "keras" and not r.error), None)
             test_accuracy = keras_row.accuracy if keras_row else None
-            (out / "report.md").write_text(_report(message, rows, source))
+            _write_report(out, message, model, splits, rows, source)
             (out / "artifacts.json").write_text(
                 json.dumps(
                     {
@@ -251,8 +282,8 @@ def final_job(
                     indent=2,
                 )
             )
-            files["report.md"] = out / "report.md"
-            files["artifacts.json"] = out / "artifacts.json"
+            for name in REPORT_FILES:
+                files[name] = out / name
             if isinstance(message.to, ToFolder):
                 _write_folder(files, output_dir, message.to)
             else:

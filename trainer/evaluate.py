@@ -29,7 +29,7 @@ from mloptimizer.trainer.kept import MODELS_DIR, identity, kept_model
 from mloptimizer.trainer.metrics import portable
 from mloptimizer.trainer.training import retrain
 
-__all__ = ["evaluate_best", "scores"]
+__all__ = ["evaluate_best", "evaluate_model", "scores"]
 
 
 def scores(
@@ -101,12 +101,19 @@ def evaluate_best(
         meta_path.write_text(
             json.dumps({"identity": wanted, "val_accuracy": outcome.val_accuracy, "source": source})
         )
+    result = evaluate_model(model, splits)
+    result["trial"] = trial.number
+    result["model"] = source  # retrained, kept by its trainer, or best.keras of a rebuild
+    return result
+
+
+def evaluate_model(model: Any, splits: Splits) -> dict[str, Any]:
+    """:func:`scores` of ``model`` on the held-out split (test, or validation when the spec
+    keeps no test images), which it names under ``split``."""
     split, x, y = _test_split(splits)
     probabilities = model.predict(
         make_dataset(x, y, batch_size=256, shuffle=False, seed=0), verbose=0
     )
     result = scores(np.asarray(y), np.argmax(probabilities, axis=1), splits.class_names)
     result["split"] = split
-    result["trial"] = trial.number
-    result["model"] = source  # retrained, kept by its trainer, or best.keras of a rebuild
     return result

@@ -454,12 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
-        help="rebuild the report of a run folder",
+        help="rebuild the report of a run folder, or of a folder a cluster delivered to",
         description="Rebuild DIR/report.md: summary.json, the plots, the best model "
         "(best.keras, retrained only when missing or stale) and its scores on the "
-        "held-out test split.",
+        "held-out test split. DIR may also be where a search in a cluster delivered its "
+        "model (output.pvc or output.s3, copied here): the same page is drawn from its "
+        "summary.json, and with --storage the study's part is read afresh.",
     )
-    report.add_argument("dir", help="the output folder of `mloptimizer run`")
+    report.add_argument("dir", help="the output folder of `mloptimizer run`, or a delivered folder")
     env_flag(
         report, "--storage", env="MLOPT_STORAGE", shown="the run folder's SQLite",
         help="the study's storage URL, when the run used one (the variable keeps its "

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import threading
@@ -31,6 +32,7 @@ from test_operator import condition, finished, name, operator_config, search, st
 
 from mloptimizer.capability import new_token
 from mloptimizer.messages import (
+    REPORT_FILES,
     ArtifactReport,
     DeliveredMessage,
     DeliverMessage,
@@ -150,10 +152,21 @@ async def test_a_search_with_output_pvc_delivers_its_kept_model_and_fetch_brings
     assert f"sizes and sha256 checked by Job {job}" in ok["message"]
     assert "unverified" not in ok["message"]
     reports = [a["uri"] for a in status["artifacts"] if a["format"] == "report"]
-    assert reports == [
-        f"pvc://{models}/default/{name}/report.md",
-        f"pvc://{models}/default/{name}/artifacts.json",
-    ]
+    assert reports == [f"pvc://{models}/default/{name}/{file}" for file in REPORT_FILES]
+    # the very report a local run writes: the study's part sent by the operator
+    page = (folder / "report.md").read_text()
+    for heading in (
+        "## Best trial",
+        "## Best model on the held-out",
+        "| class | precision",
+        "## Optimisation history",
+        "## Parameter importances",
+        "## Every trial",
+    ):
+        assert heading in page, heading  # fmt: skip
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["search"] == f"default.{name}"
+    assert summary["trials_total"] == len(summary["trials"]) >= 2
 
     out = tmp_path / "fetched"
     kube = ["--kubeconfig", str(cluster.kubeconfig)]
@@ -214,11 +227,9 @@ async def test_a_search_with_output_s3_uploads_through_presigned_urls(
         absent = [r for r in store.refused if r.endswith(": NoSuchKey")]
         assert [r for r in store.refused if r not in absent] == []
         assert all(r.startswith("GET /models/team/edge/checkpoints/") for r in absent)
-        assert sorted(k for k in store.puts if "/checkpoints/" not in k) == [
-            "team/edge/artifacts.json",
-            "team/edge/model-int8.tflite",
-            "team/edge/report.md",
-        ]  # written by the trainer, with pre-signed URLs only
+        assert sorted(k for k in store.puts if "/checkpoints/" not in k) == sorted(
+            f"team/edge/{file}" for file in ("model-int8.tflite", *REPORT_FILES)
+        )  # written by the trainer, with pre-signed URLs only
         # every epoch was kept in the bucket (trainers share no folder), through each
         # trial's own URLs, and the operator removed them as each trial ended
         kept = [k for k in store.puts if "/checkpoints/" in k]
@@ -545,7 +556,7 @@ def test_what_a_trainer_says_it_put_in_a_bucket_is_read_back(tmp_path: Path) -> 
     with s3_server("models") as (endpoint, _):
         bucket = Bucket(endpoint, "models", "us-east-1", ACCESS_KEY, SECRET_KEY)
         destination = Destination("ns/s", bucket=bucket)
-        files = {"model.keras": b"weights" * 100, "report.md": b"# r", "artifacts.json": b"{}"}
+        files = {"model.keras": b"weights" * 100} | {f: b"report" for f in REPORT_FILES}
         to = destination.to(list(files), expires=600)
         assert not isinstance(to, ToFolder)
         for file, data in files.items():  # as a trainer does: one pre-signed PUT each

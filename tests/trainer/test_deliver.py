@@ -95,8 +95,12 @@ def test_to_the_output_volume_reusing_the_weights_its_trainer_kept(
     assert listed["trial"] == 3
     assert listed["model"] == "kept"
     report = (folder / "report.md").read_text()
-    assert "Trial 3" in report
-    assert "model-int8.tflite" in report
+    assert "| 3 | explore |" in report  # the best trial (the only one the message named)
+    assert "| class | precision | recall | F1 | images |" in report
+    assert "`model-int8.tflite`" in report
+    assert "The model: `model.keras`, the weights its trainer kept" in report
+    for file in REPORT_FILES:  # every picture, a note where one does not apply
+        assert (folder / file).stat().st_size > 0, file
     assert not list(folder.glob(".*partial"))
 
 
@@ -176,7 +180,8 @@ def test_to_s3_through_presigned_urls_only_retrained_and_a_failed_format_named(
         for name in ("keras", "tflite-float16"):
             assert len(stored[f"ns/edge/{ARTIFACT_FILES[name]}"]) == by_format[name].bytes
         assert bucket.size("ns/edge/report.md") == len(stored["ns/edge/report.md"])
-        assert b"not delivered: ConverterError" in stored["ns/edge/report.md"]
+        page = stored["ns/edge/report.md"]
+        assert b"| savedmodel | | | | failed: ConverterError: no op |" in page
 
         # a URL signed with another key is refused by the store: the job fails, saying so
         forged = Bucket(endpoint, "models", REGION, ACCESS_KEY, "not-the-key")
