@@ -15,7 +15,7 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["CLASS_METRICS", "ConfusionMetric", "class_metrics", "portable"]
+__all__ = ["CLASS_METRICS", "CLASS_METRIC_FLAG", "ConfusionMetric", "class_metrics", "portable"]
 
 # objective.metric -> the Keras metric's name (Keras prefixes "val_" on validation)
 CLASS_METRICS = {"val_f1_macro": "f1_macro", "val_balanced_accuracy": "balanced_accuracy"}
@@ -63,6 +63,10 @@ class ConfusionMetric(keras.metrics.Metric):  # type: ignore[misc]
         return {"num_classes": self.num_classes, "kind": self.kind, "dtype": self.dtype}
 
 
+# Set on a model compiled with a class metric (trainer/model.py): portable() recompiles it.
+CLASS_METRIC_FLAG = "mloptimizer_class_metric"
+
+
 def class_metrics(metric: str, num_classes: int) -> list[keras.metrics.Metric]:
     """The metric objects ``objective.metric`` needs besides accuracy (none for the others)."""
     kind = CLASS_METRICS.get(metric)
@@ -76,5 +80,7 @@ def portable(model: keras.Model) -> keras.Model:
     it does not know: a model delivered to a user must load in plain Keras. The weights
     and the optimizer (with its state) are kept as they are.
     """
-    model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
+    if getattr(model, CLASS_METRIC_FLAG, False):  # else nothing of ours is named in it
+        model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
+        setattr(model, CLASS_METRIC_FLAG, False)
     return model

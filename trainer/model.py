@@ -16,7 +16,7 @@ import keras
 
 from mloptimizer.space import Architecture, ConvBlock, InceptionBlock, InvertedResidual
 from mloptimizer.trainer.custom import build_custom
-from mloptimizer.trainer.metrics import class_metrics
+from mloptimizer.trainer.metrics import CLASS_METRIC_FLAG, class_metrics
 
 __all__ = [
     "ArchitectureError",
@@ -239,11 +239,13 @@ def build_model(
 def _compiled(model: keras.Model, arch: Architecture, num_classes: int, metric: str) -> Any:
     """``model`` compiled as every trial is: Adam, cross-entropy, the objective's metrics
     (a custom builder's own compile, if any, is replaced)."""
+    extra = class_metrics(metric, num_classes)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=arch.learning_rate),
         loss="sparse_categorical_crossentropy",
-        metrics=["accuracy", *class_metrics(metric, num_classes)],
+        metrics=["accuracy", *extra],
     )
+    setattr(model, CLASS_METRIC_FLAG, bool(extra))  # portable() takes it off before a save
     return model
 
 

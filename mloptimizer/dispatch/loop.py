@@ -360,10 +360,8 @@ class Dispatcher(Phases):
             return
         price = self.price_of(message.worker_id) if self.price_of is not None else None
         self._tell_result(flight, message, price)
-        error = message.error or ""
-        if error.startswith(BUILDER_UNAVAILABLE) and self.stopping is None:
-            # no trial of this search can be built: one failure says it for all of them
-            self._stop(Outcome("builderUnavailable", error, failed=True))
+        if (why := message.error or "").startswith(BUILDER_UNAVAILABLE) and not self.stopping:
+            self._stop(Outcome("builderUnavailable", why, failed=True))  # no trial can build
 
     # --- deadlines --------------------------------------------------------------------
 

@@ -87,7 +87,7 @@ def test_a_diverging_trial_fails_with_nan_and_the_fix(splits: Splits) -> None:
 
 
 def test_out_of_memory_is_a_failed_trial(splits: Splits, monkeypatch: pytest.MonkeyPatch) -> None:
-    def exhausted(*args: Any) -> None:
+    def exhausted(*args: Any, **kwargs: Any) -> None:
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
     monkeypatch.setattr(training, "build_model", exhausted)
