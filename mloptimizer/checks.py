@@ -91,7 +91,7 @@ def space_issues(spec: ArchitectureSearchSpec) -> tuple[list[SpecIssue], list[Sp
     warnings: list[SpecIssue] = []
     space = spec.search_space
     for family in space.architectures:
-        if family == "mobilenet":  # its strides pad ("same"): any count fits any image
+        if family in ("mobilenet", "custom"):  # mobilenet pads ("same"); custom: its own
             continue
         blocks = space.cnn.blocks if family == "cnn" else space.inception.blocks
         path = f"spec.searchSpace.{family}.blocks"

@@ -197,3 +197,15 @@ def test_a_custom_model_over_a_device_limit_is_measured_and_not_trained(digits: 
     assert outcome.parameter_count == (9 * 32 + 32) + (6 * 6 * 32 * 10 + 10)
     fits = trial.model_copy(update={"constraints": Constraints(max_params=20_000)})
     assert train(fits, digits).state == "complete"
+
+
+def test_a_custom_space_on_tiny_images_is_not_judged_by_the_built_in_families_depth() -> None:
+    from mloptimizer.checks import space_issues
+    from mloptimizer.loading import parse_search
+
+    folder = {"imageFolder": {"path": "x", "imageSize": [8, 8]}}
+    spec = parse_search({"dataset": folder, "searchSpace": SPACE}).spec
+    assert space_issues(spec) == ([], [])
+    deep = {**SPACE, "architectures": ["custom", "cnn"], "cnn": {"blocks": {"min": 4, "max": 4}}}
+    errors, _ = space_issues(parse_search({"dataset": folder, "searchSpace": deep}).spec)
+    assert [e.path for e in errors] == ["spec.searchSpace.cnn.blocks.min"]
