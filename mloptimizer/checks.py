@@ -176,6 +176,7 @@ def smallest_model(spec: ArchitectureSearchSpec) -> tuple[int, float]:
     from mloptimizer.sizing import input_shape, model_size
     from mloptimizer.space import (
         MOBILENET_CHANNELS,
+        MOBILENET_STEM,
         Architecture,
         ConvBlock,
         InceptionBlock,
@@ -231,7 +232,7 @@ def smallest_model(spec: ArchitectureSearchSpec) -> tuple[int, float]:
                     Architecture(
                         family="mobilenet",
                         mobilenet_blocks=blocks,
-                        stem_filters=mobilenet_channels(32, width),
+                        stem_filters=mobilenet_channels(MOBILENET_STEM, width),
                         stem_stride=mob.stem_stride,
                         **common,
                     )

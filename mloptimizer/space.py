@@ -30,6 +30,7 @@ from mloptimizer.spec import (
 
 __all__ = [
     "MOBILENET_CHANNELS",
+    "MOBILENET_STEM",
     "Architecture",
     "Augment",
     "ConvBlock",
@@ -68,7 +69,7 @@ class InceptionBlock(BaseModel):
 
 # Output channels of MobileNetV2's inverted-residual stages, scaled by the width multiplier.
 MOBILENET_CHANNELS = (16, 24, 32, 64, 96, 160, 320)
-_MOBILENET_STEM = 32
+MOBILENET_STEM = 32
 
 
 class InvertedResidual(BaseModel):
@@ -230,7 +231,7 @@ def sample_architecture(
     if family == "mobilenet":
         m = space.mobilenet
         width = float(trial.suggest_categorical("mobilenet_width", list(m.widths)))
-        stem = mobilenet_channels(_MOBILENET_STEM, width)
+        stem = mobilenet_channels(MOBILENET_STEM, width)
         for i in range(_int(trial, "mobilenet_blocks", m.blocks)):
             mobile.append(
                 InvertedResidual(
