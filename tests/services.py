@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,11 +165,19 @@ def connect_rabbitmq(url: str = RABBITMQ_URL) -> pika.BlockingConnection:
 class TrainerProcess:
     """A real `mloptimizer trainer` process with its log in a file."""
 
-    def __init__(self, url: str, search: str, workdir: Path, name: str, *extra: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        search: str,
+        workdir: Path,
+        name: str,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         exe = shutil.which("mloptimizer", path=str(Path(sys.executable).parent))
         assert exe
         self.log_path = workdir / f"{name}.log"
-        env = {**os.environ, "KERAS_HOME": str(workdir / "keras")}
+        env = {**os.environ, "KERAS_HOME": str(workdir / "keras"), **(env or {})}
         self.process = subprocess.Popen(
             [
                 exe,

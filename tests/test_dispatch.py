@@ -355,6 +355,106 @@ def test_under_a_timeout_a_refine_that_no_longer_fits_leaves_the_time_to_explori
     assert not [r for r in records(study) if r.phase == "refine"]  # none started to be cancelled
 
 
+@dataclass
+class TimedTransport(ScriptedTransport):
+    """Trainers on a simulated clock: an epoch of a trial takes ``pace(trial)`` seconds of
+    :attr:`now`, and each receive() moves the clock to the next epoch's end. A trial
+    reports the seconds it really took."""
+
+    pace: Callable[[TrialMessage], float] = lambda trial: 10.0
+    now: float = 1_000_000.0
+    started: dict[int, float] = field(default_factory=dict)
+    due: dict[int, float] = field(default_factory=dict)
+
+    def clock(self) -> float:
+        return self.now
+
+    def send(self, trial: TrialMessage) -> None:
+        super().send(trial)
+        self.started[trial.trial_id] = self.now
+        self.due[trial.trial_id] = self.now + self.pace(trial)
+
+    def receive(self, timeout: float) -> list[Inbound]:
+        if not self.due:
+            return []
+        for trial_id, run in self.active.items():
+            if run.pruned:  # a stopped trial answers at once
+                self.due[trial_id] = min(self.due[trial_id], self.now)
+        self.now = max(self.now, min(self.due.values()))
+        out: list[Inbound] = []
+        for trial_id in [i for i, at in self.due.items() if at <= self.now]:
+            run = self.active[trial_id]
+            if run.pruned or run.epoch == run.trial.epochs:
+                self.seconds = self.now - self.started[trial_id]
+                out.append(Inbound(self.result(run, "pruned" if run.pruned else "complete")))
+                del self.active[trial_id], self.due[trial_id]
+                continue
+            out.extend(self._epoch(run))
+            # the last epoch's result comes with it; the next epoch ends a pace later
+            last = run.epoch == run.trial.epochs
+            self.due[trial_id] = self.now + (0.0 if last else self.pace(run.trial))
+        return out
+
+    def _epoch(self, run: _Run) -> list[Inbound]:
+        """The next epoch's progress message of ``run`` (through the scripted path)."""
+        others, self.active = self.active, {run.trial.trial_id: run}
+        try:
+            return super().receive(0.0)
+        finally:
+            self.active = others
+
+
+def test_under_a_timeout_refine_runs_though_trials_outlast_the_median(storage: str) -> None:
+    """bench/vs_peers.py's searches never refined: a trial slower than the median carried
+    the time left past the window in which exploration would close. Every third trial
+    here trains at 3x the pace of the others."""
+    spec = make_spec(
+        budget={"maxTrials": 500, "parallelism": 2, "timeout": "10m"},
+        sampler={"nStartupTrials": 3},
+        training={"epochs": 4, "refine": {"topK": 1, "epochs": 6}},
+    )
+    study = open_study(spec, "ns.search", storage)
+    transport = TimedTransport(pace=lambda t: 30.0 if t.number % 3 == 2 else 10.0)
+    study.set_user_attr(Attr.STARTED_AT, transport.now)
+    d = Dispatcher(study, spec, transport, search="ns.search", clock=transport.clock)
+    outcome = d.run()
+
+    assert outcome.reason == "timeout"
+    assert "then refined within budget.timeout 10m" in outcome.message
+    trials = records(study)
+    [refined] = [r for r in trials if r.phase == "refine"]
+    assert refined.state == "complete"  # it ran to its end within the timeout
+    assert transport.now - 1_000_000.0 <= 600.0
+    assert not [r for r in trials if r.interrupted]
+    assert sum(r.phase == "explore" for r in trials) > 5
+
+
+def test_an_explore_trial_that_would_outlast_refines_time_is_stopped(storage: str) -> None:
+    """Exploration closes with a fast trial in flight beside a slow one started early; the
+    slow one would end after refine must start, so it is stopped at its next epoch."""
+    spec = make_spec(
+        budget={"maxTrials": 500, "parallelism": 2, "timeout": "10m"},
+        sampler={"nStartupTrials": 2},
+        training={"epochs": 10, "refine": {"topK": 1, "epochs": 11}},
+    )
+    study = open_study(spec, "ns.search", storage)
+    # Trial 3 trains at 60 s an epoch, 600 s in all, from 50 s on; the others take 50 s.
+    # Exploration closes at 500 s (refine's 55 s plus one 50 s trial are left); at its
+    # epoch 8, at 530 s, trial 3 has 120 s to go, and refine has to start by 545 s.
+    transport = TimedTransport(pace=lambda t: 60.0 if t.number == 3 else 5.0)
+    study.set_user_attr(Attr.STARTED_AT, transport.now)
+    d = Dispatcher(study, spec, transport, search="ns.search", clock=transport.clock)
+    outcome = d.run()
+
+    assert "then refined within budget.timeout 10m" in outcome.message
+    trials = {r.number: r for r in records(study)}
+    assert trials[3].state == "pruned"
+    assert trials[3].attrs[Attr.EPOCHS] < 10
+    [refined] = [r for r in trials.values() if r.phase == "refine"]
+    assert refined.state == "complete"
+    assert transport.now - 1_000_000.0 <= 600.0
+
+
 def test_under_a_timeout_refine_waits_for_the_start_up_trials(storage: str) -> None:
     spec = make_spec(
         budget={"maxTrials": 500, "parallelism": 1, "timeout": "10m"},

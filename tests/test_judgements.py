@@ -29,7 +29,12 @@ from mloptimizer.dispatch.judgements import (
     worst_value,
 )
 from mloptimizer.dispatch.ledger import InFlight
-from mloptimizer.dispatch.phases import end_outcome, exploration_closes, refine_ranked
+from mloptimizer.dispatch.phases import (
+    end_outcome,
+    exploration_closes,
+    refine_ranked,
+    refine_seconds,
+)
 from mloptimizer.messages import TrialMessage
 from mloptimizer.sizing import ModelSize, memory_bytes
 from mloptimizer.space import sample_architecture
@@ -293,6 +298,21 @@ def test_exploration_closes_when_the_time_left_just_holds_refine() -> None:
     assert "leave about 90 s for refine" in why
     # when refine itself no longer fits, the search explores to the end
     assert exploration_closes(spec, paces, explored, lambda: 560.0) is None  # 40 s left
+
+
+def test_the_next_explore_trial_is_judged_as_slow_as_the_slowest_recent_one() -> None:
+    spec = refine_spec()
+    explored = [(0.9, 10.0), (0.8, 10.0), (0.7, 10.0)]
+    # one of the last five trained at 30 s an epoch: a trial in flight may take 90 s, so
+    # the reserve is 60 s of refine + 90 s, and exploration closes at 150 s left
+    paces = [50.0, 10.0, 10.0, 30.0, 10.0, 10.0, 10.0]
+    assert exploration_closes(spec, paces, explored, lambda: 440.0) is None  # 160 s left
+    why = exploration_closes(spec, paces, explored, lambda: 460.0)  # 140 s left
+    assert why is not None
+    assert "leave about 150 s for refine (60 s for the top 2, 90 s" in why
+    assert refine_seconds(spec, paces, explored) == 60.0
+    # the top trials' pace sets refine's: the best trained at 20 s an epoch
+    assert refine_seconds(spec, paces, [(0.95, 20.0), *explored]) == 120.0
 
 
 def test_exploration_never_closes_before_enough_trials_completed() -> None:

@@ -336,11 +336,12 @@ class Dispatcher(Phases):
                     worker_id=message.worker_id,
                 )
             )
-        value = message.metrics.get(self.spec.objective.metric)
-        if value is None or not math.isfinite(value) or flight.message.phase == "refine":
+        if self._outlasts_refine(flight, message.epoch):
+            return "prune"
+        value = message.metrics.get(self.spec.objective.metric, math.nan)
+        unreported = not math.isfinite(value) or flight.message.phase == "refine"
+        if unreported or self.spec.objective.tradeoff:  # Optuna cannot prune multi-objective
             return "continue"
-        if self.spec.objective.tradeoff:
-            return "continue"  # Optuna cannot report or prune a multi-objective trial
         trial = flight.trial
         if message.epoch not in flight.reported:  # a retrained copy reports again
             trial.report(value, step=message.epoch)

@@ -11,18 +11,24 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from collections.abc import Callable
 from typing import Literal
 
 import optuna
 
 from mloptimizer.dispatch.contract import Counts, Outcome
-from mloptimizer.dispatch.ledger import Ledger
+from mloptimizer.dispatch.ledger import InFlight, Ledger
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
 from mloptimizer.study import Attr, TrialRecord, best_of, pareto_front, records
 
-__all__ = ["Phases", "end_outcome", "exploration_closes", "refine_ranked"]
+__all__ = [
+    "RECENT_TRIALS",
+    "Phases",
+    "end_outcome",
+    "exploration_closes",
+    "refine_ranked",
+    "refine_seconds",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,9 @@ class Phases(Ledger):
     def _fresh_to_ask(self) -> int:
         """How many new trials the next fill asks for (enqueued ones go first)."""
         free = self.spec.budget.parallelism - len(self.in_flight) - self.waiting
-        if free <= 0 or self.refine_started or self._time_for_refine():
+        # the timeout's rule is looked at on every pass of the loop, not only when a slot
+        # frees: a slow trial in flight must not carry the search past the moment to close
+        if self.refine_started or self._time_for_refine() or free <= 0:
             return 0
         return min(free, self._explore_left())
 
@@ -58,6 +66,31 @@ class Phases(Ledger):
             if self.explore_closed is not None:
                 log.info("%s", self.explore_closed)
         return self.explore_closed is not None
+
+    def _outlasts_refine(self, flight: InFlight, epoch: int) -> bool:
+        """Whether an explore trial still training after exploration closed would end too
+        late to leave refine its time (:func:`refine_seconds`); it is then stopped, as
+        pruned, at this epoch. Judged at its own pace so far, epoch by epoch."""
+        if self.explore_closed is None or self.refine_started or epoch <= 0:
+            return False
+        if flight.message.phase != "explore" or self.spec.budget.timeout is None:
+            return False
+        began = flight.taken_at if flight.taken_at is not None else flight.sent_at
+        finishing = (flight.message.epochs - epoch) * (self.clock() - began) / epoch
+        left = parse_duration(self.spec.budget.timeout) - self._elapsed()
+        needs = refine_seconds(self.spec, self._epoch_seconds, self._explored_pace)
+        if finishing <= left - needs:
+            return False
+        log.info(
+            "trial %d stopped at epoch %d: its %d epochs left (about %.0f s) would leave "
+            "refine less than the %.0f s it needs",
+            flight.message.number,
+            epoch,
+            flight.message.epochs - epoch,
+            finishing,
+            needs,
+        )
+        return True
 
     def _next_phase(self) -> bool:
         """After exploration, enqueue the refine trials once; False when nothing is left."""
@@ -93,6 +126,26 @@ class Phases(Ledger):
         return end_outcome(self.spec, self.counts, self.explore_closed)
 
 
+# The next explore trial is judged as slow as the slowest of the last few: one longer than
+# the median would otherwise carry the search past the point where refine still fits.
+RECENT_TRIALS = 5
+
+
+def refine_seconds(
+    spec: ArchitectureSearchSpec,
+    epoch_seconds: list[float],
+    explored_pace: list[tuple[float, float]],
+) -> float:
+    """The refine trials' estimated time: ``topK`` trials of ``refine.epochs``, in waves of
+    ``parallelism``, at the pace the slowest of the current top ``topK`` trained."""
+    refine = spec.training.refine
+    assert refine is not None
+    sign = -1.0 if spec.objective.study_direction == "maximize" else 1.0
+    top = sorted(explored_pace, key=lambda p: sign * p[0])[: refine.top_k]
+    pace = max((pace for _, pace in top), default=max(epoch_seconds, default=0.0))
+    return pace * refine.epochs * math.ceil(refine.top_k / spec.budget.parallelism)
+
+
 def exploration_closes(
     spec: ArchitectureSearchSpec,
     epoch_seconds: list[float],
@@ -103,37 +156,34 @@ def exploration_closes(
 
     The refine phase is what turns the explored best into the model delivered, so under
     a timeout exploration closes early enough for it: when the time left is no more than
-    the refine trials' estimated time (``topK`` trials of ``refine.epochs``, in waves of
-    ``parallelism``, at the pace the slowest of the current top ``topK`` trained) plus
-    one explore trial's at the median pace (those in flight finish first). Never before
-    the sampler's start-up trials (and ``topK``) completed: refining the best of a few
-    random trials is worth less than exploring. When even the refine trials no longer
-    fit (a slow model became the best late), the search explores to the end instead,
-    as without refine.
+    the refine trials' estimated time (:func:`refine_seconds`) plus one more explore
+    trial's, estimated pessimistically (the slowest pace of the last
+    :data:`RECENT_TRIALS`): a trial started just before closing must end in time. An
+    explore trial in flight that would still end too late is stopped
+    (:meth:`Phases._outlasts_refine`). Never before the sampler's start-up trials (and
+    ``topK``) completed: refining the best of a few random trials is worth less than
+    exploring. When even the refine trials no longer fit (a slow model became the best
+    late), the search explores to the end instead, as without refine.
 
-    ``epoch_seconds``: seconds per epoch of the explored trials that trained;
-    ``explored_pace``: (value, seconds per epoch) of the complete feasible ones;
-    ``elapsed``: seconds since the study began.
+    ``epoch_seconds``: seconds per epoch of the explored trials that trained, in the
+    order they ended; ``explored_pace``: (value, seconds per epoch) of the complete
+    feasible ones; ``elapsed``: seconds since the study began.
     """
     refine, timeout = spec.training.refine, spec.budget.timeout
     if refine is None or timeout is None or not epoch_seconds:
         return None
     if len(explored_pace) < max(refine.top_k, spec.sampler.n_startup_trials):
         return None  # too little explored for a best worth refining: explore on
-    explore_pace = statistics.median(epoch_seconds)
-    sign = -1.0 if spec.objective.study_direction == "maximize" else 1.0
-    top = sorted(explored_pace, key=lambda p: sign * p[0])[: refine.top_k]
-    refine_pace = max((pace for _, pace in top), default=explore_pace)
-    waves = math.ceil(refine.top_k / spec.budget.parallelism)
-    refine_needs = refine_pace * refine.epochs * waves
-    reserve = refine_needs + explore_pace * spec.training.epochs
+    next_trial = max(epoch_seconds[-RECENT_TRIALS:]) * spec.training.epochs
+    refine_needs = refine_seconds(spec, epoch_seconds, explored_pace)
+    reserve = refine_needs + next_trial
     left = parse_duration(timeout) - elapsed()
     if left > reserve or left < refine_needs:
         return None  # time to explore more; or refine no longer fits: explore to the end
     return (
         f"exploration closed at {elapsed():.0f} s of budget.timeout {timeout} to "
-        f"leave about {reserve:.0f} s for refine ({refine_pace:.1f} s an epoch for the "
-        f"top {refine.top_k}, {explore_pace:.1f} for a trial in flight)"
+        f"leave about {reserve:.0f} s for refine ({refine_needs:.0f} s for the top "
+        f"{refine.top_k}, {next_trial:.0f} s for a trial in flight)"
     )
 
 

@@ -41,7 +41,13 @@ def name() -> str:
 
 
 async def start_trainer(
-    cluster: Cluster, namespace: str, name: str, tmp_path: Path, worker: str, *extra: str
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    tmp_path: Path,
+    worker: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
 ) -> TrainerProcess:
     """A trainer as a pod of the search runs one: with the broker URL of the search's own
     Secret (its identity on its vhost), not the operator's login."""
@@ -49,7 +55,7 @@ async def start_trainer(
     assert secret is not None
     url = base64.b64decode(secret["data"]["url"]).decode()
     assert "guest" not in url  # the operator's login never reaches a trainer
-    return TrainerProcess(url, f"{namespace}.{name}", tmp_path, worker, *extra)
+    return TrainerProcess(url, f"{namespace}.{name}", tmp_path, worker, *extra, env=env)
 
 
 def search(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:
