@@ -524,7 +524,7 @@ def _finish(
         conditions,
         "Complete",
         "True",
-        "Failed" if outcome.failed else _reason(outcome),
+        _reason(outcome),
         outcome.message,
     )
     reporter.flush(
@@ -545,4 +545,4 @@ def _reason(outcome: Outcome) -> str:
         "timeout": "TimeoutReached",
         "maxCostUSD": "CostLimitReached",
         "builderUnavailable": "BuilderUnavailable",
-    }.get(outcome.reason, "Finished")
+    }.get(outcome.reason, "Failed" if outcome.failed else "Finished")
