@@ -199,6 +199,12 @@ class TrialMessage(_Message):
         default=None, description="balanced: weigh each class's loss by 1 / its share."
     )
     seed: int = Field(ge=0, le=_INT32, description="Seeds weights and shuffling of this trial.")
+    schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="The learning rate's schedule (refine.schedule)."
+    )
+    patience: int = Field(
+        default=0, ge=0, le=MAX_EPOCHS, description="Early stop after (0: none; refine.patience)."
+    )
     progress_timeout_seconds: float = Field(
         default=5.0, ge=0.0, le=600.0, description="How long a trainer waits for a prune decision."
     )

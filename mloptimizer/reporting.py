@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 
 from mloptimizer.messages import ReportData
+from mloptimizer.reportpage import SIZE_LABELS, page
 from mloptimizer.spec import ArchitectureSearchSpec, Tradeoff
 from mloptimizer.study import Attr, TrialRecord, best_of, pareto_front, records, size_of
 
@@ -55,6 +56,7 @@ def summarize(
     direction, tradeoff = spec.objective.study_direction, spec.objective.tradeoff
     best = best_of(trials, direction, tradeoff)
     front = pareto_front(trials, direction, tradeoff) if tradeoff else []
+    explored = {r.number: r.value for r in trials if r.phase == "explore"}
     return {
         "search": study.study_name,
         "metric": spec.objective.metric,
@@ -71,11 +73,15 @@ def summarize(
         "best": _trial_json(best, tradeoff) if best else None,
         "tradeoff": tradeoff,
         "front": [r.number for r in front],  # most accurate first
-        "trials": [_trial_json(r, tradeoff) for r in trials],
+        "trials": [_trial_json(r, tradeoff, explored) for r in trials],
     }
 
 
-def _trial_json(r: TrialRecord, tradeoff: Tradeoff | None) -> dict[str, Any]:
+def _trial_json(
+    r: TrialRecord, tradeoff: Tradeoff | None, explored: dict[int, float | None] | None = None
+) -> dict[str, Any]:
+    """A trial for summary.json; a refine trial also carries the value of the trial it
+    retrained (``refined_from``), so that what refine added is read off one row."""
     return {
         "number": r.number,
         "phase": r.phase,
@@ -86,6 +92,7 @@ def _trial_json(r: TrialRecord, tradeoff: Tradeoff | None) -> dict[str, Any]:
         "summary": r.architecture.summary() if r.architecture else None,
         "params": r.params,
         "refines": r.refines,
+        "refined_from": (explored or {}).get(r.refines) if r.refines is not None else None,
         "seconds": r.seconds,
         "epochs": r.attrs.get("epochs_run"),
         "parameter_count": r.attrs.get("parameter_count"),
@@ -271,14 +278,6 @@ def plot_confusion(evaluation: dict[str, Any], path: Path) -> None:
 # --- the page --------------------------------------------------------------------------
 
 
-SIZE_LABELS: dict[str, str] = {
-    "params": "parameters",
-    "mflops": "MFLOPs (multiply-adds, 1 image)",
-    "modelKB": "int8 LiteRT size (KB)",
-    "costUSD": "cost (USD)",
-}
-
-
 def plot_front(summary: dict[str, Any], path: Path) -> None:
     """Accuracy against size under a tradeoff: the front joined, the rest in blue,
     infeasible trials greyed (those judged before training have no accuracy to draw)."""
@@ -315,151 +314,6 @@ def plot_front(summary: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _front_lines(summary: dict[str, Any]) -> list[str]:
-    by_number = {t["number"]: t for t in summary["trials"]}
-    size = SIZE_LABELS[summary["tradeoff"]]
-    dollars = summary["tradeoff"] == "costUSD"
-    of, than = ("for each price", "as cheap") if dollars else ("of each size", "as small")
-    lines = [
-        "## Pareto front",
-        "",
-        f"The most accurate model {of} ({len(summary['front'])} trials; no other trial is "
-        f"both as accurate and {than}). Grey: over objective.constraints.",
-        "",
-        "![Pareto front](front.png)",
-        "",
-        f"| trial | phase | architecture | {summary['metric']} | {size} | parameters |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for number in summary["front"]:
-        t = by_number[number]
-        lines.append(
-            f"| {number} | {t['phase']} | `{t['summary']}` | {t['value']:.4f} | "
-            f"{t['size']:,.4g} | {t['parameter_count'] or '?'} |"
-        )
-    return [*lines, ""]
-
-
-def _export_lines(artifacts: list[dict[str, Any]], evaluation: dict[str, Any] | None) -> list[str]:
-    split = evaluation["split"] if evaluation else "test"
-    lines = [
-        "## The model for devices",
-        "",
-        f"`output.formats`: each file run by its own runtime (LiteRT's interpreter for "
-        f"`.tflite`) on the {split} split, latency the median of one image at a time on the "
-        "machine that made it.",
-        "",
-        "| format | size KB | accuracy | ms/image | file |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for a in artifacts:
-        if a["error"]:
-            why = a["error"].replace("|", "/").splitlines()[0][:160]
-            lines.append(f"| {a['format']} | | | | failed: {why} |")
-            continue
-        lines.append(
-            f"| {a['format']} | {a['bytes'] / 1024:.1f} | {a['accuracy']:.4f} | "
-            f"{a['latency_ms']:.3f} | `{a['file']}` |"
-        )
-    return [*lines, ""]
-
-
-def _page(
-    summary: dict[str, Any], evaluation: dict[str, Any] | None, importances: str | None
-) -> str:
-    """The report's text; ``importances`` is None when importances.png was drawn, else why not."""
-    best = summary["best"]
-    c = summary["counts"]
-    lines = [f"# Search {summary['search']}", ""]
-    if summary["ended"]:
-        lines += [f"Ended: **{summary['ended']['reason']}** — {summary['ended']['message']}", ""]
-    lines += [
-        f"Trials: {c['complete']} complete"
-        + (f" ({c['infeasible']} infeasible)" if c.get("infeasible") else "")
-        + f", {c['pruned']} pruned, {c['failed']} failed"
-        + (f", {c['running']} running" if c["running"] else "")
-        + f". Cost: ${summary['cost_usd']:.4f}"
-        + (
-            f" (${summary['redone_usd']:.4f} on epochs trained again after a trainer went "
-            f"away; ${summary['saved_usd']:.4f} saved by resuming from checkpoints)"
-            if summary.get("redone_usd") or summary.get("saved_usd")
-            else ""
-        )
-        + ".",
-        "",
-    ]
-    if best:
-        lines += [
-            "## Best trial",
-            "",
-            "| trial | phase | architecture | " + summary["metric"] + " | parameters |",
-            "| --- | --- | --- | --- | --- |",
-            f"| {best['number']} | {best['phase']} | `{best['summary']}` | {best['value']:.4f} | "
-            f"{best['parameter_count'] or '?'} |",
-            "",
-        ]
-    if evaluation:
-        lines += [
-            f"## Best model on the held-out {evaluation['split']} split "
-            f"({evaluation['images']} images)",
-            "",
-            "| accuracy | precision (macro) | recall (macro) | F1 (macro) |",
-            "| --- | --- | --- | --- |",
-            f"| {evaluation['accuracy']:.4f} | {evaluation['precision_macro']:.4f} | "
-            f"{evaluation['recall_macro']:.4f} | {evaluation['f1_macro']:.4f} |",
-            "",
-            "| class | precision | recall | F1 | images |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        lines += [
-            f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | "
-            f"{row['f1']:.4f} | {row['support']} |"
-            for row in evaluation["per_class"]
-        ]
-        how = {
-            "retrained": "retrained here (its trainer's weights were gone)",
-            "kept by its trainer": "the weights its trainer kept (not trained again)",
-            "kept": "the weights its trainer kept (not trained again)",
-        }.get(evaluation.get("model", ""), "as saved by an earlier report")
-        lines += [
-            "",
-            "![confusion matrix](confusion.png)",
-            "",
-            f"The model: `{evaluation.get('model_file', 'best.keras')}`, {how}.",
-            "",
-        ]
-    if summary.get("export"):
-        lines += _export_lines(summary["export"], evaluation)
-    if summary["tradeoff"]:
-        lines += _front_lines(summary)
-    lines += ["## Optimisation history", "", "![history](history.png)", ""]
-    lines += ["## Parameter importances", ""]
-    lines += [importances or "![importances](importances.png)", ""]
-    lines += ["## The space sampled", "", "![space](space.png)", ""]
-    shown, total = len(summary["trials"]), summary.get("trials_total", len(summary["trials"]))
-    lines += [
-        "## Every trial",
-        "",
-        *(
-            [f"{shown} of {total} trials: the best, the front and the latest.", ""]
-            if total > shown
-            else []
-        ),
-        f"| trial | phase | state | architecture | {summary['metric']} | seconds | note |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for t in summary["trials"]:
-        value = f"{t['value']:.4f}" if t["value"] is not None else ""
-        note = (t["error"] or "").replace("|", "/").splitlines()[0][:120] if t["error"] else ""
-        if t["refines"] is not None:
-            note = f"retrains trial {t['refines']}"
-        lines.append(
-            f"| {t['number']} | {t['phase']} | {t['state']} | `{t['summary']}` | {value} | "
-            f"{t['seconds']:.1f} | {note} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def for_message(summary: dict[str, Any], limit: int = 0) -> dict[str, Any]:
@@ -571,6 +425,6 @@ def render_report(
         plot_front(summary, out / "front.png")
     elif every_file:
         plot_note("No Pareto front: the search set no objective.tradeoff.", out / "front.png")
-    page = out / "report.md"
-    page.write_text(_page(summary, evaluation, None if importances else importances_note))
-    return page
+    written = out / "report.md"
+    written.write_text(page(summary, evaluation, None if importances else importances_note))
+    return written

@@ -1193,7 +1193,8 @@ def test_validate_refuses_constraints_no_model_of_the_space_can_meet() -> None:
 def test_a_tradeoff_search_finds_optunas_pareto_front_and_refines_its_most_accurate(
     storage: str, tmp_path: Path
 ) -> None:
-    from mloptimizer.reporting import _page, plot_front, summarize
+    from mloptimizer.reporting import plot_front, summarize
+    from mloptimizer.reportpage import page as _page
 
     spec = make_spec(
         budget={"maxTrials": 10, "parallelism": 2},
@@ -1298,7 +1299,8 @@ def test_trials_carry_their_own_bucket_urls_and_their_checkpoints_go_when_they_e
 def test_a_cost_tradeoff_finds_the_front_of_accuracy_against_dollars(
     storage: str, tmp_path: Path
 ) -> None:
-    from mloptimizer.reporting import _page, summarize
+    from mloptimizer.reporting import summarize
+    from mloptimizer.reportpage import page as _page
 
     spec = make_spec(
         budget={"maxTrials": 8, "parallelism": 2},

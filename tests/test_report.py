@@ -11,7 +11,8 @@ import optuna
 import pytest
 
 from mloptimizer.app.cli import build_parser
-from mloptimizer.reporting import IMPORTANCE_MIN_TRIALS, _page, param_importances, render_report
+from mloptimizer.reporting import IMPORTANCE_MIN_TRIALS, param_importances, render_report
+from mloptimizer.reportpage import page as _page
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -37,6 +37,7 @@ from mloptimizer.trainer.data import Splits, make_dataset
 from mloptimizer.trainer.device import GpuInfo, choose_precision, fresh_session, use_xla
 from mloptimizer.trainer.litert import int8_litert, multiply_adds
 from mloptimizer.trainer.model import ArchitectureError, build_model, parameter_count
+from mloptimizer.trainer.schedule import KeepBest, learning_rate_at
 
 __all__ = [
     "Outcome",
@@ -178,6 +179,17 @@ def train_trial(
         replay = on_replay or on_epoch  # the checkpoint's epoch, told again
         if kept is not None and replay(resumed_at, kept.history[-1]) == "prune":
             hook.pruned = True  # the checkpoint's epoch, told again: it may have gone unsent
+        callbacks: list[keras.callbacks.Callback] = [hook]
+        if trial.schedule != "constant":
+            base, epochs, schedule = trial.architecture.learning_rate, trial.epochs, trial.schedule
+            callbacks.append(
+                keras.callbacks.LearningRateScheduler(
+                    lambda epoch, _: learning_rate_at(epoch, epochs, base, schedule)
+                )
+            )
+        keep = KeepBest(trial.metric, trial.patience) if trial.patience > 0 else None
+        if keep is not None:
+            callbacks.append(keep)
         started = time.perf_counter()
         if resumed_at < trial.epochs and not hook.pruned:
             model.fit(
@@ -191,8 +203,10 @@ def train_trial(
                     balanced_weights(splits.y_train) if trial.class_weights == "balanced" else None
                 ),
                 verbose=0,
-                callbacks=[hook],
+                callbacks=callbacks,
             )
+        if keep is not None:
+            keep.restore()  # the best epoch's weights are the trial's model
         seconds = time.perf_counter() - started
         if keep_model is not None:
             keep_model["model"] = model
@@ -231,7 +245,8 @@ def train_trial(
             outcome.state = "failed"
             outcome.error = f"int8 LiteRT conversion failed: {type(error).__name__}: {error}"
             return outcome
-    last = hook.history[-1] if hook.history else {}
+    kept_epoch = keep.best_epoch if keep is not None and keep.best_epoch else len(hook.history)
+    last = hook.history[kept_epoch - 1] if hook.history else {}
     outcome.val_loss = last.get("val_loss")
     outcome.val_accuracy = last.get("val_accuracy")
     outcome.value = last.get(trial.metric)

@@ -202,6 +202,8 @@ def trial_message(
         class_weights=training.class_weights,
         constraints=spec.objective.constraints,
         seed=trial_seed(spec.sampler.seed, number),
+        schedule=refine.schedule if refine is not None else "constant",
+        patience=refine.patience if refine is not None else 0,
         progress_timeout_seconds=progress_timeout,
         measure_model_kb=spec.objective.tradeoff == "modelKB"
         or (

@@ -165,6 +165,20 @@ class Refine(SpecModel):
         default=3, ge=1, le=1000, description="How many of the best trials to retrain."
     )
     epochs: int = Field(default=30, ge=1, le=10_000, description="Epochs of each retraining.")
+    schedule: Literal["cosine", "constant"] = Field(
+        default="cosine",
+        description="Learning rate of a retraining: cosine warms up over the first tenth of "
+        "its epochs (at least one), then decays the searched rate to 1% of it along a "
+        "cosine; constant keeps the searched rate, as exploring did.",
+    )
+    patience: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description="Stop a retraining once its objective has not improved for this many "
+        "epochs; it keeps its best epoch's weights and value (0: train every epoch and "
+        "keep the last).",
+    )
 
 
 class Training(SpecModel):
