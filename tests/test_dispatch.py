@@ -1327,6 +1327,37 @@ def test_a_cost_tradeoff_finds_the_front_of_accuracy_against_dollars(
     assert "| cost (USD) |" in page
 
 
+def test_the_report_shows_what_refine_added_to_each_trial(storage: str) -> None:
+    from mloptimizer.reporting import summarize
+    from mloptimizer.reportpage import page
+
+    spec = make_spec(training={"epochs": 3, "refine": {"topK": 2, "epochs": 5}})
+
+    class Refined(ScriptedTransport):
+        """A retraining scores 0.05 above its trial's exploration."""
+
+        def result(self, run: _Run, state: str, error: str | None = None) -> ResultMessage:
+            message = super().result(run, state, error)
+            if run.trial.phase == "refine" and message.value is not None:
+                message = message.model_copy(update={"value": message.value + 0.05})
+            return message
+
+    d = dispatcher(spec, storage, Refined())
+    d.run()
+    summary = summarize(d.study, spec)
+    refined = [t for t in summary["trials"] if t["phase"] == "refine"]
+    assert len(refined) == 2
+    values = {t["number"]: t["value"] for t in summary["trials"] if t["phase"] == "explore"}
+    for t in refined:
+        assert t["refined_from"] == values[t["refines"]]
+        assert t["value"] == pytest.approx(t["refined_from"] + 0.05)
+    text = page(summary, None, importances=None)
+    assert "## What refine added" in text
+    assert "Median gain over the explored value: +0.0500" in text
+    first = refined[0]
+    assert f"retrains trial {first['refines']} ({first['refined_from']:.4f} → " in text
+
+
 def test_a_cost_tradeoff_without_a_price_is_refused_naming_the_fix() -> None:
     with pytest.raises(ValidationError, match=r"needs a price: set workers\.pricePerHour"):
         make_spec(objective={"tradeoff": "costUSD"})
