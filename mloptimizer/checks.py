@@ -119,28 +119,35 @@ def space_issues(spec: ArchitectureSearchSpec) -> tuple[list[SpecIssue], list[Sp
     return errors, warnings
 
 
-def size_issues(
-    spec: ArchitectureSearchSpec, budget: int, samples: int = 200
-) -> tuple[list[SpecIssue], list[SpecIssue]]:
-    """``(errors, warnings)``: the share of the space over ``budget`` bytes per trainer.
-
-    Measured on ``samples`` random draws of the space (what TPE draws before it learns).
-    """
+def sampled_needs(spec: ArchitectureSearchSpec, samples: int = 200) -> list[int]:
+    """Bytes a trainer needs to train each of ``samples`` random draws of the space (what
+    TPE draws before it learns), at ``training.batchSize``; custom models are measured by
+    their trainers once built, so they are left out."""
     from mloptimizer.sizing import input_shape, memory_bytes, model_size
     from mloptimizer.space import sample_architecture
 
     shape, classes = input_shape(spec)
     space = fitted_space(spec)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    over = 0
-    largest = 0
+    needs = []
     for _ in range(samples):
         architecture = sample_architecture(study.ask(), space)
-        if architecture.family == "custom":  # measured by its trainer, once built
-            continue
-        need = memory_bytes(model_size(architecture, shape, classes), spec.training.batch_size)
-        largest = max(largest, need)
-        over += need > budget
+        if architecture.family != "custom":
+            size = model_size(architecture, shape, classes)
+            needs.append(memory_bytes(size, spec.training.batch_size))
+    return needs
+
+
+def size_issues(
+    spec: ArchitectureSearchSpec, budget: int, samples: int = 200
+) -> tuple[list[SpecIssue], list[SpecIssue]]:
+    """``(errors, warnings)``: the share of the space over ``budget`` bytes per trainer.
+
+    Measured on ``samples`` random draws of the space (:func:`sampled_needs`).
+    """
+    needs = sampled_needs(spec, samples)
+    over = sum(need > budget for need in needs)
+    largest = max(needs, default=0)
     if over == 0:
         return [], []
     gib = budget / 2**30

@@ -275,6 +275,9 @@ class ResultMessage(_Message):
         description="Epochs restored from the trial's checkpoint (0: trained from the start).",
     )
     train_seconds: float = Field(default=0.0, ge=0.0, le=1e8)
+    gpu_share: int = Field(
+        default=1, ge=1, le=64, description="Trainers sharing this one's GPU: they split its price."
+    )
     images_per_second: _Figure = 0.0
     parameter_count: int = Field(default=0, ge=0, le=2**53)
     mflops: _Figure | None = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import re
 import shlex
 import urllib.parse
@@ -44,6 +45,8 @@ __all__ = [
     "network_policy_name",
     "node_onstart",
     "node_rent_request",
+    "pod_price",
+    "sharing_env",
     "trainer_labels",
     "trainer_selector",
     "trainers_per_machine",
@@ -135,6 +138,29 @@ def trainers_per_machine(spec: ArchitectureSearchSpec) -> int:
     return max(1, pool.num_gpus // max(1, spec.workers.resources.gpu))
 
 
+def pod_price(machine_price: float | None, spec: ArchitectureSearchSpec) -> float | None:
+    """USD/hour of one trainer pod on a rented machine: the machine's price over the pods
+    it holds (its trainer processes split that again: ``ResultMessage.gpu_share``). None:
+    the worker is not on a rented machine."""
+    return None if machine_price is None else machine_price / trainers_per_machine(spec)
+
+
+def sharing_env(spec: ArchitectureSearchSpec) -> dict[str, str]:
+    """What a trainer container needs to run ``trainersPerGpu`` processes: the setting,
+    and for ``auto`` the memory a trainer of this space needs (its largest sampled model
+    at ``training.batchSize``, sizing's estimate), which the pod divides its GPU by."""
+    share = spec.workers.trainers_per_gpu
+    if share == 1:
+        return {}
+    env = {"MLOPT_TRAINERS_PER_GPU": str(share)}
+    if share == "auto":
+        from mloptimizer.checks import sampled_needs
+
+        need = max(sampled_needs(spec), default=2**30)  # custom models only: a guess, 1 GiB
+        env["MLOPT_TRAINER_MEMORY_MB"] = str(math.ceil(need / 2**20))
+    return env
+
+
 def intra_op_threads(cpu: str) -> int:
     """TensorFlow's intra-op threads for a pod of ``cpu`` cores: the whole cores it may use.
 
@@ -193,6 +219,7 @@ def build_trainer_deployment(
         {"name": "MLOPT_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "MLOPT_WORKER_ID", "value": "$(MLOPT_POD_NAME)@$(MLOPT_NODE_NAME)"},
         {"name": "MLOPT_INTRA_OP_THREADS", "value": str(intra_op_threads(workers.resources.cpu))},
+        *({"name": k, "value": v} for k, v in sharing_env(spec).items()),
     ]
     volumes: list[dict[str, Any]] = [
         # bounded: a trainer image filling its node's disk gets evicted, not the node
@@ -486,9 +513,11 @@ def direct_rent_request(
     queue_prefix: str,
     grace_seconds: int,
     cache_dir: str,
+    sharing: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``PUT /asks/`` body of a Direct-mode container: the trainer image itself, with the
-    broker URL of a user scoped to this search and nothing else (no database, no cluster)."""
+    broker URL of a user scoped to this search and nothing else (no database, no cluster);
+    ``sharing``: :func:`sharing_env`."""
     return {
         "client_id": "me",
         "image": image,
@@ -501,5 +530,6 @@ def direct_rent_request(
             "MLOPT_WORKER_ID": name,
             "MLOPT_CACHE_DIR": cache_dir,
             "KERAS_HOME": cache_dir,
+            **(sharing or {}),
         },
     }

@@ -48,6 +48,7 @@ from mloptimizer.operator.builders import (
     build_trainer_policy,
     deployment_name,
     network_policy_name,
+    pod_price,
 )
 from mloptimizer.operator.claimverify import Checked, verify_claim
 from mloptimizer.operator.config import OperatorConfig
@@ -474,7 +475,7 @@ def serve_search(body: Any, status: Any, shared: Shared, stopped: StopFlag) -> N
         generation=meta.get("generation"),
         latest_spec=latest,
         metrics=shared.metrics,
-        price_of=lambda worker: shared.price_of(key, worker),
+        price_of=lambda worker: pod_price(shared.price_of(key, worker), spec),
         destination=where,
     )
 

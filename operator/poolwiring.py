@@ -32,6 +32,7 @@ from mloptimizer.operator.builders import (
     GRACE_SECONDS,
     direct_rent_request,
     node_rent_request,
+    sharing_env,
     trainer_labels,
     trainers_per_machine,
 )
@@ -119,6 +120,7 @@ async def pool_rent_request(
         queue_prefix=shared.config.queue_prefix,
         grace_seconds=GRACE_SECONDS,
         cache_dir=CACHE_DIR,
+        sharing=sharing_env(spec),
     )
 
 
@@ -152,7 +154,8 @@ async def serve_pool(body: Any, shared: Shared, stopped: Stopped) -> None:
             )
 
     async with VastClient(api_key, url=shared.config.vastai_url) as vast:
-        controller = pool_controller(body, pool, vast, rent_request, trainers_per_machine(spec))
+        per_machine = trainers_per_machine(spec) * spec.workers.processes_per_pod
+        controller = pool_controller(body, pool, vast, rent_request, per_machine)
         await run_pool(
             controller,
             stopped=stopped,

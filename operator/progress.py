@@ -4,6 +4,7 @@ functions of the dispatcher's counts, so the daemon only decides *when* to patch
 from __future__ import annotations
 
 import datetime
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,12 +33,14 @@ def now_rfc3339() -> str:
 
 
 def desired_replicas(work: int, workers: Workers, ended: bool) -> int:
-    """Trainers wanted: one per trial in flight, within the bounds; none once ended."""
+    """Trainer pods wanted: one per trial in flight (or per ``trainersPerGpu`` x its GPUs
+    of them), within the bounds; none once ended."""
     if ended:
         return 0
     if workers.gpu_pool is not None and workers.gpu_pool.mode == "Direct":
         return workers.min_replicas  # the rented containers are the trainers
-    return max(workers.min_replicas, min(workers.max_replicas, work))
+    pods = math.ceil(work / workers.processes_per_pod)  # trainers sharing a pod's GPUs
+    return max(workers.min_replicas, min(workers.max_replicas, pods))
 
 
 # How long a lower trainer count must hold before the Deployment shrinks (Kubernetes' HPA has

@@ -512,6 +512,29 @@ def test_a_trial_costs_the_price_of_the_machine_that_ran_it(storage: str) -> Non
     assert [r.cost_usd for r in records(unknown.study)] == pytest.approx([1.0])
 
 
+@pytest.mark.parametrize(
+    ("workers", "claimed", "share"),
+    [
+        ({"trainersPerGpu": 4, "resources": {"gpu": 1}}, 4, 4),
+        ({"trainersPerGpu": 2, "resources": {"gpu": 1}}, 64, 2),  # no cheaper than allowed
+        ({"trainersPerGpu": 2, "resources": {"gpu": 2}}, 4, 4),  # two per GPU, two GPUs
+        ({"trainersPerGpu": "auto", "resources": {"gpu": 1}}, 3, 3),
+        ({"resources": {"gpu": 0}}, 4, 1),  # CPU trainers share nothing
+    ],
+)
+def test_trainers_sharing_a_gpu_split_its_price(
+    storage: str, workers: dict[str, Any], claimed: int, share: int
+) -> None:
+    spec = make_spec(
+        budget={"maxTrials": 2, "parallelism": 1}, workers={"pricePerHour": 3.6, **workers}
+    )
+    transport = ScriptedTransport(seconds=1000, measures=lambda t: {"gpu_share": claimed})
+    d = dispatcher(spec, storage, transport)
+    d.run()
+    # 1,000 s at $3.60 an hour is a dollar of the pod, split among its trainer processes
+    assert [r.cost_usd for r in records(d.study)] == pytest.approx([1.0 / share] * 2)
+
+
 def test_interrupted_local_run_reenqueues_and_resumes_without_repeats(storage: str) -> None:
     spec = make_spec(budget={"maxTrials": 6, "parallelism": 2})
     first = ScriptedTransport()

@@ -32,6 +32,7 @@ from mloptimizer.trainer.data import DatasetCache
 from mloptimizer.trainer.device import GpuInfo, detect_gpus, device_name
 from mloptimizer.trainer.kept import KeptModels
 from mloptimizer.trainer.memory import MemoryWatch
+from mloptimizer.trainer.sharing import share_from_env
 from mloptimizer.trainer.training import Outcome, result_message, train_trial
 
 __all__ = ["Ask", "TrialSession", "decision_of"]
@@ -71,6 +72,7 @@ class TrialSession:
     output_dir: Path | None = None
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
     gpus: list[GpuInfo] = field(default_factory=detect_gpus)
+    gpu_share: int = field(default_factory=share_from_env)  # trainers on this GPU
     _memory: MemoryWatch = field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +155,7 @@ class TrialSession:
             worker_id=self.worker_id,
             device=self.device,
             load_seconds=load_seconds,
+            gpu_share=self.gpu_share if self.gpus else 1,
         )
 
     def deliver(

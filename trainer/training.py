@@ -319,8 +319,10 @@ def result_message(
     worker_id: str,
     device: str,
     load_seconds: float,
+    gpu_share: int = 1,
 ) -> ResultMessage:
-    """The result message of ``trial``: its identity, the attempt, and how it ended."""
+    """The result message of ``trial``: its identity, the attempt, and how it ended
+    (``gpu_share``: the trainers sharing this one's GPU, who split its price)."""
     return ResultMessage(
         search=trial.search,
         trial_id=trial.trial_id,
@@ -341,6 +343,7 @@ def result_message(
         model_kb=finite(outcome.model_kb),
         device=device,
         dataset_load_seconds=load_seconds,
+        gpu_share=gpu_share,
         history=[finite_metrics(h) for h in outcome.history[:MAX_EPOCHS]],
         error=outcome.error[:MAX_TEXT] if outcome.error else None,
         token=trial.token,

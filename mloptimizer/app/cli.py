@@ -95,9 +95,17 @@ def _cmd_trainer(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from mloptimizer.trainer import sharing
+
+    if args.trainers_per_gpu != "1" and sharing.SHARE_ENV not in os.environ:
+        code = _shared_trainers(args)
+        if code is not None:
+            return code
+    limit = os.environ.get(sharing.LIMIT_ENV)
     from mloptimizer.trainer.device import configure_threads
 
-    configure_threads(args.intra_op_threads, args.inter_op_threads)  # before the first op
+    sharing.configure_gpu_memory(int(limit) if limit else None)  # before the first op
+    configure_threads(args.intra_op_threads, args.inter_op_threads)
     from mloptimizer.trainer.worker import Worker, WorkerConfig
 
     config = WorkerConfig(
@@ -128,6 +136,41 @@ def _cmd_trainer(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os.execv(sys.executable, sys.orig_argv)
     return code
+
+
+def _shared_trainers(args: argparse.Namespace) -> int | None:
+    """``--trainers-per-gpu``: run that many trainer processes on each GPU and watch them
+    (this process never imports TensorFlow); None when one trainer is to run here (no
+    GPU, or ``auto`` fits one)."""
+    import signal
+    import socket
+
+    from mloptimizer.trainer import sharing
+
+    gpus_mb = sharing.gpu_memory_mb()
+    try:
+        share = sharing.resolve_share(args.trainers_per_gpu, gpus_mb, args.trainer_memory_mb)
+    except ValueError as error:
+        print(f"mloptimizer trainer: {error}", file=sys.stderr)
+        return 2
+    if share == 1:
+        why = "no GPU found" if not gpus_mb else "one trainer fits each GPU"
+        print(f"mloptimizer trainer: {why}; one trainer runs", file=sys.stderr)
+        return None
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    envs = [
+        sharing.child_env(os.environ, index, share, gpus_mb, worker_id, args.intra_op_threads)
+        for index in range(share * len(gpus_mb))
+    ]
+    print(
+        f"mloptimizer trainer: {len(envs)} trainer processes, {share} on each GPU "
+        f"({', '.join(f'{mb} MB' for mb in gpus_mb)})",
+        file=sys.stderr,
+    )
+    group = sharing.TrainerProcesses(sharing.trainer_command(), envs)
+    signal.signal(signal.SIGTERM, lambda *_: group.stop())
+    signal.signal(signal.SIGINT, lambda *_: group.stop())
+    return group.wait()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -411,6 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
     env_flag(
         trainer, "--inter-op-threads", env="MLOPT_INTER_OP_THREADS", type=int,
         shown="TensorFlow's", help="TensorFlow inter-op threads",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--trainers-per-gpu", env="MLOPT_TRAINERS_PER_GPU", default="1",
+        help="trainer processes on each GPU, each with an equal share of its memory as a "
+        "hard limit (1 to 8, or auto: as many as --trainer-memory-mb fits); without a GPU "
+        "one runs (the operator sets it from workers.trainersPerGpu)",
+    )  # fmt: skip
+    env_flag(
+        trainer, "--trainer-memory-mb", env="MLOPT_TRAINER_MEMORY_MB", type=float,
+        shown="none", help="GPU memory one trainer needs, for --trainers-per-gpu auto",
     )  # fmt: skip
     trainer.set_defaults(func=_cmd_trainer)
 

@@ -309,6 +309,7 @@ class Ledger:
         trial, objective = flight.trial, self.spec.objective
         if price is None:
             price = self.spec.workers.price_per_hour or 0.0
+        price /= self.spec.workers.cost_share(message.gpu_share)  # trainers sharing a GPU
         earlier = judgements.EarlierAttempts.of(flight.trained, flight.replayed, message.attempt)
         result = judgements.result_attrs(message, price, objective.metric, earlier)
         trial.set_user_attr(Attr.RESULT, result)  # one write: each is a database round trip

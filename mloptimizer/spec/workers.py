@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from mloptimizer.rules import Rule, SpecModel
 from mloptimizer.spec.common import RELEASE, Duration, Name, Quantity, SecretKeyRef
@@ -211,11 +211,34 @@ class GpuPool(SpecModel):
         return self.capacity or ("Interruptible" if self.interruptible else "OnDemand")
 
 
+MAX_TRAINERS_PER_GPU = 8
+
+
+def _a_share(value: int | str) -> int | str:
+    if (isinstance(value, str) and value != "auto") or (
+        isinstance(value, int) and not 1 <= value <= MAX_TRAINERS_PER_GPU
+    ):
+        raise ValueError(
+            f"must be a whole number from 1 to {MAX_TRAINERS_PER_GPU} (unquoted), or auto"
+        )
+    return value
+
+
 class Workers(SpecModel):
     """The trainer pods that consume trials."""
 
     rules = (
         REPLICA_RANGE,
+        Rule(
+            cel="string(self.trainersPerGpu) == '1' || (has(self.resources) && "
+            "self.resources.gpu > 0) || has(self.gpuPool)",
+            check=lambda s: (
+                s.trainers_per_gpu == 1 or s.resources.gpu > 0 or s.gpu_pool is not None
+            ),
+            message="trainersPerGpu shares GPUs between trainers: set resources.gpu (or a "
+            "gpuPool), or leave trainersPerGpu at 1",
+            field="trainersPerGpu",
+        ),
         Rule(
             cel="!(has(self.gpuPool) && has(self.pricePerHour))",
             check=lambda s: not (s.gpu_pool is not None and s.price_per_hour is not None),
@@ -256,6 +279,26 @@ class Workers(SpecModel):
     )
 
     @property
+    def _pod_gpus(self) -> int:
+        return self.resources.gpu or (1 if self.gpu_pool is not None else 0)
+
+    def cost_share(self, claimed: int) -> int:
+        """The trainer processes a result says share its pod (and so the pod's price),
+        believed up to what ``trainersPerGpu`` allows: a trainer cannot make its trials
+        cheaper than that."""
+        if self._pod_gpus == 0:
+            return 1
+        per_gpu = self.trainers_per_gpu if isinstance(self.trainers_per_gpu, int) else 0
+        return max(1, min(claimed, (per_gpu or MAX_TRAINERS_PER_GPU) * self._pod_gpus))
+
+    @property
+    def processes_per_pod(self) -> int:
+        """Trainer processes each pod runs, as far as the operator can tell (``auto`` is
+        decided in the pod, from its GPU: counted as one)."""
+        share = self.trainers_per_gpu if isinstance(self.trainers_per_gpu, int) else 1
+        return share * self._pod_gpus if share > 1 and self._pod_gpus else 1
+
+    @property
     def trainer_image(self) -> str:
         """The image the trainers run: ``image``, or the build that fits their devices."""
         if self.image is not None:
@@ -266,7 +309,18 @@ class Workers(SpecModel):
     price_per_hour: float | None = Field(
         default=None,
         ge=0.0,
-        description="USD per trainer-hour, used for cost when GPUs are not rented through gpuPool.",
+        description="USD an hour of one trainer pod, used for cost when GPUs are not rented "
+        "through gpuPool; the trainers sharing its GPUs (trainersPerGpu) split it.",
+    )
+    trainers_per_gpu: Annotated[int | str, AfterValidator(_a_share)] = Field(
+        default=1,
+        json_schema_extra={"minimum": 1, "maximum": MAX_TRAINERS_PER_GPU, "pattern": "^auto$"},
+        description="Trainer processes sharing each GPU (1 to 8, or auto), for models too "
+        "small to keep a GPU busy. Each gets an equal share of the GPU's memory as a hard "
+        "limit (1: the whole GPU, its memory allocated as it grows), and a trial costs its "
+        "share of the machine's price. auto divides each GPU's memory by the trainer memory "
+        "the space's largest model needs at training.batchSize (sizing's estimate), at most "
+        "8; the operator then scales pods as if each held one trainer.",
     )
     gpu_pool: GpuPool | None = Field(
         default=None, description="Rent GPU machines from Vast.ai for this search."

@@ -18,6 +18,8 @@ from mloptimizer.operator.builders import (
     deployment_name,
     label_value,
     network_policy_name,
+    pod_price,
+    sharing_env,
     trainer_labels,
     trainers_per_machine,
 )
@@ -178,6 +180,41 @@ def test_two_search_names_never_share_a_child_name_or_trainer_labels(one: str, o
 def test_replicas_follow_the_work_within_the_bounds(work: int, ended: bool, expected: int) -> None:
     workers = Workers.model_validate({"minReplicas": 1, "maxReplicas": 4})
     assert desired_replicas(work, workers, ended) == expected
+
+
+def test_trainers_sharing_gpus_run_in_fewer_pods_that_say_how_to_share() -> None:
+    shared = make_spec(workers={"trainersPerGpu": 4, "resources": {"gpu": 1}, "maxReplicas": 8})
+    assert shared.workers.processes_per_pod == 4
+    assert [desired_replicas(w, shared.workers, ended=False) for w in (1, 4, 5, 40)] == [
+        1,
+        1,
+        2,
+        8,
+    ]
+    d = build_trainer_deployment("s", "ns", shared, replicas=1, broker=BROKER)
+    (container,) = d["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLOPT_TRAINERS_PER_GPU"] == "4"
+    assert "MLOPT_TRAINER_MEMORY_MB" not in env
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # one GPU, shared
+    auto = make_spec(workers={"trainersPerGpu": "auto", "resources": {"gpu": 1}})
+    assert auto.workers.processes_per_pod == 1  # decided in the pod, from its GPU
+    env = dict(sharing_env(auto))
+    assert env["MLOPT_TRAINERS_PER_GPU"] == "auto"
+    assert int(env["MLOPT_TRAINER_MEMORY_MB"]) > 0  # the largest sampled model's need
+    assert sharing_env(make_spec()) == {}  # one trainer per pod: nothing to say
+    # a rented machine of two GPUs holds two pods: each pays half of its price
+    pooled = make_spec(workers={"gpuPool": {**POOL, "numGpus": 2}, "resources": {"gpu": 1}})
+    assert pod_price(1.0, pooled) == 0.5
+    assert pod_price(None, pooled) is None
+
+
+def test_sharing_needs_gpus_and_a_number_from_one_to_eight_or_auto() -> None:
+    with pytest.raises(ValueError, match="trainersPerGpu shares GPUs"):
+        make_spec(workers={"trainersPerGpu": 2})
+    for bad in (0, 9, "2", "all"):
+        with pytest.raises(ValueError, match="whole number from 1 to 8"):
+            make_spec(workers={"trainersPerGpu": bad, "resources": {"gpu": 1}})
 
 
 def test_replicas_grow_at_once_and_shrink_only_once_the_lower_count_has_held() -> None:
