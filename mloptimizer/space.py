@@ -16,6 +16,7 @@ from typing import Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, Field
 
+from mloptimizer.sampling import WindowedTPESampler
 from mloptimizer.spec import (
     Augmentation,
     Constraints,
@@ -415,7 +416,7 @@ def build_sampler(spec: SamplerSpec, resumed_at: int = 0) -> optuna.samplers.Bas
     with warnings.catch_warnings():
         # multivariate, group and constant_liar are "experimental" in Optuna since 2.x.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
+        return WindowedTPESampler(  # Optuna's TPE over a bounded history (sampling.py)
             n_startup_trials=spec.n_startup_trials,
             n_ei_candidates=spec.n_ei_candidates,
             multivariate=spec.multivariate,
