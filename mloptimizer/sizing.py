@@ -186,5 +186,6 @@ def quantity_bytes(quantity: str) -> int:
 
 
 def trainer_budget(spec: ArchitectureSearchSpec) -> int:
-    """The memory each trainer pod has: ``workers.resources.memory``."""
-    return quantity_bytes(spec.workers.resources.memory)
+    """The memory each trainer has: ``workers.resources.memory``, shared by the trainer
+    processes of a pod under ``trainersPerGpu``."""
+    return quantity_bytes(spec.workers.resources.memory) // spec.workers.processes_per_pod

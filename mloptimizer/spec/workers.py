@@ -318,9 +318,10 @@ class Workers(SpecModel):
         description="Trainer processes sharing each GPU (1 to 8, or auto), for models too "
         "small to keep a GPU busy. Each gets an equal share of the GPU's memory as a hard "
         "limit (1: the whole GPU, its memory allocated as it grows), and a trial costs its "
-        "share of the machine's price. auto divides each GPU's memory by the trainer memory "
-        "the space's largest model needs at training.batchSize (sizing's estimate), at most "
-        "8; the operator then scales pods as if each held one trainer.",
+        "share of the machine's price. Each process holds its own dataset and TensorFlow: "
+        "resources.memory is shared by them all. auto divides each GPU's memory by the "
+        "trainer memory the space's largest model needs at training.batchSize (sizing's "
+        "estimate), at most 8; the operator then scales pods as if each held one trainer.",
     )
     gpu_pool: GpuPool | None = Field(
         default=None, description="Rent GPU machines from Vast.ai for this search."
