@@ -131,9 +131,10 @@ def build_broker_secret(search: str, url: str, password: str) -> dict[str, Any]:
 
 
 def trainers_per_machine(spec: ArchitectureSearchSpec) -> int:
-    """Trainer pods one rented machine holds: its GPUs over the GPUs each trainer asks."""
+    """Trainer pods one rented machine holds: its GPUs over the GPUs each trainer asks
+    (Direct mode: its one container)."""
     pool = spec.workers.gpu_pool
-    if pool is None:
+    if pool is None or pool.mode == "Direct":
         return 1
     return max(1, pool.num_gpus // max(1, spec.workers.resources.gpu))
 

@@ -280,6 +280,9 @@ class Workers(SpecModel):
 
     @property
     def _pod_gpus(self) -> int:
+        """GPUs a trainer pod (or a Direct-mode machine's one container) has."""
+        if self.gpu_pool is not None and self.gpu_pool.mode == "Direct":
+            return self.gpu_pool.num_gpus
         return self.resources.gpu or (1 if self.gpu_pool is not None else 0)
 
     def cost_share(self, claimed: int) -> int:

@@ -207,6 +207,17 @@ def test_trainers_sharing_gpus_run_in_fewer_pods_that_say_how_to_share() -> None
     pooled = make_spec(workers={"gpuPool": {**POOL, "numGpus": 2}, "resources": {"gpu": 1}})
     assert pod_price(1.0, pooled) == 0.5
     assert pod_price(None, pooled) is None
+    # a Direct-mode machine is one container: its processes share all its GPUs
+    direct = make_spec(
+        workers={
+            "trainersPerGpu": 3,
+            "gpuPool": {**POOL, "numGpus": 2, "mode": "Direct", "brokerEndpoint": "amqps://b/"},
+        }
+    )
+    assert trainers_per_machine(direct) == 1
+    assert direct.workers.processes_per_pod == 6
+    assert pod_price(1.0, direct) == 1.0
+    assert direct.workers.cost_share(64) == 6
 
 
 def test_sharing_needs_gpus_and_a_number_from_one_to_eight_or_auto() -> None:
