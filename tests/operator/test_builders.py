@@ -211,7 +211,12 @@ def test_trainers_sharing_gpus_run_in_fewer_pods_that_say_how_to_share() -> None
     direct = make_spec(
         workers={
             "trainersPerGpu": 3,
-            "gpuPool": {**POOL, "numGpus": 2, "mode": "Direct", "brokerEndpoint": "amqps://b/"},
+            "gpuPool": {
+                **POOL,
+                "numGpus": 2,
+                "mode": "Direct",
+                "brokerEndpoint": "amqps://b:5671/",
+            },
         }
     )
     assert trainers_per_machine(direct) == 1
