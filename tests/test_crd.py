@@ -40,6 +40,8 @@ def model_errors(spec: dict[str, Any]) -> list[str]:
 
 VALID: list[dict[str, Any]] = [
     MINIMAL,
+    with_("workers", {"trainersPerGpu": 4, "resources": {"gpu": 1}}),
+    with_("workers", {"trainersPerGpu": "auto", "resources": {"gpu": 2}}),
     with_("dataset", {"imageFolder": {"path": "/data/road"}}),
     with_(
         "dataset",
@@ -232,6 +234,17 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "unknown head",
         with_("searchSpace.classifier.types", ["gap", "svm"]),
         "spec.searchSpace.classifier.types",
+    ),
+    ("sharing GPUs without one", with_("workers", {"trainersPerGpu": 2}), "spec.workers"),
+    (
+        "nine trainers a GPU",
+        with_("workers", {"trainersPerGpu": 9, "resources": {"gpu": 1}}),
+        "spec.workers.trainersPerGpu",
+    ),
+    (
+        "a quoted share",
+        with_("workers", {"trainersPerGpu": "2", "resources": {"gpu": 1}}),
+        "spec.workers.trainersPerGpu",
     ),
     (
         "workers min above max",

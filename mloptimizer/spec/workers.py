@@ -215,12 +215,16 @@ MAX_TRAINERS_PER_GPU = 8
 
 
 def _a_share(value: int | str) -> int | str:
-    if (isinstance(value, str) and value != "auto") or (
-        isinstance(value, int) and not 1 <= value <= MAX_TRAINERS_PER_GPU
-    ):
+    """1 to 8 or auto, refused in the words the API server uses for the CRD's bounds."""
+    if isinstance(value, str) and value != "auto":
         raise ValueError(
-            f"must be a whole number from 1 to {MAX_TRAINERS_PER_GPU} (unquoted), or auto"
+            "should match pattern '^auto$': a whole number from 1 to "
+            f"{MAX_TRAINERS_PER_GPU} (unquoted), or auto"
         )
+    if isinstance(value, int) and value < 1:
+        raise ValueError("should be greater than or equal to 1")
+    if isinstance(value, int) and value > MAX_TRAINERS_PER_GPU:
+        raise ValueError(f"should be less than or equal to {MAX_TRAINERS_PER_GPU}")
     return value
 
 

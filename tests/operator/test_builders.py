@@ -228,9 +228,12 @@ def test_trainers_sharing_gpus_run_in_fewer_pods_that_say_how_to_share() -> None
 def test_sharing_needs_gpus_and_a_number_from_one_to_eight_or_auto() -> None:
     with pytest.raises(ValueError, match="trainersPerGpu shares GPUs"):
         make_spec(workers={"trainersPerGpu": 2})
-    for bad in (0, 9, "2", "all"):
-        with pytest.raises(ValueError, match="whole number from 1 to 8"):
+    for bad, why in ((0, "greater than or equal to 1"), (9, "less than or equal to 8")):
+        with pytest.raises(ValueError, match=why):
             make_spec(workers={"trainersPerGpu": bad, "resources": {"gpu": 1}})
+    for quoted in ("2", "all"):
+        with pytest.raises(ValueError, match="whole number from 1 to 8"):
+            make_spec(workers={"trainersPerGpu": quoted, "resources": {"gpu": 1}})
 
 
 def test_replicas_grow_at_once_and_shrink_only_once_the_lower_count_has_held() -> None:
