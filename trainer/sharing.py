@@ -10,7 +10,7 @@ instead. ``auto`` fits as many trainers as the space's largest model leaves room
 the share in its results.
 
 The decisions are pure functions; :func:`gpu_memory_mb` asks ``nvidia-smi`` and
-:func:`configure_gpu_memory` asks TensorFlow. the processes are started and watched by
+:func:`configure_gpu_memory` asks TensorFlow. The processes are started and watched by
 :class:`TrainerProcesses`: one that crashes is started again, SIGTERM goes to all of them.
 """
 
@@ -44,7 +44,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # What a process's CUDA context, cuDNN and cuBLAS keep on the GPU outside TensorFlow's
-# allocator (measured figures run from 300 to 600 MB; counted high).
+# allocator: a few hundred MB, by CUDA version and GPU (not measured here: counted high).
 CONTEXT_MB = 600
 SHARE_ENV = "MLOPT_GPU_SHARE"  # trainer processes sharing this one's pod (and its price)
 LIMIT_ENV = "MLOPT_GPU_MEMORY_MB"  # this process's hard limit on its GPU
