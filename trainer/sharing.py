@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +38,7 @@ __all__ = [
     "gpu_memory_mb",
     "memory_limit_mb",
     "resolve_share",
+    "run_shared",
     "share_from_env",
     "trainer_command",
 ]
@@ -219,3 +221,36 @@ def share_from_env() -> int:
         return max(1, min(64, int(os.environ.get(SHARE_ENV, "1"))))
     except ValueError:
         return 1
+
+
+def run_shared(
+    setting: str, need_mb: float | None, worker_id: str | None, threads: int | None
+) -> int | None:
+    """``mloptimizer trainer --trainers-per-gpu``: start that many trainer processes on
+    each GPU and watch them until they end (this process never imports TensorFlow);
+    returns their exit code, or None when one trainer is to run in this process (no GPU,
+    or ``auto`` fits one). A bad setting is exit code 2, with the reason on stderr."""
+    gpus_mb = gpu_memory_mb()
+    try:
+        share = resolve_share(setting, gpus_mb, need_mb)
+    except ValueError as error:
+        print(f"mloptimizer trainer: {error}", file=sys.stderr)
+        return 2
+    if share == 1:
+        why = "no GPU found" if not gpus_mb else "one trainer fits each GPU"
+        print(f"mloptimizer trainer: {why}; one trainer runs", file=sys.stderr)
+        return None
+    name = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    envs = [
+        child_env(os.environ, index, share, gpus_mb, name, threads)
+        for index in range(share * len(gpus_mb))
+    ]
+    print(
+        f"mloptimizer trainer: {len(envs)} trainer processes, {share} on each GPU "
+        f"({', '.join(f'{mb} MB' for mb in gpus_mb)})",
+        file=sys.stderr,
+    )
+    group = TrainerProcesses(trainer_command(), envs)
+    signal.signal(signal.SIGTERM, lambda *_: group.stop())
+    signal.signal(signal.SIGINT, lambda *_: group.stop())
+    return group.wait()

@@ -98,7 +98,9 @@ def _cmd_trainer(args: argparse.Namespace) -> int:
     from mloptimizer.trainer import sharing
 
     if args.trainers_per_gpu != "1" and sharing.SHARE_ENV not in os.environ:
-        code = _shared_trainers(args)
+        code = sharing.run_shared(
+            args.trainers_per_gpu, args.trainer_memory_mb, args.worker_id, args.intra_op_threads
+        )
         if code is not None:
             return code
     limit = os.environ.get(sharing.LIMIT_ENV)
@@ -136,41 +138,6 @@ def _cmd_trainer(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os.execv(sys.executable, sys.orig_argv)
     return code
-
-
-def _shared_trainers(args: argparse.Namespace) -> int | None:
-    """``--trainers-per-gpu``: run that many trainer processes on each GPU and watch them
-    (this process never imports TensorFlow); None when one trainer is to run here (no
-    GPU, or ``auto`` fits one)."""
-    import signal
-    import socket
-
-    from mloptimizer.trainer import sharing
-
-    gpus_mb = sharing.gpu_memory_mb()
-    try:
-        share = sharing.resolve_share(args.trainers_per_gpu, gpus_mb, args.trainer_memory_mb)
-    except ValueError as error:
-        print(f"mloptimizer trainer: {error}", file=sys.stderr)
-        return 2
-    if share == 1:
-        why = "no GPU found" if not gpus_mb else "one trainer fits each GPU"
-        print(f"mloptimizer trainer: {why}; one trainer runs", file=sys.stderr)
-        return None
-    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    envs = [
-        sharing.child_env(os.environ, index, share, gpus_mb, worker_id, args.intra_op_threads)
-        for index in range(share * len(gpus_mb))
-    ]
-    print(
-        f"mloptimizer trainer: {len(envs)} trainer processes, {share} on each GPU "
-        f"({', '.join(f'{mb} MB' for mb in gpus_mb)})",
-        file=sys.stderr,
-    )
-    group = sharing.TrainerProcesses(sharing.trainer_command(), envs)
-    signal.signal(signal.SIGTERM, lambda *_: group.stop())
-    signal.signal(signal.SIGINT, lambda *_: group.stop())
-    return group.wait()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -26,14 +26,19 @@ def test_cosine_warms_up_then_decays_to_the_floor() -> None:
     after = rates[warm:]
     assert all(a > b for a, b in itertools.pairwise(after))
     assert rates[-1] == pytest.approx(FLOOR * 1e-2)
-    assert rates[11] == pytest.approx(1e-2 * (FLOOR + (1 - FLOOR) / 2), rel=0.05)  # midway
+    # 21 epochs: 2 of warm-up, then 18 steps of decay; halfway down at epoch 11
+    assert warmup_epochs(21) == 2
+    midway = learning_rate_at(11, 21, 1e-2, "cosine")
+    assert midway == pytest.approx(1e-2 * (FLOOR + (1 - FLOOR) / 2))
 
 
 def test_constant_and_a_single_epoch_keep_the_searched_rate() -> None:
     assert {learning_rate_at(e, 10, 3e-3, "constant") for e in range(10)} == {3e-3}
     assert learning_rate_at(0, 1, 3e-3, "cosine") == 3e-3
+    # two epochs: one of warm-up, then the searched rate (no room left to decay)
     assert warmup_epochs(2) == 1
-    assert learning_rate_at(1, 2, 3e-3, "cosine") == pytest.approx(FLOOR * 3e-3)
+    assert learning_rate_at(0, 2, 3e-3, "cosine") == pytest.approx(3e-4)
+    assert learning_rate_at(1, 2, 3e-3, "cosine") == 3e-3
 
 
 class _Model:
