@@ -86,6 +86,9 @@ def test_digits_example_end_to_end_writes_a_consistent_report(tmp_path: Path) ->
     )
     assert refine.refines == explore_best.number
     assert refine.params == explore_best.params
+    page = (out / "report.md").read_text()
+    assert "## What refine added" in page  # the retraining against its explored value
+    assert f"| {refine.number} | {explore_best.number} | {explore_best.value:.4f} |" in page
 
     # 4 explore + 1 refine trials: too few for an importance estimate, said instead of drawn
     assert not (out / "importances.png").exists()
