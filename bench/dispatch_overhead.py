@@ -227,10 +227,10 @@ def through_loop(
     spec = make_spec(sampler, trials, workers)
     sampling: dict[int, float] = {}
 
-    def timed_sample(trial: Any, space: Any) -> Any:
+    def timed_sample(trial: Any, space: Any, *rest: Any) -> Any:
         began = time.perf_counter()
         try:
-            return sample_architecture(trial, space)
+            return sample_architecture(trial, space, *rest)
         finally:
             sampling[trial.number] = time.perf_counter() - began
 
