@@ -20,7 +20,6 @@ windowed (their good set is a Pareto ranking, not a top count).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Container, Sequence
 from typing import Any
 
@@ -48,7 +47,7 @@ def history_window(
     finished = [t for t in trials if t.state in _FINISHED]
     if len(finished) <= best + recent:
         return list(trials)
-    keep = {t.number for t in sorted(finished, key=lambda t: t.number)[-recent:]}
+    keep = {t.number for t in finished[-recent:]}  # a study lists its trials by number
     sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
     ranked = sorted(
         (t for t in finished if t.state == TrialState.COMPLETE and t.value is not None),
@@ -58,7 +57,7 @@ def history_window(
     for t in ranked:  # from the best down; infeasible ones are rare near the top
         if found == best:
             break
-        if all(v <= 0.0 for v in t.constraints.values()) and math.isfinite(float(t.value)):  # type: ignore[arg-type]
+        if all(v <= 0.0 for v in t.constraints.values()):
             keep.add(t.number)
             found += 1
     return [t for t in trials if t.number in keep or t.state not in _FINISHED]
@@ -83,11 +82,6 @@ class _Window:
     ) -> list[FrozenTrial]:
         chosen = [t for t in self._trials if states is None or t.state in states]
         return copy.deepcopy(chosen) if deepcopy else chosen
-
-    def get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None
-    ) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
 
 
 class WindowedTPESampler(optuna.samplers.TPESampler):
