@@ -455,6 +455,38 @@ def test_an_explore_trial_that_would_outlast_refines_time_is_stopped(storage: st
     assert transport.now - 1_000_000.0 <= 600.0
 
 
+def test_under_a_timeout_a_slow_best_gives_way_to_the_best_refine_that_fits(
+    storage: str,
+) -> None:
+    """bench/vs_peers.py: exploration closed while a fast model was the best, then a slow
+    one in flight became the best, and its refine started with too little time left and
+    was cut by the timeout. Here the better a model (the higher its rate), the slower."""
+    spec = make_spec(
+        budget={"maxTrials": 500, "parallelism": 1, "timeout": "10m"},
+        sampler={"nStartupTrials": 3},
+        training={"epochs": 2, "refine": {"topK": 1, "epochs": 4}},
+    )
+    study = open_study(spec, "ns.search", storage)
+    transport = TimedTransport(pace=lambda t: 5.0 + 6000.0 * t.architecture.learning_rate)
+    study.set_user_attr(Attr.STARTED_AT, transport.now)
+    d = Dispatcher(study, spec, transport, search="ns.search", clock=transport.clock)
+    d.run()
+
+    trials = records(study)
+    [refined] = [r for r in trials if r.phase == "refine"]
+    assert refined.state == "complete"  # it ran to its end within the timeout
+    assert not [r for r in trials if r.interrupted]
+    assert transport.now - 1_000_000.0 <= 600.0
+    explored = {r.number: r for r in trials if r.phase == "explore" and r.state == "complete"}
+    best = best_of(list(explored.values()), "maximize")
+    assert best is not None
+    assert refined.refines != best.number  # the best was too slow to refine in time
+    # pace and value both grow with the rate: no faster trial beat the one refined
+    chosen = explored[refined.refines]
+    faster = [r.value or 0.0 for r in explored.values() if r.seconds <= chosen.seconds]
+    assert chosen.value == max(faster)
+
+
 def test_under_a_timeout_refine_waits_for_the_start_up_trials(storage: str) -> None:
     spec = make_spec(
         budget={"maxTrials": 500, "parallelism": 1, "timeout": "10m"},

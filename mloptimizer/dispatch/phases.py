@@ -26,6 +26,7 @@ __all__ = [
     "Phases",
     "end_outcome",
     "exploration_closes",
+    "refine_fits",
     "refine_ranked",
     "refine_seconds",
 ]
@@ -78,8 +79,8 @@ class Phases(Ledger):
         began = flight.taken_at if flight.taken_at is not None else flight.sent_at
         finishing = (flight.message.epochs - epoch) * (self.clock() - began) / epoch
         left = parse_duration(self.spec.budget.timeout) - self._elapsed()
-        needs = refine_seconds(self.spec, self._epoch_seconds, self._explored_pace)
-        if finishing <= left - needs:
+        needs = refine_seconds(self.spec, self._epoch_seconds, self._explored_pace, left)
+        if finishing <= left - needs or math.isinf(needs):  # nothing to make room for
             return False
         log.info(
             "trial %d stopped at epoch %d: its %d epochs left (about %.0f s) would leave "
@@ -100,6 +101,8 @@ class Phases(Ledger):
         if refine is None or self.refine_started:
             return False
         explored = [r for r in records(self.study) if r.phase == "explore"]
+        if self.spec.budget.timeout is not None:
+            explored = self._fitting(explored)
         ranked = refine_ranked(self.spec, explored, self._direction)
         if not ranked:
             return False
@@ -116,6 +119,24 @@ class Phases(Ledger):
         )
         return True
 
+    def _fitting(self, explored: list[TrialRecord]) -> list[TrialRecord]:
+        """The explored trials whose refine ends within ``budget.timeout``: a best that
+        turned out slow late in the search gives way to the best that fits, rather than
+        start a retraining the timeout would cut."""
+        assert self.spec.budget.timeout is not None
+        left = parse_duration(self.spec.budget.timeout) - self._elapsed()
+        fitting = [r for r in explored if refine_fits(self.spec, r, left)]
+        best, kept = best_of(explored, self._direction), best_of(fitting, self._direction)
+        if best is not None and (kept is None or kept.number != best.number):
+            log.info(
+                "refine: trial %d, the best, would not end within the %.0f s left of "
+                "budget.timeout; refining %s",
+                best.number,
+                left,
+                f"the best that fit (trial {kept.number} first)" if kept else "none",
+            )
+        return fitting
+
     def _elapsed(self) -> float:
         """Seconds since the study began (its creation, whichever dispatcher made it)."""
         if self._started_at is None:  # read once: set when the study was made, never after
@@ -131,19 +152,45 @@ class Phases(Ledger):
 RECENT_TRIALS = 5
 
 
+def _refine_factor(spec: ArchitectureSearchSpec) -> float:
+    """Seconds of refine per second of an explored trial's epoch: ``refine.epochs``, in
+    waves of ``parallelism`` when ``topK`` exceeds it."""
+    refine = spec.training.refine
+    assert refine is not None
+    return refine.epochs * math.ceil(refine.top_k / spec.budget.parallelism)
+
+
+def refine_fits(spec: ArchitectureSearchSpec, rec: TrialRecord, left: float) -> bool:
+    """Whether retraining ``rec`` for refine, at the pace it explored, ends within
+    ``left`` seconds (a trial whose pace is unknown is given the benefit of the doubt)."""
+    epochs = rec.attrs.get(Attr.EPOCHS)
+    if not isinstance(epochs, int) or epochs <= 0 or rec.seconds <= 0:
+        return True
+    return rec.seconds / epochs * _refine_factor(spec) <= left
+
+
 def refine_seconds(
     spec: ArchitectureSearchSpec,
     epoch_seconds: list[float],
     explored_pace: list[tuple[float, float]],
+    left: float | None = None,
 ) -> float:
     """The refine trials' estimated time: ``topK`` trials of ``refine.epochs``, in waves of
-    ``parallelism``, at the pace the slowest of the current top ``topK`` trained."""
+    ``parallelism``, at the pace the slowest of the current top ``topK`` trained. With
+    ``left`` (seconds of ``budget.timeout`` left), the top ``topK`` of the trials whose
+    refine fits in it, as the refine phase would choose them (:meth:`Phases._fitting`);
+    infinite when none does."""
     refine = spec.training.refine
     assert refine is not None
+    factor = _refine_factor(spec)
     sign = -1.0 if spec.objective.study_direction == "maximize" else 1.0
+    if left is not None:
+        explored_pace = [p for p in explored_pace if p[1] * factor <= left]
+        if not explored_pace:
+            return math.inf
     top = sorted(explored_pace, key=lambda p: sign * p[0])[: refine.top_k]
     pace = max((pace for _, pace in top), default=max(epoch_seconds, default=0.0))
-    return pace * refine.epochs * math.ceil(refine.top_k / spec.budget.parallelism)
+    return pace * factor
 
 
 def exploration_closes(
@@ -162,8 +209,9 @@ def exploration_closes(
     explore trial in flight that would still end too late is stopped
     (:meth:`Phases._outlasts_refine`). Never before the sampler's start-up trials (and
     ``topK``) completed: refining the best of a few random trials is worth less than
-    exploring. When even the refine trials no longer fit (a slow model became the best
-    late), the search explores to the end instead, as without refine.
+    exploring. The refine trials counted are the best whose retraining fits in the time
+    left (a slow model that became the best late gives way to the best that fits); when
+    none fits any more, the search explores to the end, as without refine.
 
     ``epoch_seconds``: seconds per epoch of the explored trials that trained, in the
     order they ended; ``explored_pace``: (value, seconds per epoch) of the complete
@@ -175,11 +223,11 @@ def exploration_closes(
     if len(explored_pace) < max(refine.top_k, spec.sampler.n_startup_trials):
         return None  # too little explored for a best worth refining: explore on
     next_trial = max(epoch_seconds[-RECENT_TRIALS:]) * spec.training.epochs
-    refine_needs = refine_seconds(spec, epoch_seconds, explored_pace)
-    reserve = refine_needs + next_trial
     left = parse_duration(timeout) - elapsed()
-    if left > reserve or left < refine_needs:
-        return None  # time to explore more; or refine no longer fits: explore to the end
+    refine_needs = refine_seconds(spec, epoch_seconds, explored_pace, left)
+    reserve = refine_needs + next_trial
+    if left > reserve or math.isinf(refine_needs):
+        return None  # time to explore more; or no refine fits any more: explore to the end
     return (
         f"exploration closed at {elapsed():.0f} s of budget.timeout {timeout} to "
         f"leave about {reserve:.0f} s for refine ({refine_needs:.0f} s for the top "
