@@ -337,10 +337,16 @@ def mloptimizer_search(setup: Setup, seed: int, progress: str) -> Run:
     started = float(study.user_attrs[Attr.STARTED_AT])
     run = Run("mloptimizer", seed)
     within = []
-    refined = False
+    refined: list[str] = []
+    explored: dict[int, float | None] = {}
     for trial in study.get_trials(deepcopy=False):
         rec = record(trial)
-        refined |= rec.phase == "refine" and rec.state == "complete"
+        if rec.phase == "explore":
+            explored[rec.number] = rec.value
+        elif rec.state == "complete" and rec.value is not None and rec.refines is not None:
+            before = explored.get(rec.refines)
+            shown = f"{before:.4f}" if before is not None else "?"
+            refined.append(f"#{rec.refines} {shown} -> {rec.value:.4f}")
         if rec.state == "pruned":
             run.pruned += 1
         elif rec.state == "failed" and rec.interrupted:
@@ -357,7 +363,11 @@ def mloptimizer_search(setup: Setup, seed: int, progress: str) -> Run:
     run.points.sort(key=lambda p: p.seconds)
     best = best_of(within, "maximize")
     run.final = best.architecture if best is not None else None
-    run.note = "refine ran" if refined else "no refine (it did not fit in the budget)"
+    run.note = (
+        f"refine ran ({', '.join(refined)})"
+        if refined
+        else "no refine (it did not fit in the budget)"
+    )
     return run
 
 
@@ -957,6 +967,9 @@ def report(
                 f"{(f'{best.seconds / 60:.2f}' if best else '-'):>6} {test:>16}  "
                 f"{final}" + (f"; {run.note}" if run.note else "")
             )
+    if "mloptimizer" in tools:
+        ran = sum(run.note.startswith("refine ran") for run in runs["mloptimizer"])
+        print(f"MLOptimizer's refine phase ran in {ran}/{len(runs['mloptimizer'])} searches")
 
     # --- the curves ---
     marks = sorted({*np.arange(1.0, budget / 60, 1.0).tolist(), budget / 60})

@@ -482,6 +482,7 @@ def test_under_a_timeout_a_slow_best_gives_way_to_the_best_refine_that_fits(
     assert best is not None
     assert refined.refines != best.number  # the best was too slow to refine in time
     # pace and value both grow with the rate: no faster trial beat the one refined
+    assert refined.refines is not None
     chosen = explored[refined.refines]
     faster = [r.value or 0.0 for r in explored.values() if r.seconds <= chosen.seconds]
     assert chosen.value == max(faster)
