@@ -35,6 +35,7 @@ from mloptimizer.messages import (
     ResultMessage,
     TrialMessage,
 )
+from mloptimizer.sizing import input_shape, model_size
 from mloptimizer.space import sample_architecture
 from mloptimizer.spec import ArchitectureSearchSpec
 from mloptimizer.study import (
@@ -486,6 +487,46 @@ def test_under_a_timeout_a_slow_best_gives_way_to_the_best_refine_that_fits(
     chosen = explored[refined.refines]
     faster = [r.value or 0.0 for r in explored.values() if r.seconds <= chosen.seconds]
     assert chosen.value == max(faster)
+
+
+@pytest.mark.parametrize("seed", [6, 11, 12, 18])
+def test_under_a_timeout_a_trial_too_slow_to_end_before_refine_is_not_sent(
+    storage: str, seed: int
+) -> None:
+    """bench/vs_peers.py seed 4: a large model sampled late had not ended its first epoch
+    at the deadline, and held the only trainer refine needed (a trial stops only at an
+    epoch's end). Here an epoch's time grows with the model's multiply-adds, from 1 s to
+    about 4 minutes; the dispatcher knows a model's size before it sends it. Of sampler
+    seeds 1-20, these are the ones in which the dispatcher without that check refined
+    nothing."""
+    spec = make_spec(
+        budget={"maxTrials": 500, "parallelism": 1, "timeout": "10m"},
+        sampler={"seed": seed, "nStartupTrials": 3},
+        training={"epochs": 2, "refine": {"topK": 1, "epochs": 3}},
+    )
+    shape, classes = input_shape(spec)
+
+    def mflops(t: TrialMessage) -> float:
+        return model_size(t.architecture, shape, classes).mflops
+
+    study = open_study(spec, "ns.search", storage)
+    transport = TimedTransport(
+        pace=lambda t: 1.0 + 5.0 * mflops(t), measures=lambda t: {"mflops": mflops(t)}
+    )
+    study.set_user_attr(Attr.STARTED_AT, transport.now)
+    d = Dispatcher(study, spec, transport, search="ns.search", clock=transport.clock)
+    outcome = d.run()
+
+    trials = records(study)
+    [refined] = [r for r in trials if r.phase == "refine"]
+    assert refined.state == "complete"  # it ran to its end within the timeout
+    assert transport.now - 1_000_000.0 <= 600.0
+    assert outcome.reason == "timeout"
+    late = [r for r in trials if r.error is not None and r.error.startswith("late: ")]
+    assert late
+    assert all(r.interrupted for r in late)  # used no budget
+    assert not {r.trial_id for r in late} & {t.trial_id for t in transport.sent}
+    assert d.counts.explore_used == sum(r.phase == "explore" and r.counted for r in trials)
 
 
 def test_under_a_timeout_refine_waits_for_the_start_up_trials(storage: str) -> None:

@@ -31,6 +31,7 @@ from mloptimizer.dispatch.judgements import (
 from mloptimizer.dispatch.ledger import InFlight
 from mloptimizer.dispatch.phases import (
     end_outcome,
+    epoch_seconds_at,
     exploration_closes,
     refine_ranked,
     refine_seconds,
@@ -292,12 +293,12 @@ def test_exploration_closes_when_the_time_left_just_holds_refine() -> None:
     paces = [10.0, 10.0, 10.0]
     explored = [(0.9, 10.0), (0.8, 10.0), (0.7, 10.0)]
     # refine: 10 s x 6 epochs x 1 wave = 60 s; plus one explore trial, 30 s: reserve 90 s
-    assert exploration_closes(spec, paces, explored, lambda: 500.0) is None  # 100 s left
-    why = exploration_closes(spec, paces, explored, lambda: 520.0)  # 80 s left
+    assert exploration_closes(spec, paces, explored, lambda: 500.0, 3) is None  # 100 s left
+    why = exploration_closes(spec, paces, explored, lambda: 520.0, 3)  # 80 s left
     assert why is not None
     assert "leave about 90 s for refine" in why
     # when refine itself no longer fits, the search explores to the end
-    assert exploration_closes(spec, paces, explored, lambda: 560.0) is None  # 40 s left
+    assert exploration_closes(spec, paces, explored, lambda: 560.0, 3) is None  # 40 s left
 
 
 def test_the_next_explore_trial_is_judged_as_slow_as_the_slowest_recent_one() -> None:
@@ -306,8 +307,8 @@ def test_the_next_explore_trial_is_judged_as_slow_as_the_slowest_recent_one() ->
     # one of the last five trained at 30 s an epoch: a trial in flight may take 90 s, so
     # the reserve is 60 s of refine + 90 s, and exploration closes at 150 s left
     paces = [50.0, 10.0, 10.0, 30.0, 10.0, 10.0, 10.0]
-    assert exploration_closes(spec, paces, explored, lambda: 440.0) is None  # 160 s left
-    why = exploration_closes(spec, paces, explored, lambda: 460.0)  # 140 s left
+    assert exploration_closes(spec, paces, explored, lambda: 440.0, 3) is None  # 160 s left
+    why = exploration_closes(spec, paces, explored, lambda: 460.0, 3)  # 140 s left
     assert why is not None
     assert "leave about 150 s for refine (60 s for the top 2, 90 s" in why
     assert refine_seconds(spec, paces, explored) == 60.0
@@ -317,10 +318,34 @@ def test_the_next_explore_trial_is_judged_as_slow_as_the_slowest_recent_one() ->
 
 def test_exploration_never_closes_before_enough_trials_completed() -> None:
     spec = refine_spec()
-    assert exploration_closes(spec, [10.0], [(0.9, 10.0)], lambda: 520.0) is None
-    assert exploration_closes(spec, [], [], lambda: 520.0) is None
+    assert exploration_closes(spec, [10.0], [(0.9, 10.0)], lambda: 520.0, 5) is None
+    assert exploration_closes(spec, [], [], lambda: 520.0, 5) is None
     untimed = make_spec(training={"refine": {"topK": 1, "epochs": 6}})
-    assert exploration_closes(untimed, [10.0] * 3, [(0.9, 10.0)] * 3, lambda: 1e9) is None
+    assert exploration_closes(untimed, [10.0] * 3, [(0.9, 10.0)] * 3, lambda: 1e9, 3) is None
+
+
+def test_a_slow_start_up_trial_in_flight_does_not_keep_refine_out() -> None:
+    """The guard waits for the start-up trials to be asked for, not to complete: a slow
+    fifth one still training at the deadline kept refine out (bench/vs_peers.py)."""
+    spec = refine_spec(timeout="10m")
+    spec = spec.model_copy(
+        update={"sampler": spec.sampler.model_copy(update={"n_startup_trials": 5})}
+    )
+    paces, explored = [10.0] * 4, [(0.9, 10.0), (0.8, 10.0), (0.7, 10.0), (0.6, 10.0)]
+    assert exploration_closes(spec, paces, explored, lambda: 520.0, 4) is None  # 1 unasked
+    assert exploration_closes(spec, paces, explored, lambda: 520.0, 5) is not None
+    assert exploration_closes(spec, paces, explored[:1], lambda: 520.0, 5) is None  # < topK
+
+
+def test_an_epochs_time_is_read_off_the_trials_of_nearest_size() -> None:
+    trained = [(10.0, 3.0), (2.0, 2.0), (50.0, 11.0)]
+    assert epoch_seconds_at(6.0, []) is None
+    assert epoch_seconds_at(6.0, trained) == pytest.approx(2.5)  # between 2 and 10 MFLOPs
+    assert epoch_seconds_at(30.0, trained) == pytest.approx(7.0)
+    assert epoch_seconds_at(1.0, trained) == 2.0  # no faster than the smallest
+    # beyond the largest, in proportion: an epoch's fixed cost makes this an upper bound
+    assert epoch_seconds_at(100.0, trained) == pytest.approx(22.0)
+    assert epoch_seconds_at(100.0, [(5.0, 2.0), (5.0, 4.0)]) == pytest.approx(80.0)
 
 
 def test_refine_retrains_the_best_first_the_earliest_of_equal_values_first() -> None:

@@ -106,6 +106,7 @@ class Ledger:
         # under budget.timeout), and (value, s/epoch) of the complete feasible ones.
         self._epoch_seconds: list[float] = []
         self._explored_pace: list[tuple[float, float]] = []
+        self._size_pace: list[tuple[float, float]] = []  # (MFLOPs, s/epoch) of the same
 
     @property
     def running(self) -> int:
@@ -170,6 +171,9 @@ class Ledger:
         epochs = rec.attrs.get(Attr.EPOCHS)
         if rec.phase == "explore" and isinstance(epochs, int) and epochs > 0 and rec.seconds > 0:
             self._epoch_seconds.append(rec.seconds / epochs)
+            mflops = rec.attrs.get(Attr.MFLOPS)
+            if isinstance(mflops, int | float) and mflops > 0:
+                self._size_pace.append((float(mflops), rec.seconds / epochs))
             if rec.state == "complete" and rec.value is not None and rec.feasible:
                 self._explored_pace.append((rec.value, rec.seconds / epochs))
         if rec.state == "complete" and rec.value is not None and rec.feasible:
@@ -207,15 +211,21 @@ class Ledger:
                 raise
             log.exception("could not fail trial %d either", flight.message.number)
 
-    def _fail_unsent(self, trial: optuna.trial.Trial, rec: TrialRecord, why: str) -> None:
-        """Fail a trial whose model cannot fit a trainer, without sending it (``too_large``)."""
+    def _fail_unsent(
+        self, trial: optuna.trial.Trial, rec: TrialRecord, why: str, *, late: bool = False
+    ) -> None:
+        """Fail a trial without sending it: its model cannot fit a trainer (``too_large``),
+        or (``late``) it would end too late to be worth starting, which uses no budget."""
         assert rec.architecture is not None
-        architecture = rec.architecture.model_dump(mode="json")
-        attrs = {Attr.ARCHITECTURE: architecture, Attr.TOO_LARGE: True}
-        end_trial(self.study, trial, why, attrs=attrs)
+        attrs: dict[str, object] = {Attr.ARCHITECTURE: rec.architecture.model_dump(mode="json")}
+        if not late:
+            attrs[Attr.TOO_LARGE] = True
+        end_trial(self.study, trial, why, attrs=attrs, interrupted=late)
         self._told.add(trial_id_of(trial))
+        if late and rec.phase == "explore":
+            self.counts.explore_used -= 1  # counted when asked for; an interrupted one is not
         done = dataclasses.replace(
-            rec, state="failed", error=why, attrs={**rec.attrs, Attr.TOO_LARGE: True}
+            rec, state="failed", error=why, interrupted=late, attrs={**rec.attrs, **attrs}
         )
         log.info("trial %d not sent: %s", trial.number, why)
         self._count_finished(done)

@@ -222,10 +222,7 @@ class Dispatcher(Phases):
         if architecture.family != "custom":  # a custom model: its trainer measures it
             shape, classes = input_shape(self.spec)
             size = model_size(architecture, shape, classes)
-            batch_size = self.spec.training.batch_size
-            too_large = judgements.too_large(size, batch_size, self.memory_budget)
-            if too_large is not None:
-                self._fail_unsent(trial, rec, too_large)
+            if self._held_back(trial, rec, size, self.memory_budget):
                 return
             violations, why = judgements.violations(
                 self.spec.objective.constraints, size.parameters, size.mflops, None, trained=False

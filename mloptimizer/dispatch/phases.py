@@ -16,8 +16,10 @@ from typing import Literal
 
 import optuna
 
+from mloptimizer.dispatch import judgements
 from mloptimizer.dispatch.contract import Counts, Outcome
 from mloptimizer.dispatch.ledger import InFlight, Ledger
+from mloptimizer.sizing import ModelSize
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
 from mloptimizer.study import Attr, TrialRecord, best_of, pareto_front, records
 
@@ -25,6 +27,7 @@ __all__ = [
     "RECENT_TRIALS",
     "Phases",
     "end_outcome",
+    "epoch_seconds_at",
     "exploration_closes",
     "refine_fits",
     "refine_ranked",
@@ -44,6 +47,7 @@ class Phases(Ledger):
         super().__init__(study, spec, clock)
         self.explore_closed: str | None = None  # why exploration closed early for refine
         self._started_at: float | None = None  # the study's start (Unix time)
+        self._late_in_a_row = 0  # explore trials sampled in a row that would end too late
 
     def _explore_left(self) -> int:
         return self.spec.budget.max_trials - self.counts.explore_used
@@ -62,11 +66,65 @@ class Phases(Ledger):
         (:func:`~mloptimizer.dispatch.phases.exploration_closes`); once true, it stays."""
         if self.explore_closed is None:
             self.explore_closed = exploration_closes(
-                self.spec, self._epoch_seconds, self._explored_pace, self._elapsed
+                self.spec,
+                self._epoch_seconds,
+                self._explored_pace,
+                self._elapsed,
+                self.counts.explore_used,
             )
             if self.explore_closed is not None:
                 log.info("%s", self.explore_closed)
         return self.explore_closed is not None
+
+    def _held_back(
+        self,
+        trial: optuna.trial.Trial,
+        rec: TrialRecord,
+        size: ModelSize,
+        memory_budget: int | None,
+    ) -> bool:
+        """Whether a trial just sampled is failed unsent: its model cannot fit a trainer's
+        ``memory_budget`` (``too_large``), or it would end too late (:meth:`_too_late`)."""
+        too_large = judgements.too_large(size, self.spec.training.batch_size, memory_budget)
+        if too_large is not None:
+            self._fail_unsent(trial, rec, too_large)
+            return True
+        return self._too_late(trial, rec, size.mflops)
+
+    def _too_late(self, trial: optuna.trial.Trial, rec: TrialRecord, mflops: float) -> bool:
+        """Whether an explore trial just sampled would end after refine must start under
+        ``budget.timeout``, at the pace of the trials of its size that trained
+        (:func:`epoch_seconds_at`): it is then not sent, and uses no budget. A trial can
+        only be stopped at an epoch's end, so one sent with too little time would hold a
+        trainer past the moment refine needs it. After :data:`RECENT_TRIALS` such samples
+        in a row, exploration closes."""
+        timeout = self.spec.budget.timeout
+        if rec.phase != "explore" or timeout is None or self.spec.training.refine is None:
+            return False
+        per_epoch = epoch_seconds_at(mflops, self._size_pace)
+        left = parse_duration(timeout) - self._elapsed()
+        needs = refine_seconds(self.spec, self._epoch_seconds, self._explored_pace, left)
+        takes = (per_epoch or 0.0) * self.spec.training.epochs
+        if per_epoch is None or math.isinf(needs) or takes <= left - needs:
+            self._late_in_a_row = 0
+            return False
+        self._late_in_a_row += 1
+        self._fail_unsent(
+            trial,
+            rec,
+            f"late: about {takes:.0f} s ({self.spec.training.epochs} epochs of a "
+            f"{mflops:.0f}-MFLOPs model at the pace of those that trained); refine must "
+            f"start in {max(0.0, left - needs):.0f} s",
+            late=True,
+        )
+        if self._late_in_a_row >= RECENT_TRIALS and self.explore_closed is None:
+            self.explore_closed = (
+                f"exploration closed at {self._elapsed():.0f} s of budget.timeout {timeout}: "
+                f"the last {RECENT_TRIALS} trials sampled would each end after refine must "
+                f"start ({needs:.0f} s for the top {self.spec.training.refine.top_k})"
+            )
+            log.info("%s", self.explore_closed)
+        return True
 
     def _outlasts_refine(self, flight: InFlight, epoch: int) -> bool:
         """Whether an explore trial still training after exploration closed would end too
@@ -152,6 +210,24 @@ class Phases(Ledger):
 RECENT_TRIALS = 5
 
 
+def epoch_seconds_at(mflops: float, trained: list[tuple[float, float]]) -> float | None:
+    """Seconds an epoch of a model of ``mflops`` is likely to take, from (MFLOPs, seconds
+    per epoch) of the trials that trained: between the two of nearest size, on the line
+    through them; beyond the largest, in proportion to it (an epoch's time is a fixed
+    cost plus one per multiply-add, so this errs long, never short); below the smallest,
+    its time. None before any trained."""
+    points = sorted((m, sec) for m, sec in trained if m > 0 and sec > 0)
+    if not points or mflops <= 0:
+        return None
+    if mflops >= points[-1][0]:
+        return points[-1][1] * mflops / points[-1][0]
+    if mflops <= points[0][0]:
+        return points[0][1]
+    above = next(i for i, (m, _) in enumerate(points) if m >= mflops)
+    (m0, s0), (m1, s1) = points[above - 1], points[above]
+    return s0 + (s1 - s0) * (mflops - m0) / (m1 - m0) if m1 > m0 else s1
+
+
 def _refine_factor(spec: ArchitectureSearchSpec) -> float:
     """Seconds of refine per second of an explored trial's epoch: ``refine.epochs``, in
     waves of ``parallelism`` when ``topK`` exceeds it."""
@@ -198,6 +274,7 @@ def exploration_closes(
     epoch_seconds: list[float],
     explored_pace: list[tuple[float, float]],
     elapsed: Callable[[], float],
+    asked: int,
 ) -> str | None:
     """Why exploring on would leave too little of ``budget.timeout`` for refine, or None.
 
@@ -207,20 +284,23 @@ def exploration_closes(
     trial's, estimated pessimistically (the slowest pace of the last
     :data:`RECENT_TRIALS`): a trial started just before closing must end in time. An
     explore trial in flight that would still end too late is stopped
-    (:meth:`Phases._outlasts_refine`). Never before the sampler's start-up trials (and
-    ``topK``) completed: refining the best of a few random trials is worth less than
-    exploring. The refine trials counted are the best whose retraining fits in the time
-    left (a slow model that became the best late gives way to the best that fits); when
-    none fits any more, the search explores to the end, as without refine.
+    (:meth:`Phases._outlasts_refine`), and one sampled that would is not sent
+    (:meth:`Phases._too_late`). Never before the sampler's start-up trials were asked for
+    and ``topK`` completed: refining the best of a few random trials is worth less than
+    exploring; but a slow start-up trial still training must not keep refine out. The
+    refine trials counted are the best whose retraining fits in the time left (a slow
+    model that became the best late gives way to the best that fits); when none fits any
+    more, the search explores to the end, as without refine.
 
     ``epoch_seconds``: seconds per epoch of the explored trials that trained, in the
     order they ended; ``explored_pace``: (value, seconds per epoch) of the complete
-    feasible ones; ``elapsed``: seconds since the study began.
+    feasible ones; ``elapsed``: seconds since the study began; ``asked``: explore trials
+    asked of the sampler.
     """
     refine, timeout = spec.training.refine, spec.budget.timeout
     if refine is None or timeout is None or not epoch_seconds:
         return None
-    if len(explored_pace) < max(refine.top_k, spec.sampler.n_startup_trials):
+    if len(explored_pace) < refine.top_k or asked < spec.sampler.n_startup_trials:
         return None  # too little explored for a best worth refining: explore on
     next_trial = max(epoch_seconds[-RECENT_TRIALS:]) * spec.training.epochs
     left = parse_duration(timeout) - elapsed()
