@@ -74,6 +74,7 @@ class Attr:
     REDONE_USD = "redone_usd"  # ... and what they cost
     SAVED_USD = "saved_usd"  # epochs resumed attempts did not train again, in dollars
     SECONDS = "train_seconds"
+    EPOCH_SECONDS = "epoch_seconds"  # an epoch's time after the first: no start-up costs
     EPOCHS = "epochs_run"
     VAL_ACCURACY = "val_accuracy"
     VAL_LOSS = "val_loss"

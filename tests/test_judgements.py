@@ -28,7 +28,7 @@ from mloptimizer.dispatch.judgements import (
     violations,
     worst_value,
 )
-from mloptimizer.dispatch.ledger import InFlight
+from mloptimizer.dispatch.ledger import InFlight, epoch_pace
 from mloptimizer.dispatch.phases import (
     end_outcome,
     epoch_seconds_at,
@@ -342,7 +342,8 @@ def test_an_epochs_time_is_read_off_the_trials_of_nearest_size() -> None:
     assert epoch_seconds_at(6.0, []) is None
     assert epoch_seconds_at(6.0, trained) == pytest.approx(2.5)  # between 2 and 10 MFLOPs
     assert epoch_seconds_at(30.0, trained) == pytest.approx(7.0)
-    assert epoch_seconds_at(1.0, trained) == 2.0  # no faster than the smallest
+    # below the smallest, halfway between its time and in proportion (fixed cost unknown)
+    assert epoch_seconds_at(0.5, trained) == pytest.approx(1.0)
     # beyond the largest, in proportion: an epoch's fixed cost makes this an upper bound
     assert epoch_seconds_at(100.0, trained) == pytest.approx(22.0)
     assert epoch_seconds_at(100.0, [(5.0, 2.0), (5.0, 4.0)]) == pytest.approx(80.0)
@@ -385,6 +386,26 @@ def flight(trial_id: int, *, heard: bool, at: float, retries: int = 0) -> InFlig
         last_heard=at,
         heard=heard,
     )
+
+
+def test_an_epochs_time_leaves_out_what_only_the_first_epoch_pays() -> None:
+    """bench/vs_peers.py seed 5: a trainer's first trial took 79 s for 2 epochs, most of it
+    warm-up; read as 40 s an epoch, every model after it looked too slow to explore."""
+    f = flight(1, heard=False, at=0.0)
+    deadlines = Deadlines(stale_after=None, first_progress_grace=900.0, max_retries=2)
+    for epoch, at in ((1, 50.0), (2, 62.0), (3, 74.0)):
+        deadlines.heard(f, at)
+        f.told(1, epoch, replay=False)
+    assert f.epoch_seconds() == 12.0
+    f.told(2, 2, replay=True)  # a checkpoint's epoch, told again: not a new measure
+    assert f.epoch_seconds() == 12.0
+    one = flight(2, heard=False, at=0.0)
+    one.told(1, 1, replay=False)
+    assert one.epoch_seconds() is None
+    attrs = {Attr.EPOCHS: 3, Attr.EPOCH_SECONDS: 12.0}
+    assert epoch_pace(rec(1, 0.9, seconds=74.0, attrs=attrs)) == 12.0
+    assert epoch_pace(rec(1, 0.9, seconds=74.0, attrs={Attr.EPOCHS: 2})) == 37.0
+    assert epoch_pace(rec(1, None, state="failed", attrs={})) is None
 
 
 def test_a_trial_silent_since_its_last_progress_is_stale() -> None:

@@ -37,7 +37,7 @@ from mloptimizer.study import (
     trial_id_of,
 )
 
-__all__ = ["InFlight", "Ledger"]
+__all__ = ["InFlight", "Ledger", "epoch_pace"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class InFlight:
     trained: set[tuple[int, int]] = field(default_factory=set)  # (attempt, epoch) trained
     replayed: dict[int, int] = field(default_factory=dict)  # attempt: checkpoint epoch
     taken_at: float | None = None  # when the trials queue was first seen without it
+    heard_at: dict[int, float] = field(default_factory=dict)  # epoch: when it was told
 
     def told(self, attempt: int, epoch: int, replay: bool) -> None:
         """Note an epoch a trainer told: how far the trial got, and what each attempt
@@ -68,6 +69,16 @@ class InFlight:
             self.replayed[attempt] = epoch
         else:
             self.trained.add((attempt, epoch))
+            self.heard_at[epoch] = self.last_heard
+
+    def epoch_seconds(self) -> float | None:
+        """An epoch's time from the first epoch told to the last: without what only the
+        first pays (a trainer's warm-up, the dataset's load, building the model), which
+        would make every later estimate too long. None before two epochs were told."""
+        if len(self.heard_at) < 2:
+            return None
+        first, last = min(self.heard_at), max(self.heard_at)
+        return (self.heard_at[last] - self.heard_at[first]) / (last - first)
 
     def goes_on(self, exhausted: bool) -> bool:
         """Its delivery limit ran out (every delivery's trainer went away, ``exhausted``):
@@ -86,6 +97,17 @@ class InFlight:
         if exhausted and self.revivals:
             why += f"; sent {self.revivals + 1} times, it never got past epoch {self.furthest}"
         return why
+
+
+def epoch_pace(rec: TrialRecord) -> float | None:
+    """Seconds an epoch of a trained trial took: after its first epoch when it trained more
+    (:meth:`InFlight.epoch_seconds`), else its whole time over its epochs; None untrained."""
+    steady, epochs = rec.attrs.get(Attr.EPOCH_SECONDS), rec.attrs.get(Attr.EPOCHS)
+    if isinstance(steady, int | float) and steady > 0:
+        return float(steady)
+    if isinstance(epochs, int) and epochs > 0 and rec.seconds > 0:
+        return rec.seconds / epochs
+    return None
 
 
 class Ledger:
@@ -168,14 +190,14 @@ class Ledger:
         c.cost_usd += rec.cost_usd
         if rec.finished and rec.counted:
             c.history.append(rec)
-        epochs = rec.attrs.get(Attr.EPOCHS)
-        if rec.phase == "explore" and isinstance(epochs, int) and epochs > 0 and rec.seconds > 0:
-            self._epoch_seconds.append(rec.seconds / epochs)
+        pace = epoch_pace(rec)
+        if rec.phase == "explore" and pace is not None:
+            self._epoch_seconds.append(pace)
             mflops = rec.attrs.get(Attr.MFLOPS)
             if isinstance(mflops, int | float) and mflops > 0:
-                self._size_pace.append((float(mflops), rec.seconds / epochs))
+                self._size_pace.append((float(mflops), pace))
             if rec.state == "complete" and rec.value is not None and rec.feasible:
-                self._explored_pace.append((rec.value, rec.seconds / epochs))
+                self._explored_pace.append((rec.value, pace))
         if rec.state == "complete" and rec.value is not None and rec.feasible:
             candidates = [rec] if c.best is None else [rec, c.best]
             c.best = best_of(candidates, self._direction, self.spec.objective.tradeoff)
@@ -322,6 +344,8 @@ class Ledger:
         price /= self.spec.workers.cost_share(message.gpu_share)  # trainers sharing a GPU
         earlier = judgements.EarlierAttempts.of(flight.trained, flight.replayed, message.attempt)
         result = judgements.result_attrs(message, price, objective.metric, earlier)
+        if (epoch_seconds := flight.epoch_seconds()) is not None:
+            result[Attr.EPOCH_SECONDS] = epoch_seconds
         trial.set_user_attr(Attr.RESULT, result)  # one write: each is a database round trip
         infeasible: dict[str, object] = {}
         if message.state in ("complete", "pruned") and objective.constraints:

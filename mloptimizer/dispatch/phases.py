@@ -18,7 +18,7 @@ import optuna
 
 from mloptimizer.dispatch import judgements
 from mloptimizer.dispatch.contract import Counts, Outcome
-from mloptimizer.dispatch.ledger import InFlight, Ledger
+from mloptimizer.dispatch.ledger import InFlight, Ledger, epoch_pace
 from mloptimizer.sizing import ModelSize
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
 from mloptimizer.study import Attr, TrialRecord, best_of, pareto_front, records
@@ -215,14 +215,15 @@ def epoch_seconds_at(mflops: float, trained: list[tuple[float, float]]) -> float
     per epoch) of the trials that trained: between the two of nearest size, on the line
     through them; beyond the largest, in proportion to it (an epoch's time is a fixed
     cost plus one per multiply-add, so this errs long, never short); below the smallest,
-    its time. None before any trained."""
+    by the square root of the ratio, halfway (on a log scale) between its time and in
+    proportion: the fixed cost is not known. None before any trained."""
     points = sorted((m, sec) for m, sec in trained if m > 0 and sec > 0)
     if not points or mflops <= 0:
         return None
     if mflops >= points[-1][0]:
         return points[-1][1] * mflops / points[-1][0]
     if mflops <= points[0][0]:
-        return points[0][1]
+        return points[0][1] * math.sqrt(mflops / points[0][0])
     above = next(i for i, (m, _) in enumerate(points) if m >= mflops)
     (m0, s0), (m1, s1) = points[above - 1], points[above]
     return s0 + (s1 - s0) * (mflops - m0) / (m1 - m0) if m1 > m0 else s1
@@ -239,10 +240,8 @@ def _refine_factor(spec: ArchitectureSearchSpec) -> float:
 def refine_fits(spec: ArchitectureSearchSpec, rec: TrialRecord, left: float) -> bool:
     """Whether retraining ``rec`` for refine, at the pace it explored, ends within
     ``left`` seconds (a trial whose pace is unknown is given the benefit of the doubt)."""
-    epochs = rec.attrs.get(Attr.EPOCHS)
-    if not isinstance(epochs, int) or epochs <= 0 or rec.seconds <= 0:
-        return True
-    return rec.seconds / epochs * _refine_factor(spec) <= left
+    pace = epoch_pace(rec)
+    return pace is None or pace * _refine_factor(spec) <= left
 
 
 def refine_seconds(
