@@ -367,9 +367,13 @@ def test_the_end_says_what_was_explored_and_the_best() -> None:
     assert outcome.message == "5 trials explored; best trial 3: val_accuracy 0.8750"
     assert "no feasible trial completed" in end_outcome(spec, Counts(infeasible=2), None).message
     assert "no trial completed" in end_outcome(spec, Counts(), None).message
-    closed = end_outcome(spec, Counts(explore_used=5, best=best), "closed")
+    refined = rec(6, 0.9, phase="refine")
+    closed = end_outcome(spec, Counts(explore_used=5, best=best, history=[best, refined]), "x")
     assert closed.reason == "timeout"
     assert closed.message.startswith("5 trials explored, then refined within budget.timeout 10m")
+    # bench/vs_peers.py: exploration closed, but the trial in flight outlasted its estimate
+    cut = end_outcome(spec, Counts(explore_used=5, best=best, history=[best]), "x")
+    assert cut.message.startswith("5 trials explored, then no refine ended within budget.timeout")
 
 
 # --- deadlines -------------------------------------------------------------------------

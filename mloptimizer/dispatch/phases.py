@@ -348,9 +348,12 @@ def end_outcome(
             if c.best is not None and c.best.value is not None
             else "no trial completed"
         )
+        # a refine trial can still be cut, by an explore trial that outlasted its estimate
+        refined = any(r.phase == "refine" and r.state == "complete" for r in c.history)
+        then = "then refined within" if refined else "then no refine ended within"
         return Outcome(
             "timeout",
-            f"{c.explore_used} trials explored, then refined within budget.timeout "
+            f"{c.explore_used} trials explored, {then} budget.timeout "
             f"{spec.budget.timeout}; {best}",
             failed=False,
         )
