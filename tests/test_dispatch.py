@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from services import fresh_postgres_database
 
 from mloptimizer.app.runner import ProgressDisplay
-from mloptimizer.dispatch import DeadTrial, Dispatcher, Inbound
+from mloptimizer.dispatch import DeadTrial, Dispatcher, Inbound, Outcome
 from mloptimizer.loading import parse_search
 from mloptimizer.messages import (
     BUILDER_UNAVAILABLE,
@@ -490,6 +490,28 @@ def test_under_a_timeout_a_slow_best_gives_way_to_the_best_refine_that_fits(
     assert chosen.value == max(faster)
 
 
+def sized_run(
+    spec: ArchitectureSearchSpec, storage: str, *, seconds_per_mflop: float, warmup: float = 0.0
+) -> tuple[Dispatcher, TimedTransport, Outcome]:
+    """Run ``spec`` on the simulated clock, an epoch taking 1 s plus ``seconds_per_mflop``
+    per million multiply-adds of the model, which each result reports (as trainers do);
+    the first trial's first epoch takes ``warmup`` more."""
+    shape, classes = input_shape(spec)
+
+    def mflops(t: TrialMessage) -> float:
+        return model_size(t.architecture, shape, classes).mflops
+
+    study = open_study(spec, "ns.search", storage)
+    transport = TimedTransport(
+        pace=lambda t: 1.0 + seconds_per_mflop * mflops(t),
+        measures=lambda t: {"mflops": mflops(t)},
+        warmup=warmup,
+    )
+    study.set_user_attr(Attr.STARTED_AT, transport.now)
+    d = Dispatcher(study, spec, transport, search="ns.search", clock=transport.clock)
+    return d, transport, d.run()
+
+
 @pytest.mark.parametrize("seed", [6, 11, 12, 18])
 def test_under_a_timeout_a_trial_too_slow_to_end_before_refine_is_not_sent(
     storage: str, seed: int
@@ -505,20 +527,9 @@ def test_under_a_timeout_a_trial_too_slow_to_end_before_refine_is_not_sent(
         sampler={"seed": seed, "nStartupTrials": 3},
         training={"epochs": 2, "refine": {"topK": 1, "epochs": 3}},
     )
-    shape, classes = input_shape(spec)
+    d, transport, outcome = sized_run(spec, storage, seconds_per_mflop=5.0)
 
-    def mflops(t: TrialMessage) -> float:
-        return model_size(t.architecture, shape, classes).mflops
-
-    study = open_study(spec, "ns.search", storage)
-    transport = TimedTransport(
-        pace=lambda t: 1.0 + 5.0 * mflops(t), measures=lambda t: {"mflops": mflops(t)}
-    )
-    study.set_user_attr(Attr.STARTED_AT, transport.now)
-    d = Dispatcher(study, spec, transport, search="ns.search", clock=transport.clock)
-    outcome = d.run()
-
-    trials = records(study)
+    trials = records(d.study)
     [refined] = [r for r in trials if r.phase == "refine"]
     assert refined.state == "complete"  # it ran to its end within the timeout
     assert transport.now - 1_000_000.0 <= 600.0
@@ -543,21 +554,9 @@ def test_a_trainers_warm_up_does_not_make_every_model_look_too_slow(
         sampler={"seed": seed, "nStartupTrials": 5},
         training={"epochs": 2, "refine": {"topK": 1, "epochs": 4}},
     )
-    shape, classes = input_shape(spec)
+    d, _, _ = sized_run(spec, storage, seconds_per_mflop=0.5, warmup=60.0)
 
-    def mflops(t: TrialMessage) -> float:
-        return model_size(t.architecture, shape, classes).mflops
-
-    study = open_study(spec, "ns.search", storage)
-    transport = TimedTransport(
-        pace=lambda t: 1.0 + 0.5 * mflops(t), measures=lambda t: {"mflops": mflops(t)}
-    )
-    transport.warmup = 60.0
-    study.set_user_attr(Attr.STARTED_AT, transport.now)
-    d = Dispatcher(study, spec, transport, search="ns.search", clock=transport.clock)
-    d.run()
-
-    trials = records(study)
+    trials = records(d.study)
     explored = [r for r in trials if r.phase == "explore" and r.state == "complete"]
     assert len(explored) >= 5  # the start-up trials, at least
     [refined] = [r for r in trials if r.phase == "refine"]

@@ -102,8 +102,7 @@ class Phases(Ledger):
         if rec.phase != "explore" or timeout is None or self.spec.training.refine is None:
             return False
         per_epoch = epoch_seconds_at(mflops, self._size_pace)
-        left = parse_duration(timeout) - self._elapsed()
-        needs = refine_seconds(self.spec, self._epoch_seconds, self._explored_pace, left)
+        left, needs = self._left_and_refine()
         takes = (per_epoch or 0.0) * self.spec.training.epochs
         if per_epoch is None or math.isinf(needs) or takes <= left - needs:
             self._late_in_a_row = 0
@@ -136,8 +135,7 @@ class Phases(Ledger):
             return False
         began = flight.taken_at if flight.taken_at is not None else flight.sent_at
         finishing = (flight.message.epochs - epoch) * (self.clock() - began) / epoch
-        left = parse_duration(self.spec.budget.timeout) - self._elapsed()
-        needs = refine_seconds(self.spec, self._epoch_seconds, self._explored_pace, left)
+        left, needs = self._left_and_refine()
         if finishing <= left - needs or math.isinf(needs):  # nothing to make room for
             return False
         log.info(
@@ -194,6 +192,13 @@ class Phases(Ledger):
                 f"the best that fit (trial {kept.number} first)" if kept else "none",
             )
         return fitting
+
+    def _left_and_refine(self) -> tuple[float, float]:
+        """Seconds of ``budget.timeout`` left, and what refine needs of them
+        (:func:`refine_seconds`, infinite when no refine fits)."""
+        assert self.spec.budget.timeout is not None
+        left = parse_duration(self.spec.budget.timeout) - self._elapsed()
+        return left, refine_seconds(self.spec, self._epoch_seconds, self._explored_pace, left)
 
     def _elapsed(self) -> float:
         """Seconds since the study began (its creation, whichever dispatcher made it)."""
