@@ -491,19 +491,29 @@ def test_under_a_timeout_a_slow_best_gives_way_to_the_best_refine_that_fits(
 
 
 def sized_run(
-    spec: ArchitectureSearchSpec, storage: str, *, seconds_per_mflop: float, warmup: float = 0.0
+    spec: ArchitectureSearchSpec,
+    storage: str,
+    *,
+    seconds_per_mflop: float,
+    warmup: float = 0.0,
+    family_cost: dict[str, float] | None = None,
 ) -> tuple[Dispatcher, TimedTransport, Outcome]:
     """Run ``spec`` on the simulated clock, an epoch taking 1 s plus ``seconds_per_mflop``
-    per million multiply-adds of the model, which each result reports (as trainers do);
-    the first trial's first epoch takes ``warmup`` more."""
+    per million multiply-adds of the model (times its family's ``family_cost``, 1 unless
+    given), which each result reports (as trainers do); the first trial's first epoch
+    takes ``warmup`` more."""
     shape, classes = input_shape(spec)
+    cost = family_cost or {}
 
     def mflops(t: TrialMessage) -> float:
         return model_size(t.architecture, shape, classes).mflops
 
+    def pace(t: TrialMessage) -> float:
+        return 1.0 + seconds_per_mflop * cost.get(t.architecture.family, 1.0) * mflops(t)
+
     study = open_study(spec, "ns.search", storage)
     transport = TimedTransport(
-        pace=lambda t: 1.0 + seconds_per_mflop * mflops(t),
+        pace=pace,
         measures=lambda t: {"mflops": mflops(t)},
         warmup=warmup,
     )
@@ -539,6 +549,36 @@ def test_under_a_timeout_a_trial_too_slow_to_end_before_refine_is_not_sent(
     assert all(r.interrupted for r in late)  # used no budget
     assert not {r.trial_id for r in late} & {t.trial_id for t in transport.sent}
     assert d.counts.explore_used == sum(r.phase == "explore" and r.counted for r in trials)
+
+
+@pytest.mark.parametrize("seed", [9, 18, 19])
+def test_a_family_none_trained_yet_is_not_judged_at_the_others_pace(
+    storage: str, seed: int
+) -> None:
+    """bench/vs_peers.py seed 5: the last explore trial, an Inception model estimated from
+    the trials that trained (by multiply-adds, whatever their family) to end in time, took
+    91 s, and no refine fitted after it. Here an Inception epoch costs three times a plain
+    CNN's per multiply-add. Of sampler seeds 1-20, these are those in which the estimate
+    blind to families let a trial hold the only trainer past the moment refine needed it
+    (seed 9 ran to 990 s of a 600 s timeout); at its family's own pace, or twice the
+    others' for a family none of whose trials trained yet, every one of them refines."""
+    spec = make_spec(
+        budget={"maxTrials": 500, "parallelism": 1, "timeout": "10m"},
+        sampler={"seed": seed, "nStartupTrials": 3},
+        training={"epochs": 2, "refine": {"topK": 1, "epochs": 3}},
+        searchSpace={"architectures": ["cnn", "inception"]},
+    )
+    d, transport, outcome = sized_run(
+        spec, storage, seconds_per_mflop=1.5, family_cost={"inception": 3.0}
+    )
+
+    trials = records(d.study)
+    [refined] = [r for r in trials if r.phase == "refine"]
+    assert refined.state == "complete"
+    assert transport.now - 1_000_000.0 <= 600.0
+    assert outcome.reason == "timeout"
+    families = {r.params["family"] for r in trials if r.phase == "explore" and r.value}
+    assert families == {"cnn", "inception"}  # both trained: each read at its own pace
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

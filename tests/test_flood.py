@@ -89,9 +89,9 @@ def broker_bound() -> None:
     )
 
 
-def fake_trainer(search: Search, stop: threading.Event) -> None:
+def fake_trainer(search: Search, stop: threading.Event, answered: list[int]) -> None:
     """A trainer of ``search`` in raw pika: each trial taken is answered with its result,
-    through the search's inbox exchange."""
+    through the search's inbox exchange (its number appended to ``answered``)."""
     connection = pika.BlockingConnection(pika.URLParameters(search.trainer_url))
     channel = connection.channel()
     channel.basic_qos(prefetch_count=1)
@@ -106,6 +106,7 @@ def fake_trainer(search: Search, stop: threading.Event) -> None:
             search.names.inbox, search.names.results, encode(result_of(trial)), PERSISTENT
         )
         channel.basic_ack(method.delivery_tag)
+        answered.append(trial.trial_id)
     connection.close()
 
 
@@ -127,6 +128,10 @@ def flood(search: Search, sent: list[float]) -> None:
     connection.close()
 
 
+@pytest.mark.alone(
+    "floods the shared broker with 312 MiB and times another search's trials beside it: "
+    "a loaded machine's slowness would read as starvation (twice, in CI, a round took 60 s)"
+)
 @pytest.mark.usefixtures("broker_bound")
 async def test_a_flooded_search_holds_the_dispatcher_to_its_prefetch_and_others_go_on(
     searches: tuple[Search, Search], tmp_path: Path
@@ -141,10 +146,11 @@ async def test_a_flooded_search_holds_the_dispatcher_to_its_prefetch_and_others_
     )  # fmt: skip
     stop = threading.Event()
     sent: list[float] = []
+    answered: list[int] = []  # the neighbour's trials its trainer answered
     try:
         assert dispatcher.stdout is not None
         baseline = int(dispatcher.stdout.readline().split()[1])
-        trainer = threading.Thread(target=fake_trainer, args=(neighbour, stop))
+        trainer = threading.Thread(target=fake_trainer, args=(neighbour, stop, answered))
         trainer.start()
         flooding = asyncio.create_task(asyncio.to_thread(flood, flooded, sent))
         # The neighbour's trials go round (trial out, result back) while the flood runs.
@@ -157,7 +163,11 @@ async def test_a_flooded_search_holds_the_dispatcher_to_its_prefetch_and_others_
             while not (got := [i.message for i in transport.receive(0.05)]):
                 # starved, it would never come back; under a loaded CI machine one round
                 # once took over 10 s (alone: 0.05 s), so the bound is for starvation only
-                assert time.monotonic() - started < 60, "the neighbour's trial did not come back"
+                assert time.monotonic() - started < 60, (
+                    f"the neighbour's trial {number} did not come back: its trainer answered "
+                    f"{answered[-3:]} and is {'alive' if trainer.is_alive() else 'dead'}; "
+                    f"{len(sent)} of {FLOOD} flood messages sent"
+                )
             assert isinstance(got[0], ResultMessage)
             assert got[0].trial_id == number
             rounds.append(time.monotonic() - started)

@@ -30,8 +30,10 @@ from mloptimizer.dispatch.judgements import (
 )
 from mloptimizer.dispatch.ledger import InFlight, epoch_pace
 from mloptimizer.dispatch.phases import (
+    UNSEEN_FAMILY_MARGIN,
     end_outcome,
     epoch_seconds_at,
+    epoch_seconds_of,
     exploration_closes,
     refine_ranked,
     refine_seconds,
@@ -347,6 +349,19 @@ def test_an_epochs_time_is_read_off_the_trials_of_nearest_size() -> None:
     # beyond the largest, in proportion: an epoch's fixed cost makes this an upper bound
     assert epoch_seconds_at(100.0, trained) == pytest.approx(22.0)
     assert epoch_seconds_at(100.0, [(5.0, 2.0), (5.0, 4.0)]) == pytest.approx(80.0)
+
+
+def test_an_epochs_time_is_read_off_its_own_family_or_twice_the_others() -> None:
+    trained = [("cnn", 10.0, 3.0), ("cnn", 2.0, 2.0), ("inception", 10.0, 9.0)]
+    assert epoch_seconds_of("cnn", 6.0, []) is None
+    assert epoch_seconds_of("cnn", 6.0, trained) == pytest.approx(2.5)
+    assert epoch_seconds_of("inception", 20.0, trained) == pytest.approx(18.0)
+    # a family none trained: all of them, twice over (an estimate erring short costs refine)
+    assert epoch_seconds_of("mobilenet", 6.0, trained) == pytest.approx(
+        UNSEEN_FAMILY_MARGIN * epoch_seconds_at(6.0, [(10.0, 3.0), (2.0, 2.0), (10.0, 9.0)])
+    )
+    # a user's own model has no family of ours: one family
+    assert epoch_seconds_of(None, 4.0, [(None, 2.0, 2.0), (None, 10.0, 3.0)]) == pytest.approx(2.25)
 
 
 def test_refine_retrains_the_best_first_the_earliest_of_equal_values_first() -> None:

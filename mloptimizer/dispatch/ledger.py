@@ -128,7 +128,8 @@ class Ledger:
         # under budget.timeout), and (value, s/epoch) of the complete feasible ones.
         self._epoch_seconds: list[float] = []
         self._explored_pace: list[tuple[float, float]] = []
-        self._size_pace: list[tuple[float, float]] = []  # (MFLOPs, s/epoch) of the same
+        # (family, MFLOPs, s/epoch) of the same: the late check's estimates
+        self._size_pace: list[tuple[str | None, float, float]] = []
 
     @property
     def running(self) -> int:
@@ -195,7 +196,9 @@ class Ledger:
             self._epoch_seconds.append(pace)
             mflops = rec.attrs.get(Attr.MFLOPS)
             if isinstance(mflops, int | float) and mflops > 0:
-                self._size_pace.append((float(mflops), pace))
+                family = rec.params.get("family")
+                family = family if isinstance(family, str) else None
+                self._size_pace.append((family, float(mflops), pace))
             if rec.state == "complete" and rec.value is not None and rec.feasible:
                 self._explored_pace.append((rec.value, pace))
         if rec.state == "complete" and rec.value is not None and rec.feasible:

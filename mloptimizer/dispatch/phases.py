@@ -25,9 +25,11 @@ from mloptimizer.study import Attr, TrialRecord, best_of, pareto_front, records
 
 __all__ = [
     "RECENT_TRIALS",
+    "UNSEEN_FAMILY_MARGIN",
     "Phases",
     "end_outcome",
     "epoch_seconds_at",
+    "epoch_seconds_of",
     "exploration_closes",
     "refine_fits",
     "refine_ranked",
@@ -93,15 +95,17 @@ class Phases(Ledger):
 
     def _too_late(self, trial: optuna.trial.Trial, rec: TrialRecord, mflops: float) -> bool:
         """Whether an explore trial just sampled would end after refine must start under
-        ``budget.timeout``, at the pace of the trials of its size that trained
-        (:func:`epoch_seconds_at`): it is then not sent, and uses no budget. A trial can
+        ``budget.timeout``, at the pace of the trials of its family and size that trained
+        (:func:`epoch_seconds_of`): it is then not sent, and uses no budget. A trial can
         only be stopped at an epoch's end, so one sent with too little time would hold a
         trainer past the moment refine needs it. After :data:`RECENT_TRIALS` such samples
         in a row, exploration closes."""
         timeout = self.spec.budget.timeout
         if rec.phase != "explore" or timeout is None or self.spec.training.refine is None:
             return False
-        per_epoch = epoch_seconds_at(mflops, self._size_pace)
+        family = rec.params.get("family")
+        family = family if isinstance(family, str) else None
+        per_epoch = epoch_seconds_of(family, mflops, self._size_pace)
         left, needs = self._left_and_refine()
         takes = (per_epoch or 0.0) * self.spec.training.epochs
         if per_epoch is None or math.isinf(needs) or takes <= left - needs:
@@ -112,7 +116,8 @@ class Phases(Ledger):
             trial,
             rec,
             f"late: about {takes:.0f} s ({self.spec.training.epochs} epochs of a "
-            f"{mflops:.0f}-MFLOPs model at the pace of those that trained); refine must "
+            f"{mflops:.0f}-MFLOPs model at the pace of {_pace_basis(family, self._size_pace)}"
+            f"); refine must "
             f"start in {max(0.0, left - needs):.0f} s",
             late=True,
         )
@@ -232,6 +237,33 @@ def epoch_seconds_at(mflops: float, trained: list[tuple[float, float]]) -> float
     above = next(i for i, (m, _) in enumerate(points) if m >= mflops)
     (m0, s0), (m1, s1) = points[above - 1], points[above]
     return s0 + (s1 - s0) * (mflops - m0) / (m1 - m0) if m1 > m0 else s1
+
+
+# An architecture family no trial of the search has trained yet is estimated at this many
+# times the others' pace: an epoch's cost per multiply-add differs by family (an Inception
+# module's many small convolutions and its concatenation cost more per multiply-add than a
+# plain convolution), and an estimate that errs short holds the trainer refine needs.
+UNSEEN_FAMILY_MARGIN = 2.0
+
+
+def epoch_seconds_of(
+    family: str | None, mflops: float, trained: list[tuple[str | None, float, float]]
+) -> float | None:
+    """:func:`epoch_seconds_at` from the trials of the same architecture ``family`` that
+    trained (family, MFLOPs, seconds per epoch); for a family none of them is of, from all
+    of them times :data:`UNSEEN_FAMILY_MARGIN`."""
+    same = [(m, sec) for f, m, sec in trained if f == family]
+    if same:
+        return epoch_seconds_at(mflops, same)
+    estimate = epoch_seconds_at(mflops, [(m, sec) for _, m, sec in trained])
+    return None if estimate is None else estimate * UNSEEN_FAMILY_MARGIN
+
+
+def _pace_basis(family: str | None, trained: list[tuple[str | None, float, float]]) -> str:
+    """Whose pace :func:`epoch_seconds_of` read, for the ``late`` reason."""
+    if family is None or any(f == family for f, _, _ in trained):
+        return "those of its family that trained" if family else "those that trained"
+    return f"those that trained, times {UNSEEN_FAMILY_MARGIN:g}: no {family} trained yet"
 
 
 def _refine_factor(spec: ArchitectureSearchSpec) -> float:
