@@ -64,7 +64,9 @@ The tools:
   ``timeout=`` the budget (and the trial running at the budget's end stopped). Final model:
   ``study.best_params`` replayed through ``optuna.trial.FixedTrial``.
 
-Same for all: seeds 1 to ``--seeds`` (KerasTuner takes 0 for "pick one at random"), one
+Same for all: seeds 1 to ``--seeds`` (KerasTuner's oracle gets ``s *``
+:data:`KT_SEED_STRIDE`: it draws each hyperparameter with the seed it was given plus the
+draws before, so seeds 1, 2, 3 shared most of their trials, shifted), one
 training at a time on this machine's cores (TensorFlow's intra-op threads
 as a single local trainer of ``mloptimizer run`` gets them), float32, the training seed of
 trial ``k`` of a search with seed ``s`` is ``trial_seed(s, k)`` (so MLOptimizer and plain
@@ -494,6 +496,13 @@ def kt_architecture(hp: Any, space: SearchSpace) -> Architecture:
     )
 
 
+# KerasTuner's oracle draws hyperparameter number i of a search seeded s with the seed s + i
+# (keras_tuner/src/engine/oracle.py, ``_seed_state``): nearby seeds draw the same values,
+# shifted (in one run, seeds 1 and 2 picked the same final model, which seed 5 drew too).
+# A 5-minute search draws a few hundred, so seeds this far apart never meet.
+KT_SEED_STRIDE = 10_000
+
+
 def keras_tuner_search(setup: Setup, tool: str, seed: int, progress: str) -> Run:
     """KerasTuner's BayesianOptimization or Hyperband, stopped when the budget has passed."""
     import keras
@@ -613,7 +622,7 @@ def keras_tuner_search(setup: Setup, tool: str, seed: int, progress: str) -> Run
 
     common: dict[str, Any] = {
         "objective": "val_accuracy",
-        "seed": seed,
+        "seed": seed * KT_SEED_STRIDE,
         # A failed trial (NaN loss) does not end the search; ten in a row (a bug) do.
         "max_consecutive_failed_trials": 10,
         "directory": str(setup.work / "keras-tuner"),
