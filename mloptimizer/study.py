@@ -329,6 +329,13 @@ class TrialRecord:
         return not self.attrs.get(Attr.INFEASIBLE)
 
     @property
+    def family(self) -> str | None:
+        """The architecture family sampled (its ``family`` parameter); None when the space
+        has no such choice (a user's own model)."""
+        family = self.params.get("family")
+        return family if isinstance(family, str) else None
+
+    @property
     def counted(self) -> bool:
         """Whether the trial uses up budget: an interrupted trial is replaced, not counted."""
         return not self.interrupted and self.state != "waiting"

@@ -196,9 +196,7 @@ class Ledger:
             self._epoch_seconds.append(pace)
             mflops = rec.attrs.get(Attr.MFLOPS)
             if isinstance(mflops, int | float) and mflops > 0:
-                family = rec.params.get("family")
-                family = family if isinstance(family, str) else None
-                self._size_pace.append((family, float(mflops), pace))
+                self._size_pace.append((rec.family, float(mflops), pace))
             if rec.state == "complete" and rec.value is not None and rec.feasible:
                 self._explored_pace.append((rec.value, pace))
         if rec.state == "complete" and rec.value is not None and rec.feasible:

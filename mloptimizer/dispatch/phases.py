@@ -103,9 +103,7 @@ class Phases(Ledger):
         timeout = self.spec.budget.timeout
         if rec.phase != "explore" or timeout is None or self.spec.training.refine is None:
             return False
-        family = rec.params.get("family")
-        family = family if isinstance(family, str) else None
-        per_epoch = epoch_seconds_of(family, mflops, self._size_pace)
+        per_epoch = epoch_seconds_of(rec.family, mflops, self._size_pace)
         left, needs = self._left_and_refine()
         takes = (per_epoch or 0.0) * self.spec.training.epochs
         if per_epoch is None or math.isinf(needs) or takes <= left - needs:
@@ -116,9 +114,9 @@ class Phases(Ledger):
             trial,
             rec,
             f"late: about {takes:.0f} s ({self.spec.training.epochs} epochs of a "
-            f"{mflops:.0f}-MFLOPs model at the pace of {_pace_basis(family, self._size_pace)}"
-            f"); refine must "
-            f"start in {max(0.0, left - needs):.0f} s",
+            f"{mflops:.0f}-MFLOPs model at the pace of "
+            f"{_pace_basis(rec.family, self._size_pace)}); refine must start in "
+            f"{max(0.0, left - needs):.0f} s",
             late=True,
         )
         if self._late_in_a_row >= RECENT_TRIALS and self.explore_closed is None:
