@@ -298,6 +298,11 @@ async def test_a_final_job_failing_every_round_is_a_condition_not_a_lost_search(
                 trainer = await start_trainer(cluster, "default", name, tmp_path, "t1")
                 done = await cluster.wait_for("archsearch", "default", name, delivered, timeout=300)
                 deployment = await cluster.get("deployments", "default", f"{name}-trainer")
+                # the condition is written before its event is posted (kopf posts events in
+                # the background): the operator stays up until the event is in
+                async with asyncio.timeout(30):
+                    while "DeliveryFailed" not in await event_reasons(cluster, name):
+                        await asyncio.sleep(0.1)
         finally:
             if trainer is not None:
                 trainer.stop()
@@ -315,10 +320,15 @@ async def test_a_final_job_failing_every_round_is_a_condition_not_a_lost_search(
         assert all("signature does not match" in why for why in store.refused)
         assert deployment is not None
         assert deployment["spec"]["replicas"] == 0  # no trainer left up for it
-    reasons = [e["reason"] for e in await cluster.list("events", "default")
-               if e["involvedObject"]["name"] == name]  # fmt: skip
+    reasons = await event_reasons(cluster, name)
     assert reasons.count("DeliveryRetried") == 2
     assert "DeliveryFailed" in reasons
+
+
+async def event_reasons(cluster: Cluster, name: str) -> list[str]:
+    """The reasons of the events posted about the search ``name``, in order."""
+    return [e["reason"] for e in await cluster.list("events", "default")
+            if e["involvedObject"]["name"] == name]  # fmt: skip
 
 
 async def test_an_operator_restarted_mid_job_resumes_it(
