@@ -75,6 +75,7 @@ class Attr:
     SAVED_USD = "saved_usd"  # epochs resumed attempts did not train again, in dollars
     SECONDS = "train_seconds"
     EPOCH_SECONDS = "epoch_seconds"  # an epoch's time after the first: no start-up costs
+    FIXED_SECONDS = "fixed_seconds"  # the trial's time beyond its epochs at that pace
     EPOCHS = "epochs_run"
     VAL_ACCURACY = "val_accuracy"
     VAL_LOSS = "val_loss"

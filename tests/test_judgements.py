@@ -7,6 +7,7 @@ retrains, which trials are overdue) is judged here from plain values.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optuna
@@ -28,13 +29,15 @@ from mloptimizer.dispatch.judgements import (
     violations,
     worst_value,
 )
-from mloptimizer.dispatch.ledger import InFlight, epoch_pace
+from mloptimizer.dispatch.ledger import InFlight, epoch_pace, fixed_seconds
 from mloptimizer.dispatch.phases import (
+    RECENT_TRIALS,
     UNSEEN_FAMILY_MARGIN,
     end_outcome,
     epoch_seconds_at,
     epoch_seconds_of,
     exploration_closes,
+    fixed_seconds_of,
     refine_ranked,
     refine_seconds,
 )
@@ -293,7 +296,7 @@ def refine_spec(**budget: Any) -> ArchitectureSearchSpec:
 def test_exploration_closes_when_the_time_left_just_holds_refine() -> None:
     spec = refine_spec()
     paces = [10.0, 10.0, 10.0]
-    explored = [(0.9, 10.0), (0.8, 10.0), (0.7, 10.0)]
+    explored = [(0.9, 10.0, 0.0), (0.8, 10.0, 0.0), (0.7, 10.0, 0.0)]
     # refine: 10 s x 6 epochs x 1 wave = 60 s; plus one explore trial, 30 s: reserve 90 s
     assert exploration_closes(spec, paces, explored, lambda: 500.0, 3) is None  # 100 s left
     why = exploration_closes(spec, paces, explored, lambda: 520.0, 3)  # 80 s left
@@ -305,7 +308,7 @@ def test_exploration_closes_when_the_time_left_just_holds_refine() -> None:
 
 def test_the_next_explore_trial_is_judged_as_slow_as_the_slowest_recent_one() -> None:
     spec = refine_spec()
-    explored = [(0.9, 10.0), (0.8, 10.0), (0.7, 10.0)]
+    explored = [(0.9, 10.0, 0.0), (0.8, 10.0, 0.0), (0.7, 10.0, 0.0)]
     # one of the last five trained at 30 s an epoch: a trial in flight may take 90 s, so
     # the reserve is 60 s of refine + 90 s, and exploration closes at 150 s left
     paces = [50.0, 10.0, 10.0, 30.0, 10.0, 10.0, 10.0]
@@ -315,15 +318,44 @@ def test_the_next_explore_trial_is_judged_as_slow_as_the_slowest_recent_one() ->
     assert "leave about 150 s for refine (60 s for the top 2, 90 s" in why
     assert refine_seconds(spec, paces, explored) == 60.0
     # the top trials' pace sets refine's: the best trained at 20 s an epoch
-    assert refine_seconds(spec, paces, [(0.95, 20.0), *explored]) == 120.0
+    assert refine_seconds(spec, paces, [(0.95, 20.0, 0.0), *explored]) == 120.0
+
+
+def test_what_a_trial_took_beyond_its_epochs_counts_once_per_trial() -> None:
+    """bench/vs_peers.py seed 5: an Inception trial's fit returned 17-29 s after its last
+    epoch, and refine, estimated by its epochs alone, was cut by the timeout."""
+    spec = refine_spec()
+    explored = [(0.9, 10.0, 25.0), (0.8, 10.0, 0.0), (0.7, 10.0, 0.0)]
+    # refine of the top 2: 6 epochs at 10 s, plus the best's 25 s beyond them
+    assert refine_seconds(spec, [10.0] * 3, explored) == 85.0
+    # the next explore trial: 3 epochs at 10 s plus the most any recent one took beyond
+    paces, fixed = [10.0] * 3, [25.0, 0.0, 5.0]
+    why = exploration_closes(spec, paces, explored, lambda: 600.0 - 139.0, 3, fixed)
+    assert why is not None
+    assert "leave about 140 s for refine (85 s for the top 2, 55 s" in why
+    assert exploration_closes(spec, paces, explored, lambda: 600.0 - 141.0, 3, fixed) is None
+    # a refine that fits by its epochs but not with its teardown gives way
+    assert refine_seconds(spec, [10.0] * 3, explored, left=80.0) == 60.0
+    assert refine_seconds(spec, [10.0] * 3, explored[:1], left=80.0) == math.inf
+
+
+def test_a_trials_time_beyond_its_epochs_is_read_off_its_own_family() -> None:
+    measured = [("cnn", 2.0), ("inception", 20.0), ("cnn", 1.0), ("inception", 28.0)]
+    assert fixed_seconds_of("inception", measured) == 28.0
+    assert fixed_seconds_of("cnn", measured) == 2.0
+    assert fixed_seconds_of("mobilenet", measured) == 28.0 * UNSEEN_FAMILY_MARGIN
+    assert fixed_seconds_of("cnn", []) == 0.0
+    # a trainer's first trial (loading the dataset) drops out after RECENT_TRIALS more
+    warm = [("cnn", 40.0)] + [("cnn", 1.0)] * RECENT_TRIALS
+    assert fixed_seconds_of("cnn", warm) == 1.0
 
 
 def test_exploration_never_closes_before_enough_trials_completed() -> None:
     spec = refine_spec()
-    assert exploration_closes(spec, [10.0], [(0.9, 10.0)], lambda: 520.0, 5) is None
+    assert exploration_closes(spec, [10.0], [(0.9, 10.0, 0.0)], lambda: 520.0, 5) is None
     assert exploration_closes(spec, [], [], lambda: 520.0, 5) is None
     untimed = make_spec(training={"refine": {"topK": 1, "epochs": 6}})
-    assert exploration_closes(untimed, [10.0] * 3, [(0.9, 10.0)] * 3, lambda: 1e9, 3) is None
+    assert exploration_closes(untimed, [10.0] * 3, [(0.9, 10.0, 0.0)] * 3, lambda: 1e9, 3) is None
 
 
 def test_a_slow_start_up_trial_in_flight_does_not_keep_refine_out() -> None:
@@ -333,7 +365,8 @@ def test_a_slow_start_up_trial_in_flight_does_not_keep_refine_out() -> None:
     spec = spec.model_copy(
         update={"sampler": spec.sampler.model_copy(update={"n_startup_trials": 5})}
     )
-    paces, explored = [10.0] * 4, [(0.9, 10.0), (0.8, 10.0), (0.7, 10.0), (0.6, 10.0)]
+    paces = [10.0] * 4
+    explored = [(0.9, 10.0, 0.0), (0.8, 10.0, 0.0), (0.7, 10.0, 0.0), (0.6, 10.0, 0.0)]
     assert exploration_closes(spec, paces, explored, lambda: 520.0, 4) is None  # 1 unasked
     assert exploration_closes(spec, paces, explored, lambda: 520.0, 5) is not None
     assert exploration_closes(spec, paces, explored[:1], lambda: 520.0, 5) is None  # < topK
@@ -419,8 +452,12 @@ def test_an_epochs_time_leaves_out_what_only_the_first_epoch_pays() -> None:
         deadlines.heard(f, at)
         f.told(1, epoch, replay=False)
     assert f.epoch_seconds() == 12.0
+    # beyond its epochs: its first took 38 s more than the others, its result came 16 s
+    # after its last
+    assert f.fixed_seconds(90.0, 12.0) == 54.0
     f.told(2, 2, replay=True)  # a checkpoint's epoch, told again: not a new measure
     assert f.epoch_seconds() == 12.0
+    assert f.fixed_seconds(90.0, 12.0) is None  # two attempts: not one run's clock
     one = flight(2, heard=False, at=0.0)
     one.told(1, 1, replay=False)
     assert one.epoch_seconds() is None
@@ -428,6 +465,8 @@ def test_an_epochs_time_leaves_out_what_only_the_first_epoch_pays() -> None:
     assert epoch_pace(rec(1, 0.9, seconds=74.0, attrs=attrs)) == 12.0
     assert epoch_pace(rec(1, 0.9, seconds=74.0, attrs={Attr.EPOCHS: 2})) == 37.0
     assert epoch_pace(rec(1, None, state="failed", attrs={})) is None
+    assert fixed_seconds(rec(1, 0.9, attrs={Attr.FIXED_SECONDS: 16.0})) == 16.0
+    assert fixed_seconds(rec(1, 0.9, attrs=attrs)) == 0.0  # not measured
 
 
 def test_a_trial_silent_since_its_last_progress_is_stale() -> None:

@@ -37,7 +37,7 @@ from mloptimizer.study import (
     trial_id_of,
 )
 
-__all__ = ["InFlight", "Ledger", "epoch_pace"]
+__all__ = ["InFlight", "Ledger", "epoch_pace", "fixed_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,22 @@ class InFlight:
         first, last = min(self.heard_at), max(self.heard_at)
         return (self.heard_at[last] - self.heard_at[first]) / (last - first)
 
+    def fixed_seconds(self, now: float, pace: float) -> float | None:
+        """What the trial took at ``now`` beyond its epochs at ``pace``: its first epoch's
+        excess over the others (building the model, the first step's tracing) and the time
+        from its last epoch to its result (``fit``'s teardown, measuring the model). Each
+        trial of its kind pays it once, whatever its epochs: an Inception model's teardown
+        on 2 CPU cores took 17-29 s beside 15 s epochs. None when more than one attempt
+        trained it, or one resumed from a checkpoint: its clock is then not one run's."""
+        if self.replayed or len({attempt for attempt, _ in self.trained}) != 1:
+            return None
+        if len(self.heard_at) < 2:
+            return None
+        first, last = min(self.heard_at), max(self.heard_at)
+        began = self.taken_at if self.taken_at is not None else self.sent_at
+        start = self.heard_at[first] - began - first * pace
+        return max(0.0, start) + max(0.0, now - self.heard_at[last])
+
     def goes_on(self, exhausted: bool) -> bool:
         """Its delivery limit ran out (every delivery's trainer went away, ``exhausted``):
         whether it got further than the last time that happened. Then its checkpoint goes
@@ -110,6 +126,13 @@ def epoch_pace(rec: TrialRecord) -> float | None:
     return None
 
 
+def fixed_seconds(rec: TrialRecord) -> float:
+    """A trained trial's seconds beyond its epochs at their pace
+    (:meth:`InFlight.fixed_seconds`); 0 when not measured."""
+    fixed = rec.attrs.get(Attr.FIXED_SECONDS)
+    return float(fixed) if isinstance(fixed, int | float) and fixed > 0 else 0.0
+
+
 class Ledger:
     """The trials of ``study`` in flight, told and waiting, and their counts."""
 
@@ -125,9 +148,11 @@ class Ledger:
         self.waiting = 0  # enqueued trials (retries, refine) that ask() hands out first
         self.refine_started = False
         # Seconds per epoch of the explored trials that trained (to keep time for refine
-        # under budget.timeout), and (value, s/epoch) of the complete feasible ones.
+        # under budget.timeout), their seconds beyond their epochs, and (value, s/epoch,
+        # fixed s) of the complete feasible ones.
         self._epoch_seconds: list[float] = []
-        self._explored_pace: list[tuple[float, float]] = []
+        self._fixed_seconds: list[tuple[str | None, float]] = []  # (family, fixed s)
+        self._explored_pace: list[tuple[float, float, float]] = []
         # (family, MFLOPs, s/epoch) of the same: the late check's estimates
         self._size_pace: list[tuple[str | None, float, float]] = []
 
@@ -193,12 +218,14 @@ class Ledger:
             c.history.append(rec)
         pace = epoch_pace(rec)
         if rec.phase == "explore" and pace is not None:
+            fixed = fixed_seconds(rec)
             self._epoch_seconds.append(pace)
+            self._fixed_seconds.append((rec.family, fixed))
             mflops = rec.attrs.get(Attr.MFLOPS)
             if isinstance(mflops, int | float) and mflops > 0:
                 self._size_pace.append((rec.family, float(mflops), pace))
             if rec.state == "complete" and rec.value is not None and rec.feasible:
-                self._explored_pace.append((rec.value, pace))
+                self._explored_pace.append((rec.value, pace, fixed))
         if rec.state == "complete" and rec.value is not None and rec.feasible:
             candidates = [rec] if c.best is None else [rec, c.best]
             c.best = best_of(candidates, self._direction, self.spec.objective.tradeoff)
@@ -347,6 +374,8 @@ class Ledger:
         result = judgements.result_attrs(message, price, objective.metric, earlier)
         if (epoch_seconds := flight.epoch_seconds()) is not None:
             result[Attr.EPOCH_SECONDS] = epoch_seconds
+            if (fixed := flight.fixed_seconds(self.clock(), epoch_seconds)) is not None:
+                result[Attr.FIXED_SECONDS] = fixed
         trial.set_user_attr(Attr.RESULT, result)  # one write: each is a database round trip
         infeasible: dict[str, object] = {}
         if message.state in ("complete", "pruned") and objective.constraints:

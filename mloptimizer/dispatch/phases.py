@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import optuna
 
 from mloptimizer.dispatch import judgements
 from mloptimizer.dispatch.contract import Counts, Outcome
-from mloptimizer.dispatch.ledger import InFlight, Ledger, epoch_pace
+from mloptimizer.dispatch.ledger import InFlight, Ledger, epoch_pace, fixed_seconds
 from mloptimizer.sizing import ModelSize
 from mloptimizer.spec import ArchitectureSearchSpec, parse_duration
 from mloptimizer.study import Attr, TrialRecord, best_of, pareto_front, records
@@ -31,6 +31,7 @@ __all__ = [
     "epoch_seconds_at",
     "epoch_seconds_of",
     "exploration_closes",
+    "fixed_seconds_of",
     "refine_fits",
     "refine_ranked",
     "refine_seconds",
@@ -73,6 +74,7 @@ class Phases(Ledger):
                 self._explored_pace,
                 self._elapsed,
                 self.counts.explore_used,
+                [fixed for _, fixed in self._fixed_seconds],
             )
             if self.explore_closed is not None:
                 log.info("%s", self.explore_closed)
@@ -104,8 +106,9 @@ class Phases(Ledger):
         if rec.phase != "explore" or timeout is None or self.spec.training.refine is None:
             return False
         per_epoch = epoch_seconds_of(rec.family, mflops, self._size_pace)
+        fixed = fixed_seconds_of(rec.family, self._fixed_seconds)
         left, needs = self._left_and_refine()
-        takes = (per_epoch or 0.0) * self.spec.training.epochs
+        takes = (per_epoch or 0.0) * self.spec.training.epochs + fixed
         if per_epoch is None or math.isinf(needs) or takes <= left - needs:
             self._late_in_a_row = 0
             return False
@@ -115,8 +118,8 @@ class Phases(Ledger):
             rec,
             f"late: about {takes:.0f} s ({self.spec.training.epochs} epochs of a "
             f"{mflops:.0f}-MFLOPs model at the pace of "
-            f"{_pace_basis(rec.family, self._size_pace)}); refine must start in "
-            f"{max(0.0, left - needs):.0f} s",
+            f"{_pace_basis(rec.family, self._size_pace)}, and {fixed:.0f} s beyond its "
+            f"epochs); refine must start in {max(0.0, left - needs):.0f} s",
             late=True,
         )
         if self._late_in_a_row >= RECENT_TRIALS and self.explore_closed is None:
@@ -131,13 +134,16 @@ class Phases(Ledger):
     def _outlasts_refine(self, flight: InFlight, epoch: int) -> bool:
         """Whether an explore trial still training after exploration closed would end too
         late to leave refine its time (:func:`refine_seconds`); it is then stopped, as
-        pruned, at this epoch. Judged at its own pace so far, epoch by epoch."""
+        pruned, at this epoch. Judged at its own pace so far, epoch by epoch, plus what its
+        family's trials took beyond their epochs (:func:`fixed_seconds_of`): its teardown
+        is still to come, and its start-up is in its pace so far, so this errs long."""
         if self.explore_closed is None or self.refine_started or epoch <= 0:
             return False
         if flight.message.phase != "explore" or self.spec.budget.timeout is None:
             return False
         began = flight.taken_at if flight.taken_at is not None else flight.sent_at
         finishing = (flight.message.epochs - epoch) * (self.clock() - began) / epoch
+        finishing += fixed_seconds_of(flight.record.family, self._fixed_seconds)
         left, needs = self._left_and_refine()
         if finishing <= left - needs or math.isinf(needs):  # nothing to make room for
             return False
@@ -264,59 +270,87 @@ def _pace_basis(family: str | None, trained: list[tuple[str | None, float, float
     return f"those that trained, times {UNSEEN_FAMILY_MARGIN:g}: no {family} trained yet"
 
 
-def _refine_factor(spec: ArchitectureSearchSpec) -> float:
-    """Seconds of refine per second of an explored trial's epoch: ``refine.epochs``, in
-    waves of ``parallelism`` when ``topK`` exceeds it."""
+def fixed_seconds_of(family: str | None, measured: Sequence[tuple[str | None, float]]) -> float:
+    """Seconds a trial of architecture ``family`` is likely to take beyond its epochs
+    (:meth:`~mloptimizer.dispatch.ledger.InFlight.fixed_seconds`), from (family, seconds)
+    of the explored trials that trained: the most of the last :data:`RECENT_TRIALS` of its
+    family (a trainer's first trial, which also loads the dataset, drops out of it); for a
+    family none of them is of, the most of the last of all, times
+    :data:`UNSEEN_FAMILY_MARGIN`. 0 before any trained."""
+    same = [sec for f, sec in measured if f == family][-RECENT_TRIALS:]
+    if same:
+        return max(same)
+    others = [sec for _, sec in measured][-RECENT_TRIALS:]
+    return max(others, default=0.0) * UNSEEN_FAMILY_MARGIN
+
+
+def _refine_waves(spec: ArchitectureSearchSpec) -> int:
+    """How many trials of refine run one after the other: ``topK`` in waves of
+    ``parallelism``."""
     refine = spec.training.refine
     assert refine is not None
-    return refine.epochs * math.ceil(refine.top_k / spec.budget.parallelism)
+    return math.ceil(refine.top_k / spec.budget.parallelism)
+
+
+def _refine_time(spec: ArchitectureSearchSpec, pace: float, fixed: float) -> float:
+    """Refine's seconds for trials whose epochs take ``pace`` and that take ``fixed`` more
+    beyond them: ``refine.epochs`` each, in waves."""
+    refine = spec.training.refine
+    assert refine is not None
+    return (refine.epochs * pace + fixed) * _refine_waves(spec)
 
 
 def refine_fits(spec: ArchitectureSearchSpec, rec: TrialRecord, left: float) -> bool:
-    """Whether retraining ``rec`` for refine, at the pace it explored, ends within
-    ``left`` seconds (a trial whose pace is unknown is given the benefit of the doubt)."""
+    """Whether retraining ``rec`` for refine, at the pace it explored and with what it
+    took beyond its epochs, ends within ``left`` seconds (a trial whose pace is unknown is
+    given the benefit of the doubt)."""
     pace = epoch_pace(rec)
-    return pace is None or pace * _refine_factor(spec) <= left
+    return pace is None or _refine_time(spec, pace, fixed_seconds(rec)) <= left
 
 
 def refine_seconds(
     spec: ArchitectureSearchSpec,
     epoch_seconds: list[float],
-    explored_pace: list[tuple[float, float]],
+    explored_pace: list[tuple[float, float, float]],
     left: float | None = None,
 ) -> float:
     """The refine trials' estimated time: ``topK`` trials of ``refine.epochs``, in waves of
-    ``parallelism``, at the pace the slowest of the current top ``topK`` trained. With
-    ``left`` (seconds of ``budget.timeout`` left), the top ``topK`` of the trials whose
-    refine fits in it, as the refine phase would choose them (:meth:`Phases._fitting`);
-    infinite when none does."""
+    ``parallelism``, each at the pace its explored trial trained and with what that took
+    beyond its epochs, the slowest of the current top ``topK``. With ``left`` (seconds of
+    ``budget.timeout`` left), the top ``topK`` of the trials whose refine fits in it, as
+    the refine phase would choose them (:meth:`Phases._fitting`); infinite when none does.
+
+    ``explored_pace``: (value, seconds per epoch, seconds beyond the epochs) of the
+    complete feasible explored trials."""
     refine = spec.training.refine
     assert refine is not None
-    factor = _refine_factor(spec)
     sign = -1.0 if spec.objective.study_direction == "maximize" else 1.0
     if left is not None:
-        explored_pace = [p for p in explored_pace if p[1] * factor <= left]
+        explored_pace = [p for p in explored_pace if _refine_time(spec, p[1], p[2]) <= left]
         if not explored_pace:
             return math.inf
     top = sorted(explored_pace, key=lambda p: sign * p[0])[: refine.top_k]
-    pace = max((pace for _, pace in top), default=max(epoch_seconds, default=0.0))
-    return pace * factor
+    if not top:
+        return _refine_time(spec, max(epoch_seconds, default=0.0), 0.0)
+    return max(_refine_time(spec, pace, fixed) for _, pace, fixed in top)
 
 
 def exploration_closes(
     spec: ArchitectureSearchSpec,
     epoch_seconds: list[float],
-    explored_pace: list[tuple[float, float]],
+    explored_pace: list[tuple[float, float, float]],
     elapsed: Callable[[], float],
     asked: int,
+    fixed: list[float] | None = None,
 ) -> str | None:
     """Why exploring on would leave too little of ``budget.timeout`` for refine, or None.
 
     The refine phase is what turns the explored best into the model delivered, so under
     a timeout exploration closes early enough for it: when the time left is no more than
     the refine trials' estimated time (:func:`refine_seconds`) plus one more explore
-    trial's, estimated pessimistically (the slowest pace of the last
-    :data:`RECENT_TRIALS`): a trial started just before closing must end in time. An
+    trial's, estimated pessimistically (the slowest of the last :data:`RECENT_TRIALS`, by
+    its pace and what it took beyond its epochs): a trial started just before closing
+    must end in time. An
     explore trial in flight that would still end too late is stopped
     (:meth:`Phases._outlasts_refine`), and one sampled that would is not sent
     (:meth:`Phases._too_late`). Never before the sampler's start-up trials were asked for
@@ -327,16 +361,19 @@ def exploration_closes(
     more, the search explores to the end, as without refine.
 
     ``epoch_seconds``: seconds per epoch of the explored trials that trained, in the
-    order they ended; ``explored_pace``: (value, seconds per epoch) of the complete
-    feasible ones; ``elapsed``: seconds since the study began; ``asked``: explore trials
-    asked of the sampler.
+    order they ended; ``explored_pace``: (value, seconds per epoch, seconds beyond the
+    epochs) of the complete feasible ones; ``elapsed``: seconds since the study began;
+    ``asked``: explore trials asked of the sampler; ``fixed``: the seconds beyond their
+    epochs of the trials of ``epoch_seconds``, in the same order (None: not measured).
     """
     refine, timeout = spec.training.refine, spec.budget.timeout
     if refine is None or timeout is None or not epoch_seconds:
         return None
     if len(explored_pace) < refine.top_k or asked < spec.sampler.n_startup_trials:
         return None  # too little explored for a best worth refining: explore on
-    next_trial = max(epoch_seconds[-RECENT_TRIALS:]) * spec.training.epochs
+    beyond = fixed if fixed is not None else [0.0] * len(epoch_seconds)
+    recent = list(zip(epoch_seconds, beyond, strict=True))[-RECENT_TRIALS:]
+    next_trial = max(pace * spec.training.epochs + extra for pace, extra in recent)
     left = parse_duration(timeout) - elapsed()
     refine_needs = refine_seconds(spec, epoch_seconds, explored_pace, left)
     reserve = refine_needs + next_trial
