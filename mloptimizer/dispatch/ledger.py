@@ -80,20 +80,22 @@ class InFlight:
         first, last = min(self.heard_at), max(self.heard_at)
         return (self.heard_at[last] - self.heard_at[first]) / (last - first)
 
-    def fixed_seconds(self, now: float, pace: float) -> float | None:
-        """What the trial took at ``now`` beyond its epochs at ``pace``: its first epoch's
-        excess over the others (building the model, the first step's tracing) and the time
-        from its last epoch to its result (``fit``'s teardown, measuring the model). Each
-        trial of its kind pays it once, whatever its epochs: an Inception model's teardown
-        on 2 CPU cores took 17-29 s beside 15 s epochs. None when more than one attempt
-        trained it, or one resumed from a checkpoint: its clock is then not one run's."""
+    def fixed_seconds(self, now: float, pace: float, warm: bool) -> float | None:
+        """What the trial took at ``now`` beyond its epochs at ``pace``: the time from its
+        last epoch to its result (``fit``'s teardown, measuring the model: an Inception
+        model's took 17-29 s on 2 CPU cores beside 15 s epochs) and, on a ``warm``
+        trainer (one that trained a trial before), its first epoch's excess over the others
+        (building the model, the first step's tracing). A trainer's first trial also pays
+        its warm-up (the dataset's load), which no later trial does. None when more than
+        one attempt trained it, or one resumed from a checkpoint: its clock is then not
+        one run's."""
         if self.replayed or len({attempt for attempt, _ in self.trained}) != 1:
             return None
         if len(self.heard_at) < 2:
             return None
         first, last = min(self.heard_at), max(self.heard_at)
         began = self.taken_at if self.taken_at is not None else self.sent_at
-        start = self.heard_at[first] - began - first * pace
+        start = self.heard_at[first] - began - first * pace if warm else 0.0
         return max(0.0, start) + max(0.0, now - self.heard_at[last])
 
     def goes_on(self, exhausted: bool) -> bool:
@@ -113,6 +115,12 @@ class InFlight:
         if exhausted and self.revivals:
             why += f"; sent {self.revivals + 1} times, it never got past epoch {self.furthest}"
         return why
+
+
+# Trainers the ledger remembers as warm: a bound on what a search's trainers can make the
+# dispatcher keep (a worker id is a trainer's own word); past it, a first trial's start-up
+# is never counted, which errs short by a model's build at most.
+MAX_WARM_TRAINERS = 10_000
 
 
 def epoch_pace(rec: TrialRecord) -> float | None:
@@ -155,6 +163,7 @@ class Ledger:
         self._explored_pace: list[tuple[float, float, float]] = []
         # (family, MFLOPs, s/epoch) of the same: the late check's estimates
         self._size_pace: list[tuple[str | None, float, float]] = []
+        self._warm: set[str] = set()  # trainers (worker ids) that sent a result before
 
     @property
     def running(self) -> int:
@@ -374,8 +383,11 @@ class Ledger:
         result = judgements.result_attrs(message, price, objective.metric, earlier)
         if (epoch_seconds := flight.epoch_seconds()) is not None:
             result[Attr.EPOCH_SECONDS] = epoch_seconds
-            if (fixed := flight.fixed_seconds(self.clock(), epoch_seconds)) is not None:
+            warm = message.worker_id in self._warm
+            if (fixed := flight.fixed_seconds(self.clock(), epoch_seconds, warm)) is not None:
                 result[Attr.FIXED_SECONDS] = fixed
+        if len(self._warm) < MAX_WARM_TRAINERS:
+            self._warm.add(message.worker_id)
         trial.set_user_attr(Attr.RESULT, result)  # one write: each is a database round trip
         infeasible: dict[str, object] = {}
         if message.state in ("complete", "pruned") and objective.constraints:
