@@ -82,8 +82,9 @@ class InFlight:
 
     def fixed_seconds(self, now: float, pace: float, warm: bool) -> float | None:
         """What the trial took at ``now`` beyond its epochs at ``pace``: the time from its
-        last epoch to its result (``fit``'s teardown, measuring the model: an Inception
-        model's took 17-29 s on 2 CPU cores beside 15 s epochs) and, on a ``warm``
+        last epoch to its result (``fit``'s teardown, measuring the model: a few seconds;
+        17-29 s for an Inception model beside 15 s epochs while one iterator served every
+        epoch) and, on a ``warm``
         trainer (one that trained a trial before), its first epoch's excess over the others
         (building the model, the first step's tracing). A trainer's first trial also pays
         its warm-up (the dataset's load), which no later trial does. None when more than

@@ -293,15 +293,11 @@ def _refine_waves(spec: ArchitectureSearchSpec) -> int:
 
 
 def _refine_time(spec: ArchitectureSearchSpec, pace: float, fixed: float) -> float:
-    """Refine's seconds for trials whose ``training.epochs`` took ``pace`` each and
-    ``fixed`` more beyond them: ``refine.epochs`` each, in waves. What was beyond grows in
-    proportion to the epochs (never below once): most of it is ``fit``'s teardown, which
-    grows with the epochs trained (one Inception model here: 4-8 s after 2 epochs, 13 s
-    after 4), and an estimate that errs short lets the timeout cut refine."""
+    """Refine's seconds for trials whose epochs take ``pace`` and that take ``fixed`` more
+    beyond them (once a trial, whatever its epochs): ``refine.epochs`` each, in waves."""
     refine = spec.training.refine
     assert refine is not None
-    beyond = fixed * max(1.0, refine.epochs / spec.training.epochs)
-    return (refine.epochs * pace + beyond) * _refine_waves(spec)
+    return (refine.epochs * pace + fixed) * _refine_waves(spec)
 
 
 def refine_fits(spec: ArchitectureSearchSpec, rec: TrialRecord, left: float) -> bool:
