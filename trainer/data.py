@@ -12,7 +12,6 @@ search scores its trials on the same validation images.
 from __future__ import annotations
 
 import contextlib
-import math
 import socket
 import threading
 import time
@@ -523,10 +522,9 @@ def make_dataset(
         batch_size: Images per batch; the last batch may be smaller.
         shuffle: Shuffle, differently each epoch (training); False keeps the order.
         seed: Seed of the shuffle: a fixed seed gives the same order of epochs.
-        epochs: With ``shuffle``, the epochs to serve, one per iteration, from
-            ``epochs.start`` (``fit`` without ``steps_per_epoch`` iterates once an epoch):
-            each epoch's order is a function of ``seed`` and the epoch alone, so a trial
-            resumed at epoch k sees what it would have seen
+        epochs: With ``shuffle``, the epochs to serve, one after the other (for
+            ``fit(steps_per_epoch=...)``): each epoch's order is a function of ``seed`` and
+            the epoch alone, so a trial resumed at epoch k sees what it would have seen
             (:mod:`~mloptimizer.trainer.checkpoint`). None: one epoch, reshuffled at each
             iteration.
         augment: Applied to each scaled batch on the pipeline's threads (training only:
@@ -544,18 +542,7 @@ def make_dataset(
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
 
     if shuffle and epochs is not None:
-        # The epoch an iteration serves is counted by the dataset itself, as each iteration
-        # starts. One dataset of every epoch, iterated once through fit(steps_per_epoch=...),
-        # made fit return up to a third of a trial late: Keras tears its iterator down
-        # after the last epoch, and that took 13 s after 4 epochs of an Inception model
-        # here (bench/vs_peers.py: refine cut by the timeout while its result waited).
-        served = tf.Variable(epochs.start, dtype=tf.int64, trainable=False)
-        batches = (
-            tf.data.Dataset.range(1)
-            .map(lambda _: served.assign_add(1) - 1)
-            .flat_map(epoch_order)
-            .apply(tf.data.experimental.assert_cardinality(math.ceil(count / batch_size)))
-        )
+        batches = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_order)
     else:
         indices = tf.data.Dataset.range(count)
         if shuffle:

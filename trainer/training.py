@@ -197,6 +197,7 @@ def train_trial(
                 validation_data=val,
                 epochs=trial.epochs,
                 initial_epoch=resumed_at,
+                steps_per_epoch=math.ceil(len(splits.y_train) / trial.batch_size),
                 shuffle=False,  # the dataset orders each epoch itself, seeded per trial
                 class_weight=(
                     balanced_weights(splits.y_train) if trial.class_weights == "balanced" else None

@@ -351,22 +351,6 @@ def test_make_dataset_order_follows_the_seed() -> None:
     assert all(np.array_equal(epoch, np.arange(100)) for epoch in order(7, shuffle=False))
 
 
-def test_a_dataset_of_epochs_serves_one_per_iteration_each_by_its_number() -> None:
-    """fit iterates it once an epoch (no steps_per_epoch: one iterator over every epoch
-    made fit return seconds late, tearing it down); a trial resumed at epoch k starts its
-    dataset at k and must see what the unbroken one saw from its k-th iteration on."""
-    x, y = _indexed(100)
-    whole = make_dataset(x, y, batch_size=32, shuffle=True, seed=7, epochs=range(0, 4))
-    assert int(whole.cardinality()) == 4  # one epoch's batches: Keras counts an epoch by it
-    orders = [_epoch(whole)[1] for _ in range(4)]
-    assert all(sorted(o.tolist()) == list(range(100)) for o in orders)
-    assert len({o.tobytes() for o in orders}) == 4  # a new order each epoch
-    resumed = make_dataset(x, y, batch_size=32, shuffle=True, seed=7, epochs=range(2, 4))
-    assert all(np.array_equal(_epoch(resumed)[1], o) for o in orders[2:])
-    other = make_dataset(x, y, batch_size=32, shuffle=True, seed=8, epochs=range(0, 4))
-    assert not np.array_equal(_epoch(other)[1], orders[0])
-
-
 # --- synthetic -----------------------------------------------------------------------------
 
 
