@@ -38,6 +38,7 @@ from mloptimizer.dispatch.phases import (
     epoch_seconds_of,
     exploration_closes,
     fixed_seconds_of,
+    refine_fits,
     refine_ranked,
     refine_seconds,
 )
@@ -337,6 +338,18 @@ def test_what_a_trial_took_beyond_its_epochs_counts_once_per_trial() -> None:
     # a refine that fits by its epochs but not with its teardown gives way
     assert refine_seconds(spec, [10.0] * 3, explored, left=80.0) == 60.0
     assert refine_seconds(spec, [10.0] * 3, explored[:1], left=80.0) == math.inf
+
+
+def test_refine_is_given_the_most_its_family_took_beyond_its_epochs() -> None:
+    """An Inception model's teardown varies at random (0-26 s): a refine started on the
+    explored trial's own lucky 0 s would be cut, so the family's recent most counts."""
+    spec = refine_spec()  # refine: 6 epochs, one wave
+    attrs = {Attr.EPOCHS: 3, Attr.EPOCH_SECONDS: 10.0, Attr.FIXED_SECONDS: 0.0}
+    lucky = rec(1, 0.9, params={"family": "inception"}, attrs=attrs)
+    family = [("inception", 30.0), ("cnn", 50.0)]
+    assert refine_fits(spec, lucky, 85.0)  # 60 s of epochs, its own 0 s beyond
+    assert not refine_fits(spec, lucky, 85.0, family)  # and its family's 30 s
+    assert refine_fits(spec, lucky, 90.0, family)
 
 
 def test_a_trials_time_beyond_its_epochs_is_read_off_its_own_family() -> None:

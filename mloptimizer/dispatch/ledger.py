@@ -82,9 +82,9 @@ class InFlight:
 
     def fixed_seconds(self, now: float, pace: float, warm: bool) -> float | None:
         """What the trial took at ``now`` beyond its epochs at ``pace``: the time from its
-        last epoch to its result (``fit``'s teardown, measuring the model: a few seconds;
-        17-29 s for an Inception model beside 15 s epochs while one iterator served every
-        epoch) and, on a ``warm``
+        last epoch to its result (``fit``'s teardown, measuring the model: a second or two
+        for a small CNN, 0-26 s at random for an Inception model beside 25-40 s epochs on 2
+        CPU cores) and, on a ``warm``
         trainer (one that trained a trial before), its first epoch's excess over the others
         (building the model, the first step's tracing). A trainer's first trial also pays
         its warm-up (the dataset's load), which no later trial does. None when more than
@@ -158,10 +158,10 @@ class Ledger:
         self.refine_started = False
         # Seconds per epoch of the explored trials that trained (to keep time for refine
         # under budget.timeout), their seconds beyond their epochs, and (value, s/epoch,
-        # fixed s) of the complete feasible ones.
+        # fixed s, family) of the complete feasible ones.
         self._epoch_seconds: list[float] = []
         self._fixed_seconds: list[tuple[str | None, float]] = []  # (family, fixed s)
-        self._explored_pace: list[tuple[float, float, float]] = []
+        self._explored_pace: list[tuple[float, float, float, str | None]] = []
         # (family, MFLOPs, s/epoch) of the same: the late check's estimates
         self._size_pace: list[tuple[str | None, float, float]] = []
         self._warm: set[str] = set()  # trainers (worker ids) that sent a result before
@@ -235,7 +235,7 @@ class Ledger:
             if isinstance(mflops, int | float) and mflops > 0:
                 self._size_pace.append((rec.family, float(mflops), pace))
             if rec.state == "complete" and rec.value is not None and rec.feasible:
-                self._explored_pace.append((rec.value, pace, fixed))
+                self._explored_pace.append((rec.value, pace, fixed, rec.family))
         if rec.state == "complete" and rec.value is not None and rec.feasible:
             candidates = [rec] if c.best is None else [rec, c.best]
             c.best = best_of(candidates, self._direction, self.spec.objective.tradeoff)

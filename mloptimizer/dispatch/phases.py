@@ -71,7 +71,7 @@ class Phases(Ledger):
             self.explore_closed = exploration_closes(
                 self.spec,
                 self._epoch_seconds,
-                self._explored_pace,
+                self._refine_paces(),
                 self._elapsed,
                 self.counts.explore_used,
                 [fixed for _, fixed in self._fixed_seconds],
@@ -190,7 +190,7 @@ class Phases(Ledger):
         start a retraining the timeout would cut."""
         assert self.spec.budget.timeout is not None
         left = parse_duration(self.spec.budget.timeout) - self._elapsed()
-        fitting = [r for r in explored if refine_fits(self.spec, r, left)]
+        fitting = [r for r in explored if refine_fits(self.spec, r, left, self._fixed_seconds)]
         best, kept = best_of(explored, self._direction), best_of(fitting, self._direction)
         if best is not None and (kept is None or kept.number != best.number):
             log.info(
@@ -207,7 +207,18 @@ class Phases(Ledger):
         (:func:`refine_seconds`, infinite when no refine fits)."""
         assert self.spec.budget.timeout is not None
         left = parse_duration(self.spec.budget.timeout) - self._elapsed()
-        return left, refine_seconds(self.spec, self._epoch_seconds, self._explored_pace, left)
+        return left, refine_seconds(self.spec, self._epoch_seconds, self._refine_paces(), left)
+
+    def _refine_paces(self) -> list[tuple[float, float, float]]:
+        """(value, seconds per epoch, seconds beyond the epochs) of the complete feasible
+        explored trials, as refine would retrain them: beyond its epochs, a trial is given
+        the most of its own and its family's recent ones (:func:`fixed_seconds_of`), for
+        that time varies from trial to trial of one model (an Inception model's teardown:
+        0-26 s at random) and refine must not be started on a lucky one."""
+        return [
+            (value, pace, max(fixed, fixed_seconds_of(family, self._fixed_seconds)))
+            for value, pace, fixed, family in self._explored_pace
+        ]
 
     def _elapsed(self) -> float:
         """Seconds since the study began (its creation, whichever dispatcher made it)."""
@@ -300,12 +311,19 @@ def _refine_time(spec: ArchitectureSearchSpec, pace: float, fixed: float) -> flo
     return (refine.epochs * pace + fixed) * _refine_waves(spec)
 
 
-def refine_fits(spec: ArchitectureSearchSpec, rec: TrialRecord, left: float) -> bool:
-    """Whether retraining ``rec`` for refine, at the pace it explored and with what it
-    took beyond its epochs, ends within ``left`` seconds (a trial whose pace is unknown is
-    given the benefit of the doubt)."""
+def refine_fits(
+    spec: ArchitectureSearchSpec,
+    rec: TrialRecord,
+    left: float,
+    measured: Sequence[tuple[str | None, float]] = (),
+) -> bool:
+    """Whether retraining ``rec`` for refine, at the pace it explored and with the most of
+    what it and its family's recent trials took beyond their epochs (``measured``: family,
+    seconds, :func:`fixed_seconds_of`), ends within ``left`` seconds (a trial whose pace is
+    unknown is given the benefit of the doubt)."""
     pace = epoch_pace(rec)
-    return pace is None or _refine_time(spec, pace, fixed_seconds(rec)) <= left
+    beyond = max(fixed_seconds(rec), fixed_seconds_of(rec.family, measured))
+    return pace is None or _refine_time(spec, pace, beyond) <= left
 
 
 def refine_seconds(
