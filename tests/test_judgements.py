@@ -353,7 +353,8 @@ def test_refine_is_given_the_most_its_family_took_beyond_its_epochs() -> None:
 
 
 def test_a_trials_time_beyond_its_epochs_is_read_off_its_own_family() -> None:
-    measured = [("cnn", 2.0), ("inception", 20.0), ("cnn", 1.0), ("inception", 28.0)]
+    measured: list[tuple[str | None, float | None]] = [("cnn", 2.0), ("inception", 20.0)]
+    measured += [("cnn", 1.0), ("inception", 28.0), ("cnn", None)]  # None: not measured
     assert fixed_seconds_of("inception", measured) == 28.0
     assert fixed_seconds_of("cnn", measured) == 2.0
     assert fixed_seconds_of("mobilenet", measured) == 28.0 * UNSEEN_FAMILY_MARGIN
@@ -467,12 +468,10 @@ def test_an_epochs_time_leaves_out_what_only_the_first_epoch_pays() -> None:
     assert f.epoch_seconds() == 12.0
     # beyond its epochs: its first took 38 s more than the others, its result came 16 s
     # after its last
-    assert f.fixed_seconds(90.0, 12.0, warm=True) == 54.0
-    # on a trainer's first trial, the first epoch's excess is its warm-up: not counted
-    assert f.fixed_seconds(90.0, 12.0, warm=False) == 16.0
+    assert f.fixed_seconds(90.0, 12.0) == 54.0
     f.told(2, 2, replay=True)  # a checkpoint's epoch, told again: not a new measure
     assert f.epoch_seconds() == 12.0
-    assert f.fixed_seconds(90.0, 12.0, warm=True) is None  # two attempts: not one run's
+    assert f.fixed_seconds(90.0, 12.0) is None  # two attempts: not one run's clock
     one = flight(2, heard=False, at=0.0)
     one.told(1, 1, replay=False)
     assert one.epoch_seconds() is None
@@ -481,7 +480,7 @@ def test_an_epochs_time_leaves_out_what_only_the_first_epoch_pays() -> None:
     assert epoch_pace(rec(1, 0.9, seconds=74.0, attrs={Attr.EPOCHS: 2})) == 37.0
     assert epoch_pace(rec(1, None, state="failed", attrs={})) is None
     assert fixed_seconds(rec(1, 0.9, attrs={Attr.FIXED_SECONDS: 16.0})) == 16.0
-    assert fixed_seconds(rec(1, 0.9, attrs=attrs)) == 0.0  # not measured
+    assert fixed_seconds(rec(1, 0.9, attrs=attrs)) is None  # not measured
 
 
 def test_a_trial_silent_since_its_last_progress_is_stale() -> None:

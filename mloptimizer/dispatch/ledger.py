@@ -80,23 +80,20 @@ class InFlight:
         first, last = min(self.heard_at), max(self.heard_at)
         return (self.heard_at[last] - self.heard_at[first]) / (last - first)
 
-    def fixed_seconds(self, now: float, pace: float, warm: bool) -> float | None:
-        """What the trial took at ``now`` beyond its epochs at ``pace``: the time from its
-        last epoch to its result (``fit``'s teardown, measuring the model: a second or two
-        for a small CNN, 0-26 s at random for an Inception model beside 25-40 s epochs on 2
-        CPU cores) and, on a ``warm``
-        trainer (one that trained a trial before), its first epoch's excess over the others
-        (building the model, the first step's tracing). A trainer's first trial also pays
-        its warm-up (the dataset's load), which no later trial does. None when more than
-        one attempt trained it, or one resumed from a checkpoint: its clock is then not
-        one run's."""
+    def fixed_seconds(self, now: float, pace: float) -> float | None:
+        """What the trial took at ``now`` beyond its epochs at ``pace``: its first epoch's
+        excess over the others (building the model, the first step's tracing) and the time
+        from its last epoch to its result (``fit``'s teardown, measuring the model: a second
+        or two for a small CNN, 0-26 s at random for an Inception model beside 25-40 s
+        epochs on 2 CPU cores). None when more than one attempt trained it, or one resumed
+        from a checkpoint: its clock is then not one run's."""
         if self.replayed or len({attempt for attempt, _ in self.trained}) != 1:
             return None
         if len(self.heard_at) < 2:
             return None
         first, last = min(self.heard_at), max(self.heard_at)
         began = self.taken_at if self.taken_at is not None else self.sent_at
-        start = self.heard_at[first] - began - first * pace if warm else 0.0
+        start = self.heard_at[first] - began - first * pace
         return max(0.0, start) + max(0.0, now - self.heard_at[last])
 
     def goes_on(self, exhausted: bool) -> bool:
@@ -119,8 +116,8 @@ class InFlight:
 
 
 # Trainers the ledger remembers as warm: a bound on what a search's trainers can make the
-# dispatcher keep (a worker id is a trainer's own word); past it, a first trial's start-up
-# is never counted, which errs short by a model's build at most.
+# dispatcher keep (a worker id is a trainer's own word); past it, no trial's time beyond
+# its epochs is measured, and the estimates count its epochs only.
 MAX_WARM_TRAINERS = 10_000
 
 
@@ -135,11 +132,11 @@ def epoch_pace(rec: TrialRecord) -> float | None:
     return None
 
 
-def fixed_seconds(rec: TrialRecord) -> float:
+def fixed_seconds(rec: TrialRecord) -> float | None:
     """A trained trial's seconds beyond its epochs at their pace
-    (:meth:`InFlight.fixed_seconds`); 0 when not measured."""
+    (:meth:`InFlight.fixed_seconds`); None when not measured."""
     fixed = rec.attrs.get(Attr.FIXED_SECONDS)
-    return float(fixed) if isinstance(fixed, int | float) and fixed > 0 else 0.0
+    return max(0.0, float(fixed)) if isinstance(fixed, int | float) else None
 
 
 class Ledger:
@@ -160,7 +157,7 @@ class Ledger:
         # under budget.timeout), their seconds beyond their epochs, and (value, s/epoch,
         # fixed s, family) of the complete feasible ones.
         self._epoch_seconds: list[float] = []
-        self._fixed_seconds: list[tuple[str | None, float]] = []  # (family, fixed s)
+        self._fixed_seconds: list[tuple[str | None, float | None]] = []  # (family, fixed s)
         self._explored_pace: list[tuple[float, float, float, str | None]] = []
         # (family, MFLOPs, s/epoch) of the same: the late check's estimates
         self._size_pace: list[tuple[str | None, float, float]] = []
@@ -235,7 +232,7 @@ class Ledger:
             if isinstance(mflops, int | float) and mflops > 0:
                 self._size_pace.append((rec.family, float(mflops), pace))
             if rec.state == "complete" and rec.value is not None and rec.feasible:
-                self._explored_pace.append((rec.value, pace, fixed, rec.family))
+                self._explored_pace.append((rec.value, pace, fixed or 0.0, rec.family))
         if rec.state == "complete" and rec.value is not None and rec.feasible:
             candidates = [rec] if c.best is None else [rec, c.best]
             c.best = best_of(candidates, self._direction, self.spec.objective.tradeoff)
@@ -384,8 +381,10 @@ class Ledger:
         result = judgements.result_attrs(message, price, objective.metric, earlier)
         if (epoch_seconds := flight.epoch_seconds()) is not None:
             result[Attr.EPOCH_SECONDS] = epoch_seconds
+            # a trainer's first trial also pays, before and after its epochs, what no later
+            # one does (the dataset's load; the first model kept): not measured
             warm = message.worker_id in self._warm
-            if (fixed := flight.fixed_seconds(self.clock(), epoch_seconds, warm)) is not None:
+            if warm and (fixed := flight.fixed_seconds(self.clock(), epoch_seconds)) is not None:
                 result[Attr.FIXED_SECONDS] = fixed
         if len(self._warm) < MAX_WARM_TRAINERS:
             self._warm.add(message.worker_id)

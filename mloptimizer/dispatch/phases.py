@@ -74,7 +74,7 @@ class Phases(Ledger):
                 self._refine_paces(),
                 self._elapsed,
                 self.counts.explore_used,
-                [fixed for _, fixed in self._fixed_seconds],
+                [fixed or 0.0 for _, fixed in self._fixed_seconds],
             )
             if self.explore_closed is not None:
                 log.info("%s", self.explore_closed)
@@ -98,7 +98,10 @@ class Phases(Ledger):
     def _too_late(self, trial: optuna.trial.Trial, rec: TrialRecord, mflops: float) -> bool:
         """Whether an explore trial just sampled would end after refine must start under
         ``budget.timeout``, at the pace of the trials of its family and size that trained
-        (:func:`epoch_seconds_of`): it is then not sent, and uses no budget. A trial can
+        (:func:`epoch_seconds_of`), plus what they took beyond their epochs
+        (:func:`fixed_seconds_of`): it is then not sent, and uses no budget. A start-up
+        trial need only leave time for the cheapest refine, not the best's: a slow random
+        best must not starve the start-up (bench/vs_peers.py seed 5 explored 3 trials). A trial can
         only be stopped at an epoch's end, so one sent with too little time would hold a
         trainer past the moment refine needs it. After :data:`RECENT_TRIALS` such samples
         in a row, exploration closes."""
@@ -108,6 +111,11 @@ class Phases(Ledger):
         per_epoch = epoch_seconds_of(rec.family, mflops, self._size_pace)
         fixed = fixed_seconds_of(rec.family, self._fixed_seconds)
         left, needs = self._left_and_refine()
+        if self._start_up():
+            # the best so far is one of a few random ones, worth less than exploring on: a
+            # start-up trial need only leave the cheapest refine room
+            cheapest = [_refine_time(self.spec, p, f) for _, p, f in self._refine_paces()]
+            needs = min([c for c in cheapest if c <= left], default=needs)
         takes = (per_epoch or 0.0) * self.spec.training.epochs + fixed
         if per_epoch is None or math.isinf(needs) or takes <= left - needs:
             self._late_in_a_row = 0
@@ -130,6 +138,11 @@ class Phases(Ledger):
             )
             log.info("%s", self.explore_closed)
         return True
+
+    def _start_up(self) -> bool:
+        """Whether the explore trial being judged is one of the sampler's start-up trials
+        (it was counted when asked for)."""
+        return self.counts.explore_used <= self.spec.sampler.n_startup_trials
 
     def _outlasts_refine(self, flight: InFlight, epoch: int) -> bool:
         """Whether an explore trial still training after exploration closed would end too
@@ -281,17 +294,19 @@ def _pace_basis(family: str | None, trained: list[tuple[str | None, float, float
     return f"those that trained, times {UNSEEN_FAMILY_MARGIN:g}: no {family} trained yet"
 
 
-def fixed_seconds_of(family: str | None, measured: Sequence[tuple[str | None, float]]) -> float:
+def fixed_seconds_of(
+    family: str | None, measured: Sequence[tuple[str | None, float | None]]
+) -> float:
     """Seconds a trial of architecture ``family`` is likely to take beyond its epochs
     (:meth:`~mloptimizer.dispatch.ledger.InFlight.fixed_seconds`), from (family, seconds)
     of the explored trials that trained: the most of the last :data:`RECENT_TRIALS` of its
     family (a trainer's first trial, which also loads the dataset, drops out of it); for a
     family none of them is of, the most of the last of all, times
     :data:`UNSEEN_FAMILY_MARGIN`. 0 before any trained."""
-    same = [sec for f, sec in measured if f == family][-RECENT_TRIALS:]
+    same = [sec for f, sec in measured if f == family and sec is not None][-RECENT_TRIALS:]
     if same:
         return max(same)
-    others = [sec for _, sec in measured][-RECENT_TRIALS:]
+    others = [sec for _, sec in measured if sec is not None][-RECENT_TRIALS:]
     return max(others, default=0.0) * UNSEEN_FAMILY_MARGIN
 
 
@@ -315,14 +330,14 @@ def refine_fits(
     spec: ArchitectureSearchSpec,
     rec: TrialRecord,
     left: float,
-    measured: Sequence[tuple[str | None, float]] = (),
+    measured: Sequence[tuple[str | None, float | None]] = (),
 ) -> bool:
     """Whether retraining ``rec`` for refine, at the pace it explored and with the most of
     what it and its family's recent trials took beyond their epochs (``measured``: family,
     seconds, :func:`fixed_seconds_of`), ends within ``left`` seconds (a trial whose pace is
     unknown is given the benefit of the doubt)."""
     pace = epoch_pace(rec)
-    beyond = max(fixed_seconds(rec), fixed_seconds_of(rec.family, measured))
+    beyond = max(fixed_seconds(rec) or 0.0, fixed_seconds_of(rec.family, measured))
     return pace is None or _refine_time(spec, pace, beyond) <= left
 
 
