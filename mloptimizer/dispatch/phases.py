@@ -101,8 +101,8 @@ class Phases(Ledger):
         (:func:`epoch_seconds_of`), plus what they took beyond their epochs
         (:func:`fixed_seconds_of`): it is then not sent, and uses no budget. A start-up
         trial need only leave time for the cheapest refine, not the best's: a slow random
-        best must not starve the start-up (bench/vs_peers.py seed 5 explored 3 trials). A trial can
-        only be stopped at an epoch's end, so one sent with too little time would hold a
+        best must not starve the start-up (bench/vs_peers.py seed 5 explored 3 trials). A
+        trial can only be stopped at an epoch's end, so one sent with too little time would hold a
         trainer past the moment refine needs it. After :data:`RECENT_TRIALS` such samples
         in a row, exploration closes."""
         timeout = self.spec.budget.timeout
@@ -228,8 +228,10 @@ class Phases(Ledger):
         the most of its own and its family's recent ones (:func:`fixed_seconds_of`), for
         that time varies from trial to trial of one model (an Inception model's teardown:
         0-26 s at random) and refine must not be started on a lucky one."""
+        families = {family for *_, family in self._explored_pace}
+        most = {family: fixed_seconds_of(family, self._fixed_seconds) for family in families}
         return [
-            (value, pace, max(fixed, fixed_seconds_of(family, self._fixed_seconds)))
+            (value, pace, max(fixed, most[family]))
             for value, pace, fixed, family in self._explored_pace
         ]
 
@@ -299,9 +301,9 @@ def fixed_seconds_of(
 ) -> float:
     """Seconds a trial of architecture ``family`` is likely to take beyond its epochs
     (:meth:`~mloptimizer.dispatch.ledger.InFlight.fixed_seconds`), from (family, seconds)
-    of the explored trials that trained: the most of the last :data:`RECENT_TRIALS` of its
-    family (a trainer's first trial, which also loads the dataset, drops out of it); for a
-    family none of them is of, the most of the last of all, times
+    of the explored trials that trained (None: not measured, as a trainer's first trial is
+    not): the most of the last :data:`RECENT_TRIALS` of its family; for a family none of
+    them is of, the most of the last of all, times
     :data:`UNSEEN_FAMILY_MARGIN`. 0 before any trained."""
     same = [sec for f, sec in measured if f == family and sec is not None][-RECENT_TRIALS:]
     if same:
