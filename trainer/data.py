@@ -563,10 +563,10 @@ def _without_autotune_model() -> tf.data.Options:
     """Options that run no autotuning thread beside the pipeline.
 
     With it, deleting a pipeline's iterator (``fit`` does so as it returns) waits for that
-    thread, whose period doubles up to a minute: an Inception trial's ``fit`` returned up to
-    36 s after its last epoch. Without it, each ``AUTOTUNE`` ``map`` runs on as many threads
-    as there are cores and ``prefetch`` still reads ahead; the pipeline's work per batch is
-    one gather, which needs no tuning (``bench/trainer_throughput.py`` measures it).
+    thread, whose period doubles up to a minute: an Inception trial's ``fit`` returned 26-37 s
+    after its last epoch in half the trials. Without it, each ``AUTOTUNE`` ``map`` runs on as
+    many threads as there are cores and ``prefetch`` still reads ahead; the pipeline's work
+    per batch is one gather, which needs no tuning (``bench/trainer_throughput.py``).
     """
     options = tf.data.Options()
     options.autotune.enabled = False

@@ -353,7 +353,7 @@ def test_make_dataset_order_follows_the_seed() -> None:
 
 def test_a_pipeline_starts_no_autotuning_thread_that_its_end_would_wait_for() -> None:
     """Deleting an iterator waits for tf.data's autotuning thread, whose period grows to a
-    minute: with it, an Inception trial's ``fit`` returned up to 36 s after its last epoch."""
+    minute: with it, an Inception trial's ``fit`` returned 26-37 s after its last epoch."""
     x, y = _indexed(40)
     for shuffle, epochs in ((True, range(0, 3)), (True, None), (False, None)):
         dataset = make_dataset(x, y, batch_size=8, shuffle=shuffle, seed=0, epochs=epochs)
