@@ -556,21 +556,11 @@ def make_dataset(
     data = batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
         data = data.map(lambda im, lab: (augment(im), lab), num_parallel_calls=tf.data.AUTOTUNE)
-    return data.prefetch(tf.data.AUTOTUNE).with_options(_WITHOUT_AUTOTUNE_MODEL)
-
-
-def _without_autotune_model() -> tf.data.Options:
-    """Options that run no autotuning thread beside the pipeline.
-
-    With it, deleting a pipeline's iterator (``fit`` does so as it returns) waits for that
-    thread, whose period doubles up to a minute: an Inception trial's ``fit`` returned 26-37 s
-    after its last epoch in half the trials. Without it, each ``AUTOTUNE`` ``map`` runs on as
-    many threads as there are cores and ``prefetch`` still reads ahead; the pipeline's work
-    per batch is one gather, which needs no tuning (``bench/trainer_throughput.py``).
-    """
+    # No autotuning thread: deleting an iterator (``fit`` does so as it returns) waits for it,
+    # and its period doubles up to a minute: an Inception trial's ``fit`` returned 26-37 s after
+    # its last epoch in half the trials. Without it each AUTOTUNE map runs on as many threads
+    # as there are cores and prefetch still reads ahead; one gather a batch needs no tuning
+    # (bench/trainer_throughput.py).
     options = tf.data.Options()
     options.autotune.enabled = False
-    return options
-
-
-_WITHOUT_AUTOTUNE_MODEL = _without_autotune_model()
+    return data.prefetch(tf.data.AUTOTUNE).with_options(options)

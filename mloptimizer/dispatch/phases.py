@@ -226,8 +226,8 @@ class Phases(Ledger):
         """(value, seconds per epoch, seconds beyond the epochs) of the complete feasible
         explored trials, as refine would retrain them: beyond its epochs, a trial is given
         the most of its own and its family's recent ones (:func:`fixed_seconds_of`), for
-        that time varies from trial to trial of one model (an Inception model's teardown:
-        0-26 s at random) and refine must not be started on a lucky one."""
+        that time varies from trial to trial of one model (an Inception model's first epoch's
+        tracing) and refine must not be started on a lucky one."""
         families = {family for *_, family in self._explored_pace}
         most = {family: fixed_seconds_of(family, self._fixed_seconds) for family in families}
         return [
