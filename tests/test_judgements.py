@@ -341,7 +341,7 @@ def test_what_a_trial_took_beyond_its_epochs_counts_once_per_trial() -> None:
 
 
 def test_refine_is_given_the_most_its_family_took_beyond_its_epochs() -> None:
-    """An Inception model's teardown varies at random (0-26 s): a refine started on the
+    """An Inception model's time beyond its epochs varies (6-28 s): a refine started on the
     explored trial's own lucky 0 s would be cut, so the family's recent most counts."""
     spec = refine_spec()  # refine: 6 epochs, one wave
     attrs = {Attr.EPOCHS: 3, Attr.EPOCH_SECONDS: 10.0, Attr.FIXED_SECONDS: 0.0}
@@ -359,6 +359,10 @@ def test_a_trials_time_beyond_its_epochs_is_read_off_its_own_family() -> None:
     assert fixed_seconds_of("cnn", measured) == 2.0
     assert fixed_seconds_of("mobilenet", measured) == 28.0 * UNSEEN_FAMILY_MARGIN
     assert fixed_seconds_of("cnn", []) == 0.0
+    # a family whose only trial went unmeasured (its trainer's first) is not unseen
+    first: list[tuple[str | None, float | None]] = [("cnn", None), ("inception", 28.0)]
+    assert fixed_seconds_of("cnn", first) == 28.0
+    assert fixed_seconds_of("mobilenet", first) == 28.0 * UNSEEN_FAMILY_MARGIN
     # a trainer's first trial (loading the dataset) drops out after RECENT_TRIALS more
     warm = [("cnn", 40.0)] + [("cnn", 1.0)] * RECENT_TRIALS
     assert fixed_seconds_of("cnn", warm) == 1.0

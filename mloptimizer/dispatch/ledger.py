@@ -83,10 +83,10 @@ class InFlight:
     def fixed_seconds(self, now: float, pace: float) -> float | None:
         """What the trial took at ``now`` beyond its epochs at ``pace``: its first epoch's
         excess over the others (building the model, the first step's tracing) and the time
-        from its last epoch to its result (``fit``'s teardown, measuring the model: a second
-        or two for a small CNN, 0-26 s at random for an Inception model beside 25-40 s
-        epochs on 2 CPU cores). None when more than one attempt trained it, or one resumed
-        from a checkpoint: its clock is then not one run's."""
+        from its last epoch to its result (``fit``'s teardown, measuring the model): on 2 CPU
+        cores, 2-6 s for a small CNN, 5-15 s for an Inception model beside 15-40 s epochs.
+        None when more than one attempt trained it, or one resumed from a checkpoint: its
+        clock is then not one run's."""
         if self.replayed or len({attempt for attempt, _ in self.trained}) != 1:
             return None
         if len(self.heard_at) < 2:

@@ -125,7 +125,7 @@ class Phases(Ledger):
             trial,
             rec,
             f"late: about {takes:.0f} s ({self.spec.training.epochs} epochs of a "
-            f"{mflops:.0f}-MFLOPs model at the pace of "
+            f"{mflops:.3g}-MFLOPs model at the pace of "
             f"{_pace_basis(rec.family, self._size_pace)}, and {fixed:.0f} s beyond its "
             f"epochs); refine must start in {max(0.0, left - needs):.0f} s",
             late=True,
@@ -302,14 +302,19 @@ def fixed_seconds_of(
     """Seconds a trial of architecture ``family`` is likely to take beyond its epochs
     (:meth:`~mloptimizer.dispatch.ledger.InFlight.fixed_seconds`), from (family, seconds)
     of the explored trials that trained (None: not measured, as a trainer's first trial is
-    not): the most of the last :data:`RECENT_TRIALS` of its family; for a family none of
-    them is of, the most of the last of all, times
-    :data:`UNSEEN_FAMILY_MARGIN`. 0 before any trained."""
-    same = [sec for f, sec in measured if f == family and sec is not None][-RECENT_TRIALS:]
+    not): the most of the last :data:`RECENT_TRIALS` of its family; for a family whose
+    only trained trials went unmeasured, the most of the last of all; for a family none
+    of them is of, that times :data:`UNSEEN_FAMILY_MARGIN`. 0 before any trained.
+
+    A family that trained is known to train: bench/vs_peers.py seed 2's first trial, a
+    CNN and its trainer's first, went unmeasured, and twice the Inception trials' 28 s
+    then judged every CNN sampled after them late, which closed exploration at 4 trials."""
+    trained = [sec for f, sec in measured if f == family]
+    same = [sec for sec in trained if sec is not None][-RECENT_TRIALS:]
     if same:
         return max(same)
-    others = [sec for _, sec in measured if sec is not None][-RECENT_TRIALS:]
-    return max(others, default=0.0) * UNSEEN_FAMILY_MARGIN
+    others = max([sec for _, sec in measured if sec is not None][-RECENT_TRIALS:], default=0.0)
+    return others if trained else others * UNSEEN_FAMILY_MARGIN
 
 
 def _refine_waves(spec: ArchitectureSearchSpec) -> int:
