@@ -341,8 +341,9 @@ def test_what_a_trial_took_beyond_its_epochs_counts_once_per_trial() -> None:
 
 
 def test_refine_is_given_the_most_its_family_took_beyond_its_epochs() -> None:
-    """An Inception model's time beyond its epochs varies (6-28 s): a refine started on the
-    explored trial's own lucky 0 s would be cut, so the family's recent most counts."""
+    """An Inception model's time beyond its epochs varies (4.5-12.6 s in one search): a
+    refine started on the explored trial's own lucky 0 s would be cut, so the family's
+    recent most counts."""
     spec = refine_spec()  # refine: 6 epochs, one wave
     attrs = {Attr.EPOCHS: 3, Attr.EPOCH_SECONDS: 10.0, Attr.FIXED_SECONDS: 0.0}
     lucky = rec(1, 0.9, params={"family": "inception"}, attrs=attrs)
