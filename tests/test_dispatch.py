@@ -623,10 +623,10 @@ def test_what_a_trial_takes_beyond_its_epochs_is_kept_for(storage: str, seed: in
     assert all(sec == pytest.approx(40.0) for sec in inception)
 
 
-def assert_start_up_explored_then_refined(storage: str, seed: int) -> list[TrialRecord]:
+def start_up_run(storage: str, seed: int) -> tuple[Dispatcher, TimedTransport]:
     """Run a 5-minute search of CNN and Inception models (an Inception trial's result 20 s
-    after its last epoch) on the simulated clock; assert it explored its 5 start-up trials
-    and refined in time, and return its trials."""
+    after its last epoch, an Inception epoch 3x a CNN's per multiply-add) with 5 start-up
+    trials and a 4-epoch refine of the best, on the simulated clock, one trainer."""
     spec = make_spec(
         budget={"maxTrials": 500, "parallelism": 1, "timeout": "5m"},
         sampler={"seed": seed, "nStartupTrials": 5},
@@ -640,7 +640,13 @@ def assert_start_up_explored_then_refined(storage: str, seed: int) -> list[Trial
         family_cost={"inception": 3.0},
         family_tail={"inception": 20.0, "cnn": 1.0},
     )
+    return d, transport
 
+
+def assert_start_up_explored_then_refined(storage: str, seed: int) -> list[TrialRecord]:
+    """Assert :func:`start_up_run` explored its 5 start-up trials and refined in time;
+    return its trials."""
+    d, transport = start_up_run(storage, seed)
     trials = records(d.study)
     explored = [r for r in trials if r.phase == "explore" and r.state in ("complete", "pruned")]
     assert len(explored) >= 5
@@ -674,6 +680,26 @@ def test_a_family_whose_only_trial_went_unmeasured_is_not_judged_unseen(storage:
     beyond = [float(m) for why in late for m in re.findall(r"and (\d+) s beyond", why)]
     assert len(beyond) == len(late)
     assert all(sec <= 20.0 for sec in beyond)  # the most any trial took: none twice that
+
+
+def test_when_no_refine_fits_a_trial_the_timeout_would_cut_is_not_sent(storage: str) -> None:
+    """Sampler seed 7 of :func:`start_up_run`: its first trial, an Inception model, took
+    238 s of the 5 minutes, and no refine of it fitted after. The late check then let every
+    sample through, and two more Inception models were sent with 62 s left: the search ran
+    to 336 s, on 2 trials explored. At their family's pace they cannot end in time, so they
+    are not sent; four CNNs are, and the search ends within its timeout."""
+    d, transport = start_up_run(storage, 7)
+
+    trials = records(d.study)
+    assert transport.now - 1_000_000.0 <= 300.0
+    explored = [r for r in trials if r.phase == "explore" and r.state == "complete"]
+    assert len(explored) >= 5
+    cut = [r for r in trials if r.error is not None and "budget.timeout ends in" in r.error]
+    assert {r.params["family"] for r in cut} >= {"inception"}
+    assert all(r.interrupted for r in cut)  # used no budget
+    assert not {r.trial_id for r in cut} & {t.trial_id for t in transport.sent}
+    sent_after_first = [t for t in transport.sent if t.number > 0]
+    assert all(t.architecture.family == "cnn" for t in sent_after_first)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -303,7 +303,7 @@ def test_exploration_closes_when_the_time_left_just_holds_refine() -> None:
     why = exploration_closes(spec, paces, explored, lambda: 520.0, 3)  # 80 s left
     assert why is not None
     assert "leave about 90 s for refine" in why
-    # when refine itself no longer fits, the search explores to the end
+    # when refine itself no longer fits, the search explores on (exploration stays open)
     assert exploration_closes(spec, paces, explored, lambda: 560.0, 3) is None  # 40 s left
 
 

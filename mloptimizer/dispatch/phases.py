@@ -102,42 +102,81 @@ class Phases(Ledger):
         (:func:`fixed_seconds_of`): it is then not sent, and uses no budget. A start-up
         trial need only leave time for the cheapest refine, not the best's: a slow random
         best must not starve the start-up (bench/vs_peers.py seed 5 explored 3 trials). A
-        trial can only be stopped at an epoch's end, so one sent with too little time would hold a
-        trainer past the moment refine needs it. After :data:`RECENT_TRIALS` such samples
-        in a row, exploration closes."""
+        trial can only be stopped at an epoch's end, so one sent with too little time would
+        hold a trainer past the moment refine needs it. When no refine fits any more, a
+        trial is late only when the timeout itself would cut it (:meth:`_cut_by_timeout`).
+        After :data:`RECENT_TRIALS` such samples in a row, exploration closes."""
         timeout = self.spec.budget.timeout
         if rec.phase != "explore" or timeout is None or self.spec.training.refine is None:
             return False
-        per_epoch = epoch_seconds_of(rec.family, mflops, self._size_pace)
-        fixed = fixed_seconds_of(rec.family, self._fixed_seconds)
         left, needs = self._left_and_refine()
         if self._start_up():
             # the best so far is one of a few random ones, worth less than exploring on: a
             # start-up trial need only leave the cheapest refine room
             cheapest = [_refine_time(self.spec, p, f) for _, p, f in self._refine_paces()]
             needs = min([c for c in cheapest if c <= left], default=needs)
+        if math.isinf(needs):
+            return self._cut_by_timeout(trial, rec, mflops, left)
+        per_epoch = epoch_seconds_of(rec.family, mflops, self._size_pace)
+        fixed = fixed_seconds_of(rec.family, self._fixed_seconds)
         takes = (per_epoch or 0.0) * self.spec.training.epochs + fixed
-        if per_epoch is None or math.isinf(needs) or takes <= left - needs:
+        if per_epoch is None or takes <= left - needs:
             self._late_in_a_row = 0
             return False
-        self._late_in_a_row += 1
-        self._fail_unsent(
+        self._late(
             trial,
             rec,
-            f"late: about {takes:.0f} s ({self.spec.training.epochs} epochs of a "
-            f"{mflops:.3g}-MFLOPs model at the pace of "
-            f"{_pace_basis(rec.family, self._size_pace)}, and {fixed:.0f} s beyond its "
-            f"epochs); refine must start in {max(0.0, left - needs):.0f} s",
-            late=True,
+            f"late: about {takes:.0f} s ({self._takes(rec, mflops, fixed)}); refine must "
+            f"start in {max(0.0, left - needs):.0f} s",
+            f"would each end after refine must start ({needs:.0f} s for the top "
+            f"{self.spec.training.refine.top_k})",
         )
+        return True
+
+    def _cut_by_timeout(
+        self, trial: optuna.trial.Trial, rec: TrialRecord, mflops: float, left: float
+    ) -> bool:
+        """Whether an explore trial just sampled, when no refine fits any more, would still
+        be training when ``budget.timeout`` cuts it: at its own family's pace, without the
+        margin a family none trained yet is given (there is no refine left to protect, and
+        a sample held back wrongly ends the search early), plus what the family's trials
+        took beyond their epochs. Such a trial would hold its trainer past the timeout
+        (a simulated-clock search ran 36 s over its 5 minutes so) and be thrown away."""
+        own = [(m, sec) for f, m, sec in self._size_pace if f == rec.family]
+        per_epoch = epoch_seconds_at(mflops, own)
+        fixed = fixed_seconds_of(rec.family, self._fixed_seconds)
+        takes = (per_epoch or 0.0) * self.spec.training.epochs + fixed
+        if per_epoch is None or takes <= left:  # a family none trained: benefit of the doubt
+            self._late_in_a_row = 0
+            return False
+        self._late(
+            trial,
+            rec,
+            f"late: about {takes:.0f} s ({self._takes(rec, mflops, fixed)}); "
+            f"budget.timeout ends in {max(0.0, left):.0f} s and no refine fits in it",
+            "would each end after budget.timeout, and no refine fits in it",
+        )
+        return True
+
+    def _takes(self, rec: TrialRecord, mflops: float, fixed: float) -> str:
+        """What a ``late`` estimate is made of, for its reason."""
+        return (
+            f"{self.spec.training.epochs} epochs of a {mflops:.3g}-MFLOPs model at the pace "
+            f"of {_pace_basis(rec.family, self._size_pace)}, and {fixed:.0f} s beyond its "
+            f"epochs"
+        )
+
+    def _late(self, trial: optuna.trial.Trial, rec: TrialRecord, why: str, each: str) -> None:
+        """Fail a sampled trial unsent as ``late`` (``why``); after :data:`RECENT_TRIALS` in
+        a row, close exploration (they ``each`` would end too late)."""
+        self._late_in_a_row += 1
+        self._fail_unsent(trial, rec, why, late=True)
         if self._late_in_a_row >= RECENT_TRIALS and self.explore_closed is None:
             self.explore_closed = (
-                f"exploration closed at {self._elapsed():.0f} s of budget.timeout {timeout}: "
-                f"the last {RECENT_TRIALS} trials sampled would each end after refine must "
-                f"start ({needs:.0f} s for the top {self.spec.training.refine.top_k})"
+                f"exploration closed at {self._elapsed():.0f} s of budget.timeout "
+                f"{self.spec.budget.timeout}: the last {RECENT_TRIALS} trials sampled {each}"
             )
             log.info("%s", self.explore_closed)
-        return True
 
     def _start_up(self) -> bool:
         """Whether the explore trial being judged is one of the sampler's start-up trials
@@ -398,7 +437,7 @@ def exploration_closes(
     exploring; but a slow start-up trial still training must not keep refine out. The
     refine trials counted are the best whose retraining fits in the time left (a slow
     model that became the best late gives way to the best that fits); when none fits any
-    more, the search explores to the end, as without refine.
+    more, the search explores on, sending only trials that end before the timeout.
 
     ``epoch_seconds``: seconds per epoch of the explored trials that trained, in the
     order they ended; ``explored_pace``: (value, seconds per epoch, seconds beyond the
@@ -418,7 +457,7 @@ def exploration_closes(
     refine_needs = refine_seconds(spec, epoch_seconds, explored_pace, left)
     reserve = refine_needs + next_trial
     if left > reserve or math.isinf(refine_needs):
-        return None  # time to explore more; or no refine fits any more: explore to the end
+        return None  # time to explore more; or no refine fits any more: explore on
     return (
         f"exploration closed at {elapsed():.0f} s of budget.timeout {timeout} to "
         f"leave about {reserve:.0f} s for refine ({refine_needs:.0f} s for the top "
