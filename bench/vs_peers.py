@@ -37,8 +37,8 @@ The tools:
   ``--mloptimizer-trials`` says otherwise, so the timeout ends the search; exploration
   closes early enough for the refine trial when it still fits after the start-up trials
   (see docs/reference.md, "Two phases"), else the search explores on to the timeout
-  (each search's line says whether refine ran). Trial completion times and values are read from the
-  run folder's Optuna study (``study.db``), timed from the study's creation. Final model:
+  (each search's line says whether refine ran). Trial completion times and values are read
+  from the run folder's Optuna study (``study.db``), timed from the study's creation. Final model:
   the run's best trial (what ``mloptimizer run``'s report scores).
 * **KerasTuner 1.4 BayesianOptimization** and **Hyperband** -- a ``HyperModel`` that
   declares the same choices with ``hp.Choice``/``hp.Int``/``hp.Float`` in nested

@@ -104,8 +104,8 @@ class Phases(Ledger):
         best must not starve the start-up (bench/vs_peers.py seed 5 explored 3 trials). A
         trial can only be stopped at an epoch's end, so one sent with too little time would
         hold a trainer past the moment refine needs it. When no refine fits any more, a
-        trial is late only when the timeout itself would cut it (:meth:`_cut_by_timeout`).
-        After :data:`RECENT_TRIALS` such samples in a row, exploration closes."""
+        trial is late only when the timeout itself would cut it. After
+        :data:`RECENT_TRIALS` such samples in a row, exploration closes."""
         timeout = self.spec.budget.timeout
         if rec.phase != "explore" or timeout is None or self.spec.training.refine is None:
             return False
@@ -115,68 +115,49 @@ class Phases(Ledger):
             # start-up trial need only leave the cheapest refine room
             cheapest = [_refine_time(self.spec, p, f) for _, p, f in self._refine_paces()]
             needs = min([c for c in cheapest if c <= left], default=needs)
-        if math.isinf(needs):
-            return self._cut_by_timeout(trial, rec, mflops, left)
-        per_epoch = epoch_seconds_of(rec.family, mflops, self._size_pace)
+        # When no refine fits any more, a trial is late only if the timeout itself would
+        # cut it, at its own family's pace without the margin a family none trained yet is
+        # given: there is no refine left to protect, and a sample held back wrongly ends
+        # the search early (a family none trained is sent). Sent, it would hold its trainer
+        # past the timeout (a simulated-clock search ran 36 s over its 5 minutes so).
+        cut = math.isinf(needs)
+        per_epoch = (
+            epoch_seconds_at(mflops, [(m, s) for f, m, s in self._size_pace if f == rec.family])
+            if cut
+            else epoch_seconds_of(rec.family, mflops, self._size_pace)
+        )
         fixed = fixed_seconds_of(rec.family, self._fixed_seconds)
+        room = left if cut else left - needs
         takes = (per_epoch or 0.0) * self.spec.training.epochs + fixed
-        if per_epoch is None or takes <= left - needs:
+        if per_epoch is None or takes <= room:
             self._late_in_a_row = 0
             return False
-        self._late(
-            trial,
-            rec,
-            f"late: about {takes:.0f} s ({self._takes(rec, mflops, fixed)}); refine must "
-            f"start in {max(0.0, left - needs):.0f} s",
-            f"would each end after refine must start ({needs:.0f} s for the top "
-            f"{self.spec.training.refine.top_k})",
-        )
-        return True
-
-    def _cut_by_timeout(
-        self, trial: optuna.trial.Trial, rec: TrialRecord, mflops: float, left: float
-    ) -> bool:
-        """Whether an explore trial just sampled, when no refine fits any more, would still
-        be training when ``budget.timeout`` cuts it: at its own family's pace, without the
-        margin a family none trained yet is given (there is no refine left to protect, and
-        a sample held back wrongly ends the search early), plus what the family's trials
-        took beyond their epochs. Such a trial would hold its trainer past the timeout
-        (a simulated-clock search ran 36 s over its 5 minutes so) and be thrown away."""
-        own = [(m, sec) for f, m, sec in self._size_pace if f == rec.family]
-        per_epoch = epoch_seconds_at(mflops, own)
-        fixed = fixed_seconds_of(rec.family, self._fixed_seconds)
-        takes = (per_epoch or 0.0) * self.spec.training.epochs + fixed
-        if per_epoch is None or takes <= left:  # a family none trained: benefit of the doubt
-            self._late_in_a_row = 0
-            return False
-        self._late(
-            trial,
-            rec,
-            f"late: about {takes:.0f} s ({self._takes(rec, mflops, fixed)}); "
-            f"budget.timeout ends in {max(0.0, left):.0f} s and no refine fits in it",
-            "would each end after budget.timeout, and no refine fits in it",
-        )
-        return True
-
-    def _takes(self, rec: TrialRecord, mflops: float, fixed: float) -> str:
-        """What a ``late`` estimate is made of, for its reason."""
-        return (
-            f"{self.spec.training.epochs} epochs of a {mflops:.3g}-MFLOPs model at the pace "
-            f"of {_pace_basis(rec.family, self._size_pace)}, and {fixed:.0f} s beyond its "
-            f"epochs"
-        )
-
-    def _late(self, trial: optuna.trial.Trial, rec: TrialRecord, why: str, each: str) -> None:
-        """Fail a sampled trial unsent as ``late`` (``why``); after :data:`RECENT_TRIALS` in
-        a row, close exploration (they ``each`` would end too late)."""
+        if cut:
+            why = f"budget.timeout ends in {max(0.0, left):.0f} s and no refine fits in it"
+            each = "would each end after budget.timeout, and no refine fits in it"
+        else:
+            why = f"refine must start in {max(0.0, room):.0f} s"
+            each = (
+                f"would each end after refine must start ({needs:.0f} s for the top "
+                f"{self.spec.training.refine.top_k})"
+            )
         self._late_in_a_row += 1
-        self._fail_unsent(trial, rec, why, late=True)
+        self._fail_unsent(
+            trial,
+            rec,
+            f"late: about {takes:.0f} s ({self.spec.training.epochs} epochs of a "
+            f"{mflops:.3g}-MFLOPs model at the pace of "
+            f"{_pace_basis(rec.family, self._size_pace)}, and {fixed:.0f} s beyond its "
+            f"epochs); {why}",
+            late=True,
+        )
         if self._late_in_a_row >= RECENT_TRIALS and self.explore_closed is None:
             self.explore_closed = (
-                f"exploration closed at {self._elapsed():.0f} s of budget.timeout "
-                f"{self.spec.budget.timeout}: the last {RECENT_TRIALS} trials sampled {each}"
+                f"exploration closed at {self._elapsed():.0f} s of budget.timeout {timeout}: "
+                f"the last {RECENT_TRIALS} trials sampled {each}"
             )
             log.info("%s", self.explore_closed)
+        return True
 
     def _start_up(self) -> bool:
         """Whether the explore trial being judged is one of the sampler's start-up trials
